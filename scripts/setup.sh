@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Sets up everything kvmesh needs on a fresh machine (idempotent): a virtual environment in .venv
+# with the CPU build of torch, kvmesh installed editable with its extras, and the system tools the
+# tests use. Usage: bash scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# A plain `torch` requirement with no torch installed pulls a multi-GB CUDA build: pin the CPU one.
+python -c 'import torch' 2>/dev/null || pip install -q "torch==2.13.0"
+pip install -q -e '.[engine,dev,deploy]' 2>&1 | grep -v '^WARNING: Location' || true
+python -c 'import kvmesh.api.controller.v1.controller_pb2, torch, triton, transformers' 
+
+# System tools the deploy tests use (promtool and a real Prometheus server).
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+      || echo "setup: could not install Debian's prometheus package; the deploy tests that need it will skip"
+    # Debian starts the service on install; the tests run their own on loopback.
+    (command -v systemctl >/dev/null && systemctl stop prometheus) >/dev/null 2>&1 || true
+    pkill -x prometheus >/dev/null 2>&1 || true
+  fi
+fi
+echo "setup: done ($(python --version), torch $(python -c 'import torch; print(torch.__version__)'))"

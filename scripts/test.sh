@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up (scripts/setup.sh) and runs the whole test suite. Extra arguments go to pytest.
+# Usage: bash scripts/test.sh [-k PATTERN] [-x]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export TRITON_INTERPRET=${TRITON_INTERPRET:-1}
+exec python -m pytest -q -ra "$@"

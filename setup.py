@@ -1,0 +1,34 @@
+"""Maps the repository's top-level folders into the ``kvmesh`` namespace.
+
+``protos/kvmesh`` is the ``kvmesh`` package itself (it holds the generated ``kvmesh.api`` code);
+``controller/``, ``instance_agent/``, ``codecs/`` and ``engine/`` become ``kvmesh.<folder>``.
+Every sub-folder with an ``__init__.py`` is a sub-package, so new ones need no edit here.
+"""
+from pathlib import Path
+
+from setuptools import setup
+
+ROOTS = {
+    "kvmesh": "protos/kvmesh",
+    "kvmesh.controller": "controller",
+    "kvmesh.instance_agent": "instance_agent",
+    "kvmesh.codecs": "codecs",
+    "kvmesh.engine": "engine",
+}
+
+
+def _packages() -> tuple[list[str], dict[str, str]]:
+    here = Path(__file__).parent
+    packages: list[str] = []
+    package_dir: dict[str, str] = {}
+    for name, folder in ROOTS.items():
+        package_dir[name] = folder
+        for init in sorted((here / folder).rglob("__init__.py")):
+            rel = init.parent.relative_to(here / folder)
+            sub = ".".join((name, *rel.parts)) if rel.parts else name
+            packages.append(sub)
+    return packages, package_dir
+
+
+packages, package_dir = _packages()
+setup(packages=packages, package_dir=package_dir)
