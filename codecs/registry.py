@@ -1,0 +1,102 @@
+"""The codec registry: method names -> codecs, and container ids -> method names."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kvmesh.codecs import container
+from kvmesh.codecs.base import Codec
+from kvmesh.codecs.errors import CodecError
+
+BACKENDS = ("auto", "cpu", "triton")
+
+
+@dataclass(frozen=True)
+class _Method:
+    name: str
+    codec_id: int
+    level_id: int
+    level_name: str
+    factory: Callable[[str], Codec]  # backend ("cpu" | "triton") -> codec
+
+
+_METHODS: dict[str, _Method] = {}
+_LEVEL_ALIASES: dict[str, dict[str, str]] = {}  # base name -> {level name or alias -> method name}
+
+
+def register(name: str, codec_id: int, factory: Callable[[str], Codec], *, level_id: int = 0,
+             level_name: str = "default", base: str | None = None, aliases: tuple[str, ...] = ()) -> None:
+    """Registers a method; `base` groups levels of one codec so get_codec(base, level=...) finds them."""
+    _METHODS[name] = _Method(name, codec_id, level_id, level_name, factory)
+    levels = _LEVEL_ALIASES.setdefault(base or name, {})
+    for key in (level_name, *aliases):
+        levels[key] = name
+
+
+def available_methods() -> list[str]:
+    """Every method name get_codec accepts."""
+    return list(_METHODS)
+
+
+def method_for_ids(codec_id: int, level_id: int) -> str:
+    for m in _METHODS.values():
+        if m.codec_id == codec_id and m.level_id == level_id:
+            return m.name
+    raise CodecError(f"unknown codec id {codec_id} level {level_id}")
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise CodecError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if torch.cuda.is_available() else "cpu"
+    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise CodecError("backend 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels on the CPU")
+    return backend
+
+
+def get_codec(name: str, backend: str = "auto", level: str | None = None) -> Codec:
+    """Returns the codec registered as `name` (optionally at a named level) on the given backend."""
+    if name not in _METHODS:
+        raise CodecError(f"unknown codec method {name!r}; available: {', '.join(_METHODS)}")
+    if level is not None:
+        base = next((b for b, lv in _LEVEL_ALIASES.items() if name in lv.values()), name)
+        levels = _LEVEL_ALIASES.get(base, {})
+        if level not in levels:
+            raise CodecError(f"method {name!r} has no level {level!r}; levels: {', '.join(levels)}")
+        if name != base and levels[level] != name:
+            raise CodecError(f"method {name!r} is already level {_METHODS[name].level_name!r}, not {level!r}")
+        name = levels[level]
+    return _METHODS[name].factory(_resolve_backend(backend))
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    method: str
+    level: str
+    dtype: torch.dtype
+    shape: tuple[int, int, int, int]
+    nbytes: int
+
+
+def inspect(blob: bytes) -> ContainerInfo:
+    """Reads and validates a container's header and checksum without decoding it."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise CodecError(f"blob must be bytes, got {type(blob).__name__}")
+    header = container.read_header(blob)
+    name = method_for_ids(header.codec_id, header.level_id)
+    return ContainerInfo(name, _METHODS[name].level_name, header.dtype, header.shape, len(memoryview(blob).cast("B")))
+
+
+def decode(blob: bytes, device: torch.device | str | None = None) -> torch.Tensor:
+    """Decodes any container with the CPU codec named in its header."""
+    info = inspect(blob)
+    return get_codec(info.method, backend="cpu").decode(blob, device=device)
+
+
+def max_encoded_size(name: str, shape: tuple[int, ...], dtype: torch.dtype, level: str | None = None) -> int:
+    """An upper bound on the container size of method `name` for any kv of this shape and dtype."""
+    return get_codec(name, backend="cpu", level=level).max_encoded_size(shape, dtype)
