@@ -1,0 +1,74 @@
+"""``kvmesh-controller``: the controller process (HTTP gateway + /metrics, gRPC Controller)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from .server import ControllerServer
+from .settings import ControllerSettings
+
+logger = logging.getLogger("kvmesh.controller")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ControllerSettings:
+    d = ControllerSettings()
+    p = argparse.ArgumentParser(prog="kvmesh-controller", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default=d.host, help="address to bind both servers to (default: %(default)s)")
+    p.add_argument("--port", type=int, default=d.port, help="HTTP/JSON gateway and /metrics (default: %(default)s)")
+    p.add_argument("--monitor-port", type=int, default=d.monitor_port,
+                   help="gRPC Controller service, for agents and stubs (default: %(default)s)")
+    p.add_argument("--health-check-interval", type=float, default=d.health_check_interval,
+                   help="seconds between worker liveness checks (default: %(default)s)")
+    p.add_argument("--lmcache-worker-timeout", type=float, default=d.worker_timeout, dest="worker_timeout",
+                   help="drop a worker silent this many seconds (default: %(default)s)")
+    p.add_argument("--missed-heartbeats", type=int, default=d.missed_heartbeats,
+                   help="mark a worker down after this many missed heartbeats (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens,
+                   help="refuse requests with more tokens (HTTP 413) (default: %(default)s)")
+    p.add_argument("--event-ttl", type=float, default=d.event_ttl,
+                   help="seconds an ended event is kept (default: %(default)s)")
+    p.add_argument("--max-events", type=int, default=d.max_events,
+                   help="most events kept (default: %(default)s)")
+    p.add_argument("--agent-timeout", type=float, default=d.agent_timeout,
+                   help="deadline of unary calls to agents, seconds (default: %(default)s)")
+    p.add_argument("--event-timeout", type=float, default=d.event_timeout,
+                   help="deadline of a streamed agent operation, seconds (default: %(default)s)")
+    p.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    values = {k: v for k, v in vars(args).items() if k != "log_level"}
+    try:
+        return ControllerSettings(**values)
+    except ValueError as err:
+        p.error(str(err))
+        raise  # unreachable: p.error exits
+
+
+async def serve(settings: ControllerSettings) -> None:
+    server = ControllerServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("signal received: shutting down")
+    await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(argv)
+    try:
+        asyncio.run(serve(settings))
+    except OSError as err:
+        logger.error("cannot start the controller: %s", err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

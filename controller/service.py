@@ -1,0 +1,477 @@
+"""The controller's logic as a plain async class: proto request in, proto response out.
+
+The gRPC servicer and the HTTP gateway both call these methods (see ``rpc_table``); nothing here
+knows about transports. Operations on chunks answer at once with an event and run in background
+tasks that drive the agents' streaming RPCs and feed the event table.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+import grpc
+
+from kvmesh.api.agent.v1 import agent_pb2
+from kvmesh.api.common.v1 import common_pb2
+from kvmesh.api.controller.v1 import controller_pb2 as pb
+from kvmesh.errors import Conflict, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from kvmesh.instance_agent.keys import validate_tokens
+
+from .agents import AgentPool
+from .events import EventTable, new_event_id
+from .metrics import ControllerMetrics
+from .registry import DOWN, Registry, Worker
+from .settings import ControllerSettings
+
+logger = logging.getLogger(__name__)
+
+# LMCache's health codes, plus kvmesh's "down" for workers that missed their heartbeats.
+HEALTH_OK = 0
+HEALTH_WORKER_ERROR = -1001
+HEALTH_DOWN = -1004
+
+StreamCall = Callable[[Worker], AsyncIterator[agent_pb2.ProgressResponse]]
+
+
+def _rpc_error_text(err: grpc.aio.AioRpcError) -> str:
+    return f"{err.code().name}: {err.details() or 'no detail'}"
+
+
+class ControllerService:
+    """Registry, event table and agent calls behind every Controller RPC."""
+
+    def __init__(self, settings: ControllerSettings, metrics: ControllerMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.registry = Registry(worker_timeout=settings.worker_timeout, missed_heartbeats=settings.missed_heartbeats)
+        self.events = EventTable(metrics, ttl_seconds=settings.event_ttl, max_events=settings.max_events)
+        self.agents = AgentPool()
+        # (instance, worker) -> event id -> the task driving that worker's part of the event.
+        self._worker_tasks: dict[tuple[str, int], dict[str, asyncio.Task[None]]] = {}
+        self._event_tasks: set[asyncio.Task[None]] = set()
+
+    def handlers(self) -> dict[str, Callable[..., object]]:
+        """RPC name (as in the proto) -> the coroutine (or async generator) that serves it."""
+        return {
+            "Compress": self.compress, "Decompress": self.decompress, "Lookup": self.lookup,
+            "Clear": self.clear, "Pin": self.pin, "Unpin": self.unpin, "Move": self.move,
+            "Health": self.health, "CheckFinish": self.check_finish, "QueryWorkerInfo": self.query_worker_info,
+            "QueryInstance": self.query_instance, "GetEvent": self.get_event, "WatchEvent": self.watch_event,
+            "ListEvents": self.list_events, "RegisterWorker": self.register_worker, "Heartbeat": self.heartbeat,
+            "DeregisterWorker": self.deregister_worker, "ReportKVEvents": self.report_kv_events,
+        }
+
+    # --- validation ------------------------------------------------------------------------------
+    def _tokens(self, tokens: Sequence[int]) -> list[int]:
+        if len(tokens) > self.settings.max_tokens:
+            raise ResourceExhausted(f"{len(tokens)} tokens is over the limit of {self.settings.max_tokens} (--max-tokens)")
+        try:
+            return validate_tokens(list(tokens))
+        except ValueError as err:
+            raise InvalidArgument(str(err)) from None
+
+    def _live_workers(self, instance_id: str) -> list[Worker]:
+        if not instance_id:
+            raise InvalidArgument("instance_id is required")
+        workers = self.registry.instance(instance_id)
+        down = [w for w in workers if w.state == DOWN]
+        if down:
+            ids = ", ".join(str(w.worker_id) for w in down)
+            raise Conflict(f"instance {instance_id!r} has workers down (missed heartbeats): {ids}; "
+                           "retry when they are back")
+        return workers
+
+    @staticmethod
+    def _check_choice(kind: str, value: str, workers: Sequence[Worker], attr: str) -> None:
+        valid = set.intersection(*(set(getattr(w, attr)) for w in workers))
+        if value not in valid:
+            names = ", ".join(sorted(valid)) or "none"
+            got = f"{value!r}" if value else "empty"
+            raise InvalidArgument(f"{kind} {got} is not supported by instance {workers[0].instance_id!r}; "
+                                  f"valid {kind}s: {names}")
+
+    # --- agent calls -----------------------------------------------------------------------------
+    async def _agent_unary(self, worker: Worker, rpc: str, call: Callable[[object], Awaitable[object]]) -> object:
+        try:
+            return await call(self.agents.stub(worker.target))
+        except grpc.aio.AioRpcError as err:
+            raise Unavailable(f"worker {worker.worker_id} of instance {worker.instance_id!r} at {worker.target} "
+                              f"failed {rpc}: {_rpc_error_text(err)}") from None
+
+    async def _held_prefix(self, workers: Sequence[Worker], location: str, tokens: list[int]) -> dict[int, tuple[int, int]]:
+        """worker id -> (prefix tokens, chunks) that each worker holds in ``location``, from the agents."""
+        req = agent_pb2.LookupRequest(tokens=tokens, location=location)
+
+        async def one(w: Worker) -> tuple[int, tuple[int, int]]:
+            resp = await self._agent_unary(w, "Lookup", lambda s: s.Lookup(req, timeout=self.settings.agent_timeout))
+            for m in resp.matches:  # type: ignore[attr-defined]
+                if m.location == location:
+                    return w.worker_id, (m.num_tokens, m.num_chunks)
+            return w.worker_id, (0, 0)
+
+        return dict(await asyncio.gather(*(one(w) for w in workers)))
+
+    @staticmethod
+    def _disagreement(held: dict[int, tuple[int, int]]) -> str:
+        if len({n for n, _ in held.values()}) <= 1:
+            return ""
+        parts = ", ".join(f"worker {wid} holds {n}" for wid, (n, _) in sorted(held.items()))
+        return f"workers disagree on the stored prefix ({parts} tokens)"
+
+    # --- background event runners ---------------------------------------------------------------
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._event_tasks.add(task)
+        task.add_done_callback(self._event_tasks.discard)
+
+    def _track(self, worker: Worker, event_id: str, task: asyncio.Task[None]) -> None:
+        key = (worker.instance_id, worker.worker_id)
+        self._worker_tasks.setdefault(key, {})[event_id] = task
+
+        def untrack(_: asyncio.Task[None]) -> None:
+            tasks = self._worker_tasks.get(key)
+            if tasks is not None:
+                tasks.pop(event_id, None)
+                if not tasks:
+                    self._worker_tasks.pop(key, None)
+        task.add_done_callback(untrack)
+
+    async def _run_event(self, event_id: str, workers: Sequence[Worker], held: dict[int, tuple[int, int]],
+                         part: Callable[[Worker], Awaitable[tuple[int, str]]], disagreement: str) -> None:
+        """Run ``part`` on every worker, then end the event from what each one reported."""
+        self.events.start(event_id, {wid: chunks for wid, (_, chunks) in held.items()})
+        tasks = []
+        for w in workers:
+            task = asyncio.ensure_future(part(w))
+            self._track(w, event_id, task)
+            tasks.append(task)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        errors: list[str] = []
+        done_tokens: dict[int, int] = {}
+        for w, res in zip(workers, results):
+            if isinstance(res, BaseException):
+                if not isinstance(res, asyncio.CancelledError):
+                    logger.error("event %s worker %s failed unexpectedly", event_id, w.worker_id, exc_info=res)
+                    errors.append(f"worker {w.worker_id}: internal error: {res!r}")
+                    self.events.worker_finished(event_id, w.worker_id, error=f"internal error: {res!r}")
+                continue
+            n, err = res
+            done_tokens[w.worker_id] = n
+            if err:
+                errors.append(f"worker {w.worker_id}: {err}")
+        if not errors and len(set(done_tokens.values())) > 1:
+            parts = ", ".join(f"worker {wid}: {n}" for wid, n in sorted(done_tokens.items()))
+            disagreement = disagreement or f"workers disagree on the tokens processed ({parts})"
+        if disagreement:
+            errors.append(disagreement)
+        if errors:
+            self.events.finish(event_id, common_pb2.FAILED, "; ".join(errors))
+        else:
+            self.events.finish(event_id, common_pb2.COMPLETED)
+
+    def _stream_part(self, event_id: str, call: StreamCall) -> Callable[[Worker], Awaitable[tuple[int, str]]]:
+        async def part(w: Worker) -> tuple[int, str]:
+            final: agent_pb2.ProgressResponse | None = None
+            where = f"worker {w.worker_id} of instance {w.instance_id!r} at {w.target}"
+            try:
+                async for msg in call(w):
+                    if msg.final:
+                        final = msg
+                        break
+                    progress = common_pb2.ChunkProgress()
+                    progress.CopyFrom(msg.progress)
+                    progress.worker_id = w.worker_id
+                    self.events.chunk_done(event_id, progress)
+            except grpc.aio.AioRpcError as err:
+                error = f"agent stream from {where} broke mid-event: {_rpc_error_text(err)}"
+                self.events.worker_finished(event_id, w.worker_id, error=error)
+                return 0, error
+            if final is None:
+                error = f"agent stream from {where} ended without its final message"
+                self.events.worker_finished(event_id, w.worker_id, error=error)
+                return 0, error
+            self.events.worker_finished(event_id, w.worker_id, error=final.error, chunks_total=final.chunks_total,
+                                        bytes_before=final.bytes_before, bytes_after=final.bytes_after)
+            return final.num_tokens, final.error
+        return part
+
+    def _unary_part(self, event_id: str, rpc: str,
+                    call: Callable[[object], Awaitable[object]]) -> Callable[[Worker], Awaitable[tuple[int, str]]]:
+        async def part(w: Worker) -> tuple[int, str]:
+            try:
+                resp = await self._agent_unary(w, rpc, call)
+            except Unavailable as err:
+                self.events.worker_finished(event_id, w.worker_id, error=err.message)
+                return 0, err.message
+            chunks = getattr(resp, "num_chunks", None)
+            self.events.worker_finished(event_id, w.worker_id, chunks_total=chunks)
+            return resp.num_tokens, ""  # type: ignore[attr-defined]
+        return part
+
+    # --- chunk operations ---------------------------------------------------------------------------
+    async def _start_chunk_op(self, operation: int, instance_id: str, location: str, tokens_in: Sequence[int], *,
+                              method: str = "", check_method: bool = False, empty_means_all: bool = False,
+                              part_for: Callable[[str, list[int]], Callable[[Worker], Awaitable[tuple[int, str]]]],
+                              target: tuple[str, str] = ("", "")) -> tuple[str, int]:
+        workers = self._live_workers(instance_id)
+        if check_method:
+            self._check_choice("method", method, workers, "methods")
+        self._check_choice("location", location, workers, "locations")
+        tokens = self._tokens(tokens_in)
+        if tokens:
+            held = await self._held_prefix(workers, location, tokens)
+        else:
+            held = {w.worker_id: (0, 0) for w in workers}
+        num_tokens = min(n for n, _ in held.values())
+        ev = self.events.create(operation, instance_id=instance_id, method=method, location=location,
+                                num_tokens=num_tokens, worker_ids=[w.worker_id for w in workers],
+                                chunks_total=sum(c for _, c in held.values()),
+                                target_instance_id=target[0], target_location=target[1])
+        if not tokens and not empty_means_all:
+            # Nothing asked for (LMCache's default of []): done at once, no agent call needed.
+            self.events.start(ev.event_id)
+            for w in workers:
+                self.events.worker_finished(ev.event_id, w.worker_id, chunks_total=0)
+            self.events.finish(ev.event_id, common_pb2.COMPLETED)
+            return ev.event_id, 0
+        self._spawn(self._run_event(ev.event_id, workers, held, part_for(ev.event_id, tokens), self._disagreement(held)))
+        return ev.event_id, num_tokens
+
+    async def compress(self, req: pb.CompressRequest) -> pb.CompressResponse:
+        def part_for(event_id: str, tokens: list[int]) -> Callable[[Worker], Awaitable[tuple[int, str]]]:
+            agent_req = agent_pb2.CompressRequest(event_id=event_id, method=req.method, location=req.location,
+                                                  tokens=tokens)
+            return self._stream_part(event_id, lambda w: self.agents.stub(w.target).Compress(
+                agent_req, timeout=self.settings.event_timeout))
+        eid, n = await self._start_chunk_op(common_pb2.COMPRESS, req.instance_id, req.location, req.tokens,
+                                            method=req.method, check_method=True, part_for=part_for)
+        return pb.CompressResponse(event_id=eid, num_tokens=n)
+
+    async def decompress(self, req: pb.DecompressRequest) -> pb.DecompressResponse:
+        def part_for(event_id: str, tokens: list[int]) -> Callable[[Worker], Awaitable[tuple[int, str]]]:
+            agent_req = agent_pb2.DecompressRequest(event_id=event_id, method=req.method, location=req.location,
+                                                    tokens=tokens)
+            return self._stream_part(event_id, lambda w: self.agents.stub(w.target).Decompress(
+                agent_req, timeout=self.settings.event_timeout))
+        # An empty method accepts whatever each chunk was compressed with.
+        eid, n = await self._start_chunk_op(common_pb2.DECOMPRESS, req.instance_id, req.location, req.tokens,
+                                            method=req.method, check_method=bool(req.method), part_for=part_for)
+        return pb.DecompressResponse(event_id=eid, num_tokens=n)
+
+    async def clear(self, req: pb.ClearRequest) -> pb.ClearResponse:
+        def part_for(event_id: str, tokens: list[int]) -> Callable[[Worker], Awaitable[tuple[int, str]]]:
+            agent_req = agent_pb2.ClearRequest(location=req.location, tokens=tokens)
+            return self._unary_part(event_id, "Clear", lambda s: s.Clear(agent_req, timeout=self.settings.agent_timeout))
+        eid, n = await self._start_chunk_op(common_pb2.CLEAR, req.instance_id, req.location, req.tokens,
+                                            empty_means_all=True, part_for=part_for)
+        return pb.ClearResponse(event_id=eid, num_tokens=n)
+
+    async def pin(self, req: pb.PinRequest) -> pb.PinResponse:
+        def part_for(event_id: str, tokens: list[int]) -> Callable[[Worker], Awaitable[tuple[int, str]]]:
+            agent_req = agent_pb2.PinRequest(location=req.location, tokens=tokens)
+            return self._unary_part(event_id, "Pin", lambda s: s.Pin(agent_req, timeout=self.settings.agent_timeout))
+        eid, n = await self._start_chunk_op(common_pb2.PIN, req.instance_id, req.location, req.tokens,
+                                            part_for=part_for)
+        return pb.PinResponse(event_id=eid, num_tokens=n)
+
+    async def unpin(self, req: pb.UnpinRequest) -> pb.UnpinResponse:
+        def part_for(event_id: str, tokens: list[int]) -> Callable[[Worker], Awaitable[tuple[int, str]]]:
+            agent_req = agent_pb2.UnpinRequest(location=req.location, tokens=tokens)
+            return self._unary_part(event_id, "Unpin", lambda s: s.Unpin(agent_req, timeout=self.settings.agent_timeout))
+        eid, n = await self._start_chunk_op(common_pb2.UNPIN, req.instance_id, req.location, req.tokens,
+                                            part_for=part_for)
+        return pb.UnpinResponse(event_id=eid, num_tokens=n)
+
+    @staticmethod
+    def _position(name: str, value: Sequence[str]) -> tuple[str, str]:
+        if len(value) != 2 or not all(value):
+            raise InvalidArgument(f"{name} must be [instance_id, location], got {list(value)!r}")
+        return value[0], value[1]
+
+    async def move(self, req: pb.MoveRequest) -> pb.MoveResponse:
+        src_instance, src_location = self._position("old_position", req.old_position)
+        dst_instance, dst_location = self._position("new_position", req.new_position)
+        if (src_instance, src_location) == (dst_instance, dst_location):
+            raise InvalidArgument(f"old_position and new_position are the same: {[src_instance, src_location]!r}")
+        targets = {w.worker_id: w for w in self._live_workers(dst_instance)}
+        self._check_choice("location", dst_location, list(targets.values()), "locations")
+        sources = self._live_workers(src_instance)
+        missing = sorted(w.worker_id for w in sources if w.worker_id not in targets)
+        if missing:
+            raise InvalidArgument(f"instance {dst_instance!r} has no worker for rank(s) {missing} of {src_instance!r}; "
+                                  f"its workers: {sorted(targets)}")
+
+        def part_for(event_id: str, tokens: list[int]) -> Callable[[Worker], Awaitable[tuple[int, str]]]:
+            def call(w: Worker) -> AsyncIterator[agent_pb2.ProgressResponse]:
+                agent_req = agent_pb2.MoveRequest(event_id=event_id, location=src_location, tokens=tokens,
+                                                  target_url=targets[w.worker_id].target,
+                                                  target_location=dst_location, copy=req.copy)
+                return self.agents.stub(w.target).Move(agent_req, timeout=self.settings.event_timeout)
+            return self._stream_part(event_id, call)
+        eid, n = await self._start_chunk_op(common_pb2.MOVE, src_instance, src_location, req.tokens,
+                                            part_for=part_for, target=(dst_instance, dst_location))
+        return pb.MoveResponse(event_id=eid, num_tokens=n)
+
+    # --- queries ------------------------------------------------------------------------------------------
+    async def lookup(self, req: pb.LookupRequest) -> pb.LookupResponse:
+        tokens = self._tokens(req.tokens)
+        resp = pb.LookupResponse(event_id=new_event_id("Lookup"))
+        for instance_id, location, n in self.registry.lookup(tokens):
+            resp.matches.add(instance_id=instance_id, location=location, num_tokens=n)
+            if instance_id not in resp.layout_info:
+                # Matches come longest first, so the first per instance is LMCache's answer.
+                resp.layout_info[instance_id].extend([location, n])
+        return resp
+
+    async def health(self, req: pb.HealthRequest) -> pb.HealthResponse:
+        if not req.instance_id:
+            raise InvalidArgument("instance_id is required")
+        workers = self.registry.instance(req.instance_id)
+        resp = pb.HealthResponse(event_id=new_event_id("Health"))
+
+        async def one(w: Worker) -> tuple[int, int, str]:
+            if w.state == DOWN:
+                return w.worker_id, HEALTH_DOWN, (f"missed heartbeats: last seen "
+                                                  f"{time.time() - w.last_heartbeat_time:.1f}s ago")
+            try:
+                r = await self.agents.stub(w.target).Health(agent_pb2.HealthRequest(),
+                                                            timeout=self.settings.agent_timeout)
+            except grpc.aio.AioRpcError as err:
+                return w.worker_id, HEALTH_WORKER_ERROR, f"health call to {w.target} failed: {_rpc_error_text(err)}"
+            return w.worker_id, r.error_code, r.message if r.error_code else ""
+
+        for wid, code, message in await asyncio.gather(*(one(w) for w in workers)):
+            resp.error_codes[wid] = code
+            if code != HEALTH_OK:
+                resp.errors[wid] = message or f"error code {code}"
+        resp.healthy = all(c == HEALTH_OK for c in resp.error_codes.values())
+        return resp
+
+    async def check_finish(self, req: pb.CheckFinishRequest) -> pb.CheckFinishResponse:
+        if not req.event_id:
+            raise InvalidArgument("event_id is required")
+        ev = self.events.get(req.event_id)
+        return pb.CheckFinishResponse(status=ev.status, chunks_done=ev.chunks_done, chunks_total=ev.chunks_total,
+                                      error=ev.error)
+
+    async def query_worker_info(self, req: pb.QueryWorkerInfoRequest) -> pb.QueryWorkerInfoResponse:
+        if not req.instance_id:
+            raise InvalidArgument('instance_id is required: an instance id, or "all"')
+        workers = self.registry.workers() if req.instance_id == "all" else self.registry.instance(req.instance_id)
+        if req.worker_ids:
+            have = {w.worker_id for w in workers}
+            unknown = sorted(set(req.worker_ids) - have)
+            if unknown:
+                raise NotFound(f"worker_ids {unknown} are not registered for {req.instance_id!r}; "
+                               f"registered: {sorted(have)}")
+            workers = [w for w in workers if w.worker_id in set(req.worker_ids)]
+        resp = pb.QueryWorkerInfoResponse(event_id=new_event_id("QueryWorkerInfo"))
+        for w in workers:
+            resp.worker_infos.add(instance_id=w.instance_id, worker_id=w.worker_id, ip=w.ip, port=w.port,
+                                  peer_init_url=w.peer_init_url, registration_time=w.registration_time,
+                                  last_heartbeat_time=w.last_heartbeat_time, state=w.state,
+                                  methods=w.methods, locations=w.locations, chunk_size=w.chunk_size)
+        return resp
+
+    async def query_instance(self, req: pb.QueryInstanceRequest) -> pb.QueryInstanceResponse:
+        if not req.ip:
+            raise InvalidArgument("ip is required")
+        for w in self.registry.workers():
+            if w.ip == req.ip:
+                return pb.QueryInstanceResponse(event_id=req.event_id or new_event_id("QueryInstance"),
+                                                res=w.instance_id)
+        known = sorted({w.ip for w in self.registry.workers()})
+        raise NotFound(f"no instance registered at ip {req.ip!r}" + (f"; known ips: {', '.join(known)}" if known else ""))
+
+    async def get_event(self, req: pb.GetEventRequest) -> pb.GetEventResponse:
+        if not req.event_id:
+            raise InvalidArgument("event_id is required")
+        return pb.GetEventResponse(event=self.events.get(req.event_id))
+
+    async def watch_event(self, req: pb.WatchEventRequest) -> AsyncIterator[pb.WatchEventResponse]:
+        if not req.event_id:
+            raise InvalidArgument("event_id is required")
+        watch = self.events.watch(req.event_id)
+        try:
+            async for event, progress in watch:
+                yield pb.WatchEventResponse(event=event, progress=progress)
+        finally:
+            await watch.aclose()
+
+    async def list_events(self, req: pb.ListEventsRequest) -> pb.ListEventsResponse:
+        if req.limit < 0:
+            raise InvalidArgument(f"limit must be >= 0, got {req.limit}")
+        return pb.ListEventsResponse(events=self.events.recent(limit=req.limit or 100, instance_id=req.instance_id))
+
+    # --- agents' calls -----------------------------------------------------------------------------------
+    def _update_worker_gauge(self) -> None:
+        for state, n in self.registry.counts().items():
+            self.metrics.workers.labels(state=state).set(n)
+
+    async def register_worker(self, req: pb.RegisterWorkerRequest) -> pb.RegisterWorkerResponse:
+        old = self.registry.get(req.instance_id, req.worker_id)
+        worker = self.registry.register(
+            instance_id=req.instance_id, worker_id=req.worker_id, ip=req.ip, port=req.port,
+            peer_init_url=req.peer_init_url, methods=req.methods, locations=req.locations,
+            chunk_size=req.chunk_size, heartbeat_interval=req.heartbeat_interval_seconds)
+        if old is not None and old.target != worker.target:
+            await self.agents.forget(old.target)
+        self._update_worker_gauge()
+        return pb.RegisterWorkerResponse(worker_timeout_seconds=self.registry.down_after(worker))
+
+    async def heartbeat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        worker = self.registry.heartbeat(req.instance_id, req.worker_id)
+        self._update_worker_gauge()
+        return pb.HeartbeatResponse(registered=worker is not None)
+
+    async def deregister_worker(self, req: pb.DeregisterWorkerRequest) -> pb.DeregisterWorkerResponse:
+        worker = self.registry.deregister(req.instance_id, req.worker_id)
+        if worker is not None:
+            self._fail_worker_events(worker, f"worker {worker.worker_id} of instance {worker.instance_id!r} "
+                                             "deregistered mid-event")
+            await self.agents.forget(worker.target)
+        self._update_worker_gauge()
+        return pb.DeregisterWorkerResponse()
+
+    async def report_kv_events(self, req: pb.ReportKVEventsRequest) -> pb.ReportKVEventsResponse:
+        self.registry.report_kv_events(req.instance_id, req.worker_id,
+                                       [(e.type, e.location, e.chunk_key, e.token_end) for e in req.events],
+                                       req.full_resync)
+        return pb.ReportKVEventsResponse()
+
+    # --- liveness and shutdown -------------------------------------------------------------------------
+    def _fail_worker_events(self, worker: Worker, error: str) -> None:
+        tasks = self._worker_tasks.pop((worker.instance_id, worker.worker_id), {})
+        for event_id, task in tasks.items():
+            self.events.worker_finished(event_id, worker.worker_id, error=error)
+            self.events.finish(event_id, common_pb2.FAILED, error)
+            task.cancel()
+
+    def sweep(self) -> None:
+        """Mark silent workers down (failing their in-flight events) and prune the event table."""
+        newly_down, dropped = self.registry.sweep()
+        for w in newly_down:
+            silent = time.time() - w.last_heartbeat_time
+            self._fail_worker_events(w, f"worker {w.worker_id} of instance {w.instance_id!r} at {w.target} "
+                                        f"missed its heartbeats (silent {silent:.1f}s): marked down")
+        for w in dropped:
+            self._spawn(self.agents.forget(w.target))
+        if newly_down or dropped:
+            self._update_worker_gauge()
+        self.events.prune()
+
+    async def close(self) -> None:
+        """Cancel in-flight events (CANCELLED) and close the agent channels."""
+        for event_id in self.events.in_flight():
+            self.events.finish(event_id, common_pb2.CANCELLED, "controller shut down before the event ended")
+        for tasks in list(self._worker_tasks.values()):
+            for task in tasks.values():
+                task.cancel()
+        pending = list(self._event_tasks)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self.agents.close()

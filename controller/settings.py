@@ -1,0 +1,44 @@
+"""The controller's settings (the command line fills them; tests build them directly)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    host: str = "localhost"
+    # HTTP/JSON gateway and /metrics (0: a free port).
+    port: int = 9000
+    # gRPC Controller service (0: a free port).
+    monitor_port: int = 9001
+    # How often worker liveness and the event table's bounds are checked.
+    health_check_interval: float = 1.0
+    # A worker silent this long is dropped from the registry (LMCache's --lmcache-worker-timeout).
+    worker_timeout: float = 300.0
+    # A worker that misses this many of its announced heartbeats is marked down.
+    missed_heartbeats: int = 3
+    # Requests with more tokens than this are refused with 413.
+    max_tokens: int = 1 << 20
+    # Ended events are kept this long, and at most this many events overall.
+    event_ttl: float = 3600.0
+    max_events: int = 10000
+    # Deadline of unary calls to agents (lookup, health, clear, pin, ...).
+    agent_timeout: float = 30.0
+    # Deadline of a whole streamed agent operation (compress, decompress, move).
+    event_timeout: float = 3600.0
+    # HTTP request limits.
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int = 64 * 1024 * 1024
+    # Grace period for in-flight RPCs at shutdown.
+    shutdown_grace: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("health_check_interval", "worker_timeout", "event_ttl", "agent_timeout", "event_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("missed_heartbeats", "max_tokens", "max_events", "max_header_bytes", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("port", "monitor_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
