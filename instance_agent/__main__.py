@@ -1,0 +1,61 @@
+"""``kvmesh-agent``: one instance agent as a process (config from --config or LMCACHE_CONFIG_FILE)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from kvmesh.errors import KVMeshError
+
+from .agent import InstanceAgent
+from .config import load_config
+
+logger = logging.getLogger("kvmesh.instance_agent")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvmesh-agent", description="Run a kvmesh instance agent for one engine worker.")
+    p.add_argument("--config", help="yaml file with LMCache's keys (default: $LMCACHE_CONFIG_FILE)")
+    p.add_argument("--worker-id", type=int, default=0, help="the worker rank (picks lmcache_worker_ports[rank])")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="port of /metrics (default 9101 + worker id; 0 a free port; negative disables)")
+    p.add_argument("--host", default=None, help="address to bind and register (default: p2p_host or localhost)")
+    p.add_argument("--log-level", default=os.environ.get("KVMESH_LOG_LEVEL", "INFO"))
+    return p
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    agent = InstanceAgent(config, args.worker_id, host=args.host, metrics_port=args.metrics_port)
+    await agent.start()
+    # One line on stdout that scripts can wait for; the rest goes to the log on stderr.
+    print(f"kvmesh-agent ready grpc={agent.host}:{agent.grpc_port} metrics={agent.metrics_port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("stopping")
+    await agent.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(_serve(args))
+    except KVMeshError as err:
+        logger.error("cannot start: %s", err.message)
+        return 2
+    except OSError as err:
+        logger.error("cannot start: %s", err)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

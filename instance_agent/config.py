@@ -1,0 +1,296 @@
+"""The agent's configuration: LMCache's yaml keys, ``LMCACHE_CONFIG_FILE`` and ``LMCACHE_<KEY>`` overrides.
+
+The seed's ``example.yaml`` loads unchanged. Keys keep LMCache's names and meanings (sizes in GiB,
+``lmcache_worker_ports`` one port per worker rank, ``controller_url`` an alias of
+``controller_pull_url``). Unknown keys are logged and listed in ``AgentConfig.unknown_keys``
+rather than dropped silently; a value of the wrong type is a ``ConfigError`` naming the key.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from kvmesh.errors import InvalidArgument
+
+logger = logging.getLogger(__name__)
+
+ENV_CONFIG_FILE = "LMCACHE_CONFIG_FILE"
+ENV_PREFIX = "LMCACHE_"
+GIB = 1 << 30
+DEFAULT_WORKER_PORT = 8001
+DEFAULT_HEARTBEAT_SECONDS = 2.0
+# Upper bound on tokens per request: large enough for any context window, small enough that a
+# malformed request cannot make the agent hash billions of tokens.
+DEFAULT_MAX_TOKENS = 1 << 21
+
+
+class ConfigError(InvalidArgument):
+    """A configuration value that cannot be used; the message names the key."""
+
+
+@dataclass
+class AgentConfig:
+    """One worker's cache configuration, with LMCache's key names."""
+
+    chunk_size: int = 256
+    local_cpu: bool = True
+    max_local_cpu_size: float = 5.0
+    local_disk: str | None = None
+    max_local_disk_size: float = 0.0
+    remote_url: str | None = None
+    remote_serde: str | None = "naive"
+    # kvmesh stores the partial last chunk by default: the seed's 12-token prompt counts 12.
+    save_unfull_chunk: bool = True
+    enable_controller: bool = False
+    lmcache_instance_id: str = ""
+    controller_pull_url: str | None = None
+    controller_reply_url: str | None = None
+    lmcache_worker_ports: list[int] = field(default_factory=list)
+    # LMCache shipped heartbeats off while its controller reaped silent workers; kvmesh always beats.
+    lmcache_worker_heartbeat_time: float = DEFAULT_HEARTBEAT_SECONDS
+    enable_p2p: bool = False
+    p2p_host: str | None = None
+    p2p_init_ports: list[int] = field(default_factory=list)
+    extra_config: dict[str, Any] = field(default_factory=dict)
+    # Keys of the file that kvmesh does not know (warned about at load).
+    unknown_keys: list[str] = field(default_factory=list)
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.lmcache_instance_id:
+            self.lmcache_instance_id = f"lmcache_instance_{uuid.uuid4().hex[:12]}"
+        _validate(self)
+
+    @property
+    def max_local_cpu_bytes(self) -> int:
+        return int(self.max_local_cpu_size * GIB)
+
+    @property
+    def max_local_disk_bytes(self) -> int:
+        return int(self.max_local_disk_size * GIB)
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.extra_config.get("max_tokens", DEFAULT_MAX_TOKENS))
+
+    def worker_port(self, worker_id: int) -> int:
+        """The gRPC port of worker ``worker_id``: its entry of ``lmcache_worker_ports``.
+
+        A single port (LMCache's scalar form) serves worker 0 and counts up for the other ranks;
+        0 stays 0 (a free port for every rank).
+        """
+        ports = self.lmcache_worker_ports
+        if not ports:
+            return DEFAULT_WORKER_PORT + worker_id
+        if worker_id < len(ports):
+            return ports[worker_id]
+        if len(ports) == 1:
+            return 0 if ports[0] == 0 else ports[0] + worker_id
+        raise ConfigError(f"lmcache_worker_ports has {len(ports)} ports {ports}; worker {worker_id} has none")
+
+    def p2p_port(self, worker_id: int) -> int | None:
+        ports = self.p2p_init_ports
+        if not ports:
+            return None
+        if worker_id < len(ports):
+            return ports[worker_id]
+        return 0 if ports[0] == 0 else ports[0] + worker_id
+
+    @property
+    def host(self) -> str:
+        return self.p2p_host or "localhost"
+
+
+# How each key is read: a parser taking the yaml value (or the environment's string) and the key.
+def _as_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ConfigError(f"config key {key!r} must be a boolean (true/false), got {value!r}")
+
+
+def _as_int(value: Any, key: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+
+
+def _as_float(value: Any, key: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+
+
+def _as_opt_str(value: Any, key: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+    return str(value)
+
+
+def _as_str(value: Any, key: str) -> str:
+    out = _as_opt_str(value, key)
+    return "" if out is None else out
+
+
+def _as_int_list(value: Any, key: str) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        items: list[Any] = [v for v in (p.strip() for p in value.split(",")) if v]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    return [_as_int(v, key) for v in items]
+
+
+def _as_dict(value: Any, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        # The environment form is a yaml/json mapping, e.g. LMCACHE_EXTRA_CONFIG='{"max_tokens": 8192}'.
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config key {key!r} must be a mapping: {err}") from err
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+    return dict(value)
+
+
+_PARSERS: dict[str, Callable[[Any, str], Any]] = {
+    "chunk_size": _as_int,
+    "local_cpu": _as_bool,
+    "max_local_cpu_size": _as_float,
+    "local_disk": _as_opt_str,
+    "max_local_disk_size": _as_float,
+    "remote_url": _as_opt_str,
+    "remote_serde": _as_opt_str,
+    "save_unfull_chunk": _as_bool,
+    "enable_controller": _as_bool,
+    "lmcache_instance_id": _as_str,
+    "controller_pull_url": _as_opt_str,
+    "controller_reply_url": _as_opt_str,
+    "lmcache_worker_ports": _as_int_list,
+    "lmcache_worker_heartbeat_time": _as_float,
+    "enable_p2p": _as_bool,
+    "p2p_host": _as_opt_str,
+    "p2p_init_ports": _as_int_list,
+    "extra_config": _as_dict,
+}
+_ALIASES = {"controller_url": "controller_pull_url", "lmcache_worker_port": "lmcache_worker_ports"}
+
+
+def _disk_path(value: str | None) -> str | None:
+    """LMCache accepts ``file:///path`` as well as a plain path for ``local_disk``."""
+    if value is None or value == "":
+        return None
+    if value.startswith("file://"):
+        parsed = urlparse(value)
+        return (parsed.netloc + parsed.path) or None
+    return value
+
+
+def _validate(cfg: AgentConfig) -> None:
+    if cfg.chunk_size <= 0:
+        raise ConfigError(f"config key 'chunk_size' must be positive, got {cfg.chunk_size}")
+    if cfg.max_local_cpu_size < 0:
+        raise ConfigError(f"config key 'max_local_cpu_size' must be >= 0 GiB, got {cfg.max_local_cpu_size}")
+    if cfg.max_local_disk_size < 0:
+        raise ConfigError(f"config key 'max_local_disk_size' must be >= 0 GiB, got {cfg.max_local_disk_size}")
+    if cfg.lmcache_worker_heartbeat_time <= 0:
+        raise ConfigError("config key 'lmcache_worker_heartbeat_time' must be positive seconds, "
+                          f"got {cfg.lmcache_worker_heartbeat_time}")
+    for key in ("lmcache_worker_ports", "p2p_init_ports"):
+        for port in getattr(cfg, key):
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"config key {key!r} holds {port}, not a TCP port (0-65535)")
+    cfg.local_disk = _disk_path(cfg.local_disk)
+    if cfg.local_disk and cfg.max_local_disk_size <= 0:
+        raise ConfigError("config key 'max_local_disk_size' must be > 0 GiB when 'local_disk' is set "
+                          f"(local_disk={cfg.local_disk!r})")
+    if not cfg.local_cpu and not cfg.local_disk:
+        raise ConfigError("no storage location: set 'local_cpu: true' or 'local_disk' with 'max_local_disk_size'")
+    if cfg.enable_controller and not cfg.controller_pull_url:
+        raise ConfigError("config key 'controller_pull_url' (or 'controller_url') is required when "
+                          "'enable_controller' is true")
+    if cfg.max_tokens <= 0:
+        raise ConfigError(f"config key 'extra_config.max_tokens' must be positive, got {cfg.max_tokens}")
+
+
+def config_from_dict(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,
+                     source: str | None = None) -> AgentConfig:
+    """An ``AgentConfig`` from a yaml mapping, with ``LMCACHE_<KEY>`` overrides from ``env``."""
+    values: dict[str, Any] = {}
+    unknown: list[str] = []
+    for key, value in raw.items():
+        name = _ALIASES.get(str(key), str(key))
+        if name not in _PARSERS:
+            unknown.append(str(key))
+            continue
+        if name in values:
+            logger.warning("config key %s is given twice (through an alias); using %s", name, key)
+        values[name] = _PARSERS[name](value, str(key))
+    for key in (*_PARSERS, *_ALIASES):
+        env_value = (env or {}).get(ENV_PREFIX + key.upper())
+        if env_value is not None:
+            name = _ALIASES.get(key, key)
+            values[name] = _PARSERS[name](env_value, ENV_PREFIX + key.upper())
+    if unknown:
+        logger.warning("unknown config keys in %s (ignored): %s; known keys: %s",
+                       source or "config", ", ".join(unknown), ", ".join(sorted(_PARSERS)))
+    return AgentConfig(**values, unknown_keys=unknown, source=source)
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                env: Mapping[str, str] = os.environ) -> AgentConfig:
+    """The configuration from ``path`` (else ``$LMCACHE_CONFIG_FILE``, else defaults) plus env overrides."""
+    if path is None:
+        path = env.get(ENV_CONFIG_FILE) or None
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {str(p)!r}: {err.strerror or err}") from err
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(p)!r} is not valid yaml: {err}") from err
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys, got {type(raw).__name__}")
+    return config_from_dict(raw, env, source=str(path) if path is not None else None)

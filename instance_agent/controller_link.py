@@ -1,0 +1,157 @@
+"""The agent's link to its controller: register, heartbeat, report admits/evictions, re-register.
+
+One task owns the link. It never blocks the agent: every call has a deadline, failures back off
+exponentially, and storage events wait in a queue. Whenever the link (re)connects — at start, after
+the controller answered ``registered = false`` (it restarted), or after it was unreachable — the
+agent registers again and resends its whole index (``full_resync``), which also covers events that
+could not be delivered meanwhile.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+
+from kvmesh.api.controller.v1 import controller_pb2, controller_pb2_grpc
+
+from .storage import ADMIT
+
+if TYPE_CHECKING:
+    from .agent import InstanceAgent
+
+logger = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 10.0
+MAX_EVENTS_PER_REPORT = 50_000
+
+
+class ControllerLink:
+    def __init__(self, agent: InstanceAgent) -> None:
+        from .agent import GRPC_OPTIONS
+
+        self.agent = agent
+        self.target = agent.config.controller_pull_url or ""
+        self.heartbeat_s = agent.config.lmcache_worker_heartbeat_time
+        # A deadline shorter than the heartbeat keeps one slow call from delaying the next beat much.
+        self.call_timeout_s = max(1.0, min(5.0, self.heartbeat_s))
+        self.registered = False
+        self.registrations = 0
+        self._pending: list[controller_pb2.KVEvent] = []
+        self._wake = asyncio.Event()
+        self._channel = grpc.aio.insecure_channel(self.target, options=GRPC_OPTIONS)
+        self._stub = controller_pb2_grpc.ControllerStub(self._channel)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="kvmesh-controller-link")
+
+    def enqueue(self, kind: str, location: str, key: str, token_end: int) -> None:
+        """Queue a storage event for the controller (on the agent's loop)."""
+        if not self.registered:
+            return  # the full resync after registering will carry it
+        etype = controller_pb2.ADMIT if kind == ADMIT else controller_pb2.EVICT
+        self._pending.append(controller_pb2.KVEvent(type=etype, location=location, chunk_key=key, token_end=token_end))
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self.registered:
+            try:
+                await self._stub.DeregisterWorker(controller_pb2.DeregisterWorkerRequest(
+                    instance_id=self.agent.config.lmcache_instance_id, worker_id=self.agent.worker_id),
+                    timeout=2.0)
+            except grpc.RpcError as err:
+                logger.info("deregistering from %s failed (%s); the controller will time the worker out",
+                            self.target, err.code())
+        self._set_registered(False)
+        await self._channel.close()
+
+    def _set_registered(self, value: bool) -> None:
+        self.registered = value
+        self.agent.metrics.controller_connected.set(1 if value else 0)
+
+    def _registration(self) -> controller_pb2.RegisterWorkerRequest:
+        a = self.agent
+        peer_port = a.p2p_port or a.grpc_port
+        return controller_pb2.RegisterWorkerRequest(
+            instance_id=a.config.lmcache_instance_id, worker_id=a.worker_id, ip=a.host, port=a.grpc_port or 0,
+            peer_init_url=f"{a.host}:{peer_port}", methods=a.codecs.available(), locations=list(a.locations),
+            chunk_size=a.config.chunk_size, heartbeat_interval_seconds=self.heartbeat_s)
+
+    async def _register(self) -> None:
+        a = self.agent
+        await self._stub.RegisterWorker(self._registration(), timeout=self.call_timeout_s)
+        # Events queued before the snapshot are in it; those after it follow as increments.
+        self._pending.clear()
+        events = [controller_pb2.KVEvent(type=controller_pb2.ADMIT, location=loc, chunk_key=key, token_end=end)
+                  for loc, key, end in a.index_snapshot()]
+        await self._stub.ReportKVEvents(controller_pb2.ReportKVEventsRequest(
+            instance_id=a.config.lmcache_instance_id, worker_id=a.worker_id, events=events, full_resync=True),
+            timeout=max(self.call_timeout_s, 30.0))
+        self.registrations += 1
+        self._set_registered(True)
+        logger.info("registered with controller %s as %s/%d (%d chunks resent)", self.target,
+                    a.config.lmcache_instance_id, a.worker_id, len(events))
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch = self._pending[:MAX_EVENTS_PER_REPORT]
+            await self._stub.ReportKVEvents(controller_pb2.ReportKVEventsRequest(
+                instance_id=self.agent.config.lmcache_instance_id, worker_id=self.agent.worker_id, events=batch),
+                timeout=self.call_timeout_s)
+            del self._pending[:len(batch)]
+
+    async def _heartbeat(self) -> None:
+        resp = await self._stub.Heartbeat(controller_pb2.HeartbeatRequest(
+            instance_id=self.agent.config.lmcache_instance_id, worker_id=self.agent.worker_id),
+            timeout=self.call_timeout_s)
+        if not resp.registered:
+            logger.warning("controller %s does not know this worker (it restarted?); registering again", self.target)
+            self._set_registered(False)
+
+    async def _run(self) -> None:
+        backoff = 0.25
+        next_beat = 0.0
+        while True:
+            try:
+                if not self.registered:
+                    await self._register()
+                    backoff = 0.25
+                    next_beat = time.monotonic() + self.heartbeat_s
+                await self._flush()
+                if time.monotonic() >= next_beat:
+                    await self._heartbeat()
+                    next_beat = time.monotonic() + self.heartbeat_s
+                    if not self.registered:
+                        continue
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, next_beat - time.monotonic()))
+                except asyncio.TimeoutError:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except grpc.RpcError as err:
+                if self.registered:
+                    logger.warning("controller %s unreachable (%s: %s); will re-register when it answers",
+                                   self.target, err.code(), err.details())
+                else:
+                    logger.debug("controller %s not reachable yet: %s", self.target, err.code())
+                self._set_registered(False)
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+            except Exception:  # a bug here must not kill the link for good
+                logger.exception("controller link error; retrying")
+                self._set_registered(False)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
