@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""The images' HEALTHCHECK: exits 0 when every target answers healthy, 1 otherwise.
+
+Targets come from ``KVMESH_HEALTHCHECK`` (comma-separated ``grpc://host:port`` for the standard gRPC
+health service, ``http://host:port/path`` for a 2xx answer), or else from the role the entrypoint
+noted (``$TMPDIR/kvmesh-role``) with that process's default ports. Docker runs it inside the
+container; Kubernetes uses its own probes instead (see deploy/kubernetes).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+DEFAULT_TARGETS = {
+    "controller": "grpc://127.0.0.1:9001",
+    "agent": "grpc://127.0.0.1:8001",
+    "serve": "http://127.0.0.1:8000/health",
+}
+TIMEOUT_S = 4.0
+
+
+def targets_from_env(env: dict[str, str]) -> list[str]:
+    """The targets to check: ``KVMESH_HEALTHCHECK`` if set, else the noted role's default."""
+    explicit = env.get("KVMESH_HEALTHCHECK", "").strip()
+    if explicit:
+        return [t.strip() for t in explicit.split(",") if t.strip()]
+    role_file = Path(env.get("TMPDIR", "/tmp")) / "kvmesh-role"
+    try:
+        role = role_file.read_text().strip()
+    except OSError:
+        role = "serve"  # the image's default command
+    return [DEFAULT_TARGETS.get(role, DEFAULT_TARGETS["serve"])]
+
+
+def check(target: str) -> str | None:
+    """None when ``target`` is healthy, else why not."""
+    if target.startswith("grpc://"):
+        address = target[len("grpc://"):]
+        try:
+            with grpc.insecure_channel(address) as channel:
+                resp = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT_S)
+        except grpc.RpcError as err:
+            return f"{target}: {err.code().name}"
+        if resp.status != health_pb2.HealthCheckResponse.SERVING:
+            return f"{target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}"
+        return None
+    if target.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(target, timeout=TIMEOUT_S) as resp:
+                return None if 200 <= resp.status < 300 else f"{target}: HTTP {resp.status}"
+        except OSError as err:  # URLError and HTTPError are OSErrors
+            return f"{target}: {err}"
+    return f"{target}: unknown scheme (use grpc:// or http://)"
+
+
+def main() -> int:
+    failures = [why for why in map(check, targets_from_env(dict(os.environ))) if why]
+    for why in failures:
+        print(f"unhealthy: {why}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
