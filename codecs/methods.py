@@ -1,7 +1,11 @@
 """Registers the built-in methods. Codec ids are wire ids: never renumber, only append."""
 from __future__ import annotations
 
+from kvmesh.codecs.cachegen.codec import CODEC_ID as CACHEGEN_ID
+from kvmesh.codecs.cachegen.codec import make_codec as make_cachegen
+from kvmesh.codecs.cachegen.levels import LEVEL_ALIASES, LEVELS
 from kvmesh.codecs.errors import CodecError
+from kvmesh.codecs.lmcache import LMCacheCodec
 from kvmesh.codecs.lossless import LosslessCodec
 from kvmesh.codecs.quantized import Fp8Codec, UniformCodec
 from kvmesh.codecs.registry import register
@@ -19,3 +23,10 @@ register("lossless", 1, _cpu_only("lossless", LosslessCodec))
 register("int8", 3, _cpu_only("int8", lambda: UniformCodec("int8", 3, 8)))
 register("int4", 4, _cpu_only("int4", lambda: UniformCodec("int4", 4, 4)))
 register("fp8", 5, _cpu_only("fp8", Fp8Codec))
+register("lmcache-cachegen", 6, _cpu_only("lmcache-cachegen", LMCacheCodec))
+
+for _level in LEVELS.values():
+    register("cachegen" if _level.name == "default" else f"cachegen-{_level.name}", CACHEGEN_ID,
+             lambda backend, _n=_level.name: make_cachegen(_n, backend), level_id=_level.level_id,
+             level_name=_level.name, base="cachegen",
+             aliases=tuple(a for a, n in LEVEL_ALIASES.items() if n == _level.name))

@@ -18,7 +18,7 @@ def test_codec_error_is_value_error():
 
 def test_available_methods_lists_contract_methods():
     methods = codecs.available_methods()
-    for name in ("lossless", "fp8", "int8", "int4"):
+    for name in ("cachegen", "cachegen-hq", "lossless", "fp8", "int8", "int4", "lmcache-cachegen"):
         assert name in methods
     for name in methods:
         assert get_codec(name, backend="cpu").name == name
@@ -32,23 +32,24 @@ def test_unknown_method_backend_and_level_raise():
     with pytest.raises(CodecError, match="no level"):
         get_codec("lossless", level="hq")
     with pytest.raises(CodecError, match="no level"):
-        get_codec("int8", level="ultra")
+        get_codec("cachegen", level="ultra")
 
 
-@pytest.mark.skip(reason="cachegen lands in the next commit")
 def test_levels_reachable_by_name_and_parameter():
     assert get_codec("cachegen", backend="cpu").name == "cachegen"
     assert get_codec("cachegen", backend="cpu", level="hq").name == "cachegen-hq"
     assert get_codec("cachegen", backend="cpu", level="high").name == "cachegen-hq"
     assert get_codec("cachegen-hq", backend="cpu", level="hq").name == "cachegen-hq"
-    assert get_codec("cachegen-hq", backend="cpu", level="default").name == "cachegen"
+    with pytest.raises(CodecError, match="already level"):
+        get_codec("cachegen-hq", backend="cpu", level="default")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
 def test_triton_without_gpu_or_interpreter_is_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(CodecError, match="GPU"):
-        get_codec("lossless", backend="triton")
+        get_codec("cachegen", backend="triton")
+    assert get_codec("cachegen", backend="auto").name == "cachegen"
 
 
 def test_inspect_reports_header():

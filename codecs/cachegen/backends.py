@@ -1,0 +1,105 @@
+"""The cachegen pipeline stages behind one small interface, so the Triton backend can replace each.
+
+CpuBackend is the reference: torch/numpy, vectorised across streams. TritonBackend (in
+triton_backend.py) has the same methods and must return identical values (and so identical bytes).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kvmesh.codecs.cachegen import quant, rans
+from kvmesh.codecs.cachegen.layout import StreamLayout, element_stream_ids, from_streams, to_streams
+from kvmesh.codecs.cachegen.tables import alphabet_tables
+
+
+class CpuBackend:
+    name = "cpu"
+    device = torch.device("cpu")
+
+    def quantize(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x fp32 [2, L, T, C] -> (q uint8 [2, L, T, C], [key side fp16, value side fp16])."""
+        lv = torch.from_numpy(levels.astype(np.float32))
+        qk, sk = quant.quantize(x[0], lv[0], modes[0])
+        qv, sv = quant.quantize(x[1], lv[1], modes[1])
+        return torch.stack([qk, qv]), [sk, sv]
+
+    def dequantize(self, q: torch.Tensor, sides: list[torch.Tensor], levels: np.ndarray, modes: tuple[int, int]) -> torch.Tensor:
+        lv = torch.from_numpy(levels.astype(np.float32))
+        k = quant.dequantize(q[0], sides[0], lv[0], modes[0])
+        v = quant.dequantize(q[1], sides[1], lv[1], modes[1])
+        return torch.stack([k, v])
+
+    def histogram(self, q: torch.Tensor, layout: StreamLayout) -> np.ndarray:
+        """int64 [S, 256]: how often each symbol occurs in each stream."""
+        ids = element_stream_ids(layout.layers, layout.tokens, layout.channels)
+        idx = (ids + q.to(torch.int64)).reshape(-1)
+        return torch.bincount(idx, minlength=layout.num_streams * 256).reshape(-1, 256).numpy()
+
+    def choose_tables(self, hist: np.ndarray, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
+        """(center uint8 [S], table uint8 [S]) per FORMAT.md: the median symbol, then the table of
+        least integer cost for the residuals (ties: the lowest index)."""
+        S = hist.shape[0]
+        center = np.zeros(S, np.int64)
+        table = np.zeros(S, np.int64)
+        cum = np.cumsum(hist, axis=1)
+        n = layout.lengths.astype(np.int64)
+        # median: the smallest m with 2 * cum[m] >= n
+        center = np.argmax(2 * cum >= n[:, None], axis=1)
+        for b, rows in layout.groups:
+            tabs = alphabet_tables(b)
+            m = center[rows]
+            shift = (np.arange(b)[None, :] + m[:, None]) % b
+            hr = np.take_along_axis(hist[rows], shift, axis=1)
+            # exact: integer-valued float64 products and sums stay far below 2**53
+            cost = hr.astype(np.float64) @ tabs.cost.T.astype(np.float64)
+            table[rows] = np.argmin(cost, axis=1)
+        return center.astype(np.uint8), table.astype(np.uint8)
+
+    def rans_encode(self, q: torch.Tensor, center: np.ndarray, table: np.ndarray,
+                    layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
+        """Codes residual r = (q - center) mod B of every stream; (words uint16, words per stream)."""
+        sym = to_streams(q, layout.nseg).numpy()
+        S = layout.num_streams
+        counts = np.zeros(S, np.int64)
+        parts = []
+        for b, rows in layout.groups:
+            tabs = alphabet_tables(b)
+            r = (sym[rows].astype(np.int16) - center[rows, None].astype(np.int16) + b) % b
+            words, cnt = rans.encode(r.astype(np.uint8), layout.lengths[rows], table[rows], tabs.freq, tabs.cum)
+            counts[rows] = cnt
+            parts.append((rows, words, cnt))
+        starts = np.zeros(S, np.int64)
+        np.cumsum(counts[:-1], out=starts[1:])
+        out = np.empty(int(counts.sum()), np.uint16)
+        for rows, words, cnt in parts:
+            if len(parts) == 1:
+                out = words
+                break
+            local = np.zeros(rows.size, np.int64)
+            np.cumsum(cnt[:-1], out=local[1:])
+            dest = np.repeat(starts[rows] - local, cnt) + np.arange(words.size)
+            out[dest] = words
+        return out, counts.astype(np.int32)
+
+    def rans_decode(self, words: np.ndarray, counts: np.ndarray, center: np.ndarray, table: np.ndarray,
+                    layout: StreamLayout) -> torch.Tensor:
+        """Inverse of rans_encode: q uint8 [2, L, T, C]; CodecError on a corrupt stream."""
+        S = layout.num_streams
+        counts = counts.astype(np.int64)
+        starts = np.zeros(S, np.int64)
+        np.cumsum(counts[:-1], out=starts[1:])
+        sym = np.zeros((S, quant.SEGMENT), np.uint8)
+        for b, rows in layout.groups:
+            tabs = alphabet_tables(b)
+            cnt = counts[rows]
+            if len(layout.groups) == 1:
+                w = words
+            else:
+                local = np.zeros(rows.size, np.int64)
+                np.cumsum(cnt[:-1], out=local[1:])
+                w = words[np.repeat(starts[rows] - local, cnt) + np.arange(int(cnt.sum()))]
+            r = rans.decode(w, cnt, layout.lengths[rows], table[rows], tabs.freq, tabs.cum,
+                            tabs.slot_to_symbol, quant.SEGMENT)
+            sym[rows] = ((r.astype(np.int16) + center[rows, None]) % b).astype(np.uint8)
+        return from_streams(torch.from_numpy(sym), layout.layers, layout.tokens, layout.channels, layout.nseg)
