@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 _IDLE_TIMEOUT = 75.0
 _BODY_TIMEOUT = 60.0
 _MAX_HEADERS = 200
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -106,6 +108,7 @@ class HttpServer:
                     request = await self._read_request(reader, writer)
                 except _BadRequest as bad:
                     await self._write(writer, json_error(bad.status, bad.message), "HTTP/1.1", keep_alive=False)
+                    await self._linger(reader, writer)
                     break
                 if request is None:
                     break
@@ -127,6 +130,24 @@ class HttpServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    @staticmethod
+    async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Half-close and drain what the client still sends, so that closing does not reset the
+        connection before the client has read the error answer."""
+        with contextlib.suppress(Exception):
+            if writer.can_write_eof():
+                writer.write_eof()
+            deadline = asyncio.get_running_loop().time() + _LINGER_SECONDS
+            drained = 0
+            while drained < _LINGER_BYTES:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                piece = await asyncio.wait_for(reader.read(65536), remaining)
+                if not piece:
+                    break
+                drained += len(piece)
 
     @staticmethod
     def _keep_alive(request: Request) -> bool:

@@ -1,0 +1,125 @@
+"""The event table: lifecycle, progress, watchers, and its bounds in time and count."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from kvmesh.api.common.v1 import common_pb2
+from kvmesh.controller.events import EventTable
+from kvmesh.controller.metrics import ControllerMetrics
+from kvmesh.errors import NotFound
+
+
+def sample(metrics: ControllerMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def progress(worker: int, index: int, before: int, after: int) -> common_pb2.ChunkProgress:
+    return common_pb2.ChunkProgress(worker_id=worker, chunk_index=index, bytes_before=before, bytes_after=after)
+
+
+def test_lifecycle_counts_bytes_and_metrics() -> None:
+    m = ControllerMetrics()
+    t = EventTable(m)
+    ev = t.create(common_pb2.COMPRESS, instance_id="i", method="cachegen", location="LocalCPUBackend",
+                  num_tokens=12, worker_ids=[0, 1])
+    assert ev.event_id.startswith("Compress") and len(ev.event_id) == len("Compress") + 32
+    assert t.get(ev.event_id).status == common_pb2.PENDING
+    assert sample(m, "kvmesh_events_in_flight", operation="compress") == 1
+    t.start(ev.event_id, {0: 2, 1: 1})
+    got = t.get(ev.event_id)
+    assert got.status == common_pb2.RUNNING and got.chunks_total == 3 and got.started_time > 0
+    t.chunk_done(ev.event_id, progress(0, 0, 1000, 250))
+    t.chunk_done(ev.event_id, progress(0, 1, 1000, 250))
+    t.chunk_done(ev.event_id, progress(1, 0, 500, 500))
+    t.worker_finished(ev.event_id, 0)
+    t.worker_finished(ev.event_id, 1)
+    t.finish(ev.event_id, common_pb2.COMPLETED)
+    got = t.get(ev.event_id)
+    assert got.status == common_pb2.COMPLETED
+    assert (got.chunks_done, got.bytes_before, got.bytes_after) == (3, 2500, 1000)
+    assert got.compression_ratio == pytest.approx(2.5)
+    assert [(w.worker_id, w.status, w.chunks_done, w.bytes_after) for w in got.workers] == [
+        (0, common_pb2.COMPLETED, 2, 500), (1, common_pb2.COMPLETED, 1, 500)]
+    labels = {"operation": "compress", "method": "cachegen", "location": "LocalCPUBackend"}
+    assert sample(m, "kvmesh_events_total", **labels, outcome="completed") == 1
+    assert sample(m, "kvmesh_chunks_total", **labels) == 3
+    assert sample(m, "kvmesh_bytes_before_total", **labels) == 2500
+    assert sample(m, "kvmesh_compression_ratio", method="cachegen", location="LocalCPUBackend") == pytest.approx(2.5)
+    assert sample(m, "kvmesh_events_in_flight", operation="compress") == 0
+    # An ended event does not change any more.
+    t.chunk_done(ev.event_id, progress(0, 2, 1, 1))
+    t.finish(ev.event_id, common_pb2.FAILED, "late")
+    assert t.get(ev.event_id).chunks_done == 3 and t.get(ev.event_id).status == common_pb2.COMPLETED
+
+
+def test_failed_worker_and_fail_in_flight() -> None:
+    m = ControllerMetrics()
+    t = EventTable(m)
+    a = t.create(common_pb2.DECOMPRESS, instance_id="i", worker_ids=[0])
+    b = t.create(common_pb2.PIN, instance_id="j", worker_ids=[0])
+    t.start(a.event_id)
+    assert t.fail_in_flight(lambda e: e.instance_id == "i", "worker 0 marked down") == [a.event_id]
+    got = t.get(a.event_id)
+    assert got.status == common_pb2.FAILED and got.error == "worker 0 marked down"
+    assert got.workers[0].status == common_pb2.FAILED and got.workers[0].error == "worker 0 marked down"
+    assert t.get(b.event_id).status == common_pb2.PENDING
+    assert sample(m, "kvmesh_events_total", operation="decompress", method="", location="", outcome="failed") == 1
+
+
+def test_ttl_drops_ended_events_only() -> None:
+    t = EventTable(ControllerMetrics(), ttl_seconds=60, max_events=100)
+    done = t.create(common_pb2.CLEAR, instance_id="i")
+    t.finish(done.event_id, common_pb2.COMPLETED)
+    running = t.create(common_pb2.CLEAR, instance_id="i")
+    assert t.prune(now=time.time() + 30) == 0
+    assert t.prune(now=time.time() + 120) == 1
+    with pytest.raises(NotFound, match="not found"):
+        t.get(done.event_id)
+    assert t.get(running.event_id).status == common_pb2.PENDING
+
+
+def test_count_bound_drops_oldest_ended_events() -> None:
+    t = EventTable(ControllerMetrics(), max_events=3)
+    first = t.create(common_pb2.PIN, instance_id="i")  # stays in flight: never dropped
+    ended = []
+    for _ in range(4):
+        ev = t.create(common_pb2.PIN, instance_id="i")
+        t.finish(ev.event_id, common_pb2.COMPLETED)
+        ended.append(ev.event_id)
+    assert len(t) == 3
+    assert t.get(first.event_id).status == common_pb2.PENDING
+    assert [e.event_id for e in t.recent()] == [ended[3], ended[2], first.event_id]
+    assert [e.event_id for e in t.recent(limit=1)] == [ended[3]]
+
+
+async def test_watch_sees_every_change_then_ends() -> None:
+    t = EventTable(ControllerMetrics())
+    ev = t.create(common_pb2.COMPRESS, instance_id="i", method="lossless", location="L", worker_ids=[0])
+    seen: list[tuple[int, int, int | None]] = []
+
+    async def watcher() -> None:
+        async for event, prog in t.watch(ev.event_id):
+            seen.append((event.status, event.chunks_done, prog.chunk_index if prog else None))
+
+    task = asyncio.create_task(watcher())
+    await asyncio.sleep(0)
+    t.start(ev.event_id, {0: 2})
+    t.chunk_done(ev.event_id, progress(0, 0, 10, 5))
+    t.chunk_done(ev.event_id, progress(0, 1, 10, 5))
+    t.worker_finished(ev.event_id, 0)
+    t.finish(ev.event_id, common_pb2.COMPLETED)
+    await asyncio.wait_for(task, 5)
+    assert seen[0] == (common_pb2.PENDING, 0, None)
+    assert (common_pb2.RUNNING, 1, 0) in seen and (common_pb2.RUNNING, 2, 1) in seen
+    assert seen[-1][0] == common_pb2.COMPLETED
+    # Watching an ended event gives its final state once.
+    final = [e async for e, _ in t.watch(ev.event_id)]
+    assert len(final) == 1 and final[0].status == common_pb2.COMPLETED
+
+
+def test_bounds_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        EventTable(ControllerMetrics(), ttl_seconds=0)
