@@ -1,0 +1,133 @@
+"""deploy/prometheus: promtool checks the configs and the rules and runs the rules' unit tests; a
+real Prometheus server scrapes a real controller and agent and sees a compress; every alert
+expression refers to metrics and labels the code exports."""
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.deploy.conftest import (INSTANCE_ID, LOCATION, METHOD, NUM_CHUNKS, Mesh, Prometheus,
+                                   http_json, poll)
+from tests.deploy.deploy_support import DEPLOY, tool
+from tests.deploy.promql import Exported, problems
+
+PROM = DEPLOY / "prometheus"
+ALERTS = yaml.safe_load((PROM / "alerts.yml").read_text())
+ALERT_RULES = [r for g in ALERTS["groups"] for r in g["rules"] if "alert" in r]
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("promtool"), *args], capture_output=True, text=True, timeout=60, cwd=PROM)
+
+
+def test_promtool_checks_the_scrape_config() -> None:
+    out = promtool("check", "config", "prometheus.yml")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_promtool_checks_the_kubernetes_scrape_config() -> None:
+    out = promtool("check", "config", "prometheus-kubernetes.yml")
+    if out.returncode != 0 and "field kubernetes_sd_configs not found" in out.stdout + out.stderr:
+        pytest.skip("this promtool is built without Kubernetes service discovery (Debian's package); "
+                    "upstream Prometheus builds check it")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_kubernetes_scrape_config_relabels_to_the_alerts_job_names() -> None:
+    config = yaml.safe_load((PROM / "prometheus-kubernetes.yml").read_text())
+    (job,) = config["scrape_configs"]
+    relabel = {tuple(r["source_labels"]): r for r in job["relabel_configs"]}
+    assert relabel[("__meta_kubernetes_pod_annotation_prometheus_io_scrape",)]["action"] == "keep"
+    assert relabel[("__meta_kubernetes_pod_annotation_kvmesh_io_job",)]["target_label"] == "job"
+    # The address rewrite keeps the pod IP and takes the annotated port.
+    rule = relabel[("__address__", "__meta_kubernetes_pod_annotation_prometheus_io_port")]
+    joined = "10.1.2.3:8000;9101"
+    m = re.fullmatch(rule["regex"], joined)
+    assert m and rule["replacement"].replace("$1", m.group(1)).replace("$2", m.group(2)) == "10.1.2.3:9101"
+
+
+def test_promtool_checks_the_rules() -> None:
+    out = promtool("check", "rules", "alerts.yml")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(ALERT_RULES)} rules found" in out.stdout
+
+
+def test_promtool_runs_the_rule_unit_tests() -> None:
+    out = promtool("test", "rules", "alerts_test.yml")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
+    tests = yaml.safe_load((PROM / "alerts_test.yml").read_text())["tests"]
+    cases = [c for t in tests for c in t.get("alert_rule_test", [])]
+    for rule in ALERT_RULES:
+        mine = [c for c in cases if c["alertname"] == rule["alert"]]
+        assert any(c["exp_alerts"] for c in mine), f"{rule['alert']}: no test where it fires"
+        assert any(not c["exp_alerts"] for c in mine), f"{rule['alert']}: no test where it stays quiet"
+    assert {r["alert"] for r in ALERT_RULES} >= {"KVMeshAgentDown", "KVMeshEventsFailing",
+                                                 "KVMeshCompressionRatioCollapsing", "KVMeshEventLatencyHigh"}
+
+
+def test_alert_expressions_use_exported_metrics(mesh: Mesh) -> None:
+    exported = Exported()
+    exported.add_exposition(mesh.scrape(mesh.http_port))
+    exported.add_exposition(mesh.scrape(mesh.agent_metrics_port))
+    found = [p for rule in ALERT_RULES for p in problems(rule["expr"], exported)]
+    assert not found, "\n".join(found)
+
+
+def test_real_prometheus_sees_the_compress(mesh: Mesh, prometheus: Prometheus) -> None:
+    logs: list[Path] = [mesh.tmp / "prometheus" / "prometheus.log"]
+    for job in ("kvmesh-controller", "kvmesh-agent"):
+        poll(f"Prometheus scrapes {job}", lambda job=job: prometheus.value(f'up{{job="{job}"}}') == 1,
+             proc_logs=logs)
+    completed = poll("the completed compress in kvmesh_events_total", lambda: prometheus.value(
+        'sum(kvmesh_events_total{operation="compress",outcome="completed"})'), proc_logs=logs)
+    assert completed >= 1
+    assert prometheus.value('sum(kvmesh_events_total{operation="compress",outcome="failed"})') in (None, 0.0)
+    chunks = poll("the agent's compressed chunks", lambda: prometheus.value(
+        f'sum(kvmesh_agent_chunks_total{{operation="compress",outcome="ok",location="{LOCATION}"}})'),
+        proc_logs=logs)
+    assert chunks == NUM_CHUNKS
+    ratio = prometheus.value(f'kvmesh_compression_ratio{{method="{METHOD}",location="{LOCATION}"}}')
+    assert ratio is not None and math.isclose(ratio, mesh.event["compression_ratio"], rel_tol=1e-9)
+    assert ratio > 1
+    assert prometheus.value('kvmesh_workers{state="up"}') >= 1
+    assert prometheus.value("kvmesh_agent_controller_connected") == 1
+    encoded = prometheus.value(f'kvmesh_agent_stored_chunks{{form="encoded",location="{LOCATION}"}}')
+    assert encoded == NUM_CHUNKS
+    # The controller's own view agrees with what Prometheus holds.
+    workers = http_json("POST", f"http://127.0.0.1:{mesh.http_port}/query_worker_info", {"instance_id": INSTANCE_ID})
+    assert len(workers["worker_infos"]) == prometheus.value('kvmesh_workers{state="up"}')
+
+
+def test_real_prometheus_evaluates_every_alert_rule(prometheus: Prometheus) -> None:
+    def rules() -> list[dict] | None:
+        groups = http_json("GET", f"{prometheus.url}/api/v1/rules")["data"]["groups"]
+        loaded = [r for g in groups for r in g["rules"]]
+        return loaded if loaded and all(r["health"] == "ok" for r in loaded) else None
+
+    loaded = poll("every rule loaded and evaluated without error", rules)
+    assert {r["name"] for r in loaded} == {r["alert"] for r in ALERT_RULES}
+    # A healthy mesh: nothing fires.
+    assert [r["name"] for r in loaded if r["state"] == "firing"] == []
+
+
+def test_real_prometheus_computes_the_latency_quantile(mesh: Mesh, prometheus: Prometheus) -> None:
+    # The latency alert's quantile, over the cumulative buckets (the one compress happened before
+    # the first scrape, so a rate would be 0): it lands in the bucket of the event's real duration.
+    expr = "histogram_quantile(0.95, sum by (operation, le) (kvmesh_event_duration_seconds_bucket))"
+    result = poll("the quantile", lambda: prometheus.query(expr))
+    (series,) = [r for r in result if r["metric"].get("operation") == "compress"]
+    p95 = float(series["value"][1])
+    duration = mesh.event["finished_time"] - mesh.event["created_time"]
+    bounds = sorted(float(b["metric"]["le"]) for b in prometheus.query(
+        'kvmesh_event_duration_seconds_bucket{operation="compress"}'))
+    upper = next(b for b in bounds if b >= duration)
+    lower = max([0.0] + [b for b in bounds if b < duration])
+    assert lower <= p95 <= upper, (p95, duration, lower, upper)
