@@ -1,0 +1,206 @@
+"""TritonBackend: the cachegen stages as Triton kernels, returning exactly what CpuBackend returns.
+
+Runs on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1 (the kernel tests do that). The stream
+layout (layout.py) is mapped onto lanes so that consecutive lanes are consecutive channels: every
+step of every kernel then reads and writes contiguous memory across a block.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import torch
+
+from kvmesh.codecs.cachegen import quant, rans
+from kvmesh.codecs.cachegen import triton_rans as tr
+from kvmesh.codecs.cachegen.layout import StreamLayout
+from kvmesh.codecs.cachegen.tables import NUM_TABLES, alphabet_tables
+from kvmesh.codecs.errors import CodecError
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class _Tables:
+    """Packed encode/decode/cost tables for a set of alphabet sizes, with each size's offsets."""
+
+    def __init__(self, alphabets: tuple[int, ...], device: torch.device) -> None:
+        enc, dec, cost = [], [], []
+        self.enc_off, self.dec_off, self.cost_off = {}, {}, {}
+        e_pos = d_pos = c_pos = 0
+        slots = np.arange(rans.M, dtype=np.int64)
+        for b in alphabets:
+            t = alphabet_tables(b)
+            f = t.freq.astype(np.int64)
+            c = t.cum[:, :b].astype(np.int64)
+            enc.append((f | (c << 13)).ravel())
+            sym = t.slot_to_symbol.astype(np.int64)
+            fs = np.take_along_axis(f, sym, axis=1)
+            bias = slots[None, :] - np.take_along_axis(c, sym, axis=1)
+            dec.append((sym | ((fs - 1) << 8) | (bias << 20)).ravel())
+            cost.append(t.cost.astype(np.int64).ravel())
+            self.enc_off[b], self.dec_off[b], self.cost_off[b] = e_pos, d_pos, c_pos
+            e_pos += f.size
+            d_pos += sym.size
+            c_pos += t.cost.size
+        self.enc = torch.from_numpy(np.concatenate(enc).astype(np.int32)).to(device)
+        self.dec = torch.from_numpy(np.concatenate(dec).astype(np.uint32).view(np.int32)).to(device)
+        if max(int(c.max()) for c in cost) * 256 >= 2**31:
+            raise CodecError("cost table too large for the int32 cost sums of the Triton kernels")
+        self.cost = torch.from_numpy(np.concatenate(cost).astype(np.int32)).to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _tables(alphabets: tuple[int, ...], device: str) -> _Tables:
+    return _Tables(alphabets, torch.device(device))
+
+
+class _LayoutLanes:
+    """Per-stream and per-lane arrays of a stream layout on one device."""
+
+    def __init__(self, layout: StreamLayout, device: torch.device) -> None:
+        L, T, C, nseg = layout.layers, layout.tokens, layout.channels, layout.nseg
+        # lane j = ((b * nseg + seg) * C + c) with b = kv * L + layer; stream = (b * C + c) * nseg + seg
+        b = torch.arange(2 * L, dtype=torch.int64).view(-1, 1, 1)
+        seg = torch.arange(nseg, dtype=torch.int64).view(1, -1, 1)
+        c = torch.arange(C, dtype=torch.int64).view(1, 1, -1)
+        base = (b * T + seg * quant.SEGMENT) * C + c
+        stream = (b * C + c) * nseg + seg
+        self.lanes = tr.Lanes(base.reshape(-1).to(device), stream.reshape(-1).to(device), C)
+        self.lengths = torch.from_numpy(layout.lengths.astype(np.int32)).to(device)
+        self.alpha = torch.from_numpy(layout.stream_levels.astype(np.int32)).to(device)
+        self.alphabets = tuple(int(g) for g, _ in layout.groups)
+        tabs = _tables(self.alphabets, str(device))
+        enc_off = np.zeros(layout.num_streams, np.int64)
+        dec_off = np.zeros(layout.num_streams, np.int64)
+        cost_off = np.zeros(layout.num_streams, np.int64)
+        for g, rows in layout.groups:
+            enc_off[rows], dec_off[rows], cost_off[rows] = tabs.enc_off[g], tabs.dec_off[g], tabs.cost_off[g]
+        self.tabs = tabs
+        self.enc_off = torch.from_numpy(enc_off).to(device)
+        self.dec_off = torch.from_numpy(dec_off).to(device)
+        self.cost_off = torch.from_numpy(cost_off.astype(np.int32)).to(device)
+        self.nmax = int(layout.lengths.max()) if layout.lengths.size else 0
+        top = int(layout.stream_levels.max()) if layout.stream_levels.size else 2
+        self.bpad = max(16, 1 << (top - 1).bit_length())
+
+    def table_offsets(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = table.to(torch.int64)
+        enc = (self.enc_off + t * self.alpha).to(torch.int32)
+        dec = (self.dec_off + t * rans.M).to(torch.int32)
+        return enc, dec
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        if device is None:
+            if torch.cuda.is_available() and not interpreting():
+                device = torch.device("cuda")
+            elif interpreting():
+                device = torch.device("cpu")
+            else:
+                raise CodecError("the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 to run on the CPU")
+        self.device = torch.device(device)
+        self.interpret = self.device.type == "cpu"
+        self._lanes: dict[tuple, _LayoutLanes] = {}
+
+    def _layout(self, layout: StreamLayout) -> _LayoutLanes:
+        key = (layout.layers, layout.tokens, layout.channels, layout.levels.tobytes())
+        lanes = self._lanes.get(key)
+        if lanes is None:
+            if len(self._lanes) > 32:
+                self._lanes.clear()
+            lanes = self._lanes[key] = _LayoutLanes(layout, self.device)
+        return lanes
+
+    def _dev(self, a: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if not isinstance(a, torch.Tensor):
+            a = np.ascontiguousarray(a)
+            # container sections arrive as read-only views of the blob; torch wants writable memory
+            t = torch.from_numpy(a if a.flags.writeable else a.copy())
+        else:
+            t = a
+        return t.to(device=self.device, dtype=dtype).contiguous()
+
+    # -- quantization (torch on the device for now: the same IEEE ops as quant.py) ------------------
+    def quantize(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = x.to(self.device, torch.float32)
+        lv = torch.from_numpy(levels.astype(np.float32)).to(self.device)
+        qk, sk = quant.quantize(x[0], lv[0], modes[0])
+        qv, sv = quant.quantize(x[1], lv[1], modes[1])
+        return torch.stack([qk, qv]), [sk, sv]
+
+    def dequantize(self, q: torch.Tensor, sides: list[torch.Tensor], levels: np.ndarray,
+                   modes: tuple[int, int]) -> torch.Tensor:
+        q = q.to(self.device)
+        lv = torch.from_numpy(levels.astype(np.float32)).to(self.device)
+        k = quant.dequantize(q[0], sides[0].to(self.device), lv[0], modes[0])
+        v = quant.dequantize(q[1], sides[1].to(self.device), lv[1], modes[1])
+        return torch.stack([k, v])
+
+    # -- statistics ----------------------------------------------------------------------------------
+    def histogram(self, q: torch.Tensor, layout: StreamLayout) -> torch.Tensor:
+        """int32 [S, 256] on the device: how often each symbol occurs in each stream."""
+        ll = self._layout(layout)
+        q = q.to(self.device).contiguous()
+        hist = torch.zeros(layout.num_streams, 256, dtype=torch.int32, device=self.device)
+        tr.stream_stats(q, ll.lanes, ll.lengths, ll.alpha, ll.cost_off, ll.tabs.cost, NUM_TABLES, ll.nmax, ll.bpad,
+                        hist=hist, write_hist=True, choose=False, interpret=self.interpret)
+        return hist
+
+    def choose_tables(self, hist: np.ndarray | torch.Tensor, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
+        ll = self._layout(layout)
+        h = self._dev(hist, torch.int32)
+        center, table = tr.stream_stats(None, ll.lanes, ll.lengths, ll.alpha, ll.cost_off, ll.tabs.cost, NUM_TABLES,
+                                        ll.nmax, ll.bpad, hist=h, choose=True, interpret=self.interpret)
+        return center.cpu().numpy(), table.cpu().numpy()
+
+    def stats(self, q: torch.Tensor, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
+        """choose_tables(histogram(q)) in one pass that never writes the histogram out."""
+        ll = self._layout(layout)
+        q = q.to(self.device).contiguous()
+        center, table = tr.stream_stats(q, ll.lanes, ll.lengths, ll.alpha, ll.cost_off, ll.tabs.cost, NUM_TABLES,
+                                        ll.nmax, ll.bpad, choose=True, interpret=self.interpret)
+        return center.cpu().numpy(), table.cpu().numpy()
+
+    # -- entropy coding ------------------------------------------------------------------------------
+    def rans_encode(self, q: torch.Tensor, center: np.ndarray, table: np.ndarray,
+                    layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
+        words, counts = self.rans_encode_device(q, center, table, layout)
+        return words.cpu().numpy(), counts.cpu().numpy()
+
+    def rans_encode_device(self, q: torch.Tensor, center: np.ndarray | torch.Tensor, table: np.ndarray | torch.Tensor,
+                           layout: StreamLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        ll = self._layout(layout)
+        q = q.to(self.device).contiguous()
+        c = self._dev(center, torch.uint8)
+        enc_off, _ = ll.table_offsets(self._dev(table, torch.int64))
+        return tr.rans_encode(q, ll.lanes, ll.lengths, c, ll.alpha, enc_off, ll.tabs.enc, ll.nmax,
+                              interpret=self.interpret)
+
+    def rans_decode(self, words: np.ndarray | torch.Tensor, counts: np.ndarray | torch.Tensor,
+                    center: np.ndarray, table: np.ndarray, layout: StreamLayout) -> torch.Tensor:
+        """q uint8 [2, L, T, C] on the device; CodecError if any stream fails its end-state check."""
+        ll = self._layout(layout)
+        w = self._dev(np.asarray(words, dtype=np.uint16) if not isinstance(words, torch.Tensor) else words,
+                      torch.uint16)
+        cnt = self._dev(counts, torch.int32)
+        # The kernel trusts each stream's [offset, offset + count) to lie inside the words.
+        if cnt.numel() != layout.num_streams or (cnt.numel() and (
+                int(cnt.min()) < 2 or int(cnt.to(torch.int64).sum()) != w.numel())):
+            raise CodecError("corrupt cachegen container: stream word counts do not match the stored words")
+        c = self._dev(center, torch.uint8)
+        _, dec_off = ll.table_offsets(self._dev(table, torch.int64))
+        out = torch.empty(2, layout.layers, layout.tokens, layout.channels, dtype=torch.uint8, device=self.device)
+        status = tr.rans_decode(w, cnt, out, ll.lanes, ll.lengths, c, ll.alpha, dec_off, ll.tabs.dec, ll.nmax,
+                                interpret=self.interpret)
+        bad = int((status == 0).sum())
+        if bad:
+            k = int(torch.nonzero(status == 0)[0, 0])
+            raise CodecError(f"corrupt cachegen container: rANS stream {k} fails its end-state check "
+                             f"({bad} of {layout.num_streams} streams)")
+        return out

@@ -1,0 +1,254 @@
+"""Triton kernels for kvmesh-rans32x16 (see rans.py for the format) and the per-stream statistics.
+
+One lane is one stream. The kernels never see the stream layout itself: the host describes every lane
+by where its first symbol lies in the symbol tensor (``lane_base``), the distance between consecutive
+symbols (``sym_step``) and which stream it is (``lane_stream``). For the cachegen layout consecutive
+lanes are consecutive channels, so at every step a block's symbol loads and stores are contiguous.
+
+Per stream the kernels read: its length, its alphabet size ``B``, its centre symbol (coded symbols are
+residuals ``r = (q - centre) mod B``) and the offset of its table in a packed table array:
+- encode table entries: ``f | c << 13`` (int32) for each (table, residual);
+- decode table entries: ``sym | (f - 1) << 8 | (slot - c) << 20`` (uint32 bits in an int32) for each
+  (table, slot), 4096 per table;
+- cost table entries: the integer cost of each (table, residual).
+
+Encode writes each stream's words from the top of its own scratch row down (rANS emits them in reverse
+order), then ``compact`` packs the rows by the prefix sum of the word counts.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+PROB_BITS = 12
+RANS_L = 1 << 16
+
+
+@triton.jit
+def _rans_encode_kernel(sym_ptr, lane_base_ptr, lane_stream_ptr, len_ptr, center_ptr, alpha_ptr, tab_off_ptr,
+                        enc_tab_ptr, scratch_ptr, count_ptr, n_lanes, sym_step,
+                        NMAX: tl.constexpr, BLOCK: tl.constexpr):
+    lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = lane < n_lanes
+    base = tl.load(lane_base_ptr + lane, mask=valid, other=0)
+    k = tl.load(lane_stream_ptr + lane, mask=valid, other=0)
+    n = tl.load(len_ptr + k, mask=valid, other=0)
+    center = tl.load(center_ptr + k, mask=valid, other=0).to(tl.int32)
+    alpha = tl.load(alpha_ptr + k, mask=valid, other=1)
+    toff = tl.load(tab_off_ptr + k, mask=valid, other=0)
+    row = k.to(tl.int64) * (NMAX + 2)
+    x = tl.full([BLOCK], RANS_L, tl.uint32)
+    ptr = tl.full([BLOCK], NMAX + 1, tl.int32)
+    for j in range(NMAX):
+        i = NMAX - 1 - j
+        act = valid & (i < n)
+        s = tl.load(sym_ptr + base + i * sym_step, mask=act, other=0).to(tl.int32)
+        r = s - center
+        r = tl.where(r < 0, r + alpha, r)
+        # Inactive positions get f = 4096, c = 0: the identity update, and never a renormalisation.
+        e = tl.load(enc_tab_ptr + toff + r, mask=act, other=4096)
+        f = (e & 8191).to(tl.uint32)
+        c = (e >> 13).to(tl.uint32)
+        # x >= f << 20, written so that f = 4096 cannot overflow 32 bits.
+        emit = (x >> 20) >= f
+        tl.store(scratch_ptr + row + ptr, (x & 0xFFFF).to(tl.uint16), mask=emit)
+        ptr = ptr - emit.to(tl.int32)
+        x = tl.where(emit, x >> 16, x)
+        q = x // f
+        x = (q << 12) + (x - q * f) + c
+    tl.store(scratch_ptr + row + ptr, (x & 0xFFFF).to(tl.uint16), mask=valid)
+    tl.store(scratch_ptr + row + ptr - 1, (x >> 16).to(tl.uint16), mask=valid)
+    tl.store(count_ptr + k, NMAX + 3 - ptr, mask=valid)
+
+
+@triton.jit
+def _compact_kernel(scratch_ptr, count_ptr, offset_ptr, out_ptr, n_streams,
+                    NMAX: tl.constexpr, ROWS: tl.constexpr, WBLOCK: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    valid = rows < n_streams
+    cnt = tl.load(count_ptr + rows, mask=valid, other=0)
+    off = tl.load(offset_ptr + rows, mask=valid, other=0)
+    w = tl.arange(0, WBLOCK)
+    m = valid[:, None] & (w[None, :] < cnt[:, None])
+    src = rows.to(tl.int64)[:, None] * (NMAX + 2) + (NMAX + 2 - cnt)[:, None] + w[None, :]
+    vals = tl.load(scratch_ptr + src, mask=m, other=0)
+    tl.store(out_ptr + off[:, None] + w[None, :], vals, mask=m)
+
+
+@triton.jit
+def _rans_decode_kernel(words_ptr, offset_ptr, count_ptr, out_ptr, lane_base_ptr, lane_stream_ptr, len_ptr,
+                        center_ptr, alpha_ptr, dtab_off_ptr, dec_tab_ptr, status_ptr, n_lanes, sym_step,
+                        NMAX: tl.constexpr, BLOCK: tl.constexpr):
+    lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = lane < n_lanes
+    base = tl.load(lane_base_ptr + lane, mask=valid, other=0)
+    k = tl.load(lane_stream_ptr + lane, mask=valid, other=0)
+    n = tl.load(len_ptr + k, mask=valid, other=0)
+    center = tl.load(center_ptr + k, mask=valid, other=0).to(tl.int32)
+    alpha = tl.load(alpha_ptr + k, mask=valid, other=1)
+    doff = tl.load(dtab_off_ptr + k, mask=valid, other=0)
+    start = tl.load(offset_ptr + k, mask=valid, other=0)
+    cnt = tl.load(count_ptr + k, mask=valid, other=0)
+    end = start + cnt
+    bad = valid & (cnt < 2)
+    w0 = tl.load(words_ptr + start, mask=valid & (cnt >= 2), other=0).to(tl.uint32)
+    w1 = tl.load(words_ptr + start + 1, mask=valid & (cnt >= 2), other=0).to(tl.uint32)
+    x = (w0 << 16) | w1
+    ptr = start + 2
+    for i in range(NMAX):
+        act = valid & (i < n)
+        slot = (x & 4095).to(tl.int32)
+        d = tl.load(dec_tab_ptr + doff + slot, mask=act, other=0).to(tl.uint32, bitcast=True)
+        sym = (d & 255).to(tl.int32)
+        f = ((d >> 8) & 4095) + 1
+        xn = f * (x >> 12) + (d >> 20)
+        need = act & (xn < RANS_L)
+        can = need & (ptr < end)
+        bad = bad | (need & (ptr >= end))
+        w = tl.load(words_ptr + ptr, mask=can, other=0).to(tl.uint32)
+        xn = tl.where(need, (xn << 16) | w, xn)
+        ptr = ptr + need.to(tl.int64)
+        x = tl.where(act, xn, x)
+        s = sym + center
+        s = tl.where(s >= alpha, s - alpha, s)
+        tl.store(out_ptr + base + i * sym_step, s.to(tl.uint8), mask=act)
+    ok = (~bad) & (x == RANS_L) & (ptr == end)
+    tl.store(status_ptr + k, ok.to(tl.int8), mask=valid)
+
+
+@triton.jit
+def _stats_kernel(sym_ptr, lane_base_ptr, lane_stream_ptr, len_ptr, alpha_ptr, cost_off_ptr, cost_ptr,
+                  hist_ptr, center_ptr, table_ptr, n_lanes, sym_step,
+                  NMAX: tl.constexpr, BLOCK: tl.constexpr, BPAD: tl.constexpr, NT: tl.constexpr,
+                  FROM_HIST: tl.constexpr, WRITE_HIST: tl.constexpr, CHOOSE: tl.constexpr):
+    """Per-stream histogram of symbols (< BPAD), and/or the median centre and cheapest table.
+
+    centre = the smallest m with 2 * (count of symbols <= m) >= n; table = argmin over t of
+    sum_j hist[j] * cost[t][(j - m) mod B], ties to the lowest t.
+    """
+    lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = lane < n_lanes
+    k = tl.load(lane_stream_ptr + lane, mask=valid, other=0)
+    n = tl.load(len_ptr + k, mask=valid, other=0)
+    alpha = tl.load(alpha_ptr + k, mask=valid, other=1)
+    bins = tl.arange(0, BPAD)
+    hrow = k.to(tl.int64)[:, None] * 256 + bins[None, :]
+    if FROM_HIST:
+        h = tl.load(hist_ptr + hrow, mask=valid[:, None], other=0).to(tl.int32)
+    else:
+        base = tl.load(lane_base_ptr + lane, mask=valid, other=0)
+        h = tl.zeros([BLOCK, BPAD], tl.int32)
+        for i in range(NMAX):
+            act = valid & (i < n)
+            s = tl.load(sym_ptr + base + i * sym_step, mask=act, other=0).to(tl.int32)
+            s = tl.where(act, s, -1)
+            h += (s[:, None] == bins[None, :]).to(tl.int32)
+    if WRITE_HIST:
+        tl.store(hist_ptr + hrow, h.to(hist_ptr.dtype.element_ty), mask=valid[:, None])
+    if CHOOSE:
+        cum = tl.cumsum(h, axis=1)
+        m = tl.sum((2 * cum < n[:, None]).to(tl.int32), axis=1)
+        coff = tl.load(cost_off_ptr + k, mask=valid, other=0)
+        idx = bins[None, :] - m[:, None]
+        idx = tl.where(idx < 0, idx + alpha[:, None], idx)
+        inb = valid[:, None] & (bins[None, :] < alpha[:, None])
+        best = tl.full([BLOCK], 2147483647, tl.int32)
+        choice = tl.zeros([BLOCK], tl.int32)
+        for t in range(NT):
+            c = tl.load(cost_ptr + coff[:, None] + t * alpha[:, None] + idx, mask=inb, other=0)
+            total = tl.sum(h * c, axis=1)
+            better = total < best
+            best = tl.where(better, total, best)
+            choice = tl.where(better, t, choice)
+        tl.store(center_ptr + k, m.to(tl.uint8), mask=valid)
+        tl.store(table_ptr + k, choice.to(tl.uint8), mask=valid)
+
+
+# ---- host side ------------------------------------------------------------------------------------
+
+def _block(n_lanes: int, cap: int) -> int:
+    """Lanes per program: large blocks keep the interpreter's per-op cost down; capped for registers."""
+    return max(16, min(cap, triton.next_power_of_2(max(n_lanes, 1))))
+
+
+class Lanes:
+    """Where each lane's symbols live: lane_base int64, lane_stream int32, sym_step, on one device."""
+
+    def __init__(self, lane_base: torch.Tensor, lane_stream: torch.Tensor, sym_step: int) -> None:
+        self.lane_base = lane_base.to(torch.int64).contiguous()
+        self.lane_stream = lane_stream.to(torch.int32).contiguous()
+        self.sym_step = int(sym_step)
+
+    @property
+    def n(self) -> int:
+        return int(self.lane_base.numel())
+
+
+def rans_encode(sym: torch.Tensor, lanes: Lanes, lengths: torch.Tensor, center: torch.Tensor, alpha: torch.Tensor,
+                tab_off: torch.Tensor, enc_tab: torch.Tensor, nmax: int, interpret: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes every stream; returns (words uint16 [total], counts int32 [S]) on sym's device."""
+    s_count = lengths.numel()
+    dev = sym.device
+    scratch = torch.empty(s_count * (nmax + 2), dtype=torch.uint16, device=dev)
+    counts = torch.zeros(s_count, dtype=torch.int32, device=dev)
+    if s_count:
+        block = _block(lanes.n, 4096 if interpret else 128)
+        grid = (triton.cdiv(lanes.n, block),)
+        _rans_encode_kernel[grid](sym, lanes.lane_base, lanes.lane_stream, lengths, center, alpha, tab_off, enc_tab,
+                                  scratch, counts, lanes.n, lanes.sym_step, NMAX=nmax, BLOCK=block)
+    return compact(scratch, counts, nmax, interpret), counts
+
+
+def compact(scratch: torch.Tensor, counts: torch.Tensor, nmax: int, interpret: bool = False) -> torch.Tensor:
+    s_count = counts.numel()
+    if s_count == 0:
+        return torch.empty(0, dtype=torch.uint16, device=scratch.device)
+    ends = torch.cumsum(counts.to(torch.int64), 0)
+    offsets = ends - counts
+    total = int(ends[-1])
+    out = torch.empty(total, dtype=torch.uint16, device=scratch.device)
+    wblock = triton.next_power_of_2(nmax + 2)
+    rows = max(1, min(64 if interpret else 4, 8192 // wblock * (16 if interpret else 1)))
+    _compact_kernel[(triton.cdiv(s_count, rows),)](scratch, counts, offsets, out, s_count,
+                                                  NMAX=nmax, ROWS=rows, WBLOCK=wblock)
+    return out
+
+
+def rans_decode(words: torch.Tensor, counts: torch.Tensor, out: torch.Tensor, lanes: Lanes, lengths: torch.Tensor,
+                center: torch.Tensor, alpha: torch.Tensor, dtab_off: torch.Tensor, dec_tab: torch.Tensor, nmax: int,
+                interpret: bool = False) -> torch.Tensor:
+    """Decodes into out (uint8, lane addressing as in encode); returns status int8 [S] (1 = stream valid)."""
+    s_count = lengths.numel()
+    status = torch.zeros(s_count, dtype=torch.int8, device=out.device)
+    if s_count:
+        offsets = torch.cumsum(counts.to(torch.int64), 0) - counts.to(torch.int64)
+        block = _block(lanes.n, 4096 if interpret else 128)
+        grid = (triton.cdiv(lanes.n, block),)
+        _rans_decode_kernel[grid](words, offsets, counts, out, lanes.lane_base, lanes.lane_stream, lengths, center,
+                                  alpha, dtab_off, dec_tab, status, lanes.n, lanes.sym_step, NMAX=nmax, BLOCK=block)
+    return status
+
+
+def stream_stats(sym: torch.Tensor | None, lanes: Lanes, lengths: torch.Tensor, alpha: torch.Tensor,
+                 cost_off: torch.Tensor, cost_tab: torch.Tensor, n_tables: int, nmax: int, bpad: int,
+                 hist: torch.Tensor | None = None, write_hist: bool = False, choose: bool = True,
+                 interpret: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Histogram (into hist [S, 256] when write_hist) and/or (centre, table) uint8 [S] per stream.
+
+    With sym None the histogram is read from hist instead of counted.
+    """
+    s_count = lengths.numel()
+    dev = lengths.device
+    center = torch.zeros(s_count, dtype=torch.uint8, device=dev)
+    table = torch.zeros(s_count, dtype=torch.uint8, device=dev)
+    if s_count:
+        block = _block(lanes.n, 2048 if interpret else max(1, 2048 // bpad))
+        grid = (triton.cdiv(lanes.n, block),)
+        dummy = center
+        _stats_kernel[grid](sym if sym is not None else dummy, lanes.lane_base, lanes.lane_stream, lengths, alpha,
+                            cost_off, cost_tab, hist if hist is not None else dummy, center, table, lanes.n,
+                            lanes.sym_step, NMAX=nmax, BLOCK=block, BPAD=bpad, NT=n_tables,
+                            FROM_HIST=sym is None, WRITE_HIST=write_hist, CHOOSE=choose)
+    return center, table
