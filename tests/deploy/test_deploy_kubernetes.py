@@ -299,3 +299,23 @@ def test_job_annotations_match_the_service_monitors(overlay, monitoring) -> None
     _, res = overlay
     jobs = {w["spec"]["template"]["metadata"]["annotations"]["kvmesh.io/job"] for w in workloads(res)}
     assert jobs == {m["metadata"]["name"] for k, m in monitoring.items() if k[0] == "ServiceMonitor"}
+
+
+def test_engine_config_as_the_real_agent_reads_it_in_a_pod(overlay, tmp_path: Path) -> None:
+    from kvmesh.instance_agent.config import load_config
+
+    _, res = overlay
+    engine = res[("StatefulSet", "kvmesh-engine")]
+    (c,) = pod_containers(engine)
+    path = Path(next(e["value"] for e in c["env"] if e["name"] == "LMCACHE_CONFIG_FILE"))
+    (tmp_path / path.name).write_text(res[("ConfigMap", "kvmesh-lmcache")]["data"][path.name])
+    # What the kubelet puts in the environment of pod kvmesh-engine-1 at 10.1.2.3.
+    downward = {"metadata.name": "kvmesh-engine-1", "status.podIP": "10.1.2.3"}
+    env = {e["name"]: e["value"] if "value" in e else downward[e["valueFrom"]["fieldRef"]["fieldPath"]]
+           for e in c["env"] if "value" in e or "fieldRef" in e.get("valueFrom", {})}
+    env["LMCACHE_CONFIG_FILE"] = str(tmp_path / path.name)
+    config = load_config(env=env)
+    assert config.lmcache_instance_id == "kvmesh-engine-1"
+    assert config.p2p_host == "10.1.2.3" and config.host == "10.1.2.3"
+    assert config.controller_pull_url == "kvmesh-controller:9001" and config.enable_controller
+    assert config.worker_port(0) == 8001
