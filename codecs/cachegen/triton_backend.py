@@ -30,23 +30,17 @@ class _Tables:
         enc, dec, cost = [], [], []
         self.enc_off, self.dec_off, self.cost_off = {}, {}, {}
         e_pos = d_pos = c_pos = 0
-        slots = np.arange(rans.M, dtype=np.int64)
         for b in alphabets:
             t = alphabet_tables(b)
-            f = t.freq.astype(np.int64)
-            c = t.cum[:, :b].astype(np.int64)
-            enc.append((f | (c << 13)).ravel())
-            sym = t.slot_to_symbol.astype(np.int64)
-            fs = np.take_along_axis(f, sym, axis=1)
-            bias = slots[None, :] - np.take_along_axis(c, sym, axis=1)
-            dec.append((sym | ((fs - 1) << 8) | (bias << 20)).ravel())
+            enc.append(tr.pack_encode_table(t.freq, t.cum))
+            dec.append(tr.pack_decode_table(t.freq, t.cum, t.slot_to_symbol))
             cost.append(t.cost.astype(np.int64).ravel())
             self.enc_off[b], self.dec_off[b], self.cost_off[b] = e_pos, d_pos, c_pos
-            e_pos += f.size
-            d_pos += sym.size
+            e_pos += t.freq.size
+            d_pos += t.slot_to_symbol.size
             c_pos += t.cost.size
-        self.enc = torch.from_numpy(np.concatenate(enc).astype(np.int32)).to(device)
-        self.dec = torch.from_numpy(np.concatenate(dec).astype(np.uint32).view(np.int32)).to(device)
+        self.enc = torch.from_numpy(np.concatenate(enc)).to(device)
+        self.dec = torch.from_numpy(np.concatenate(dec)).to(device)
         if max(int(c.max()) for c in cost) * 256 >= 2**31:
             raise CodecError("cost table too large for the int32 cost sums of the Triton kernels")
         self.cost = torch.from_numpy(np.concatenate(cost).astype(np.int32)).to(device)

@@ -17,6 +17,7 @@ order), then ``compact`` packs the rows by the prefix sum of the word counts.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -166,6 +167,20 @@ def _stats_kernel(sym_ptr, lane_base_ptr, lane_stream_ptr, len_ptr, alpha_ptr, c
 
 
 # ---- host side ------------------------------------------------------------------------------------
+
+def pack_encode_table(freq: np.ndarray, cum: np.ndarray) -> np.ndarray:
+    """int32 [NT * A]: f | c << 13 per (table, symbol)."""
+    a = freq.shape[1]
+    return (freq.astype(np.int64) | (cum[:, :a].astype(np.int64) << 13)).astype(np.int32).ravel()
+
+
+def pack_decode_table(freq: np.ndarray, cum: np.ndarray, slot_to_symbol: np.ndarray) -> np.ndarray:
+    """int32 [NT * 4096] holding uint32 bits: sym | (f - 1) << 8 | (slot - c) << 20 per (table, slot)."""
+    sym = slot_to_symbol.astype(np.int64)
+    f = np.take_along_axis(freq.astype(np.int64), sym, axis=1)
+    bias = np.arange(sym.shape[1], dtype=np.int64)[None, :] - np.take_along_axis(cum.astype(np.int64), sym, axis=1)
+    return (sym | ((f - 1) << 8) | (bias << 20)).astype(np.uint32).view(np.int32).ravel()
+
 
 def _block(n_lanes: int, cap: int) -> int:
     """Lanes per program: large blocks keep the interpreter's per-op cost down; capped for registers."""

@@ -1,0 +1,243 @@
+"""Each Triton kernel against its CPU reference, exact equality, over odd shapes.
+
+On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set here only while the kernel
+module is imported, since Triton decides at decoration time); with a CUDA GPU they run on it.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kvmesh.codecs import CodecError
+from kvmesh.codecs.cachegen import rans
+from kvmesh.codecs.cachegen.backends import CpuBackend
+from kvmesh.codecs.cachegen.layout import stream_layout, to_streams
+from kvmesh.codecs.cachegen.tables import alphabet_tables
+
+
+def load_kernels():
+    """(triton_rans module, triton_backend module, device); interpreted on a CPU-only machine.
+
+    Triton decides between compiling and interpreting when a function is decorated, including its own
+    library functions (tl.sum, tl.cumsum) decorated when triton is first imported: so the variable must
+    be set before triton is imported anywhere in this process.
+    """
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.importorskip("triton", reason="triton is not installed")
+        from kvmesh.codecs.cachegen import triton_backend, triton_rans
+        return triton_rans, triton_backend, torch.device("cuda")
+    already = "triton" in sys.modules
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pytest.importorskip("triton", reason="triton is not installed")
+        from triton.language import standard
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if already and not isinstance(standard._sum_combine, InterpretedFunction):
+            pytest.skip("triton was imported in this process before TRITON_INTERPRET=1 could be set and there is "
+                        "no GPU; run `TRITON_INTERPRET=1 pytest tests/codecs/test_triton_*.py`", allow_module_level=True)
+        from kvmesh.codecs.cachegen import triton_backend, triton_rans
+        if not isinstance(triton_rans._rans_encode_kernel, InterpretedFunction):
+            importlib.reload(triton_rans)  # imported earlier while the variable was unset
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    return triton_rans, triton_backend, torch.device("cpu")
+
+
+tr, tb, DEVICE = load_kernels()
+
+
+@pytest.fixture(autouse=True)
+def interpret_env(monkeypatch):
+    """Triton also reads the variable at launch time (lazy imports), so it stays set while a test runs."""
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def backend():
+    return tb.TritonBackend(DEVICE)
+
+
+def first_mismatch(a: np.ndarray, b: np.ndarray) -> str:
+    if a.shape != b.shape:
+        return f"shapes differ: {a.shape} vs {b.shape}"
+    idx = np.argwhere(a != b)
+    return "equal" if idx.size == 0 else f"{len(idx)} mismatches, first at {tuple(idx[0])}: {a[tuple(idx[0])]} vs {b[tuple(idx[0])]}"
+
+
+def assert_same(got, want) -> None:
+    got = got.cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+    want = want.cpu().numpy() if isinstance(want, torch.Tensor) else np.asarray(want)
+    assert got.shape == want.shape and np.array_equal(got, want), first_mismatch(got, want)
+
+
+# ---- the generic coder: streams [S, n] row-major --------------------------------------------------
+
+def random_freq(rng: np.random.Generator, nt: int, a: int, power: float) -> np.ndarray:
+    w = rng.random((nt, a)) ** power
+    f = 1 + np.floor(w / w.sum(axis=1, keepdims=True) * (rans.M - a)).astype(np.int64)
+    f[np.arange(nt), rng.integers(0, a, nt)] += rans.M - f.sum(axis=1)
+    return f
+
+
+def row_lanes(s: int, n: int) -> "tr.Lanes":
+    return tr.Lanes(torch.arange(s, device=DEVICE) * n, torch.arange(s, device=DEVICE), 1)
+
+
+CASES = [  # streams, length bound, alphabet, tables, skew power
+    (1, 1, 2, 1, 1.0),
+    (77, 37, 17, 5, 4.0),
+    (130, 19, 256, 3, 8.0),
+    (33, 64, 3, 2, 12.0),
+]
+
+
+@pytest.mark.parametrize("s,n,a,nt,power", CASES)
+def test_encode_decode_match_numpy(s: int, n: int, a: int, nt: int, power: float) -> None:
+    rng = np.random.default_rng(s * 31 + a)
+    freq = random_freq(rng, nt, a, power)
+    cum, s2s = rans.build_tables(freq)
+    tidx = rng.integers(0, nt, s)
+    sym = s2s[tidx[:, None], rng.integers(0, rans.M, (s, n))].astype(np.uint8)
+    sym[: s // 3] = rng.integers(0, a, (s // 3, n))  # some streams far from their model
+    lengths = rng.integers(0, n + 1, s).astype(np.int32)
+    lengths[0] = n
+    words, counts = rans.encode(sym, lengths, tidx, freq, cum)
+
+    d = lambda a_, dt: torch.from_numpy(np.ascontiguousarray(a_)).to(DEVICE, dt)  # noqa: E731
+    lanes = row_lanes(s, n)
+    zeros = torch.zeros(s, dtype=torch.uint8, device=DEVICE)
+    alpha = torch.full((s,), a, dtype=torch.int32, device=DEVICE)
+    enc = d(tr.pack_encode_table(freq, cum), torch.int32)
+    dec = d(tr.pack_decode_table(freq, cum, s2s), torch.int32)
+    w_gpu, c_gpu = tr.rans_encode(d(sym, torch.uint8), lanes, d(lengths, torch.int32), zeros, alpha,
+                                  d(tidx * a, torch.int32), enc, n, interpret=DEVICE.type == "cpu")
+    assert_same(c_gpu, counts)
+    assert_same(w_gpu, words)
+
+    out = torch.zeros(s * n, dtype=torch.uint8, device=DEVICE)
+    status = tr.rans_decode(d(words, torch.uint16), d(counts, torch.int32), out, lanes, d(lengths, torch.int32),
+                            zeros, alpha, d(tidx * rans.M, torch.int32), dec, n, interpret=DEVICE.type == "cpu")
+    assert bool((status == 1).all())
+    want = np.where(np.arange(n)[None, :] < lengths[:, None], sym, 0)
+    got = out.cpu().numpy().reshape(s, n)
+    assert_same(np.where(np.arange(n)[None, :] < lengths[:, None], got, 0), want)
+
+    # A flipped bit fails its stream's check, exactly like the numpy decoder raises.
+    k = int(np.argmax(counts))
+    start = int(counts[:k].sum())
+    bad = words.copy()
+    bad[start + int(counts[k]) // 2] ^= 0x0100
+    with pytest.raises(CodecError):
+        rans.decode(bad, counts, lengths, tidx, freq, cum, s2s, n)
+    status = tr.rans_decode(d(bad, torch.uint16), d(counts, torch.int32), out, lanes, d(lengths, torch.int32),
+                            zeros, alpha, d(tidx * rans.M, torch.int32), dec, n, interpret=DEVICE.type == "cpu")
+    assert int(status[k]) == 0
+    assert int(status.sum()) == s - 1
+
+
+# ---- the cachegen layout: statistics and coding through the backend ----------------------------------
+
+LAYOUTS = [  # layers, tokens, channels, key levels, value levels
+    (1, 1, 1, [16], [17]),
+    (2, 37, 7, [33, 16], [17, 32]),
+    (3, 13, 24, [129, 65, 64], [128, 2, 3]),
+]
+
+
+def make_q(rng: np.random.Generator, layers: int, tokens: int, channels: int, levels: np.ndarray) -> torch.Tensor:
+    lv = torch.from_numpy(levels).view(2, layers, 1, 1)
+    centre = torch.from_numpy(rng.integers(0, 1 << 20, (2, layers, 1, channels)))
+    spread = torch.from_numpy(rng.integers(0, 4, (2, layers, 1, channels)))
+    noise = torch.from_numpy(rng.integers(-3, 4, (2, layers, tokens, channels)))
+    q = (centre % lv + noise * spread) % lv
+    q[:, :, :, 0] = 0  # a constant channel
+    return q.to(torch.uint8)
+
+
+@pytest.mark.parametrize("layers,tokens,channels,kl,vl", LAYOUTS)
+def test_stats_and_coding_match_cpu_backend(backend, layers, tokens, channels, kl, vl) -> None:
+    rng = np.random.default_rng(tokens)
+    levels = np.array([kl, vl], dtype=np.int64)
+    layout = stream_layout(layers, tokens, channels, levels)
+    q = make_q(rng, layers, tokens, channels, levels)
+    cpu = CpuBackend()
+
+    hist = cpu.histogram(q, layout)
+    assert_same(backend.histogram(q.to(DEVICE), layout).to(torch.int64), hist)
+    center, table = cpu.choose_tables(hist, layout)
+    c2, t2 = backend.choose_tables(hist, layout)
+    assert_same(c2, center)
+    assert_same(t2, table)
+    c3, t3 = backend.stats(q.to(DEVICE), layout)
+    assert_same(c3, center)
+    assert_same(t3, table)
+
+    words, counts = cpu.rans_encode(q, center, table, layout)
+    w2, n2 = backend.rans_encode(q.to(DEVICE), center, table, layout)
+    assert_same(n2, counts)
+    assert_same(w2, words)
+    assert_same(backend.rans_decode(words, counts, center, table, layout), q)
+    assert_same(cpu.rans_decode(w2, n2, center, table, layout), q)
+
+
+def test_choose_tables_ties_go_to_lowest_index(backend) -> None:
+    """A stream whose residuals are all 0 costs the same under every table whose symbol-0 cost ties;
+    both paths must then pick the lowest such index."""
+    levels = np.array([[2], [2]], dtype=np.int64)
+    layout = stream_layout(1, 5, 3, levels)
+    q = torch.zeros(2, 1, 5, 3, dtype=torch.uint8)
+    cost = alphabet_tables(2).cost
+    hist = CpuBackend().histogram(q, layout)
+    center, table = CpuBackend().choose_tables(hist, layout)
+    c2, t2 = backend.choose_tables(hist, layout)
+    assert_same(t2, table)
+    assert_same(c2, center)
+    best = cost[:, 0].min()
+    assert int(table[0]) == int(np.flatnonzero(cost[:, 0] == best)[0])
+
+
+def test_multi_segment_stream_layout(backend) -> None:
+    """Chunks longer than one segment: the last segment is short, lanes map across segments."""
+    rng = np.random.default_rng(7)
+    levels = np.array([[16], [17]], dtype=np.int64)
+    layout = stream_layout(1, 259, 3, levels)
+    q = make_q(rng, 1, 259, 3, levels)
+    cpu = CpuBackend()
+    center, table = cpu.choose_tables(cpu.histogram(q, layout), layout)
+    c2, t2 = backend.stats(q.to(DEVICE), layout)
+    assert_same(c2, center)
+    assert_same(t2, table)
+    words, counts = cpu.rans_encode(q, center, table, layout)
+    w2, n2 = backend.rans_encode(q.to(DEVICE), center, table, layout)
+    assert_same(w2, words)
+    assert_same(n2, counts)
+    assert_same(backend.rans_decode(words, counts, center, table, layout), q)
+    streams = to_streams(q, layout.nseg)
+    assert streams.shape[0] == layout.num_streams
+
+
+def test_decode_rejects_bad_counts(backend) -> None:
+    levels = np.array([[16], [16]], dtype=np.int64)
+    layout = stream_layout(1, 9, 4, levels)
+    q = make_q(np.random.default_rng(1), 1, 9, 4, levels)
+    cpu = CpuBackend()
+    center, table = cpu.choose_tables(cpu.histogram(q, layout), layout)
+    words, counts = cpu.rans_encode(q, center, table, layout)
+    short = counts.copy()
+    short[0] = 1
+    short[1] += counts[0] - 1
+    with pytest.raises(CodecError):
+        backend.rans_decode(words, short, center, table, layout)
+    with pytest.raises(CodecError):
+        backend.rans_decode(words[:-1], counts, center, table, layout)
