@@ -1,0 +1,74 @@
+"""The whole cachegen codec on the Triton backend writes the CPU backend's bytes, and each decodes the other's.
+
+Interpreted on a CPU-only machine (see test_triton_kernels.load_kernels), on the GPU when present.
+bf16 is checked only on a GPU: Triton's interpreter gets bf16 wrong silently.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvmesh.codecs import CodecError, get_codec
+from tests.codecs.conftest import bits, kv_like
+from tests.codecs.test_triton_kernels import DEVICE, load_kernels
+
+load_kernels()
+
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+
+
+@pytest.fixture(autouse=True)
+def interpret_env(monkeypatch):
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def codecs(method: str):
+    return get_codec(method, backend="cpu"), get_codec(method, backend="triton")
+
+
+def check_same(kv: torch.Tensor, method: str) -> bytes:
+    cpu, tri = codecs(method)
+    want = cpu.encode(kv)
+    got = tri.encode(kv.to(DEVICE))
+    assert got == want, f"{method} {tuple(kv.shape)} {kv.dtype}: Triton bytes differ from CPU bytes " \
+                        f"({len(got)} vs {len(want)} bytes, first difference at byte " \
+                        f"{next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))})"
+    ref = cpu.decode(want)
+    back = tri.decode(want)
+    assert back.device.type == DEVICE.type and back.dtype == kv.dtype and back.shape == kv.shape
+    assert torch.equal(bits(back.cpu()), bits(ref)), "Triton decode differs from CPU decode"
+    return want
+
+
+@pytest.mark.parametrize("method", ["cachegen", "cachegen-hq"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 37, 24), (3, 5, 7)])
+def test_bytes_identical(method: str, shape: tuple[int, int, int]) -> None:
+    for dtype in DTYPES:
+        check_same(kv_like(*shape, dtype=dtype, seed=sum(shape)), method)
+
+
+def test_bytes_identical_multi_segment() -> None:
+    """More tokens than one 256-token segment: two segments, the second 3 tokens long."""
+    check_same(kv_like(1, 259, 6, dtype=torch.float16, seed=3), "cachegen")
+
+
+def test_constant_and_zero_channels() -> None:
+    kv = kv_like(2, 19, 10, dtype=torch.float32, seed=4)
+    kv[:, :, :, 0] = 0.0
+    kv[0, :, :, 3] = 1.5
+    kv[1, 1] = 0.0  # an all-zero layer of V: symmetric scale 0
+    check_same(kv, "cachegen")
+    check_same(kv, "cachegen-hq")
+
+
+def test_triton_decode_rejects_corruption() -> None:
+    cpu, tri = codecs("cachegen")
+    blob = bytearray(cpu.encode(kv_like(2, 21, 9, seed=5)))
+    for pos in (len(blob) // 2, len(blob) - 3):
+        bad = bytearray(blob)
+        bad[pos] ^= 0x10
+        with pytest.raises(CodecError):
+            tri.decode(bytes(bad))
+    with pytest.raises(CodecError):
+        tri.decode(bytes(blob[:-5]))
