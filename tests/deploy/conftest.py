@@ -1,19 +1,12 @@
-"""A real mesh for the deploy tests: ``kvmesh-controller`` and ``kvmesh-agent`` as processes started
-through the images' entrypoint (deploy/docker/entrypoint.sh), raw KV put into the agent, one compress
-through the controller's HTTP gateway; and a real Prometheus server scraping it with
-deploy/prometheus's config and rules. Shared by the Prometheus and Grafana tests (one of each per
-session: the machine is small)."""
+"""Session fixtures of the deploy tests: a real mesh (``kvmesh-controller`` and ``kvmesh-agent`` as
+processes started through the images' entrypoint, deploy/docker/entrypoint.sh; raw KV put into the
+agent; one compress through the controller's HTTP gateway) and a real Prometheus server scraping it
+with deploy/prometheus's config and rules. One of each per session: the machine is small."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -23,58 +16,11 @@ import yaml
 from kvmesh.api.agent.v1 import agent_pb2, agent_pb2_grpc
 from kvmesh.api.common.v1 import common_pb2
 from tests.deploy.deploy_support import DEPLOY, tool
+from tests.deploy.mesh import (CHUNK_SIZE, DEADLINE_S, INSTANCE_ID, KV_SHAPE, LOCATION, METHOD, NUM_CHUNKS,
+                               NUM_TOKENS, Mesh, Prometheus, http_json, poll, prometheus_config)
 from tests.support import VENV_BIN, free_port, running, wait_grpc_healthy, wait_http_ok
 
-INSTANCE_ID = "deploy-test-instance"
-LOCATION = "LocalCPUBackend"
-METHOD = "int8"  # a fixed-rate codec: the ratio over fp16 is known to exceed 1
-CHUNK_SIZE = 16
-NUM_TOKENS = 40  # two full chunks and a partial one
-NUM_CHUNKS = 3
-KV_SHAPE = (2, 2, NUM_TOKENS, 64)  # [K/V, layers, tokens, channels]
-DEADLINE_S = 60.0
-
-
-@dataclass
-class Mesh:
-    """Where the running controller and agent listen, and what the compress did."""
-
-    http_port: int
-    grpc_port: int
-    agent_port: int
-    agent_metrics_port: int
-    tmp: Path
-    env: dict[str, str]
-    event: dict
-    tokens: list[int]
-
-    def scrape(self, port: int) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-            return resp.read().decode()
-
-
-def http_json(method: str, url: str, body: dict | None = None) -> dict:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read())
-
-
-def poll(what: str, check, deadline_s: float = DEADLINE_S, proc_logs: list[Path] = ()):  # noqa: ANN001
-    """Call ``check`` until it returns something truthy, or fail with the last value and the logs."""
-    deadline = time.monotonic() + deadline_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except Exception as err:  # noqa: BLE001 - not there yet
-            last = err
-        else:
-            if last:
-                return last
-        time.sleep(0.2)
-    logs = "\n".join(f"--- {p.name}:\n{p.read_text()[-3000:]}" for p in proc_logs if p.exists())
-    pytest.fail(f"{what}: not after {deadline_s}s (last: {last!r})\n{logs}")
+ENDED = ("COMPLETED", "FAILED", "CANCELLED")
 
 
 @pytest.fixture(scope="session")
@@ -104,9 +50,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         wait_grpc_healthy(f"127.0.0.1:{agent_port}", timeout=DEADLINE_S)
         wait_http_ok(f"http://127.0.0.1:{metrics_port}/metrics", timeout=DEADLINE_S, proc=agent)
         gateway = f"http://127.0.0.1:{http_port}"
-        poll("the agent registers with the controller", lambda: [
-            w for w in http_json("POST", f"{gateway}/query_worker_info", {"instance_id": "all"})
-            .get("worker_infos", []) if w["instance_id"] == INSTANCE_ID], proc_logs=logs)
+
+        def registered() -> list[dict]:
+            infos = http_json("POST", f"{gateway}/query_worker_info", {"instance_id": "all"}).get("worker_infos", [])
+            return [w for w in infos if w["instance_id"] == INSTANCE_ID]
+
+        poll("the agent registers with the controller", registered, proc_logs=logs)
 
         # Raw KV in, through the agent's own API (as an engine's connector does).
         tokens = list(range(1000, 1000 + NUM_TOKENS))
@@ -116,56 +65,25 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                 location=LOCATION, tokens=tokens,
                 kv=common_pb2.Tensor(dtype="float16", shape=list(KV_SHAPE), data=kv.tobytes())), timeout=30)
         assert put.chunks_stored == NUM_CHUNKS and put.num_tokens == NUM_TOKENS, put
+
         # The controller learns the chunks from the agent's admit reports: compress once it sees them.
-        poll("the controller's index holds the chunks", lambda: [
-            m for m in http_json("POST", f"{gateway}/lookup", {"tokens": tokens}).get("matches", [])
-            if m["instance_id"] == INSTANCE_ID and m["location"] == LOCATION
-            and m["num_tokens"] == NUM_TOKENS], proc_logs=logs)
+        def indexed() -> list[dict]:
+            matches = http_json("POST", f"{gateway}/lookup", {"tokens": tokens}).get("matches", [])
+            return [m for m in matches if m["instance_id"] == INSTANCE_ID and m["location"] == LOCATION
+                    and m["num_tokens"] == NUM_TOKENS]
+
+        poll("the controller's index holds the chunks", indexed, proc_logs=logs)
         answer = http_json("POST", f"{gateway}/compress", {"instance_id": INSTANCE_ID, "method": METHOD,
                                                           "location": LOCATION, "tokens": tokens})
         assert answer["num_tokens"] == NUM_TOKENS, answer
-        event = poll("the compress event ends", lambda: (lambda e: e if e.get("status") in (
-            "COMPLETED", "FAILED", "CANCELLED") else None)(
-            http_json("GET", f"{gateway}/events/{answer['event_id']}")["event"]), proc_logs=logs)
+
+        def ended() -> dict | None:
+            event = http_json("GET", f"{gateway}/events/{answer['event_id']}")["event"]
+            return event if event.get("status") in ENDED else None
+
+        event = poll("the compress event ends", ended, proc_logs=logs)
         assert event["status"] == "COMPLETED", event
         yield Mesh(http_port, grpc_port, agent_port, metrics_port, tmp, env, event, tokens)
-
-
-@dataclass
-class Prometheus:
-    """A real Prometheus server on loopback, scraping the mesh with deploy/prometheus's config."""
-
-    url: str
-    config: dict
-
-    def query(self, expr: str) -> list[dict]:
-        q = urllib.parse.urlencode({"query": expr})
-        answer = http_json("GET", f"{self.url}/api/v1/query?{q}")
-        if answer.get("status") != "success":
-            raise AssertionError(f"query {expr!r} failed: {answer}")
-        return answer["data"]["result"]
-
-    def value(self, expr: str) -> float | None:
-        """The single value of ``expr`` now (None when it has no series yet)."""
-        result = self.query(expr)
-        if not result:
-            return None
-        assert len(result) == 1, f"{expr!r} gave {len(result)} series: {result}"
-        return float(result[0]["value"][1])
-
-
-def prometheus_config(targets: dict[str, list[str]], rules: Path) -> dict:
-    """deploy/prometheus/prometheus.yml pointed at ``targets`` (job -> host:port), scraping every
-    second; jobs not in ``targets`` are dropped."""
-    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
-    config["rule_files"] = [str(rules)]
-    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    missing = set(targets) - set(jobs)
-    assert not missing, f"prometheus.yml has no job {missing}"
-    config["scrape_configs"] = [{**jobs[name], "static_configs": [{"targets": hosts}]}
-                                for name, hosts in targets.items()]
-    return config
 
 
 @pytest.fixture(scope="session")

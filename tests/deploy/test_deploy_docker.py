@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import Mesh
+from tests.deploy.mesh import Mesh
 from tests.deploy.deploy_support import DEPLOY, REPO, tool
 from tests.support import free_port
 

@@ -8,7 +8,7 @@ import re
 import pytest
 import yaml
 
-from tests.deploy.conftest import Mesh, Prometheus, poll
+from tests.deploy.mesh import Mesh, Prometheus, poll
 from tests.deploy.deploy_support import DEPLOY
 from tests.deploy.promql import Exported, metric_names, problems
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.deploy.conftest import (INSTANCE_ID, LOCATION, METHOD, NUM_CHUNKS, Mesh, Prometheus,
+from tests.deploy.mesh import (INSTANCE_ID, LOCATION, METHOD, NUM_CHUNKS, Mesh, Prometheus,
                                    http_json, poll)
 from tests.deploy.deploy_support import DEPLOY, tool
 from tests.deploy.promql import Exported, problems

@@ -1,0 +1,109 @@
+"""What the deploy tests know of the running mesh and Prometheus (started by conftest.py's
+fixtures), and the small HTTP and polling helpers they use."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import yaml
+
+from tests.deploy.deploy_support import DEPLOY
+
+T = TypeVar("T")
+
+INSTANCE_ID = "deploy-test-instance"
+LOCATION = "LocalCPUBackend"
+METHOD = "int8"  # a fixed-rate codec: the ratio over fp16 is known to exceed 1
+CHUNK_SIZE = 16
+NUM_TOKENS = 40  # two full chunks and a partial one
+NUM_CHUNKS = 3
+KV_SHAPE = (2, 2, NUM_TOKENS, 64)  # [K/V, layers, tokens, channels]
+DEADLINE_S = 60.0
+
+
+@dataclass
+class Mesh:
+    """Where the running controller and agent listen, and what the compress did."""
+
+    http_port: int
+    grpc_port: int
+    agent_port: int
+    agent_metrics_port: int
+    tmp: Path
+    env: dict[str, str]
+    event: dict
+    tokens: list[int]
+
+    def scrape(self, port: int) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            return resp.read().decode()
+
+
+def http_json(method: str, url: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def poll(what: str, check: Callable[[], T], deadline_s: float = DEADLINE_S, proc_logs: Sequence[Path] = ()) -> T:
+    """Call ``check`` until it returns something truthy, or fail with the last value and the logs."""
+    deadline = time.monotonic() + deadline_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as err:  # noqa: BLE001 - not there yet
+            last = err
+        else:
+            if last:
+                return last
+        time.sleep(0.2)
+    logs = "\n".join(f"--- {p.name}:\n{p.read_text()[-3000:]}" for p in proc_logs if p.exists())
+    pytest.fail(f"{what}: not after {deadline_s}s (last: {last!r})\n{logs}")
+
+
+@dataclass
+class Prometheus:
+    """A real Prometheus server on loopback, scraping the mesh with deploy/prometheus's config."""
+
+    url: str
+    config: dict
+
+    def query(self, expr: str) -> list[dict]:
+        q = urllib.parse.urlencode({"query": expr})
+        answer = http_json("GET", f"{self.url}/api/v1/query?{q}")
+        if answer.get("status") != "success":
+            raise AssertionError(f"query {expr!r} failed: {answer}")
+        return answer["data"]["result"]
+
+    def value(self, expr: str) -> float | None:
+        """The single value of ``expr`` now (None when it has no series yet)."""
+        result = self.query(expr)
+        if not result:
+            return None
+        assert len(result) == 1, f"{expr!r} gave {len(result)} series: {result}"
+        return float(result[0]["value"][1])
+
+
+def prometheus_config(targets: dict[str, list[str]], rules: Path) -> dict:
+    """deploy/prometheus/prometheus.yml pointed at ``targets`` (job -> host:port), scraping every
+    second; jobs not in ``targets`` are dropped."""
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(rules)]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    missing = set(targets) - set(jobs)
+    assert not missing, f"prometheus.yml has no job {missing}"
+    config["scrape_configs"] = [{**jobs[name], "static_configs": [{"targets": hosts}]}
+                                for name, hosts in targets.items()]
+    return config
+
+
