@@ -15,14 +15,14 @@ import logging
 import signal
 import sys
 import time
+from typing import Any
 
-import torch
 from prometheus_client import CollectorRegistry
 
 logger = logging.getLogger("kvmesh.engine")
 
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names (torch loads only once the config is good)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,26 +46,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def _serve(args: argparse.Namespace) -> int:
-    # Imported here so that `kvmesh-serve --help` answers without loading torch's model stack.
+async def _serve(args: argparse.Namespace, config: Any) -> int:
+    # Imported here so that `--help` and a bad config answer without loading torch's model stack.
+    import torch
+
     from kvmesh.controller.httpd import HttpServer
     from kvmesh.engine.completion import CompletionRunner
     from kvmesh.engine.metrics import EngineMetrics
     from kvmesh.engine.model import converted_dir, load_model
     from kvmesh.engine.openai_api import EngineAPI
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    model, tokenizer = await asyncio.to_thread(load_model, _DTYPES[args.dtype])
+    model, tokenizer = await asyncio.to_thread(load_model, getattr(torch, args.dtype))
     logger.info("model loaded in %.1fs", time.perf_counter() - started)
     max_len = args.max_model_len or int(getattr(model.config, "max_position_embeddings", 2048))
 
     agent = None
     registries: list[CollectorRegistry] = []
-    if not args.no_kv_cache:
+    if config is not None:
         from kvmesh.instance_agent.agent import EmbeddedAgent
-        from kvmesh.instance_agent.config import load_config
 
-        config = load_config(args.config)
         # metrics_port=-1: the agent's metrics are served on the engine's /metrics, not a port of their own.
         agent = EmbeddedAgent(config, worker_id=0, metrics_port=-1)
         await asyncio.to_thread(agent.start)
@@ -75,7 +77,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
     engine_registry = CollectorRegistry()
     registries.insert(0, engine_registry)
-    runner = CompletionRunner(model, tokenizer, agent, kv_dtype=_DTYPES[args.kv_dtype], max_model_len=max_len)
+    runner = CompletionRunner(model, tokenizer, agent, kv_dtype=getattr(torch, args.kv_dtype), max_model_len=max_len)
     api = EngineAPI(runner, served_model_name=args.served_model_name, model_root=str(converted_dir()),
                     registries=registries, metrics=EngineMetrics(engine_registry))
     server = HttpServer(api.handle, args.host, args.port)
@@ -102,11 +104,17 @@ async def _serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from kvmesh.errors import KVMeshError
+
+    config = None
     try:
-        return asyncio.run(_serve(args))
-    except OSError as err:  # e.g. the port is taken: say so plainly, no traceback
+        if not args.no_kv_cache:
+            from kvmesh.instance_agent.config import load_config
+
+            # Before any model work: a bad config fails at once, not after the model load.
+            config = load_config(args.config)
+        return asyncio.run(_serve(args, config))
+    except (OSError, KVMeshError) as err:  # a bad config, a port taken: say so plainly
         logger.error("kvmesh-serve could not start: %s", err)
         return 1
 
