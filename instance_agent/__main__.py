@@ -10,8 +10,7 @@ import sys
 
 from kvmesh.errors import KVMeshError
 
-from .agent import InstanceAgent
-from .config import load_config
+from .config import AgentConfig, load_config
 
 logger = logging.getLogger("kvmesh.instance_agent")
 
@@ -27,8 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _serve(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+async def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
+    from .agent import InstanceAgent  # torch and the codecs load only once the config is known good
+
     agent = InstanceAgent(config, args.worker_id, host=args.host, metrics_port=args.metrics_port)
     await agent.start()
     # One line on stdout that scripts can wait for; the rest goes to the log on stderr.
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return asyncio.run(_serve(args))
+        config = load_config(args.config)
+        return asyncio.run(_serve(args, config))
     except KVMeshError as err:
         logger.error("cannot start: %s", err.message)
         return 2

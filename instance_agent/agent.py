@@ -75,7 +75,7 @@ class InstanceAgent:
         self.config = config
         self.worker_id = worker_id
         self.host = host or config.host
-        self._grpc_port_wanted = config.worker_port(worker_id)
+        self.grpc_port_wanted = config.worker_port(worker_id)
         if metrics_port is None:
             extra = config.extra_config.get("metrics_port")
             self._metrics_port_wanted = int(extra) if extra is not None else DEFAULT_METRICS_PORT + worker_id
@@ -101,6 +101,14 @@ class InstanceAgent:
     # Lifecycle
     async def start(self) -> None:
         """Open the locations, serve gRPC and /metrics, and connect to the controller if enabled."""
+        try:
+            await self._start()
+        except BaseException:
+            # Leave nothing half-open (a bound port, a metrics thread) behind a failed start.
+            await self.stop(grace=0)
+            raise
+
+    async def _start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.locations = await asyncio.to_thread(self._open_locations)
         for backend in self.locations.values():

@@ -39,6 +39,8 @@ class ControllerLink:
         # A deadline shorter than the heartbeat keeps one slow call from delaying the next beat much.
         self.call_timeout_s = max(1.0, min(5.0, self.heartbeat_s))
         self.registered = False
+        # True from the index snapshot of a registration on: events from then on are queued.
+        self._collecting = False
         self.registrations = 0
         self._pending: list[controller_pb2.KVEvent] = []
         self._wake = asyncio.Event()
@@ -51,8 +53,8 @@ class ControllerLink:
 
     def enqueue(self, kind: str, location: str, key: str, token_end: int) -> None:
         """Queue a storage event for the controller (on the agent's loop)."""
-        if not self.registered:
-            return  # the full resync after registering will carry it
+        if not self._collecting:
+            return  # the full resync of the next registration will carry it
         etype = controller_pb2.ADMIT if kind == ADMIT else controller_pb2.EVICT
         self._pending.append(controller_pb2.KVEvent(type=etype, location=location, chunk_key=key, token_end=token_end))
         self._wake.set()
@@ -78,6 +80,8 @@ class ControllerLink:
 
     def _set_registered(self, value: bool) -> None:
         self.registered = value
+        if not value:
+            self._collecting = False
         self.agent.metrics.controller_connected.set(1 if value else 0)
 
     def _registration(self) -> controller_pb2.RegisterWorkerRequest:
@@ -93,6 +97,7 @@ class ControllerLink:
         await self._stub.RegisterWorker(self._registration(), timeout=self.call_timeout_s)
         # Events queued before the snapshot are in it; those after it follow as increments.
         self._pending.clear()
+        self._collecting = True
         events = [controller_pb2.KVEvent(type=controller_pb2.ADMIT, location=loc, chunk_key=key, token_end=end)
                   for loc, key, end in a.index_snapshot()]
         await self._stub.ReportKVEvents(controller_pb2.ReportKVEventsRequest(

@@ -139,26 +139,33 @@ class InstanceAgentServicer(agent_pb2_grpc.InstanceAgentServicer):
         return self.agent.stats()
 
 
+def _bind(server: grpc.aio.Server, host: str, port: int, what: str) -> int:
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as err:  # grpc raises on a failed bind in recent versions, returns 0 in older
+        raise OSError(f"cannot bind the agent's {what} port {host}:{port}: {err}") from err
+    if bound == 0:
+        raise OSError(f"cannot bind the agent's {what} port {host}:{port} (in use?)")
+    return bound
+
+
 async def build_server(agent: InstanceAgent) -> tuple[grpc.aio.Server, int, int | None]:
     """A started server for ``agent``: (server, gRPC port, peer port or None)."""
     from .agent import GRPC_OPTIONS
 
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    # No SO_REUSEPORT: a second agent on a taken port must fail, not share its traffic.
+    server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
     agent_pb2_grpc.add_InstanceAgentServicer_to_server(InstanceAgentServicer(agent), server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     host = agent.host
-    port = server.add_insecure_port(f"{host}:{agent._grpc_port_wanted}")
-    if port == 0:
-        raise OSError(f"cannot bind the agent's gRPC port {host}:{agent._grpc_port_wanted}")
+    port = _bind(server, host, agent.grpc_port_wanted, "gRPC")
     p2p_port = None
     wanted_p2p = agent.config.p2p_port(agent.worker_id) if agent.config.enable_p2p else None
     if wanted_p2p is not None:
         # Peers reach the same service on the p2p port: ReceiveChunks is how chunks travel.
-        p2p_port = server.add_insecure_port(f"{host}:{wanted_p2p}")
-        if p2p_port == 0:
-            raise OSError(f"cannot bind the agent's peer port {host}:{wanted_p2p}")
+        p2p_port = _bind(server, host, wanted_p2p, "peer")
     await server.start()
     for name in ("", SERVICE_NAME):
         status = health_pb2.HealthCheckResponse.SERVING
