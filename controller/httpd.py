@@ -216,6 +216,10 @@ class HttpServer:
         lines.append(f"Connection: {'keep-alive' if keep_alive else 'close'}")
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         if head:
+            if response.stream is not None:
+                aclose = getattr(response.stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
             await writer.drain()
             return keep_alive
         if response.stream is None:

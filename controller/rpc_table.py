@@ -6,6 +6,7 @@ call, whichever transport it came by, is counted in ``kvmesh_requests_total`` an
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -79,7 +80,11 @@ def _instrumented(name: str, handler: Callable[[message.Message], object], strea
         metrics.request_duration_seconds.labels(rpc=name).observe(time.perf_counter() - start)
 
     def code_of(err: BaseException) -> grpc.StatusCode:
-        return err.grpc_code if isinstance(err, KVMeshError) else grpc.StatusCode.INTERNAL
+        if isinstance(err, KVMeshError):
+            return err.grpc_code
+        if isinstance(err, (asyncio.CancelledError, GeneratorExit)):
+            return grpc.StatusCode.CANCELLED
+        return grpc.StatusCode.INTERNAL
 
     if streaming:
         async def stream(request: message.Message) -> AsyncIterator[message.Message]:
@@ -88,9 +93,6 @@ def _instrumented(name: str, handler: Callable[[message.Message], object], strea
             try:
                 async for item in handler(request):  # type: ignore[attr-defined]
                     yield item
-            except GeneratorExit:
-                code = grpc.StatusCode.CANCELLED
-                raise
             except BaseException as err:
                 code = code_of(err)
                 raise

@@ -16,7 +16,8 @@ import grpc
 from kvmesh.api.agent.v1 import agent_pb2
 from kvmesh.api.common.v1 import common_pb2
 from kvmesh.api.controller.v1 import controller_pb2 as pb
-from kvmesh.errors import Conflict, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from kvmesh.errors import (Conflict, InvalidArgument, KVMeshError, NotFound, ResourceExhausted, Unavailable,
+                           from_grpc_error)
 from kvmesh.instance_agent.keys import validate_tokens
 
 from .agents import AgentPool
@@ -31,6 +32,10 @@ logger = logging.getLogger(__name__)
 HEALTH_OK = 0
 HEALTH_WORKER_ERROR = -1001
 HEALTH_DOWN = -1004
+
+# Codes by which an agent refuses a request (the caller's fault), as opposed to failing to serve it.
+_AGENT_REFUSALS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                             grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 StreamCall = Callable[[Worker], AsyncIterator[agent_pb2.ProgressResponse]]
 
@@ -97,8 +102,12 @@ class ControllerService:
         try:
             return await call(self.agents.stub(worker.target))
         except grpc.aio.AioRpcError as err:
-            raise Unavailable(f"worker {worker.worker_id} of instance {worker.instance_id!r} at {worker.target} "
-                              f"failed {rpc}: {_rpc_error_text(err)}") from None
+            message = (f"worker {worker.worker_id} of instance {worker.instance_id!r} at {worker.target} "
+                       f"failed {rpc}: {_rpc_error_text(err)}")
+            if err.code() in _AGENT_REFUSALS:
+                # The agent judged the request itself (bad tokens, a limit): pass its verdict on.
+                raise type(from_grpc_error(err))(message) from None
+            raise Unavailable(message) from None
 
     async def _held_prefix(self, workers: Sequence[Worker], location: str, tokens: list[int]) -> dict[int, tuple[int, int]]:
         """worker id -> (prefix tokens, chunks) that each worker holds in ``location``, from the agents."""
@@ -185,7 +194,10 @@ class ControllerService:
                     progress.worker_id = w.worker_id
                     self.events.chunk_done(event_id, progress)
             except grpc.aio.AioRpcError as err:
-                error = f"agent stream from {where} broke mid-event: {_rpc_error_text(err)}"
+                if err.code() in _AGENT_REFUSALS:
+                    error = f"{where} refused the request: {_rpc_error_text(err)}"
+                else:
+                    error = f"agent stream from {where} broke mid-event: {_rpc_error_text(err)}"
                 self.events.worker_finished(event_id, w.worker_id, error=error)
                 return 0, error
             if final is None:
@@ -202,7 +214,7 @@ class ControllerService:
         async def part(w: Worker) -> tuple[int, str]:
             try:
                 resp = await self._agent_unary(w, rpc, call)
-            except Unavailable as err:
+            except KVMeshError as err:
                 self.events.worker_finished(event_id, w.worker_id, error=err.message)
                 return 0, err.message
             chunks = getattr(resp, "num_chunks", None)

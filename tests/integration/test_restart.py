@@ -60,7 +60,8 @@ def test_controller_restart(tmp_path: Path) -> None:
                 wait_http_ok(f"http://127.0.0.1:{http_port}/metrics", timeout=60, proc=second)
                 # Nothing told the agent: its next heartbeat hears "not registered" and it re-registers
                 # and resends its whole index.
-                wait_until(held, timeout=30, what="agent re-registered with its index")
+                # The agent retries with a capped backoff while the controller is away: allow for a slow start.
+                wait_until(held, timeout=90, what="agent re-registered with its index")
                 status, body = post(http_port, "/query_worker_info", {"instance_id": "phoenix"})
                 assert status == 200 and body["worker_infos"][0]["state"] == "up"
                 status, body = post(http_port, "/compress", {"instance_id": "phoenix", "method": method_under_test(),
