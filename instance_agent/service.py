@@ -45,9 +45,9 @@ def _grpc_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 async for item in fn(self, request, context):
                     yield item
-            except (KVMeshError, Exception) as err:
-                if isinstance(err, grpc.aio.AbortError):
-                    raise
+            except grpc.aio.AbortError:
+                raise
+            except Exception as err:
                 await _abort(context, name, err)
         return stream
 

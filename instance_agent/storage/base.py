@@ -66,6 +66,9 @@ class StorageBackend(ABC):
         self.capacity_bytes = int(capacity_bytes)
         self._index: OrderedDict[str, IndexEntry] = OrderedDict()
         self._used = 0
+        # Kept up to date on every change so that stats() stays O(1) with many chunks.
+        self._num_encoded = 0
+        self._num_pinned = 0
         self._lock = threading.RLock()
         self._listeners: list[EventListener] = []
         self.evictions = 0
@@ -137,9 +140,14 @@ class StorageBackend(ABC):
 
     def stats(self) -> LocationStats:
         with self._lock:
-            entries = list(self._index.values())
-            return LocationStats(self.name, self._used, self.capacity_bytes, len(entries),
-                                 sum(1 for e in entries if e.encoded), sum(1 for e in entries if e.pinned))
+            return LocationStats(self.name, self._used, self.capacity_bytes, len(self._index),
+                                 self._num_encoded, self._num_pinned)
+
+    def _account(self, entry: IndexEntry, sign: int) -> None:
+        """Add (sign 1) or take out (sign -1) ``entry``'s bytes and counts (lock held)."""
+        self._used += sign * entry.nbytes
+        self._num_encoded += sign * entry.encoded
+        self._num_pinned += sign * entry.pinned
 
     # Writes
     def put(self, chunk: StoredChunk, *, overwrite: bool = True, expect_method: str | None = None) -> bool:
@@ -172,10 +180,10 @@ class StorageBackend(ABC):
                 entry = IndexEntry(chunk.key, chunk.start, chunk.end, chunk.method, size,
                                    pinned=old.pinned if old else False, handle=stored)
                 if old is not None:
-                    self._used -= old.nbytes
+                    self._account(old, -1)
                 self._index[chunk.key] = entry
                 self._index.move_to_end(chunk.key)
-                self._used += size
+                self._account(entry, 1)
                 if old is None:
                     self._emit(ADMIT, entry)
                 return True
@@ -209,7 +217,7 @@ class StorageBackend(ABC):
     def _remove_locked(self, entry: IndexEntry) -> None:
         self._delete(entry)
         self._index.pop(entry.key, None)
-        self._used -= entry.nbytes
+        self._account(entry, -1)
         self._emit(EVICT, entry)
 
     def remove(self, key: str) -> bool:
@@ -235,7 +243,9 @@ class StorageBackend(ABC):
             entry = self._index.get(key)
             if entry is None:
                 return False
+            self._account(entry, -1)
             entry.pinned = pinned
+            self._account(entry, 1)
             return True
 
     def close(self) -> None:

@@ -73,7 +73,7 @@ class LocalDiskBackend(StorageBackend):
             found.append((path.stat().st_mtime, entry))
         for _, entry in sorted(found, key=lambda item: item[0]):
             self._index[entry.key] = entry
-            self._used += entry.nbytes
+            self._account(entry, 1)
         if found:
             logger.info("%s: reindexed %d chunks (%d bytes) in %s", self.name, len(found), self._used, self.root)
         # A smaller capacity than last time: drop the least recently written chunks.
@@ -124,7 +124,7 @@ class LocalDiskBackend(StorageBackend):
                 current = self._index.get(entry.key)
                 if current is not None and current.handle == entry.handle:
                     self._index.pop(entry.key)
-                    self._used -= current.nbytes
+                    self._account(current, -1)
                     self._quarantine(Path(entry.handle), err.message)
                     self._emit(EVICT, current)
             raise
