@@ -2,7 +2,7 @@
 
 Supported: ``resources`` (files and folders holding a kustomization.yaml), ``namespace``, ``images``
 (newName / newTag / digest) and ``patches`` whose file is a JSON 6902 operation list (add, replace,
-remove) with a ``target`` of kind/name (group and version checked when given). Anything else in a
+remove, test) with a ``target`` of kind/name (group and version checked when given). Anything else in a
 kustomization is refused, so the manifests cannot drift into features this renderer would get
 wrong. Where kubectl exists, a test checks that this renderer and ``kubectl kustomize`` agree.
 """
@@ -78,7 +78,7 @@ def _matches(res: dict[str, Any], target: dict[str, Any]) -> bool:
 
 
 def json_patch(doc: Any, op: dict[str, Any]) -> None:
-    """Apply one RFC 6902 operation (add, replace, remove) to ``doc`` in place."""
+    """Apply one RFC 6902 operation (add, replace, remove, test) to ``doc`` in place."""
     kind = op.get("op")
     parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
     if not parts:
@@ -100,6 +100,10 @@ def json_patch(doc: Any, op: dict[str, Any]) -> None:
             if last not in parent:
                 raise KustomizeError(f"replace of a missing path {op['path']}")
             parent[last] = copy.deepcopy(op["value"])
+    elif kind == "test":
+        actual = parent[int(last)] if isinstance(parent, list) else parent.get(last)
+        if actual != op["value"]:
+            raise KustomizeError(f"test failed at {op['path']}: {actual!r} != {op['value']!r}")
     elif kind == "remove":
         del parent[int(last) if isinstance(parent, list) else last]
     else:

@@ -96,15 +96,15 @@ def test_prometheus_targets_are_the_services_ports() -> None:
     prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     listening = {"controller": {int(flag(SERVICES["controller"]["command"], "--port"))}}
     for name in ENGINES:
-        # The engine's HTTP port, and its agent's /metrics (9101 + worker id 0).
-        listening[name] = {int(flag(SERVICES[name]["command"], "--port")), 9101}
+        # kvmesh-serve's HTTP port carries its /metrics, the agent's series included.
+        listening[name] = {int(flag(SERVICES[name]["command"], "--port"))}
     for job in prom["scrape_configs"]:
         for target in (t for sc in job["static_configs"] for t in sc["targets"]):
             host, _, port = target.rpartition(":")
             assert host in listening and int(port) in listening[host], f"{job['job_name']}: {target}"
     jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
     agents = {t for sc in jobs["kvmesh-agent"]["static_configs"] for t in sc["targets"]}
-    assert agents == {f"{e}:9101" for e in ENGINES}
+    assert agents == {f"{e}:8000" for e in ENGINES}
     mounts = SERVICES["prometheus"]["volumes"]
     for rules in prom["rule_files"]:
         assert any(m.endswith(f":/etc/prometheus/{rules}:ro") for m in mounts), rules

@@ -75,12 +75,26 @@ def test_dashboard_covers_the_operators_questions() -> None:
     assert {0.5, 0.95, 0.99} <= quantiles, "event latency percentiles"
     assert panels_using(r'kvmesh_workers\{state="up"\}'), "workers up"
     assert panels_using(r"sum by \(location\) \(kvmesh_agent_storage_used_bytes"), "storage per location"
+    assert panels_using(r"kvmesh_engine_time_to_first_token_seconds_bucket"), "time to first token"
+
+
+def engine_exposition() -> str:
+    """The embedded engine's own metrics, from its real registry (running kvmesh-serve would load a
+    model; its /metrics serves exactly this registry beside its agent's)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from kvmesh.engine.metrics import EngineMetrics
+
+    registry = CollectorRegistry()
+    EngineMetrics(registry)
+    return generate_latest(registry).decode()
 
 
 def test_dashboard_uses_exported_metrics_and_labels(mesh: Mesh) -> None:
     exported = Exported()
     exported.add_exposition(mesh.scrape(mesh.http_port))
     exported.add_exposition(mesh.scrape(mesh.agent_metrics_port))
+    exported.add_exposition(engine_exposition())
     found = [f"{where}: {p}" for where, expr in expressions() for p in problems(expr, exported)]
     assert not found, "\n".join(found)
     # Every kvmesh metric the code exports is on some panel.

@@ -182,7 +182,7 @@ def test_engine_runs_its_agent_with_per_pod_identity(overlay) -> None:
     engine = res[("StatefulSet", "kvmesh-engine")]
     (c,) = pod_containers(engine)
     ports = container_ports(engine)
-    assert ports["agent-grpc"] == 8001 and ports["metrics"] == 9101 and ports["http"] == 8000
+    assert ports["agent-grpc"] == 8001 and ports["http"] == 8000
     assert c["livenessProbe"]["grpc"]["port"] == ports["agent-grpc"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
     env = {e["name"]: e for e in c["env"]}
@@ -193,8 +193,14 @@ def test_engine_runs_its_agent_with_per_pod_identity(overlay) -> None:
     mount = next(m for m in c["volumeMounts"] if Path(m["mountPath"]) == config_path.parent)
     vol = next(v for v in pod_spec(engine)["volumes"] if v["name"] == mount["name"])
     assert config_path.name in res[("ConfigMap", vol["configMap"]["name"])]["data"]
+    # The agent's metrics: on kvmesh-serve's HTTP port; inside vLLM on the agent's own 9101. The
+    # annotation (kubernetes_sd) and the Service's `metrics` port (ServiceMonitor) agree on it.
     annotations = engine["spec"]["template"]["metadata"]["annotations"]
-    assert int(annotations["prometheus.io/port"]) == ports["metrics"]
+    metrics_port = ports["http"] if name == "cpu" else ports["metrics"]
+    assert name == "cpu" or metrics_port == 9101
+    assert int(annotations["prometheus.io/port"]) == metrics_port
+    svc_metrics = next(p for p in res[("Service", "kvmesh-engine")]["spec"]["ports"] if p["name"] == "metrics")
+    assert ports[svc_metrics["targetPort"]] == metrics_port
     args = c["args"]
     if name == "cpu":
         assert args[:1] == ["serve"] and flag(args, "--host") == "0.0.0.0"
@@ -248,7 +254,7 @@ def test_gpu_overlay_only_changes_the_engine() -> None:
     gpu = by_key(render(K8S / "overlays" / "gpu-vllm"))
     assert set(cpu) == set(gpu)
     for key in cpu:
-        if key != ("StatefulSet", "kvmesh-engine"):
+        if key not in {("StatefulSet", "kvmesh-engine"), ("Service", "kvmesh-engine")}:
             assert cpu[key] == gpu[key], key
 
 
@@ -258,7 +264,10 @@ def test_json_patch_operations() -> None:
     json_patch(doc, {"op": "add", "path": "/a/list/0", "value": 0})
     json_patch(doc, {"op": "replace", "path": "/b", "value": {"x": "y"}})
     json_patch(doc, {"op": "remove", "path": "/a/list/1"})
+    json_patch(doc, {"op": "test", "path": "/b/x", "value": "y"})
     assert doc == {"a": {"list": [0, 2, 3]}, "b": {"x": "y"}}
+    with pytest.raises(ValueError, match="test failed"):
+        json_patch(doc, {"op": "test", "path": "/b/x", "value": "z"})
     with pytest.raises(ValueError, match="missing path"):
         json_patch(doc, {"op": "replace", "path": "/nope", "value": 1})
 
