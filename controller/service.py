@@ -307,9 +307,9 @@ class ControllerService:
         dst_instance, dst_location = self._position("new_position", req.new_position)
         if (src_instance, src_location) == (dst_instance, dst_location):
             raise InvalidArgument(f"old_position and new_position are the same: {[src_instance, src_location]!r}")
+        sources = self._live_workers(src_instance)
         targets = {w.worker_id: w for w in self._live_workers(dst_instance)}
         self._check_choice("location", dst_location, list(targets.values()), "locations")
-        sources = self._live_workers(src_instance)
         missing = sorted(w.worker_id for w in sources if w.worker_id not in targets)
         if missing:
             raise InvalidArgument(f"instance {dst_instance!r} has no worker for rank(s) {missing} of {src_instance!r}; "

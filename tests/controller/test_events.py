@@ -123,3 +123,25 @@ async def test_watch_sees_every_change_then_ends() -> None:
 def test_bounds_must_be_positive() -> None:
     with pytest.raises(ValueError):
         EventTable(ControllerMetrics(), ttl_seconds=0)
+
+
+def test_bounds_over_http() -> None:
+    from .harness import ControllerThread
+
+    with ControllerThread(event_ttl=0.3, max_events=3) as c:
+        c.register("inst", 0)
+        ids = []
+        for _ in range(5):
+            r = c.post("/compress", {"instance_id": "inst", "method": "lossless", "location": "LocalCPUBackend"})
+            assert r.status == 200
+            ids.append(r.body["event_id"])
+        # At most three kept: the newest.
+        listed = [e["event_id"] for e in c.http("GET", "/events").body["events"]]
+        assert listed == ids[:1:-1]
+        assert c.http("GET", f"/events/{ids[0]}").status == 404
+        # After the time-to-live, ended events are gone.
+        deadline = time.monotonic() + 10
+        while c.http("GET", f"/events/{ids[-1]}").status == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = c.http("GET", f"/events/{ids[-1]}")
+        assert r.status == 404 and "time-to-live" in r.body["error"]["message"]
