@@ -91,8 +91,10 @@ def prometheus(mesh: Mesh) -> Iterator[Prometheus]:
     binary = tool("prometheus")
     tmp = mesh.tmp / "prometheus"
     tmp.mkdir()
+    # Beside the real agent, an agent that is down (nothing listens there): the alert rules see it.
+    dead_agent = f"127.0.0.1:{free_port()}"
     config = prometheus_config({"kvmesh-controller": [f"127.0.0.1:{mesh.http_port}"],
-                                "kvmesh-agent": [f"127.0.0.1:{mesh.agent_metrics_port}"]},
+                                "kvmesh-agent": [f"127.0.0.1:{mesh.agent_metrics_port}", dead_agent]},
                                DEPLOY / "prometheus" / "alerts.yml")
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
@@ -100,4 +102,4 @@ def prometheus(mesh: Mesh) -> Iterator[Prometheus]:
     with running([binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
                   f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], log=log) as proc:
         wait_http_ok(f"http://127.0.0.1:{port}/-/ready", timeout=DEADLINE_S, proc=proc)
-        yield Prometheus(f"http://127.0.0.1:{port}", config)
+        yield Prometheus(f"http://127.0.0.1:{port}", config, dead_agent)

@@ -76,6 +76,8 @@ class Prometheus:
 
     url: str
     config: dict
+    # A kvmesh-agent target where nothing listens.
+    dead_agent: str
 
     def query(self, expr: str) -> list[dict]:
         q = urllib.parse.urlencode({"query": expr})

@@ -107,7 +107,8 @@ def test_dashboard_uses_exported_metrics_and_labels(mesh: Mesh) -> None:
 
 
 def test_every_dashboard_query_runs_on_real_prometheus(mesh: Mesh, prometheus: Prometheus) -> None:
-    poll("Prometheus has scraped the agent", lambda: prometheus.value('up{job="kvmesh-agent"}') == 1)
+    agent = f"127.0.0.1:{mesh.agent_metrics_port}"
+    poll("Prometheus has scraped the agent", lambda: prometheus.value(f'up{{instance="{agent}"}}') == 1)
     for where, expr in expressions():
         try:
             prometheus.query(substituted(expr))

@@ -83,9 +83,9 @@ def test_alert_expressions_use_exported_metrics(mesh: Mesh) -> None:
 
 def test_real_prometheus_sees_the_compress(mesh: Mesh, prometheus: Prometheus) -> None:
     logs: list[Path] = [mesh.tmp / "prometheus" / "prometheus.log"]
-    for job in ("kvmesh-controller", "kvmesh-agent"):
-        poll(f"Prometheus scrapes {job}", lambda job=job: prometheus.value(f'up{{job="{job}"}}') == 1,
-             proc_logs=logs)
+    for job, target in (("kvmesh-controller", mesh.http_port), ("kvmesh-agent", mesh.agent_metrics_port)):
+        poll(f"Prometheus scrapes {job}", lambda job=job, target=target: prometheus.value(
+            f'up{{job="{job}",instance="127.0.0.1:{target}"}}') == 1, proc_logs=logs)
     completed = poll("the completed compress in kvmesh_events_total", lambda: prometheus.value(
         'sum(kvmesh_events_total{operation="compress",outcome="completed"})'), proc_logs=logs)
     assert completed >= 1
@@ -106,16 +106,25 @@ def test_real_prometheus_sees_the_compress(mesh: Mesh, prometheus: Prometheus) -
     assert len(workers["worker_infos"]) == prometheus.value('kvmesh_workers{state="up"}')
 
 
-def test_real_prometheus_evaluates_every_alert_rule(prometheus: Prometheus) -> None:
+def test_real_prometheus_evaluates_every_alert_rule(mesh: Mesh, prometheus: Prometheus) -> None:
     def rules() -> list[dict] | None:
         groups = http_json("GET", f"{prometheus.url}/api/v1/rules")["data"]["groups"]
         loaded = [r for g in groups for r in g["rules"]]
-        return loaded if loaded and all(r["health"] == "ok" for r in loaded) else None
+        if not loaded or any(r["health"] != "ok" for r in loaded):
+            return None
+        down = next(r for r in loaded if r["name"] == "KVMeshAgentDown")
+        return loaded if down["state"] != "inactive" else None
 
-    loaded = poll("every rule loaded and evaluated without error", rules)
+    loaded = poll("every rule evaluated without error, KVMeshAgentDown pending for the dead agent", rules)
     assert {r["name"] for r in loaded} == {r["alert"] for r in ALERT_RULES}
-    # A healthy mesh: nothing fires.
-    assert [r["name"] for r in loaded if r["state"] == "firing"] == []
+    # The dead agent (and only it) trips KVMeshAgentDown; on the healthy mesh every other rule is quiet.
+    by_name = {r["name"]: r for r in loaded}
+    alerts = by_name.pop("KVMeshAgentDown")["alerts"]
+    # (pending for its first 2 minutes, firing after: a slow machine may take that long to get here)
+    assert [a["labels"]["instance"] for a in alerts] == [prometheus.dead_agent]
+    assert alerts[0]["state"] in ("pending", "firing") and alerts[0]["labels"]["severity"] == "critical"
+    assert {name: r["state"] for name, r in by_name.items() if r["state"] != "inactive"} == {}
+    assert prometheus.value(f'up{{job="kvmesh-agent",instance="127.0.0.1:{mesh.agent_metrics_port}"}}') == 1
 
 
 def test_real_prometheus_computes_the_latency_quantile(mesh: Mesh, prometheus: Prometheus) -> None:
