@@ -149,8 +149,9 @@ class InstanceAgent:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
-        self.metrics.stop()
-        self._codec_pool.shutdown(wait=True, cancel_futures=True)
+        # Both wait (for the metrics thread's poll, for running codec calls): off the loop.
+        await asyncio.to_thread(self.metrics.stop)
+        await asyncio.to_thread(self._codec_pool.shutdown, wait=True, cancel_futures=True)
         for backend in self.locations.values():
             backend.close()
         self.started = False

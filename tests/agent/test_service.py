@@ -390,3 +390,37 @@ async def test_standard_health_and_reflection(agent) -> None:
         async for r in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
             names = [s.name for s in r.list_services_response.service]
         assert "kvmesh.api.agent.v1.InstanceAgent" in names and "grpc.health.v1.Health" in names
+
+
+async def test_corrupt_disk_chunk_is_never_served(agent, stub) -> None:
+    tokens = list(range(12))
+    kv = make_kv(12, seed=21)
+    await put(stub, tokens, kv, DISK)
+    disk = agent.locations[DISK]
+    path = disk.path_of(chunk_spans(tokens, 4)[1].key)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x55  # same length: only the checksum can tell
+    path.write_bytes(bytes(data))
+    n, got = await get(stub, tokens, DISK)
+    assert n == 4 and torch.equal(got, kv[:, :, :4]), "the prefix ends before the corrupt chunk"
+    assert disk.corrupt_files and not disk.contains(chunk_spans(tokens, 4)[1].key)
+    look = await stub.Lookup(agent_pb2.LookupRequest(tokens=tokens, location=DISK))
+    assert look.matches[0].num_tokens == 4
+
+
+async def test_peer_port_serves_the_same_service(agents, tmp_path: Path) -> None:
+    agent = await agents(make_config(tmp_path, enable_p2p=True, p2p_init_ports=[0]))
+    assert agent.p2p_port and agent.p2p_port != agent.grpc_port
+    async with grpc.aio.insecure_channel(f"localhost:{agent.p2p_port}") as channel:
+        from kvmesh.api.agent.v1 import agent_pb2_grpc
+
+        health = await agent_pb2_grpc.InstanceAgentStub(channel).Health(agent_pb2.HealthRequest())
+        assert health.error_code == 0
+
+
+async def test_move_onto_itself_is_refused(agent, stub) -> None:
+    await put(stub, [1, 2, 3, 4], make_kv(4))
+    await expect_error(stub.Move(agent_pb2.MoveRequest(location=CPU, tokens=[1, 2, 3, 4],
+                                                       target_url=f"localhost:{agent.grpc_port}")),
+                       grpc.StatusCode.INVALID_ARGUMENT, "to itself")
+    assert (await get(stub, [1, 2, 3, 4]))[0] == 4
