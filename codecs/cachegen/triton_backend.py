@@ -76,7 +76,10 @@ class _LayoutLanes:
         self.enc_off = torch.from_numpy(enc_off).to(device)
         self.dec_off = torch.from_numpy(dec_off).to(device)
         self.cost_off = torch.from_numpy(cost_off.astype(np.int32)).to(device)
-        self.nmax = int(layout.lengths.max()) if layout.lengths.size else 0
+        # The interpreter pays per step, so it loops only as far as the longest stream; compiled kernels
+        # keep one specialisation (NMAX is a compile-time constant).
+        longest = int(layout.lengths.max()) if layout.lengths.size else 0
+        self.nmax = longest if device.type == "cpu" else quant.SEGMENT
         top = int(layout.stream_levels.max()) if layout.stream_levels.size else 2
         self.bpad = max(16, 1 << (top - 1).bit_length())
 
@@ -155,11 +158,15 @@ class TritonBackend:
 
     def stats(self, q: torch.Tensor, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
         """choose_tables(histogram(q)) in one pass that never writes the histogram out."""
+        center, table = self.stats_device(q, layout)
+        return center.cpu().numpy(), table.cpu().numpy()
+
+    def stats_device(self, q: torch.Tensor, layout: StreamLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(center, table) uint8 [S] left on the device."""
         ll = self._layout(layout)
         q = q.to(self.device).contiguous()
-        center, table = tr.stream_stats(q, ll.lanes, ll.lengths, ll.alpha, ll.cost_off, ll.tabs.cost, NUM_TABLES,
-                                        ll.nmax, ll.bpad, choose=True, interpret=self.interpret)
-        return center.cpu().numpy(), table.cpu().numpy()
+        return tr.stream_stats(q, ll.lanes, ll.lengths, ll.alpha, ll.cost_off, ll.tabs.cost, NUM_TABLES,
+                               ll.nmax, ll.bpad, choose=True, interpret=self.interpret)
 
     # -- entropy coding ------------------------------------------------------------------------------
     def rans_encode(self, q: torch.Tensor, center: np.ndarray, table: np.ndarray,
@@ -177,9 +184,9 @@ class TritonBackend:
                               interpret=self.interpret)
 
     def rans_decode(self, words: np.ndarray | torch.Tensor, counts: np.ndarray | torch.Tensor,
-                    center: np.ndarray, table: np.ndarray, layout: StreamLayout) -> torch.Tensor:
+                    center: np.ndarray | torch.Tensor, table: np.ndarray | torch.Tensor,
+                    layout: StreamLayout) -> torch.Tensor:
         """q uint8 [2, L, T, C] on the device; CodecError if any stream fails its end-state check."""
-        ll = self._layout(layout)
         w = self._dev(np.asarray(words, dtype=np.uint16) if not isinstance(words, torch.Tensor) else words,
                       torch.uint16)
         cnt = self._dev(counts, torch.int32)
@@ -187,14 +194,23 @@ class TritonBackend:
         if cnt.numel() != layout.num_streams or (cnt.numel() and (
                 int(cnt.min()) < 2 or int(cnt.to(torch.int64).sum()) != w.numel())):
             raise CodecError("corrupt cachegen container: stream word counts do not match the stored words")
-        c = self._dev(center, torch.uint8)
-        _, dec_off = ll.table_offsets(self._dev(table, torch.int64))
-        out = torch.empty(2, layout.layers, layout.tokens, layout.channels, dtype=torch.uint8, device=self.device)
-        status = tr.rans_decode(w, cnt, out, ll.lanes, ll.lengths, c, ll.alpha, dec_off, ll.tabs.dec, ll.nmax,
-                                interpret=self.interpret)
+        q, status = self.rans_decode_device(w, cnt, center, table, layout)
         bad = int((status == 0).sum())
         if bad:
             k = int(torch.nonzero(status == 0)[0, 0])
             raise CodecError(f"corrupt cachegen container: rANS stream {k} fails its end-state check "
                              f"({bad} of {layout.num_streams} streams)")
-        return out
+        return q
+
+    def rans_decode_device(self, words: torch.Tensor, counts: torch.Tensor, center: np.ndarray | torch.Tensor,
+                           table: np.ndarray | torch.Tensor, layout: StreamLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q uint8 [2, L, T, C], status int8 [S], 1 = stream valid) without synchronising.
+
+        counts must already be validated (each >= 2, summing to the number of words)."""
+        ll = self._layout(layout)
+        c = self._dev(center, torch.uint8)
+        _, dec_off = ll.table_offsets(self._dev(table, torch.int64))
+        out = torch.empty(2, layout.layers, layout.tokens, layout.channels, dtype=torch.uint8, device=self.device)
+        status = tr.rans_decode(words, counts, out, ll.lanes, ll.lengths, c, ll.alpha, dec_off, ll.tabs.dec, ll.nmax,
+                                interpret=self.interpret)
+        return out, status

@@ -1,0 +1,279 @@
+"""The prepared GPU check for the cachegen Triton path: bytes, cross decoding, kernel tests, GB/s.
+
+    python bench/gpu_check.py                     # on a CUDA GPU (TRITON_INTERPRET unset), < 5 minutes
+    TRITON_INTERPRET=1 python bench/gpu_check.py --quick    # the same steps on the CPU, small shapes
+
+1. GPU bytes == CPU bytes for every cachegen level on random KV of odd shapes and dtypes, and on the
+   real SmolLM2 chunks in bench/data/realkv_chunks.safetensors when that file is present;
+   GPU blobs decode on the CPU and CPU blobs on the GPU to the same tensors.
+2. The Triton kernel tests (tests/codecs/test_triton_*.py) on the GPU, when pytest is installed.
+3. A table of GB/s of fp16 input, CUDA-event timed after warm-up, for a device-to-device copy, the
+   quantizer, the statistics, the rANS coder, the device-resident encode/decode pipelines and the whole
+   codec (bytes out / bytes in, transfers and container included), on a large batch.
+Installs nothing (the GPU box has torch, triton and numpy, not transformers or safetensors), and needs
+no installed kvmesh: the repository is put on the import path as setup.py maps it. Exits 1 on any
+byte mismatch or failed test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CHUNKS_FILE = REPO / "bench" / "data" / "realkv_chunks.safetensors"
+
+
+def _import_kvmesh() -> None:
+    """Makes `kvmesh` importable from the checkout: protos/kvmesh is the package, the top-level folders
+    (codecs/, engine/, ...) its sub-packages, as setup.py maps them."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # `import tests.codecs...` for the kernel tests
+    try:
+        import kvmesh.codecs  # noqa: F401  (installed, e.g. editable)
+        return
+    except ImportError:
+        pass
+    sys.path.insert(0, str(REPO / "protos"))
+    import kvmesh
+
+    kvmesh.__path__.append(str(REPO))
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Minimal reader (the GPU box has no safetensors package): u64 header size, JSON header, raw data."""
+    dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+    raw = path.read_bytes()
+    (n,) = struct.unpack_from("<Q", raw, 0)
+    header = json.loads(raw[8: 8 + n])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        buf = bytearray(raw[8 + n + a: 8 + n + b])
+        out[name] = torch.frombuffer(buf, dtype=dtypes[info["dtype"]]).reshape(info["shape"]).clone()
+    return out
+
+
+def kv_like(layers: int, tokens: int, channels: int, dtype: torch.dtype, seed: int,
+            device: str = "cpu") -> torch.Tensor:
+    """KV-shaped random data with what real caches have: key channels with offsets and outliers,
+    heavier-tailed values, per-token magnitude changes."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    k = torch.randn(layers, tokens, channels, generator=g, device=device)
+    k = k * (1 + 4 * torch.rand(layers, 1, channels, generator=g, device=device))
+    k = k + 3 * torch.randn(layers, 1, channels, generator=g, device=device)
+    e = torch.rand(layers, tokens, channels, generator=g, device=device).clamp_min(1e-7)
+    sign = torch.where(torch.rand(layers, tokens, channels, generator=g, device=device) < 0.5, -1.0, 1.0)
+    v = -torch.log(e) * sign * 0.5 * (0.5 + torch.rand(layers, tokens, 1, generator=g, device=device))
+    return torch.stack([k, v]).to(dtype)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({torch.float16: torch.int16, torch.bfloat16: torch.int16,
+                                torch.float32: torch.int32}[t.dtype])
+
+
+class Checker:
+    def __init__(self, device: torch.device) -> None:
+        from kvmesh.codecs import get_codec
+
+        self.device = device
+        self.methods = ["cachegen", "cachegen-hq"]
+        self.cpu = {m: get_codec(m, backend="cpu") for m in self.methods}
+        self.gpu = {m: get_codec(m, backend="triton") for m in self.methods}
+        self.failures: list[str] = []
+        self.rows: list[str] = []
+
+    def check(self, label: str, kv: torch.Tensor) -> None:
+        for m in self.methods:
+            t0 = time.perf_counter()
+            want = self.cpu[m].encode(kv)
+            got = self.gpu[m].encode(kv.to(self.device))
+            ok_bytes = got == want
+            ref = self.cpu[m].decode(want)
+            on_gpu = self.gpu[m].decode(want)  # CPU blob decoded on the GPU
+            ok_gpu_dec = on_gpu.device.type == self.device.type and torch.equal(_bits(on_gpu.cpu()), _bits(ref))
+            ok_cpu_dec = torch.equal(_bits(self.cpu[m].decode(got)), _bits(ref))  # GPU blob decoded on the CPU
+            ok = ok_bytes and ok_gpu_dec and ok_cpu_dec
+            where = ""
+            if not ok_bytes:
+                first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                where = f" first differing byte {first} ({len(got)} vs {len(want)} bytes)"
+                self.failures.append(f"{label} {m}: bytes differ{where}")
+            if not ok_gpu_dec:
+                self.failures.append(f"{label} {m}: GPU decode of the CPU blob differs")
+            if not ok_cpu_dec:
+                self.failures.append(f"{label} {m}: CPU decode of the GPU blob differs")
+            ratio = kv.numel() * 2 / len(want)
+            self.rows.append(f"| {label} | {m} | {len(want)} | {ratio:.2f} | {'ok' if ok else 'MISMATCH' + where} "
+                             f"| {time.perf_counter() - t0:.2f} |")
+
+
+def byte_checks(device: torch.device, quick: bool) -> Checker:
+    ck = Checker(device)
+    interp = device.type == "cpu"
+    dtypes = [torch.float16, torch.float32] + ([] if interp else [torch.bfloat16])
+    shapes = [(1, 1, 1), (2, 37, 24)] if quick else [
+        (1, 1, 1), (1, 1, 5), (3, 37, 24), (2, 300, 20), (7, 513, 40), (30, 112, 192), (30, 256, 192),
+        (4, 1000, 64)]
+    for i, (layers, tokens, channels) in enumerate(shapes):
+        for dtype in dtypes:
+            kv = kv_like(layers, tokens, channels, dtype, seed=i)
+            ck.check(f"random {layers}x{tokens}x{channels} {str(dtype)[6:]}", kv)
+    special = kv_like(3, 40, 12, torch.float32, seed=99)
+    special[:, :, :, 0] = 0.0
+    special[0, :, :, 5] = -2.25
+    special[1, 2] = 0.0
+    ck.check("zero/constant channels 3x40x12 float32", special)
+    if not quick:
+        ck.check("random 30x8192x192 float16 (the timing batch)", kv_like(30, 8192, 192, torch.float16, seed=7))
+    if CHUNKS_FILE.exists():
+        for name, kv in sorted(read_safetensors(CHUNKS_FILE).items()):
+            ck.check(f"real SmolLM2 {name} {list(kv.shape)}", kv)
+            if not interp:
+                ck.check(f"real SmolLM2 {name} as bf16", kv.to(torch.bfloat16))
+    else:
+        ck.rows.append(f"| real KV | - | - | - | skipped: {CHUNKS_FILE.relative_to(REPO)} absent "
+                       f"(write it with `python bench/realkv.py --write-chunks`) | - |")
+    return ck
+
+
+def kernel_tests(device: torch.device) -> int:
+    try:
+        import pytest
+    except ImportError:
+        print("kernel tests: pytest is not installed here; skipped (the byte checks above exercise every kernel)")
+        return 0
+    files = [str(REPO / "tests" / "codecs" / f) for f in ("test_triton_kernels.py", "test_triton_codec.py")]
+    print(f"kernel tests on {device.type}: pytest -q {' '.join(Path(f).name for f in files)}")
+    return int(pytest.main(["-q", "-p", "no:cacheprovider", "--rootdir", str(REPO), *files]))
+
+
+# ---- throughput -------------------------------------------------------------------------------------
+
+def timed(fn: Callable[[], object], device: torch.device, iters: int) -> float:
+    """Seconds per call: warm-up, then CUDA events around `iters` calls (wall clock on the CPU)."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters
+
+
+def throughput(device: torch.device, quick: bool) -> None:
+    from kvmesh.codecs import get_codec
+    from kvmesh.codecs.cachegen.layout import stream_layout
+
+    shape = (2, 40, 24) if quick else (30, 8192, 192)
+    layers, tokens, channels = shape[-3:]
+    kv = kv_like(layers, tokens, channels, torch.float16, seed=7, device=device.type)
+    nbytes = kv.numel() * 2
+    iters = 1 if quick else 10
+    print(f"input: fp16 KV [2, {layers}, {tokens}, {channels}] = {nbytes / 1e6:.1f} MB on {device}; "
+          f"{iters} timed iterations after warm-up\n\n| stage | method | ms | GB/s of fp16 input |\n| --- | --- | --- | --- |",
+          flush=True)
+
+    def row(stage: str, method: str, sec: float) -> None:
+        print(f"| {stage} | {method} | {sec * 1e3:.3f} | {nbytes / sec / 1e9:.1f} |", flush=True)
+
+    row("device-to-device copy (torch clone)", "-", timed(lambda: kv.clone(), device, iters))
+    for method in ("cachegen", "cachegen-hq"):
+        codec = get_codec(method, backend="triton")
+        be = codec.backend
+        lv = codec.level
+        levels = lv.levels_for(layers)
+        modes = (lv.key_mode, lv.value_mode)
+        layout = stream_layout(layers, tokens, channels, levels)
+        q, sides = be.quantize(kv, levels, modes)
+        center, table = be.stats_device(q, layout)
+        words, counts = be.rans_encode_device(q, center, table, layout)
+        blob = codec.encode(kv)
+        row("quantize (fp16 in, q + bounds out)", method, timed(lambda: be.quantize(kv, levels, modes), device, iters))
+        row("statistics (histogram, centre, table)", method, timed(lambda: be.stats_device(q, layout), device, iters))
+        row("rANS encode (kernel + compaction)", method,
+            timed(lambda: be.rans_encode_device(q, center, table, layout), device, iters))
+
+        def enc_pipeline():
+            q2, _ = be.quantize(kv, levels, modes)
+            c2, t2 = be.stats_device(q2, layout)
+            return be.rans_encode_device(q2, c2, t2, layout)
+
+        row("encode pipeline on device (quantize + stats + rANS)", method, timed(enc_pipeline, device, iters))
+        row("codec.encode (tensor -> bytes: checks, D2H, container)", method,
+            timed(lambda: codec.encode(kv), device, max(1, iters // 2)))
+        row("rANS decode", method, timed(lambda: be.rans_decode_device(words, counts, center, table, layout),
+                                          device, iters))
+        row("dequantize (q + bounds in, fp16 out)", method,
+            timed(lambda: be.dequantize(q, sides, levels, modes).to(torch.float16), device, iters))
+
+        def dec_pipeline():
+            q2, _ = be.rans_decode_device(words, counts, center, table, layout)
+            return be.dequantize(q2, sides, levels, modes).to(torch.float16)
+
+        row("decode pipeline on device (rANS + dequantize)", method, timed(dec_pipeline, device, iters))
+        row("codec.decode (bytes -> GPU tensor: H2D, checks, container)", method,
+            timed(lambda: codec.decode(blob), device, max(1, iters // 2)))
+        print(f"| (size) | {method} | {len(blob)} bytes | ratio {nbytes / len(blob):.2f} vs fp16 |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="cachegen Triton path: bytes, kernel tests, GB/s")
+    ap.add_argument("--quick", action="store_true", help="small shapes (for TRITON_INTERPRET=1 on a CPU)")
+    ap.add_argument("--no-tests", action="store_true", help="skip the pytest kernel tests")
+    ap.add_argument("--no-bench", action="store_true", help="skip the throughput table")
+    args = ap.parse_args(argv)
+    _import_kvmesh()
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if torch.cuda.is_available() and not interp:
+        device = torch.device("cuda")
+        print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
+    elif interp:
+        device = torch.device("cpu")
+        print("device: CPU under TRITON_INTERPRET=1 (kernels interpreted; timings mean nothing)", flush=True)
+        if not args.quick:
+            print("hint: add --quick on the CPU", flush=True)
+    else:
+        print("no CUDA GPU and TRITON_INTERPRET is not 1: nothing to check", flush=True)
+        return 2
+    import triton
+
+    print(f"triton {triton.__version__}", flush=True)
+    t0 = time.perf_counter()
+    ck = byte_checks(device, args.quick)
+    print("\n| case | method | bytes | ratio | GPU = CPU bytes, cross decode | s |\n| --- | --- | --- | --- | --- | --- |")
+    print("\n".join(ck.rows), flush=True)
+    print(f"byte checks: {len(ck.failures)} failures ({time.perf_counter() - t0:.1f} s)\n", flush=True)
+    rc_tests = 0
+    if not args.no_tests:
+        t1 = time.perf_counter()
+        rc_tests = kernel_tests(device)
+        print(f"kernel tests: exit {rc_tests} ({time.perf_counter() - t1:.1f} s)\n", flush=True)
+    if not args.no_bench:
+        throughput(device, args.quick)
+    for f in ck.failures:
+        print("FAIL:", f)
+    print(f"total {time.perf_counter() - t0:.1f} s", flush=True)
+    return 1 if ck.failures or rc_tests else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
