@@ -57,8 +57,12 @@ class ControllerThread:
         return server
 
     def stop(self) -> None:
+        """Stop the controller and its loop (again: nothing)."""
+        if self._loop.is_closed():
+            return
         if self._channel is not None:
             self._channel.close()
+            self._channel = None
         if self.server is not None:
             self.call(self.server.stop())
             self.server = None

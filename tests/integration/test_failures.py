@@ -11,10 +11,12 @@ import grpc
 
 from kvmesh.api.controller.v1 import controller_pb2 as pb
 from kvmesh.api.controller.v1 import controller_pb2_grpc
+from kvmesh.instance_agent.agent import EmbeddedAgent
+from kvmesh.instance_agent.config import config_from_dict
 from tests.controller.harness import ControllerThread
 from tests.support import console_script, running, wait_grpc_healthy
 
-from .conftest import (LOCATION, AgentClient, make_kv, method_under_test, wait_registered, wait_until,
+from .conftest import (LOCATION, AgentClient, agent_config, make_kv, method_under_test, wait_registered, wait_until,
                        write_agent_yaml)
 
 CHUNK = 8
@@ -111,3 +113,31 @@ def test_unreachable_agent_is_reported_by_health(controller: ControllerThread) -
     with grpc.insecure_channel(controller.grpc_target) as ch:
         resp = controller_pb2_grpc.ControllerStub(ch).Health(pb.HealthRequest(instance_id="ghost"), timeout=60)
     assert resp.error_codes[0] == -1001 and not resp.healthy
+
+
+def test_controller_shutdown_cancels_in_flight_events() -> None:
+    # Its own controller, stopped mid-event.
+    with ControllerThread() as c:
+        agent = EmbeddedAgent(config_from_dict(agent_config(c.grpc_target, "brief", chunk_size=CHUNK), env={}),
+                              worker_id=0, metrics_port=-1)
+        agent.start()
+        try:
+            wait_registered(c, "brief")
+            client = AgentClient(f"127.0.0.1:{agent.grpc_port}")
+            tokens = list(range(NUM_TOKENS))
+            client.put(tokens, make_kv(NUM_TOKENS, layers=8, channels=128, seed=22))
+            r = c.post("/compress", {"instance_id": "brief", "method": method_under_test(), "location": LOCATION,
+                                     "tokens": tokens})
+            service = c.server.service
+            for update in c.stub.WatchEvent(pb.WatchEventRequest(event_id=r.body["event_id"]), timeout=60):
+                if update.event.chunks_done >= 1:
+                    break
+            c.stop()  # returns: nothing waits on the agent's stream
+            ev = service.events.get(r.body["event_id"])
+            assert ev.status == 5 and "shut down" in ev.error  # CANCELLED
+            # The agent keeps every chunk, whatever form each one reached.
+            n, got = client.get(tokens)
+            assert n == NUM_TOKENS and got is not None
+            client.close()
+        finally:
+            agent.stop()
