@@ -1,7 +1,8 @@
-"""Session fixtures of the deploy tests: a real mesh (``kvmesh-controller`` and ``kvmesh-agent`` as
-processes started through the images' entrypoint, deploy/docker/entrypoint.sh; raw KV put into the
-agent; one compress through the controller's HTTP gateway) and a real Prometheus server scraping it
-with deploy/prometheus's config and rules. One of each per session: the machine is small."""
+"""Session fixtures of the deploy tests: a real mesh (``kvmesh-controller``, ``kvmesh-agent`` and an
+embedded engine, ``kvmesh-serve``, as processes started through the images' entrypoint,
+deploy/docker/entrypoint.sh; raw KV put into the agent; one compress through the controller's HTTP
+gateway) and a real Prometheus server scraping it with deploy/prometheus's config and rules. One of
+each per session: the machine is small."""
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,9 @@ import yaml
 from kvmesh.api.agent.v1 import agent_pb2, agent_pb2_grpc
 from kvmesh.api.common.v1 import common_pb2
 from tests.deploy.deploy_support import DEPLOY, tool
-from tests.deploy.mesh import (CHUNK_SIZE, DEADLINE_S, INSTANCE_ID, KV_SHAPE, LOCATION, METHOD, NUM_CHUNKS,
-                               NUM_TOKENS, Mesh, Prometheus, http_json, poll, prometheus_config)
+from tests.deploy.mesh import (CHUNK_SIZE, DEADLINE_S, ENGINE_ID, INSTANCE_ID, KV_SHAPE, LOCATION, METHOD,
+                               NUM_CHUNKS, NUM_TOKENS, EngineRun, Mesh, Prometheus, http_json, poll,
+                               prometheus_config)
 from tests.support import VENV_BIN, free_port, running, wait_grpc_healthy, wait_http_ok
 
 ENDED = ("COMPLETED", "FAILED", "CANCELLED")
@@ -45,6 +47,17 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
              "--monitor-port", str(grpc_port), "--health-check-interval", "0.5"], env=env, log=logs[0]))
         agent = stack.enter_context(running(
             [*entrypoint, "agent", "--metrics-port", str(metrics_port)], env=env, log=logs[1]))
+        # An embedded engine as compose.yaml runs it (its lmcache.yaml, per-engine LMCACHE_<KEY>
+        # overrides, moved off the fixed ports). Loading the model takes a while: it starts now, beside
+        # everything else, and only test_deploy_engine waits for it; its agent registers once it is up.
+        engine = EngineRun(port=free_port(), agent_port=free_port(), log=tmp / "engine.log")
+        engine_env = {**env, "LMCACHE_CONFIG_FILE": str(DEPLOY / "compose" / "lmcache.yaml"),
+                      "LMCACHE_LMCACHE_INSTANCE_ID": ENGINE_ID, "LMCACHE_P2P_HOST": "127.0.0.1",
+                      "LMCACHE_CONTROLLER_PULL_URL": f"127.0.0.1:{grpc_port}",
+                      "LMCACHE_LMCACHE_WORKER_PORTS": str(engine.agent_port), "LMCACHE_P2P_INIT_PORTS": "0"}
+        engine.proc = stack.enter_context(running(
+            [*entrypoint, "serve", "--host", "127.0.0.1", "--port", str(engine.port), "--threads", "1"],
+            env=engine_env, log=engine.log))
         wait_grpc_healthy(f"127.0.0.1:{grpc_port}", timeout=DEADLINE_S)
         wait_http_ok(f"http://127.0.0.1:{http_port}/metrics", timeout=DEADLINE_S, proc=controller)
         wait_grpc_healthy(f"127.0.0.1:{agent_port}", timeout=DEADLINE_S)
@@ -83,7 +96,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 
         event = poll("the compress event ends", ended, proc_logs=logs)
         assert event["status"] == "COMPLETED", event
-        yield Mesh(http_port, grpc_port, agent_port, metrics_port, tmp, env, event, tokens)
+        yield Mesh(http_port, grpc_port, agent_port, metrics_port, tmp, env, event, tokens, engine)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ fixtures), and the small HTTP and polling helpers they use."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -28,6 +29,20 @@ KV_SHAPE = (2, 2, NUM_TOKENS, 64)  # [K/V, layers, tokens, channels]
 DEADLINE_S = 60.0
 
 
+ENGINE_ID = "deploy-test-engine"
+ENGINE_START_S = 240.0  # loads (and on a first run converts) the model
+
+
+@dataclass
+class EngineRun:
+    """The embedded engine started beside the mesh."""
+
+    port: int
+    agent_port: int
+    log: Path
+    proc: subprocess.Popen | None = None
+
+
 @dataclass
 class Mesh:
     """Where the running controller and agent listen, and what the compress did."""
@@ -40,6 +55,7 @@ class Mesh:
     env: dict[str, str]
     event: dict
     tokens: list[int]
+    engine: EngineRun
 
     def scrape(self, port: int) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
