@@ -147,6 +147,7 @@ def test_containers_are_unprivileged_with_resources_and_pinned_images(overlay) -
     for w in workloads(res):
         spec = pod_spec(w)
         assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["automountServiceAccountToken"] is False and spec["enableServiceLinks"] is False
         assert spec["securityContext"]["runAsUser"] != 0
         for c in pod_containers(w):
             name, tag, digest = split_image(c["image"])
