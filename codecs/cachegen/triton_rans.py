@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-PROB_BITS = 12
-RANS_L = 1 << 16
+PROB_BITS = tl.constexpr(12)
+RANS_L = tl.constexpr(1 << 16)
 
 
 @triton.jit
