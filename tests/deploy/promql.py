@@ -74,6 +74,14 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
+def grouping_labels(expr: str) -> set[str]:
+    """Label names of the ``by (...)`` / ``without (...)`` / ``on (...)`` / ``ignoring (...)`` clauses."""
+    out: set[str] = set()
+    for m in re.finditer(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)", strip_strings(expr)):
+        out |= {lbl.strip() for lbl in m.group(1).split(",") if lbl.strip()}
+    return out
+
+
 def problems(expr: str, exported: Exported) -> list[str]:
     """Why ``expr`` does not fit what the code exports (empty when it does)."""
     found = []
@@ -92,4 +100,11 @@ def problems(expr: str, exported: Exported) -> list[str]:
         extra = labels - known - TARGET_LABELS - {"__name__"}
         if extra:
             found.append(f"{expr!r}: {name} has no label {sorted(extra)} (it has {sorted(known)})")
+    # Grouping labels must be on some metric of the expression (checked where all their labels are known).
+    label_sets = [exported.labels.get(n) for n in names if n in exported]
+    if label_sets and all(ls is not None for ls in label_sets):
+        available = set().union(*label_sets) | TARGET_LABELS
+        missing = grouping_labels(expr) - available
+        if missing:
+            found.append(f"{expr!r} groups by {sorted(missing)}, a label none of its metrics has")
     return found
