@@ -172,11 +172,12 @@ class KVMeshConnector(KVConnectorBase_V1):
             self._load(load)
 
     def _load(self, load: Transfer) -> None:
-        tokens = load.token_ids[: load.end]
+        # The whole prompt, not its first `end` tokens: the last stored chunk may be a partial one
+        # keyed by every prompt token, while `end` stops one short of the prompt.
         try:
-            found, kv = self._agent.retrieve(tokens, self._location)
+            found, kv = self._agent.retrieve(load.token_ids, self._location)
         except Exception:  # the blocks are reported failed below and vLLM recomputes them
-            logger.warning("KVMeshConnector: loading %d tokens of %s failed", len(tokens), load.request_id,
+            logger.warning("KVMeshConnector: loading %d tokens of %s failed", load.end, load.request_id,
                            exc_info=True)
             found, kv = 0, None
         got = min(found, load.end)

