@@ -223,11 +223,11 @@ def throughput(device: torch.device, quick: bool) -> None:
         row("rANS decode", method, timed(lambda: be.rans_decode_device(words, counts, center, table, layout),
                                           device, iters))
         row("dequantize (q + bounds in, fp16 out)", method,
-            timed(lambda: be.dequantize(q, sides, levels, modes).to(torch.float16), device, iters))
+            timed(lambda: be.dequantize(q, sides, levels, modes, dtype=torch.float16), device, iters))
 
         def dec_pipeline():
             q2, _ = be.rans_decode_device(words, counts, center, table, layout)
-            return be.dequantize(q2, sides, levels, modes).to(torch.float16)
+            return be.dequantize(q2, sides, levels, modes, dtype=torch.float16)
 
         row("decode pipeline on device (rANS + dequantize)", method, timed(dec_pipeline, device, iters))
         row("codec.decode (bytes -> GPU tensor: H2D, checks, container)", method,

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from kvmesh.codecs.cachegen import quant, rans
+from kvmesh.codecs.cachegen import triton_quant as tq
 from kvmesh.codecs.cachegen import triton_rans as tr
 from kvmesh.codecs.cachegen.layout import StreamLayout
 from kvmesh.codecs.cachegen.tables import NUM_TABLES, alphabet_tables
@@ -63,6 +64,14 @@ class _LayoutLanes:
         base = (b * T + seg * quant.SEGMENT) * C + c
         stream = (b * C + c) * nseg + seg
         self.lanes = tr.Lanes(base.reshape(-1).to(device), stream.reshape(-1).to(device), C)
+        # The same lanes split by alphabet size, for kernels whose work grows with the alphabet.
+        lane_alpha = torch.from_numpy(np.asarray(layout.levels, dtype=np.int64).reshape(-1)).view(-1, 1, 1)
+        lane_alpha = lane_alpha.expand(2 * L, nseg, C).reshape(-1)
+        self.group_lanes = []
+        for g, _ in layout.groups:
+            pick = (lane_alpha == int(g)).to(device)
+            lanes = tr.Lanes(self.lanes.lane_base[pick], self.lanes.lane_stream[pick], C)
+            self.group_lanes.append((int(g), max(32, 1 << (int(g) - 1).bit_length()), lanes))
         self.lengths = torch.from_numpy(layout.lengths.astype(np.int32)).to(device)
         self.alpha = torch.from_numpy(layout.stream_levels.astype(np.int32)).to(device)
         self.alphabets = tuple(int(g) for g, _ in layout.groups)
@@ -123,21 +132,27 @@ class TritonBackend:
             t = a
         return t.to(device=self.device, dtype=dtype).contiguous()
 
-    # -- quantization (torch on the device for now: the same IEEE ops as quant.py) ------------------
+    # -- quantization --------------------------------------------------------------------------------
     def quantize(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = x.to(self.device, torch.float32)
-        lv = torch.from_numpy(levels.astype(np.float32)).to(self.device)
-        qk, sk = quant.quantize(x[0], lv[0], modes[0])
-        qv, sv = quant.quantize(x[1], lv[1], modes[1])
-        return torch.stack([qk, qv]), [sk, sv]
+        """x [2, L, T, C] fp16/bf16/fp32 -> (q uint8 [2, L, T, C], [key side fp16, value side fp16]).
 
-    def dequantize(self, q: torch.Tensor, sides: list[torch.Tensor], levels: np.ndarray,
-                   modes: tuple[int, int]) -> torch.Tensor:
-        q = q.to(self.device)
-        lv = torch.from_numpy(levels.astype(np.float32)).to(self.device)
-        k = quant.dequantize(q[0], sides[0].to(self.device), lv[0], modes[0])
-        v = quant.dequantize(q[1], sides[1].to(self.device), lv[1], modes[1])
-        return torch.stack([k, v])
+        Reads x in its own dtype: converting to fp32 first is exact, so it would only cost a pass."""
+        x = x.to(self.device).contiguous()
+        lv = tq.levels_tensor(levels, self.device)
+        q = torch.empty(x.shape, dtype=torch.uint8, device=self.device)
+        _, sk = tq.quantize(x[0], lv[0], modes[0], self.interpret, q=q[0])
+        _, sv = tq.quantize(x[1], lv[1], modes[1], self.interpret, q=q[1])
+        return q, [sk, sv]
+
+    def dequantize(self, q: torch.Tensor, sides: list[torch.Tensor], levels: np.ndarray, modes: tuple[int, int],
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[2, L, T, C] in dtype (default fp32 like CpuBackend; any other dtype equals its .to(dtype))."""
+        q = q.to(self.device).contiguous()
+        lv = tq.levels_tensor(levels, self.device)
+        out = torch.empty(q.shape, dtype=dtype, device=self.device)
+        tq.dequantize(q[0], sides[0].to(self.device), lv[0], modes[0], dtype, self.interpret, out=out[0])
+        tq.dequantize(q[1], sides[1].to(self.device), lv[1], modes[1], dtype, self.interpret, out=out[1])
+        return out
 
     # -- statistics ----------------------------------------------------------------------------------
     def histogram(self, q: torch.Tensor, layout: StreamLayout) -> torch.Tensor:
@@ -145,8 +160,9 @@ class TritonBackend:
         ll = self._layout(layout)
         q = q.to(self.device).contiguous()
         hist = torch.zeros(layout.num_streams, 256, dtype=torch.int32, device=self.device)
-        tr.stream_stats(q, ll.lanes, ll.lengths, ll.alpha, ll.cost_off, ll.tabs.cost, NUM_TABLES, ll.nmax, ll.bpad,
-                        hist=hist, write_hist=True, choose=False, interpret=self.interpret)
+        for _, bpad, lanes in ll.group_lanes:
+            tr.stream_stats(q, lanes, ll.lengths, ll.alpha, ll.cost_off, ll.tabs.cost, NUM_TABLES, ll.nmax, bpad,
+                            hist=hist, write_hist=True, choose=False, interpret=self.interpret)
         return hist
 
     def choose_tables(self, hist: np.ndarray | torch.Tensor, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -165,8 +181,12 @@ class TritonBackend:
         """(center, table) uint8 [S] left on the device."""
         ll = self._layout(layout)
         q = q.to(self.device).contiguous()
-        return tr.stream_stats(q, ll.lanes, ll.lengths, ll.alpha, ll.cost_off, ll.tabs.cost, NUM_TABLES,
-                               ll.nmax, ll.bpad, choose=True, interpret=self.interpret)
+        center = torch.zeros(layout.num_streams, dtype=torch.uint8, device=self.device)
+        table = torch.zeros(layout.num_streams, dtype=torch.uint8, device=self.device)
+        for _, bpad, lanes in ll.group_lanes:
+            tr.stream_stats(q, lanes, ll.lengths, ll.alpha, ll.cost_off, ll.tabs.cost, NUM_TABLES, ll.nmax, bpad,
+                            choose=True, interpret=self.interpret, center_out=center, table_out=table)
+        return center, table
 
     # -- entropy coding ------------------------------------------------------------------------------
     def rans_encode(self, q: torch.Tensor, center: np.ndarray, table: np.ndarray,

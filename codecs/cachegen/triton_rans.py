@@ -138,13 +138,62 @@ def _stats_kernel(sym_ptr, lane_base_ptr, lane_stream_ptr, len_ptr, alpha_ptr, c
     if FROM_HIST:
         h = tl.load(hist_ptr + hrow, mask=valid[:, None], other=0).to(tl.int32)
     else:
+        # Counts up to 256 need 9 bits: keep them bit-sliced, plane k holding bit k of every bin's
+        # count (32 bins per uint32 word, NW words). Adding a symbol is a ripple-carry of its one-hot
+        # word through the planes: 2 ops per plane instead of one compare-add per bin.
+        NW: tl.constexpr = BPAD // 32
+        words = tl.arange(0, NW)
         base = tl.load(lane_base_ptr + lane, mask=valid, other=0)
-        h = tl.zeros([BLOCK, BPAD], tl.int32)
+        p0 = tl.zeros([BLOCK, NW], tl.uint32)
+        p1 = tl.zeros([BLOCK, NW], tl.uint32)
+        p2 = tl.zeros([BLOCK, NW], tl.uint32)
+        p3 = tl.zeros([BLOCK, NW], tl.uint32)
+        p4 = tl.zeros([BLOCK, NW], tl.uint32)
+        p5 = tl.zeros([BLOCK, NW], tl.uint32)
+        p6 = tl.zeros([BLOCK, NW], tl.uint32)
+        p7 = tl.zeros([BLOCK, NW], tl.uint32)
+        p8 = tl.zeros([BLOCK, NW], tl.uint32)
+        one = tl.full([BLOCK], 1, tl.uint32)
         for i in range(NMAX):
             act = valid & (i < n)
             s = tl.load(sym_ptr + base + i * sym_step, mask=act, other=0).to(tl.int32)
-            s = tl.where(act, s, -1)
-            h += (s[:, None] == bins[None, :]).to(tl.int32)
+            bit = tl.where(act, one << (s & 31).to(tl.uint32), 0)
+            c = tl.where(words[None, :] == (s >> 5)[:, None], bit[:, None], 0).to(tl.uint32)
+            t = p0 & c
+            p0 = p0 ^ c
+            c = t
+            t = p1 & c
+            p1 = p1 ^ c
+            c = t
+            t = p2 & c
+            p2 = p2 ^ c
+            c = t
+            t = p3 & c
+            p3 = p3 ^ c
+            c = t
+            t = p4 & c
+            p4 = p4 ^ c
+            c = t
+            t = p5 & c
+            p5 = p5 ^ c
+            c = t
+            t = p6 & c
+            p6 = p6 ^ c
+            c = t
+            t = p7 & c
+            p7 = p7 ^ c
+            c = t
+            p8 = p8 ^ c
+        sh = tl.arange(0, 32).to(tl.uint32)[None, None, :]
+        h = tl.reshape(((p0[:, :, None] >> sh) & 1).to(tl.int32), (BLOCK, BPAD))
+        h += tl.reshape(((p1[:, :, None] >> sh) & 1).to(tl.int32), (BLOCK, BPAD)) << 1
+        h += tl.reshape(((p2[:, :, None] >> sh) & 1).to(tl.int32), (BLOCK, BPAD)) << 2
+        h += tl.reshape(((p3[:, :, None] >> sh) & 1).to(tl.int32), (BLOCK, BPAD)) << 3
+        h += tl.reshape(((p4[:, :, None] >> sh) & 1).to(tl.int32), (BLOCK, BPAD)) << 4
+        h += tl.reshape(((p5[:, :, None] >> sh) & 1).to(tl.int32), (BLOCK, BPAD)) << 5
+        h += tl.reshape(((p6[:, :, None] >> sh) & 1).to(tl.int32), (BLOCK, BPAD)) << 6
+        h += tl.reshape(((p7[:, :, None] >> sh) & 1).to(tl.int32), (BLOCK, BPAD)) << 7
+        h += tl.reshape(((p8[:, :, None] >> sh) & 1).to(tl.int32), (BLOCK, BPAD)) << 8
     if WRITE_HIST:
         tl.store(hist_ptr + hrow, h.to(hist_ptr.dtype.element_ty), mask=valid[:, None])
     if CHOOSE:
@@ -249,21 +298,26 @@ def rans_decode(words: torch.Tensor, counts: torch.Tensor, out: torch.Tensor, la
 def stream_stats(sym: torch.Tensor | None, lanes: Lanes, lengths: torch.Tensor, alpha: torch.Tensor,
                  cost_off: torch.Tensor, cost_tab: torch.Tensor, n_tables: int, nmax: int, bpad: int,
                  hist: torch.Tensor | None = None, write_hist: bool = False, choose: bool = True,
-                 interpret: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 interpret: bool = False, center_out: torch.Tensor | None = None,
+                 table_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Histogram (into hist [S, 256] when write_hist) and/or (centre, table) uint8 [S] per stream.
 
-    With sym None the histogram is read from hist instead of counted.
+    With sym None the histogram is read from hist instead of counted. Only the given lanes' streams are
+    written, so one (centre, table) pair of outputs can be filled by several launches (one per alphabet
+    size, each with the smallest BPAD >= its alphabet).
     """
     s_count = lengths.numel()
     dev = lengths.device
-    center = torch.zeros(s_count, dtype=torch.uint8, device=dev)
-    table = torch.zeros(s_count, dtype=torch.uint8, device=dev)
-    if s_count:
-        block = _block(lanes.n, 2048 if interpret else max(1, 2048 // bpad))
+    center = torch.zeros(s_count, dtype=torch.uint8, device=dev) if center_out is None else center_out
+    table = torch.zeros(s_count, dtype=torch.uint8, device=dev) if table_out is None else table_out
+    if lanes.n:
+        bpad = max(32, bpad)
+        block = _block(lanes.n, 2048 if interpret else max(16, 4096 // bpad))
         grid = (triton.cdiv(lanes.n, block),)
-        dummy = center
+        extra = {} if interpret else {"num_warps": max(1, min(4, block // 32))}
+        dummy = center if center_out is None else center_out
         _stats_kernel[grid](sym if sym is not None else dummy, lanes.lane_base, lanes.lane_stream, lengths, alpha,
                             cost_off, cost_tab, hist if hist is not None else dummy, center, table, lanes.n,
                             lanes.sym_step, NMAX=nmax, BLOCK=block, BPAD=bpad, NT=n_tables,
-                            FROM_HIST=sym is None, WRITE_HIST=write_hist, CHOOSE=choose)
+                            FROM_HIST=sym is None, WRITE_HIST=write_hist, CHOOSE=choose, **extra)
     return center, table

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kvmesh.codecs import CodecError
-from kvmesh.codecs.cachegen import rans
+from kvmesh.codecs.cachegen import quant, rans
 from kvmesh.codecs.cachegen.backends import CpuBackend
 from kvmesh.codecs.cachegen.layout import stream_layout, to_streams
 from kvmesh.codecs.cachegen.tables import alphabet_tables
@@ -42,9 +42,11 @@ def load_kernels():
         if already and not isinstance(standard._sum_combine, InterpretedFunction):
             pytest.skip("triton was imported in this process before TRITON_INTERPRET=1 could be set and there is "
                         "no GPU; run `TRITON_INTERPRET=1 pytest tests/codecs/test_triton_*.py`", allow_module_level=True)
-        from kvmesh.codecs.cachegen import triton_backend, triton_rans
-        if not isinstance(triton_rans._rans_encode_kernel, InterpretedFunction):
-            importlib.reload(triton_rans)  # imported earlier while the variable was unset
+        from kvmesh.codecs.cachegen import triton_backend, triton_quant, triton_rans
+        for mod in (triton_rans, triton_quant):
+            if not isinstance(getattr(mod, "_round_down_fp16", getattr(mod, "_rans_encode_kernel", None)),
+                              InterpretedFunction):
+                importlib.reload(mod)  # imported earlier while the variable was unset
     finally:
         if old is None:
             del os.environ["TRITON_INTERPRET"]
@@ -144,6 +146,55 @@ def test_encode_decode_match_numpy(s: int, n: int, a: int, nt: int, power: float
                             zeros, alpha, d(tidx * rans.M, torch.int32), dec, n, interpret=DEVICE.type == "cpu")
     assert int(status[k]) == 0
     assert int(status.sum()) == s - 1
+
+
+# ---- quantization ------------------------------------------------------------------------------------
+
+QDTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+
+
+@pytest.mark.parametrize("mode", quant.MODES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 37, 24), (3, 300, 7)])
+def test_quantize_dequantize_match_quant_py(mode: int, shape: tuple[int, int, int]) -> None:
+    from tests.codecs.conftest import kv_like
+
+    tq = sys.modules["kvmesh.codecs.cachegen.triton_quant"]
+    layers, tokens, channels = shape
+    for dtype in QDTYPES:
+        x = kv_like(layers, tokens, channels, dtype=dtype, seed=tokens + mode)[0]
+        x[0, :, 0] = 0.0  # an all-zero channel
+        x[-1, :, -1] = -3.0  # a constant channel
+        if layers > 1:
+            x[1] = 0.0  # an all-zero layer: bounds 0, every q 0
+        lv = torch.tensor([16.0, 33.0, 129.0][:layers])
+        q, side = quant.quantize(x.float(), lv, mode)
+        q2, side2 = tq.quantize(x.to(DEVICE), lv.to(DEVICE), mode, interpret=DEVICE.type == "cpu")
+        assert_same(side2.view(torch.int16), side.view(torch.int16))
+        assert_same(q2, q)
+        ref = quant.dequantize(q, side, lv, mode)
+        for out_dtype in QDTYPES:
+            y = tq.dequantize(q.to(DEVICE), side.to(DEVICE), lv.to(DEVICE), mode, out_dtype,
+                              interpret=DEVICE.type == "cpu")
+            want = ref.to(out_dtype)
+            assert_same(y.view(torch.int16 if out_dtype != torch.float32 else torch.int32),
+                        want.view(torch.int16 if out_dtype != torch.float32 else torch.int32))
+
+
+def test_backend_quantize_matches_cpu_backend(backend) -> None:
+    from tests.codecs.conftest import kv_like
+
+    kv = kv_like(3, 45, 10, dtype=torch.float16, seed=11)
+    levels = np.array([[32, 16, 16], [33, 17, 17]])
+    for modes in ((quant.MODE_CHANNEL, quant.MODE_TOKEN_SYMMETRIC), (quant.MODE_TOKEN, quant.MODE_CHANNEL)):
+        q, sides = CpuBackend().quantize(kv.float(), levels, modes)
+        q2, sides2 = backend.quantize(kv.to(DEVICE), levels, modes)
+        assert_same(q2, q)
+        for a, b in zip(sides2, sides):
+            assert_same(a.view(torch.int16), b.view(torch.int16))
+        ref = CpuBackend().dequantize(q, sides, levels, modes)
+        assert_same(backend.dequantize(q2, sides2, levels, modes).view(torch.int32), ref.view(torch.int32))
+        assert_same(backend.dequantize(q2, sides2, levels, modes, dtype=torch.float16).view(torch.int16),
+                    ref.half().view(torch.int16))
 
 
 # ---- the cachegen layout: statistics and coding through the backend ----------------------------------

@@ -1,0 +1,212 @@
+"""Triton twins of quant.py's quantize/dequantize: the same IEEE fp32 operations, in the same order.
+
+Bit-exactness rules: every kernel is launched with enable_fp_fusion=False (a*b+c must stay two
+roundings, not one FMA), divisions use tl.div_rn (IEEE; plain `/` is approximate on NVIDIA), fp32 ->
+fp16 conversions round to nearest even as torch does, and min/max reductions are order-independent.
+
+Tiles: the per-(layer, segment, channel) mode reduces a [256 tokens, BLOCK_C channels] tile over
+tokens; the per-token modes reduce a [BLOCK_T tokens, CPAD channels] tile over channels. Either way
+each tile row is a contiguous run of memory.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from kvmesh.codecs.cachegen import quant
+
+SEGMENT = tl.constexpr(quant.SEGMENT)
+
+
+@triton.jit
+def _round_down_fp16(v):
+    """The largest fp16 value <= v (quant.fp16_round_down)."""
+    h = v.to(tl.float16)
+    too_big = h.to(tl.float32) > v
+    b = h.to(tl.int16, bitcast=True)
+    down = tl.where(h > 0, b - 1, tl.where(h < 0, b + 1, -32767)).to(tl.int16)
+    return tl.where(too_big, down, b).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _round_up_fp16(v):
+    return -_round_down_fp16(-v)
+
+
+@triton.jit
+def _quantize_uniform(x, lo, hi, lv):
+    """quant.quantize_uniform: x fp32, lo/hi fp16, lv fp32 (levels) -> uint8."""
+    lo32 = lo.to(tl.float32)
+    d = hi.to(tl.float32) - lo32
+    flat = d > 0
+    inv = tl.div_rn(lv - 1.0, tl.where(flat, d, 1.0))
+    inv = tl.where(flat, inv, 0.0)
+    t = x - lo32
+    t = t * inv
+    t = t + 0.5
+    q = tl.floor(t)
+    q = tl.minimum(tl.maximum(q, 0.0), lv - 1.0)
+    return q.to(tl.uint8)
+
+
+@triton.jit
+def _dequantize_uniform(q, lo, hi, lv):
+    lo32 = lo.to(tl.float32)
+    step = tl.div_rn(hi.to(tl.float32) - lo32, lv - 1.0)
+    y = q.to(tl.float32) * step
+    return y + lo32
+
+
+@triton.jit
+def _quant_channel_kernel(x_ptr, q_ptr, side_ptr, lv_ptr, T, C, nseg, L, BLOCK_C: tl.constexpr):
+    """One (layer, segment) x BLOCK_C channels: bounds over the segment's tokens, then quantize."""
+    pid = tl.program_id(0)
+    layer = pid // nseg
+    seg = pid % nseg
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    t = seg * SEGMENT + tl.arange(0, SEGMENT)
+    m = (t < T)[:, None] & (c < C)[None, :]
+    off = (layer.to(tl.int64) * T + t[:, None]) * C + c[None, :]
+    x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+    lo = _round_down_fp16(tl.min(tl.where(m, x, float("inf")), axis=0))
+    hi = _round_up_fp16(tl.max(tl.where(m, x, float("-inf")), axis=0))
+    cm = c < C
+    side = (layer * nseg + seg) * C + c
+    tl.store(side_ptr + side, lo, mask=cm)
+    tl.store(side_ptr + L * nseg * C + side, hi, mask=cm)
+    lv = tl.load(lv_ptr + layer)
+    q = _quantize_uniform(x, lo[None, :], hi[None, :], lv)
+    tl.store(q_ptr + off, q, mask=m)
+
+
+@triton.jit
+def _quant_token_kernel(x_ptr, q_ptr, side_ptr, lv_ptr, T, C, L, SYM: tl.constexpr,
+                        BLOCK_T: tl.constexpr, CPAD: tl.constexpr):
+    """BLOCK_T tokens of one layer: bounds over the channels of each token, then quantize."""
+    layer = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.arange(0, CPAD)
+    m = (t < T)[:, None] & (c < C)[None, :]
+    off = (layer.to(tl.int64) * T + t[:, None]) * C + c[None, :]
+    x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+    tm = t < T
+    row = layer.to(tl.int64) * T + t
+    if SYM:
+        a = _round_up_fp16(tl.max(tl.where(m, tl.abs(x), float("-inf")), axis=1))
+        tl.store(side_ptr + row, a, mask=tm)
+        lo = -a
+        hi = a
+    else:
+        lo = _round_down_fp16(tl.min(tl.where(m, x, float("inf")), axis=1))
+        hi = _round_up_fp16(tl.max(tl.where(m, x, float("-inf")), axis=1))
+        tl.store(side_ptr + row, lo, mask=tm)
+        tl.store(side_ptr + L * T + row, hi, mask=tm)
+    lv = tl.load(lv_ptr + layer)
+    q = _quantize_uniform(x, lo[:, None], hi[:, None], lv)
+    tl.store(q_ptr + off, q, mask=m)
+
+
+@triton.jit
+def _dequant_channel_kernel(q_ptr, out_ptr, side_ptr, lv_ptr, T, C, nseg, L, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    layer = pid // nseg
+    seg = pid % nseg
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    t = seg * SEGMENT + tl.arange(0, SEGMENT)
+    m = (t < T)[:, None] & (c < C)[None, :]
+    off = (layer.to(tl.int64) * T + t[:, None]) * C + c[None, :]
+    cm = c < C
+    side = (layer * nseg + seg) * C + c
+    lo = tl.load(side_ptr + side, mask=cm, other=0.0)
+    hi = tl.load(side_ptr + L * nseg * C + side, mask=cm, other=0.0)
+    lv = tl.load(lv_ptr + layer)
+    q = tl.load(q_ptr + off, mask=m, other=0)
+    y = _dequantize_uniform(q, lo[None, :], hi[None, :], lv)
+    tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _dequant_token_kernel(q_ptr, out_ptr, side_ptr, lv_ptr, T, C, L, SYM: tl.constexpr,
+                          BLOCK_T: tl.constexpr, CPAD: tl.constexpr):
+    layer = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.arange(0, CPAD)
+    m = (t < T)[:, None] & (c < C)[None, :]
+    off = (layer.to(tl.int64) * T + t[:, None]) * C + c[None, :]
+    tm = t < T
+    row = layer.to(tl.int64) * T + t
+    if SYM:
+        a = tl.load(side_ptr + row, mask=tm, other=0.0)
+        lo = -a
+        hi = a
+    else:
+        lo = tl.load(side_ptr + row, mask=tm, other=0.0)
+        hi = tl.load(side_ptr + L * T + row, mask=tm, other=0.0)
+    lv = tl.load(lv_ptr + layer)
+    q = tl.load(q_ptr + off, mask=m, other=0)
+    y = _dequantize_uniform(q, lo[:, None], hi[:, None], lv)
+    tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# ---- host side ------------------------------------------------------------------------------------
+
+def _opts(interpret: bool, warps: int) -> dict:
+    return {} if interpret else {"enable_fp_fusion": False, "num_warps": warps}
+
+
+def _token_tile(c: int, interpret: bool) -> tuple[int, int]:
+    cpad = triton.next_power_of_2(c)
+    return max(1, (65536 if interpret else 4096) // cpad), cpad
+
+
+def quantize(x: torch.Tensor, levels: torch.Tensor, mode: int, interpret: bool = False,
+             q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quant.quantize on the device: x [L, T, C] (fp16/bf16/fp32, contiguous), levels fp32 [L] on the
+    same device -> (q uint8 [L, T, C], side fp16 of quant.side_shape); q may be given (contiguous)."""
+    L, T, C = x.shape
+    x = x.contiguous()
+    if q is None:
+        q = torch.empty(L, T, C, dtype=torch.uint8, device=x.device)
+    side = torch.empty(quant.side_shape(mode, L, T, C), dtype=torch.float16, device=x.device)
+    if mode == quant.MODE_CHANNEL:
+        nseg = quant.num_segments(T)
+        block_c = min(256 if interpret else 64, triton.next_power_of_2(C))
+        _quant_channel_kernel[(L * nseg, triton.cdiv(C, block_c))](x, q, side, levels, T, C, nseg, L, BLOCK_C=block_c,
+                                                                   **_opts(interpret, 8))
+    elif mode in (quant.MODE_TOKEN, quant.MODE_TOKEN_SYMMETRIC):
+        block_t, cpad = _token_tile(C, interpret)
+        block_t = min(block_t, triton.next_power_of_2(T))
+        _quant_token_kernel[(L, triton.cdiv(T, block_t))](x, q, side, levels, T, C, L,
+                                                          SYM=mode == quant.MODE_TOKEN_SYMMETRIC,
+                                                          BLOCK_T=block_t, CPAD=cpad, **_opts(interpret, 4))
+    else:
+        raise ValueError(f"unknown quantization mode {mode}")
+    return q, side
+
+
+def dequantize(q: torch.Tensor, side: torch.Tensor, levels: torch.Tensor, mode: int, dtype: torch.dtype,
+               interpret: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """quant.dequantize on the device, written straight in `dtype` (fp32 result rounded as .to does)."""
+    L, T, C = q.shape
+    q = q.contiguous()
+    if out is None:
+        out = torch.empty(L, T, C, dtype=dtype, device=q.device)
+    side = side.contiguous()
+    if mode == quant.MODE_CHANNEL:
+        nseg = quant.num_segments(T)
+        block_c = min(256 if interpret else 64, triton.next_power_of_2(C))
+        _dequant_channel_kernel[(L * nseg, triton.cdiv(C, block_c))](q, out, side, levels, T, C, nseg, L,
+                                                                     BLOCK_C=block_c, **_opts(interpret, 8))
+    else:
+        block_t, cpad = _token_tile(C, interpret)
+        block_t = min(block_t, triton.next_power_of_2(T))
+        _dequant_token_kernel[(L, triton.cdiv(T, block_t))](q, out, side, levels, T, C, L,
+                                                            SYM=mode == quant.MODE_TOKEN_SYMMETRIC,
+                                                            BLOCK_T=block_t, CPAD=cpad, **_opts(interpret, 4))
+    return out
+
+
+def levels_tensor(levels: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(levels, dtype=np.float32)).to(device)
