@@ -346,7 +346,8 @@ class InstanceAgent:
             return chunk.raw
         kv = self.codecs.get(chunk.method).decode(chunk.payload or b"")
         self._check_decoded(kv, span, chunk.method)
-        return kv
+        # A GPU codec decodes onto its device; reads are concatenated with raw (CPU) chunks.
+        return kv.cpu()
 
     @staticmethod
     def _check_decoded(kv: Any, span: ChunkSpan, method: str) -> None:
@@ -467,6 +468,7 @@ class InstanceAgent:
             t0 = time.perf_counter()
             kv = self.codecs.get(chunk.method).decode(chunk.payload or b"")
             self._check_decoded(kv, span, chunk.method)
+            kv = kv.cpu()  # raw chunks live in host memory, whatever device the codec used
             seconds = time.perf_counter() - t0
             new = StoredChunk(span.key, span.start, span.end, RAW, raw=kv)
             if not backend.put(new, expect_method=chunk.method):

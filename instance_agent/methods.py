@@ -60,7 +60,12 @@ class CodecSet:
             if method in self._extra:
                 codec = self._extra[method]
             elif self._registry is not None and method in self._registry.available_methods():
-                codec = self._registry.get_codec(method)
+                try:
+                    codec = self._registry.get_codec(method)
+                except self._registry.CodecError as err:
+                    # "auto" picks Triton on a GPU host, which CPU-only methods refuse: use their CPU path.
+                    logger.info("method %s: %s; using its CPU backend", method, err)
+                    codec = self._registry.get_codec(method, backend="cpu")
             else:
                 avail = ", ".join(self.available()) or "none"
                 raise InvalidArgument(f"unknown method {method!r}; available methods: {avail}")

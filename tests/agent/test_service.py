@@ -67,7 +67,7 @@ CASES = [(CPU, "lossless"), (DISK, "lossless")] + [(loc, m) for loc, m in zip((D
 
 
 @pytest.mark.parametrize(("location", "method"), CASES)
-async def test_compress_reports_each_chunk_then_reads_decode(stub, method: str, location: str) -> None:
+async def test_compress_reports_each_chunk_then_reads_decode(agent, stub, method: str, location: str) -> None:
     tokens = list(range(1000, 1018))  # 4 full chunks and a partial one
     kv = make_kv(len(tokens), seed=3)
     await put(stub, tokens, kv, location)
@@ -85,12 +85,12 @@ async def test_compress_reports_each_chunk_then_reads_decode(stub, method: str, 
     assert final.bytes_before == sum(m.progress.bytes_before for m in progress)
     assert final.bytes_after == sum(m.progress.bytes_after for m in progress)
 
-    codec = get_codec(method)
+    codec = agent.codecs.get(method)  # the codec the agent used (its Triton backend on a GPU host)
     n, got = await get(stub, tokens, location)
     assert n == 18
     for s in spans:
         chunk = kv[:, :, s.start:s.end].contiguous()
-        expected = codec.decode(codec.encode(chunk))
+        expected = codec.decode(codec.encode(chunk)).cpu()
         assert torch.equal(got[:, :, s.start:s.end], expected), f"chunk {s.index}"
 
     stats = await stub.Stats(agent_pb2.StatsRequest())
@@ -142,7 +142,7 @@ class FlakyCodec:
     """The real lossless codec, except that its Nth encode raises: an injected fault (test only)."""
 
     def __init__(self, fail_on: int) -> None:
-        self.inner = get_codec("lossless")
+        self.inner = get_codec("lossless", backend="cpu")
         self.fail_on = fail_on
         self.calls = 0
 
@@ -160,10 +160,10 @@ class WrongShapeCodec:
     """Writes a container that decodes to the wrong shape (a broken codec, test only)."""
 
     def encode(self, kv: torch.Tensor) -> bytes:
-        return get_codec("lossless").encode(kv[:, :, :1].contiguous())
+        return get_codec("lossless", backend="cpu").encode(kv[:, :, :1].contiguous())
 
     def decode(self, blob: bytes) -> torch.Tensor:
-        return get_codec("lossless").decode(blob)
+        return get_codec("lossless", backend="cpu").decode(blob)
 
 
 @pytest.mark.parametrize("location", [CPU, DISK])
