@@ -331,6 +331,16 @@ async def test_health_and_stats(stub, agent) -> None:
     health = await stub.Health(agent_pb2.HealthRequest())
     assert health.error_code == -1 and "LocalCPUBackend" in health.message
     agent.locations[CPU]._used -= 1
+    assert (await stub.Health(agent_pb2.HealthRequest())).error_code == 0
+
+
+async def test_health_reports_a_failing_check_as_worker_error(agent, stub, monkeypatch) -> None:
+    def broken() -> list[str]:  # injected fault: the storage check itself crashes
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(agent, "_check_storage", broken)
+    health = await stub.Health(agent_pb2.HealthRequest())
+    assert health.error_code == -1001 and "Input/output error" in health.message
 
 
 async def test_bad_inputs_are_invalid_argument_saying_what(stub) -> None:
