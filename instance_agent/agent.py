@@ -87,8 +87,11 @@ class InstanceAgent:
         self.locations: dict[str, StorageBackend] = {}
         self._locks = KeyedLocks()
         # Codec calls are CPU-heavy and release the GIL in torch: one thread per core.
+        threads = codec_threads or max(1, os.cpu_count() or 1)
         self._codec_pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=codec_threads or max(1, os.cpu_count() or 1), thread_name_prefix=f"kvmesh-codec-{worker_id}")
+            max_workers=threads, thread_name_prefix=f"kvmesh-codec-{worker_id}")
+        # Chunks of one compress/decompress in flight at once (extra_config.chunk_parallelism).
+        self.chunk_parallelism = max(1, int(config.extra_config.get("chunk_parallelism", min(threads, 4))))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
         self._link: Any = None
@@ -384,27 +387,56 @@ class InstanceAgent:
 
     async def _run_chunks(self, operation: str, method: str, backend: StorageBackend, spans: list[ChunkSpan],
                           event_id: str, work: Any) -> AsyncIterator[agent_pb2.ProgressResponse]:
+        """Run ``work(span)`` for each chunk, a few chunks at a time, reporting each as it finishes."""
         total_before = total_after = 0
         done = 0
         errors: list[str] = []
-        for span in spans:
+        todo = iter(spans)
+        running: set[asyncio.Future[tuple[ChunkSpan, ChunkOutcome]]] = set()
+
+        async def one(span: ChunkSpan) -> tuple[ChunkSpan, ChunkOutcome]:
             async with self._locks.hold((backend.name, span.key)):
-                outcome: ChunkOutcome = await self._run_codec(work, span)
-            self._count(operation, method or outcome.method, backend.name, outcome)
-            if outcome.error:
-                errors.append(f"chunk {span.index}: {outcome.error}")
-                logger.warning("%s %s chunk %d (%s) in %s failed: %s", operation, event_id, span.index,
-                               span.key, backend.name, outcome.error)
-            else:
-                done += 1
-                total_before += outcome.bytes_before
-                total_after += outcome.bytes_after
-            self._refresh_storage_metrics()
-            yield agent_pb2.ProgressResponse(progress=common_pb2.ChunkProgress(
-                worker_id=self.worker_id, chunk_index=span.index, chunk_key=span.key,
-                token_start=span.start, token_end=span.end, bytes_before=outcome.bytes_before,
-                bytes_after=outcome.bytes_after, codec_seconds=outcome.codec_seconds,
-                skipped=outcome.skipped, error=outcome.error))
+                return span, await self._run_codec(work, span)
+
+        def refill() -> None:
+            # A bounded window: enough chunks in flight to keep the codec threads busy, few
+            # enough that their raw and encoded copies stay small.
+            while len(running) < self.chunk_parallelism:
+                span = next(todo, None)
+                if span is None:
+                    return
+                running.add(asyncio.ensure_future(one(span)))
+
+        refill()
+        try:
+            while running:
+                finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(finished, key=lambda t: t.result()[0].index):
+                    running.discard(task)
+                    span, outcome = task.result()
+                    self._count(operation, method or outcome.method, backend.name, outcome)
+                    if outcome.error:
+                        errors.append(f"chunk {span.index}: {outcome.error}")
+                        logger.warning("%s %s chunk %d (%s) in %s failed: %s", operation, event_id, span.index,
+                                       span.key, backend.name, outcome.error)
+                    else:
+                        done += 1
+                        total_before += outcome.bytes_before
+                        total_after += outcome.bytes_after
+                    yield agent_pb2.ProgressResponse(progress=common_pb2.ChunkProgress(
+                        worker_id=self.worker_id, chunk_index=span.index, chunk_key=span.key,
+                        token_start=span.start, token_end=span.end, bytes_before=outcome.bytes_before,
+                        bytes_after=outcome.bytes_after, codec_seconds=outcome.codec_seconds,
+                        skipped=outcome.skipped, error=outcome.error))
+                self._refresh_storage_metrics()
+                refill()
+        finally:
+            # The caller went away (stream cancelled): let the chunks in flight finish their swap
+            # before their locks go, and start no more.
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+                self._refresh_storage_metrics()
+        errors.sort(key=lambda e: int(e.split(":", 1)[0].split()[1]))
         error = ""
         if errors:
             error = f"{len(errors)} of {len(spans)} chunks failed ({operation} {method or 'any'} in {backend.name}); " \
