@@ -17,14 +17,15 @@ class CpuBackend:
     name = "cpu"
     device = torch.device("cpu")
 
-    def quantize(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """x fp32 [2, L, T, C] -> (q uint8 [2, L, T, C], [key side fp16, value side fp16])."""
+    def quantize(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """x fp32 [2, L, T, C] -> (q uint8 [2, L, T, C], [key side tensors, value side tensors])."""
         lv = torch.from_numpy(levels.astype(np.float32))
         qk, sk = quant.quantize(x[0], lv[0], modes[0])
         qv, sv = quant.quantize(x[1], lv[1], modes[1])
         return torch.stack([qk, qv]), [sk, sv]
 
-    def dequantize(self, q: torch.Tensor, sides: list[torch.Tensor], levels: np.ndarray, modes: tuple[int, int]) -> torch.Tensor:
+    def dequantize(self, q: torch.Tensor, sides: list[list[torch.Tensor]], levels: np.ndarray,
+                   modes: tuple[int, int]) -> torch.Tensor:
         lv = torch.from_numpy(levels.astype(np.float32))
         k = quant.dequantize(q[0], sides[0], lv[0], modes[0])
         v = quant.dequantize(q[1], sides[1], lv[1], modes[1])

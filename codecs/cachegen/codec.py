@@ -1,12 +1,17 @@
 """The `cachegen` codec: quantize (quant.py) -> per-stream models (tables.py) -> rANS (rans.py).
 
+The first token of a chunk (the attention sink when the chunk starts a sequence: every later token
+attends to it heavily, so its errors cost far more than others') is stored apart with 8-bit per-token
+quantization; the other tokens go through the quantize -> rANS pipeline.
+
 Container sections (FORMAT.md has the byte-level specification):
-  0 params      key mode, value mode, segment length, table family, levels - 1 per (K/V, layer)
-  1 key side    fp16 quantization bounds of K
-  2 value side  fp16 quantization bounds of V
-  3 stream meta center symbol per stream, then table index per stream (uint8 each)
-  4 lengths     words per stream, bit-packed
-  5 words       the rANS words, uint16 little-endian, streams concatenated
+  0 params      key mode, value mode, segment length, table family, lead tokens, levels - 1 per (K/V, layer)
+  1 lead        the lead tokens: their fp16 bounds and uint8 symbols
+  2 key side    quantization side information of K
+  3 value side  quantization side information of V
+  4 stream meta center symbol per stream, then table index per stream (uint8 each)
+  5 lengths     words per stream, bit-packed
+  6 words       the rANS words, uint16 little-endian, streams concatenated
 """
 from __future__ import annotations
 
@@ -25,8 +30,10 @@ from kvmesh.codecs.cachegen.tables import NUM_TABLES, TABLE_FAMILY_VERSION
 from kvmesh.codecs.errors import CodecError
 
 CODEC_ID = 2
-N_SECTIONS = 6
-_PARAMS = struct.Struct("<BBHB")
+N_SECTIONS = 7
+_PARAMS = struct.Struct("<BBHBB")
+LEAD_LEVELS = 256
+LEAD_MODES = (quant.MODE_TOKEN, quant.MODE_TOKEN)
 _COUNTS = struct.Struct("<HB")
 
 
@@ -51,7 +58,36 @@ def unpack_uints(raw: memoryview, n: int) -> np.ndarray:
 
 
 def side_bytes(mode: int, layers: int, tokens: int, channels: int) -> int:
-    return 2 * int(np.prod(quant.side_shape(mode, layers, tokens, channels)))
+    return sum(int(np.prod(shape)) * torch.empty((), dtype=dt).element_size()
+               for shape, dt in quant.side_spec(mode, layers, tokens, channels))
+
+
+def lead_bytes(layers: int, lead: int, channels: int) -> int:
+    return 2 * side_bytes(quant.MODE_TOKEN, layers, lead, channels) + 2 * layers * lead * channels
+
+
+def _tensor_bytes(tensors: list[torch.Tensor]) -> bytes:
+    return b"".join(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.float16
+                    else t.detach().cpu().contiguous().view(torch.int16).numpy().tobytes() for t in tensors)
+
+
+def _tensors_from(raw: memoryview, spec: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+    """Reads side tensors (fp16/fp32, little-endian) and rejects non-finite or negative spans."""
+    out, pos = [], 0
+    for shape, dt in spec:
+        n = int(np.prod(shape))
+        if dt == torch.float16:
+            t = torch.from_numpy(np.frombuffer(raw, "<i2", n, pos).copy()).view(torch.float16)
+            pos += 2 * n
+        else:
+            t = torch.from_numpy(np.frombuffer(raw, "<f4", n, pos).astype(np.float32))
+            pos += 4 * n
+            if bool((t < 0).any()):
+                raise CodecError("corrupt cachegen container: negative quantization span")
+        if not bool(torch.isfinite(t).all()):
+            raise CodecError("corrupt cachegen container: non-finite quantization side information")
+        out.append(t.reshape(shape))
+    return out
 
 
 class CacheGenCodec(Codec):
@@ -71,81 +107,97 @@ class CacheGenCodec(Codec):
         _, L, T, C = kv.shape
         levels = self.level.levels_for(L)
         modes = (self.level.key_mode, self.level.value_mode)
-        layout = stream_layout(L, T, C, levels)
+        lead = min(self.level.lead_tokens, T)
         x = kv.detach().to(self.backend.device, torch.float32)
-        q, sides = self.backend.quantize(x, levels, modes)
-        hist = self.backend.histogram(q, layout)
-        center, table = self.backend.choose_tables(hist, layout)
-        words, counts = self.backend.rans_encode(q, center, table, layout)
-        sections = self._sections(levels, modes, sides, center, table, words, counts)
+        lead_q, lead_sides = self.backend.quantize(x[:, :, :lead], np.full((2, L), LEAD_LEVELS), LEAD_MODES)
+        lead_sec = _tensor_bytes([*lead_sides[0], *lead_sides[1], lead_q])
+        rest = T - lead
+        params = _PARAMS.pack(modes[0], modes[1], quant.SEGMENT, TABLE_FAMILY_VERSION, lead) + (levels - 1).astype(np.uint8).tobytes()
+        if rest == 0:
+            sections = [params, lead_sec, b"", b"", b"", pack_uints(np.zeros(0, np.int64)), b""]
+        else:
+            layout = stream_layout(L, rest, C, levels)
+            q, sides = self.backend.quantize(x[:, :, lead:], levels, modes)
+            hist = self.backend.histogram(q, layout)
+            center, table = self.backend.choose_tables(hist, layout)
+            words, counts = self.backend.rans_encode(q, center, table, layout)
+            meta = np.asarray(center, np.uint8).tobytes() + np.asarray(table, np.uint8).tobytes()
+            sections = [params, lead_sec, _tensor_bytes(sides[0]), _tensor_bytes(sides[1]), meta,
+                        pack_uints(np.asarray(counts)), np.asarray(words, dtype="<u2").tobytes()]
         return container.pack(self.codec_id, self.level_id, kv.dtype, tuple(kv.shape), sections)
 
     def encode_parts(self, kv: torch.Tensor) -> dict[str, int]:
         """Where the bytes of encode(kv) go, by section (for the benchmark)."""
         blob = self.encode(kv)
         header, sections = container.unpack(blob)
-        names = ("params", "key_side", "value_side", "stream_meta", "stream_lengths", "symbols")
+        names = ("params", "lead_token", "key_side", "value_side", "stream_meta", "stream_lengths", "symbols")
         parts = {n: len(s) for n, s in zip(names, sections)}
         parts["header"] = len(blob) - sum(parts.values())
         return parts
 
-    @staticmethod
-    def _sections(levels: np.ndarray, modes: tuple[int, int], sides: list[torch.Tensor], center: np.ndarray,
-                  table: np.ndarray, words: np.ndarray, counts: np.ndarray) -> list[bytes]:
-        params = _PARAMS.pack(modes[0], modes[1], quant.SEGMENT, TABLE_FAMILY_VERSION) + (levels - 1).astype(np.uint8).tobytes()
-        side = [s.detach().cpu().contiguous().view(torch.int16).numpy().tobytes() for s in sides]
-        meta = np.asarray(center, np.uint8).tobytes() + np.asarray(table, np.uint8).tobytes()
-        return [params, side[0], side[1], meta, pack_uints(np.asarray(counts)),
-                np.asarray(words, dtype="<u2").tobytes()]
-
     # -- decode ----------------------------------------------------------------------------------
     def decode(self, blob: bytes, device: torch.device | str | None = None) -> torch.Tensor:
-        header, (params, kside, vside, meta, lens, words) = self._unpack(blob, N_SECTIONS)
+        header, (params, lead_raw, kside, vside, meta, lens, words) = self._unpack(blob, N_SECTIONS)
         _, L, T, C = header.shape
         if len(params) != _PARAMS.size + 2 * L:
             raise CodecError("corrupt cachegen container: params section has the wrong size")
-        kmode, vmode, segment, family = _PARAMS.unpack_from(params, 0)
-        if kmode not in quant.MODES or vmode not in quant.MODES:
-            raise CodecError(f"corrupt cachegen container: unknown quantization modes {kmode}, {vmode}")
+        kmode, vmode, segment, family, lead = _PARAMS.unpack_from(params, 0)
+        if kmode not in quant.MODES or vmode not in quant.MODES or lead > T:
+            raise CodecError(f"corrupt cachegen container: bad parameters (modes {kmode}, {vmode}, lead {lead})")
         if segment != quant.SEGMENT or family != TABLE_FAMILY_VERSION:
             raise CodecError(f"cachegen container uses segment {segment} / table family {family}; "
                              f"this build reads {quant.SEGMENT} / {TABLE_FAMILY_VERSION}")
         levels = np.frombuffer(params[_PARAMS.size :], np.uint8).astype(np.int64).reshape(2, L) + 1
         if levels.min() < 2:
             raise CodecError("corrupt cachegen container: a layer has fewer than 2 levels")
-        layout = stream_layout(L, T, C, levels)
-        S = layout.num_streams
-        sides = []
-        for raw, mode in ((kside, kmode), (vside, vmode)):
-            if len(raw) != side_bytes(mode, L, T, C):
-                raise CodecError("corrupt cachegen container: side information has the wrong size")
-            t = torch.from_numpy(np.frombuffer(raw, np.int16).copy()).view(torch.float16)
-            if not bool(torch.isfinite(t).all()):
-                raise CodecError("corrupt cachegen container: non-finite quantization bound")
-            sides.append(t.reshape(quant.side_shape(mode, L, T, C)))
-        if len(meta) != 2 * S:
-            raise CodecError("corrupt cachegen container: stream meta section has the wrong size")
-        m = np.frombuffer(meta, np.uint8)
-        center, table = m[:S], m[S:]
-        if np.any(center.astype(np.int64) >= layout.stream_levels) or np.any(table >= NUM_TABLES):
-            raise CodecError("corrupt cachegen container: stream center or table index out of range")
-        counts = unpack_uints(lens, S)
-        if np.any(counts < 2) or np.any(counts > layout.lengths + 2) or 2 * int(counts.sum()) != len(words):
-            raise CodecError("corrupt cachegen container: stream word counts do not match the stored words")
-        w = np.frombuffer(words, dtype="<u2")
-        q = self.backend.rans_decode(w, counts.astype(np.int32), center, table, layout)
-        x = self.backend.dequantize(q, [s.to(self.backend.device) for s in sides], levels, (kmode, vmode))
-        out = x.to(header.dtype)
+        dev = self.backend.device
+        parts = []
+        if len(lead_raw) != lead_bytes(L, lead, C):
+            raise CodecError("corrupt cachegen container: lead token section has the wrong size")
+        if lead:
+            spec = quant.side_spec(quant.MODE_TOKEN, L, lead, C)
+            nside = side_bytes(quant.MODE_TOKEN, L, lead, C)
+            lk = _tensors_from(lead_raw[:nside], spec)
+            lv = _tensors_from(lead_raw[nside : 2 * nside], spec)
+            lq = torch.from_numpy(np.frombuffer(lead_raw[2 * nside :], np.uint8).copy()).reshape(2, L, lead, C)
+            parts.append(self.backend.dequantize(lq.to(dev), [[t.to(dev) for t in lk], [t.to(dev) for t in lv]],
+                                                 np.full((2, L), LEAD_LEVELS), LEAD_MODES))
+        rest = T - lead
+        if rest:
+            layout = stream_layout(L, rest, C, levels)
+            S = layout.num_streams
+            sides = []
+            for raw, mode in ((kside, kmode), (vside, vmode)):
+                if len(raw) != side_bytes(mode, L, rest, C):
+                    raise CodecError("corrupt cachegen container: side information has the wrong size")
+                sides.append([t.to(dev) for t in _tensors_from(raw, quant.side_spec(mode, L, rest, C))])
+            if len(meta) != 2 * S:
+                raise CodecError("corrupt cachegen container: stream meta section has the wrong size")
+            m = np.frombuffer(meta, np.uint8)
+            center, table = m[:S], m[S:]
+            if np.any(center.astype(np.int64) >= layout.stream_levels) or np.any(table >= NUM_TABLES):
+                raise CodecError("corrupt cachegen container: stream center or table index out of range")
+            counts = unpack_uints(lens, S)
+            if np.any(counts < 2) or np.any(counts > layout.lengths + 2) or 2 * int(counts.sum()) != len(words):
+                raise CodecError("corrupt cachegen container: stream word counts do not match the stored words")
+            w = np.frombuffer(words, dtype="<u2")
+            q = self.backend.rans_decode(w, counts.astype(np.int32), center, table, layout)
+            parts.append(self.backend.dequantize(q, sides, levels, (kmode, vmode)))
+        elif len(kside) or len(vside) or len(meta) or len(words) or len(lens) != len(pack_uints(np.zeros(0, np.int64))):
+            raise CodecError("corrupt cachegen container: stream sections present without tokens")
+        out = (torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]).to(header.dtype)
         return out if device is None else out.to(device)
 
     def max_encoded_size(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         _, L, T, C = shape
-        layout_streams = 2 * L * C * quant.num_segments(T)
-        words = 2 * (2 * L * C * T + 2 * layout_streams)  # rANS emits at most one word per symbol
-        counts = _COUNTS.size + (layout_streams * 9 + 7) // 8  # counts - base <= 258 - 2 needs 9 bits
-        return (container.container_overhead(N_SECTIONS) + _PARAMS.size + 2 * L
-                + side_bytes(self.level.key_mode, L, T, C) + side_bytes(self.level.value_mode, L, T, C)
-                + 2 * layout_streams + counts + words)
+        lead = min(self.level.lead_tokens, T)
+        rest = T - lead
+        streams = 2 * L * C * quant.num_segments(rest)
+        words = 2 * (2 * L * C * rest + 2 * streams)  # rANS emits at most one word per symbol
+        counts = _COUNTS.size + (streams * 9 + 7) // 8  # counts - base <= 258 - 2 needs 9 bits
+        sides = side_bytes(self.level.key_mode, L, rest, C) + side_bytes(self.level.value_mode, L, rest, C) if rest else 0
+        return (container.container_overhead(N_SECTIONS) + _PARAMS.size + 2 * L + lead_bytes(L, lead, C)
+                + sides + 2 * streams + counts + words)
 
 
 def make_codec(level_name: str, backend: str) -> CacheGenCodec:

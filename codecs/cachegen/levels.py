@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvmesh.codecs.cachegen.quant import MODE_CHANNEL, MODE_TOKEN_SYMMETRIC
+from kvmesh.codecs.cachegen.quant import MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SYMMETRIC
 
 REFERENCE_LAYERS = 30
 
@@ -23,6 +23,7 @@ class Level:
     value_mode: int
     key_levels: tuple[int, ...]  # REFERENCE_LAYERS entries
     value_levels: tuple[int, ...]
+    lead_tokens: int = 1  # tokens at the start of a chunk stored apart at 8 bits (the attention sink)
 
     def levels_for(self, layers: int) -> np.ndarray:
         """int [2, layers]: quantization levels per (K/V, layer)."""
@@ -35,9 +36,9 @@ def _schedule(early: int, n_early: int, late: int) -> tuple[int, ...]:
 
 
 LEVELS: dict[str, Level] = {
-    "default": Level("default", 0, MODE_CHANNEL, MODE_TOKEN_SYMMETRIC,
-                     key_levels=_schedule(32, 10, 16), value_levels=_schedule(33, 2, 17)),
-    "hq": Level("hq", 1, MODE_CHANNEL, MODE_TOKEN_SYMMETRIC,
-                key_levels=_schedule(128, 10, 64), value_levels=_schedule(129, 2, 65)),
+    "default": Level("default", 0, MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SYMMETRIC,
+                     key_levels=_schedule(16, 30, 16), value_levels=_schedule(9, 30, 9)),
+    "hq": Level("hq", 1, MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SYMMETRIC,
+                key_levels=_schedule(64, 30, 64), value_levels=_schedule(33, 30, 33)),
 }
 LEVEL_ALIASES = {"high": "hq"}

@@ -60,11 +60,16 @@ def dequantize_uniform(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, leve
 
 
 # --- the cachegen quantization stage -------------------------------------------------------------
+# Every mode reduces to: per group a lower bound lo (fp16) and a span d (fp32) with
+#   inv = (B - 1) / d  (0 when d == 0),  q = clamp(floor((x - lo) * inv + 0.5), 0, B - 1)
+#   step = d / (B - 1),                 x' = q * step + lo
 # Modes (per K/V, stored in the container):
-MODE_CHANNEL = 0  # asymmetric, one (lo, hi) per (layer, channel, segment of SEGMENT tokens)
-MODE_TOKEN = 1  # asymmetric, one (lo, hi) per (layer, token), over the channels
-MODE_TOKEN_SYMMETRIC = 2  # symmetric, one a per (layer, token): lo = -a, hi = a
-MODES = (MODE_CHANNEL, MODE_TOKEN, MODE_TOKEN_SYMMETRIC)
+MODE_CHANNEL = 0  # per (layer, channel, segment): lo = min, d = max - min
+MODE_TOKEN = 1  # per (layer, token) over channels: lo = min, d = max - min
+MODE_TOKEN_SYMMETRIC = 2  # per (layer, token): a = max |x|, lo = -a, d = a - (-a)
+MODE_CHANNEL_SHARED_STEP = 3  # lo per (layer, channel, segment), d = the largest max - min over the
+#                               channels of the (layer, segment): one step size per layer and segment
+MODES = (MODE_CHANNEL, MODE_TOKEN, MODE_TOKEN_SYMMETRIC, MODE_CHANNEL_SHARED_STEP)
 SEGMENT = 256
 
 
@@ -72,57 +77,96 @@ def num_segments(tokens: int) -> int:
     return -(-tokens // SEGMENT)
 
 
-def side_shape(mode: int, layers: int, tokens: int, channels: int) -> tuple[int, ...]:
-    """Shape of one tensor's fp16 side information in a mode."""
+def side_spec(mode: int, layers: int, tokens: int, channels: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """The side tensors a mode stores, in order, as (shape, dtype)."""
+    nseg = num_segments(tokens)
     if mode == MODE_CHANNEL:
-        return (2, layers, num_segments(tokens), channels)
+        return [((2, layers, nseg, channels), torch.float16)]
     if mode == MODE_TOKEN:
-        return (2, layers, tokens)
-    return (1, layers, tokens)
+        return [((2, layers, tokens), torch.float16)]
+    if mode == MODE_TOKEN_SYMMETRIC:
+        return [((layers, tokens), torch.float16)]
+    if mode == MODE_CHANNEL_SHARED_STEP:
+        return [((layers, nseg, channels), torch.float16), ((layers, nseg), torch.float32)]
+    raise ValueError(f"unknown quantization mode {mode}")
 
 
-def _bounds_for_elements(side: torch.Tensor, mode: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expands side information to (lo, hi) fp16 tensors that broadcast against [L, T, C]."""
+def _channel_view(x: torch.Tensor) -> torch.Tensor:
+    """[L, T, C] -> [L, nseg, SEGMENT, C], padding by repeating the last token (which leaves every
+    segment's min and max unchanged)."""
+    L, T, C = x.shape
+    nseg = num_segments(T)
+    pad = nseg * SEGMENT - T
+    if pad:
+        x = torch.cat([x, x[:, -1:, :].expand(L, pad, C)], dim=1)
+    return x.reshape(L, nseg, SEGMENT, C)
+
+
+def _groups(side: list[torch.Tensor], mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo fp32, d fp32) shaped to broadcast against the mode's view of x."""
     if mode == MODE_CHANNEL:
-        lo, hi = side[0], side[1]  # [L, nseg, C]
-        L, nseg, C = lo.shape
-        lo = lo[:, :, None, :].expand(L, nseg, SEGMENT, C).reshape(L, nseg * SEGMENT, C)[:, :tokens]
-        hi = hi[:, :, None, :].expand(L, nseg, SEGMENT, C).reshape(L, nseg * SEGMENT, C)[:, :tokens]
-        return lo, hi
+        lo = side[0][0].to(torch.float32)[:, :, None, :]
+        return lo, side[0][1].to(torch.float32)[:, :, None, :] - lo
     if mode == MODE_TOKEN:
-        return side[0][:, :, None], side[1][:, :, None]
-    a = side[0][:, :, None]
-    return -a, a
+        lo = side[0][0].to(torch.float32)[:, :, None]
+        return lo, side[0][1].to(torch.float32)[:, :, None] - lo
+    if mode == MODE_TOKEN_SYMMETRIC:
+        a = side[0].to(torch.float32)[:, :, None]
+        return -a, a - (-a)
+    return side[0].to(torch.float32)[:, :, None, :], side[1][:, :, None, None]
 
 
-def quantize(x: torch.Tensor, levels: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(x: torch.Tensor, levels: torch.Tensor, mode: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Quantizes one of K or V.
 
     x fp32 [L, T, C] with |x| <= 65504; levels fp32 [L] (2..256 per layer); mode in MODES.
-    Returns (q uint8 [L, T, C], side fp16 of side_shape(mode, L, T, C)).
+    Returns (q uint8 [L, T, C], side tensors as side_spec(mode, L, T, C)).
     """
     L, T, C = x.shape
-    if mode == MODE_CHANNEL:
-        nseg = num_segments(T)
-        pad = nseg * SEGMENT - T
-        # padding repeats the last token, which leaves every segment's min and max unchanged
-        xp = torch.cat([x, x[:, -1:, :].expand(L, pad, C)], dim=1) if pad else x
-        xs = xp.reshape(L, nseg, SEGMENT, C)
-        lo = fp16_round_down(torch.amin(xs, dim=2))
-        hi = fp16_round_up(torch.amax(xs, dim=2))
-        side = torch.stack([lo, hi])
+    channel_mode = mode in (MODE_CHANNEL, MODE_CHANNEL_SHARED_STEP)
+    xv = _channel_view(x) if channel_mode else x
+    if channel_mode:
+        lo16 = fp16_round_down(torch.amin(xv, dim=2))
+        hi16 = fp16_round_up(torch.amax(xv, dim=2))
+        if mode == MODE_CHANNEL:
+            side = [torch.stack([lo16, hi16])]
+        else:
+            d = hi16.to(torch.float32) - lo16.to(torch.float32)
+            side = [lo16, torch.amax(d, dim=2)]
     elif mode == MODE_TOKEN:
-        side = torch.stack([fp16_round_down(torch.amin(x, dim=2)), fp16_round_up(torch.amax(x, dim=2))])
+        side = [torch.stack([fp16_round_down(torch.amin(x, dim=2)), fp16_round_up(torch.amax(x, dim=2))])]
     elif mode == MODE_TOKEN_SYMMETRIC:
-        side = fp16_round_up(torch.amax(torch.abs(x), dim=2))[None]
+        side = [fp16_round_up(torch.amax(torch.abs(x), dim=2))]
     else:
         raise ValueError(f"unknown quantization mode {mode}")
-    lo, hi = _bounds_for_elements(side, mode, T)
-    q = quantize_uniform(x, lo, hi, levels[:, None, None])
+    lo, d = _groups(side, mode)
+    bm1 = (levels - 1.0).reshape((L,) + (1,) * (d.dim() - 1))
+    flat = d > 0
+    inv = bm1 / torch.where(flat, d, torch.ones_like(d))
+    inv = torch.where(flat, inv, torch.zeros_like(inv))
+    t = xv - lo
+    t = t * inv
+    t = t + 0.5
+    t = torch.floor(t)
+    t = torch.minimum(torch.clamp_min(t, 0.0), bm1)
+    q = t.to(torch.uint8)
+    if channel_mode:
+        q = q.reshape(L, -1, C)[:, :T]
     return q, side
 
 
-def dequantize(q: torch.Tensor, side: torch.Tensor, levels: torch.Tensor, mode: int) -> torch.Tensor:
-    """Inverse of quantize: q uint8 [L, T, C], side fp16, levels fp32 [L] -> fp32 [L, T, C]."""
-    lo, hi = _bounds_for_elements(side, mode, q.shape[1])
-    return dequantize_uniform(q, lo, hi, levels[:, None, None])
+def dequantize(q: torch.Tensor, side: list[torch.Tensor], levels: torch.Tensor, mode: int) -> torch.Tensor:
+    """Inverse of quantize: q uint8 [L, T, C], side tensors, levels fp32 [L] -> fp32 [L, T, C]."""
+    L, T, C = q.shape
+    channel_mode = mode in (MODE_CHANNEL, MODE_CHANNEL_SHARED_STEP)
+    lo, d = _groups(side, mode)
+    bm1 = (levels - 1.0).reshape((L,) + (1,) * (d.dim() - 1))
+    step = d / bm1
+    qv = q.to(torch.float32)
+    if channel_mode:
+        qv = _channel_view(qv)
+    y = qv * step
+    y = y + lo
+    if channel_mode:
+        y = y.reshape(L, -1, C)[:, :T]
+    return y
