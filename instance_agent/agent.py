@@ -364,17 +364,17 @@ class InstanceAgent:
         """Encode the stored prefix of ``tokens`` in ``location`` with ``method``, chunk by chunk."""
         if not method:
             raise InvalidArgument(f"method is required; available methods: {', '.join(self.codecs.available())}")
-        codec = self.codecs.get(method)
+        self.codecs.check(method)
         backend = self._required_location(location)
         spans = self._prefix(backend, self.spans(tokens))
         return self._run_chunks("compress", method, backend, spans, event_id,
-                                lambda span: self._compress_chunk(backend, span, method, codec))
+                                lambda span: self._compress_chunk(backend, span, method))
 
     async def decompress(self, tokens: Sequence[int], method: str, location: str,
                          event_id: str = "") -> AsyncIterator[agent_pb2.ProgressResponse]:
         """Decode the stored prefix's encoded chunks back to raw KV (``method`` empty: any method)."""
         if method:
-            self.codecs.get(method)  # an unknown method is the caller's error, not each chunk's
+            self.codecs.check(method)  # an unknown method is the caller's error, not each chunk's
         backend = self._required_location(location)
         spans = self._prefix(backend, self.spans(tokens))
         return self._run_chunks("decompress", method, backend, spans, event_id,
@@ -457,9 +457,10 @@ class InstanceAgent:
         if operation == "compress" and outcome.bytes_after > 0:
             m.compression_ratio.labels(method).observe(outcome.bytes_before / outcome.bytes_after)
 
-    def _compress_chunk(self, backend: StorageBackend, span: ChunkSpan, method: str, codec: Codec) -> ChunkOutcome:
+    def _compress_chunk(self, backend: StorageBackend, span: ChunkSpan, method: str) -> ChunkOutcome:
         # Runs on the codec pool with the chunk's lock held by the caller.
         try:
+            codec = self.codecs.get(method)
             chunk = backend.get(span.key)
             if chunk is None:
                 return ChunkOutcome(error="the chunk was removed (evicted or cleared) before it was compressed")

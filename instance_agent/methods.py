@@ -36,13 +36,17 @@ def _registry() -> Any | None:
 
 
 class CodecSet:
-    """Method name -> codec, built once per agent; codec objects are cached and shared by threads."""
+    """Method name -> codec, for the agent's threads.
+
+    Registry codecs are made once per thread and method, so that no codec object (and whatever
+    scratch state it keeps) is shared between threads encoding chunks at once; codecs handed in as
+    ``extra`` are used as given.
+    """
 
     def __init__(self, extra: Mapping[str, Codec] | None = None) -> None:
         self._extra = dict(extra or {})
         self._registry = _registry()
-        self._cache: dict[str, Codec] = {}
-        self._lock = threading.Lock()
+        self._local = threading.local()
 
     def available(self) -> list[str]:
         names: list[str] = []
@@ -51,23 +55,26 @@ class CodecSet:
         names.extend(n for n in self._extra if n not in names)
         return names
 
+    def check(self, method: str) -> None:
+        """InvalidArgument naming the available methods when ``method`` is not one of them."""
+        if method not in self._extra and (self._registry is None or method not in self._registry.available_methods()):
+            avail = ", ".join(self.available()) or "none"
+            raise InvalidArgument(f"unknown method {method!r}; available methods: {avail}")
+
     def get(self, method: str) -> Codec:
-        """The codec for ``method``; InvalidArgument naming the available ones when unknown."""
-        with self._lock:
-            codec = self._cache.get(method)
-            if codec is not None:
-                return codec
-            if method in self._extra:
-                codec = self._extra[method]
-            elif self._registry is not None and method in self._registry.available_methods():
-                try:
-                    codec = self._registry.get_codec(method)
-                except self._registry.CodecError as err:
-                    # "auto" picks Triton on a GPU host, which CPU-only methods refuse: use their CPU path.
-                    logger.info("method %s: %s; using its CPU backend", method, err)
-                    codec = self._registry.get_codec(method, backend="cpu")
-            else:
-                avail = ", ".join(self.available()) or "none"
-                raise InvalidArgument(f"unknown method {method!r}; available methods: {avail}")
-            self._cache[method] = codec
+        """The calling thread's codec for ``method``; InvalidArgument naming the available ones when unknown."""
+        if method in self._extra:
+            return self._extra[method]
+        cache: dict[str, Codec] = self._local.__dict__.setdefault("codecs", {})
+        codec = cache.get(method)
+        if codec is not None:
             return codec
+        self.check(method)
+        try:
+            codec = self._registry.get_codec(method)
+        except self._registry.CodecError as err:
+            # "auto" picks Triton on a GPU host, which CPU-only methods refuse: use their CPU path.
+            logger.info("method %s: %s; using its CPU backend", method, err)
+            codec = self._registry.get_codec(method, backend="cpu")
+        cache[method] = codec
+        return codec
