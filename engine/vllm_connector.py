@@ -291,6 +291,10 @@ class KVMeshConnector(KVConnectorBase_V1):
                     tracked.stored = False
                 else:
                     tracked.block_ids.extend(new_blocks[0])
+            # A request resumed after preemption asks for its prefix again: load it into the new blocks.
+            load = self._pending_loads.pop(req_id, None)
+            if load is not None:
+                meta.loads.append(Transfer(req_id, tracked.token_ids, list(tracked.block_ids), load[0], load[1]))
             done = cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(req_id, 0)
             self._maybe_store(meta, req_id, tracked, done)
 
