@@ -78,19 +78,15 @@ class _LayoutLanes:
         tabs = _tables(self.alphabets, str(device))
         enc_off = np.zeros(layout.num_streams, np.int64)
         dec_off = np.zeros(layout.num_streams, np.int64)
-        cost_off = np.zeros(layout.num_streams, np.int64)
         for g, rows in layout.groups:
-            enc_off[rows], dec_off[rows], cost_off[rows] = tabs.enc_off[g], tabs.dec_off[g], tabs.cost_off[g]
+            enc_off[rows], dec_off[rows] = tabs.enc_off[g], tabs.dec_off[g]
         self.tabs = tabs
         self.enc_off = torch.from_numpy(enc_off).to(device)
         self.dec_off = torch.from_numpy(dec_off).to(device)
-        self.cost_off = torch.from_numpy(cost_off.astype(np.int32)).to(device)
         # The interpreter pays per step, so it loops only as far as the longest stream; compiled kernels
         # keep one specialisation (NMAX is a compile-time constant).
         longest = int(layout.lengths.max()) if layout.lengths.size else 0
         self.nmax = longest if device.type == "cpu" else quant.SEGMENT
-        top = int(layout.stream_levels.max()) if layout.stream_levels.size else 2
-        self.bpad = max(16, 1 << (top - 1).bit_length())
 
     def table_offsets(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = table.to(torch.int64)
@@ -133,8 +129,9 @@ class TritonBackend:
         return t.to(device=self.device, dtype=dtype).contiguous()
 
     # -- quantization --------------------------------------------------------------------------------
-    def quantize(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """x [2, L, T, C] fp16/bf16/fp32 -> (q uint8 [2, L, T, C], [key side fp16, value side fp16]).
+    def quantize(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int]
+                 ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """x [2, L, T, C] fp16/bf16/fp32 -> (q uint8 [2, L, T, C], [key side tensors, value side tensors]).
 
         Reads x in its own dtype: converting to fp32 first is exact, so it would only cost a pass."""
         x = x.to(self.device).contiguous()
@@ -144,14 +141,15 @@ class TritonBackend:
         _, sv = tq.quantize(x[1], lv[1], modes[1], self.interpret, q=q[1])
         return q, [sk, sv]
 
-    def dequantize(self, q: torch.Tensor, sides: list[torch.Tensor], levels: np.ndarray, modes: tuple[int, int],
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dequantize(self, q: torch.Tensor, sides: list[list[torch.Tensor]], levels: np.ndarray,
+                   modes: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[2, L, T, C] in dtype (default fp32 like CpuBackend; any other dtype equals its .to(dtype))."""
         q = q.to(self.device).contiguous()
         lv = tq.levels_tensor(levels, self.device)
         out = torch.empty(q.shape, dtype=dtype, device=self.device)
-        tq.dequantize(q[0], sides[0].to(self.device), lv[0], modes[0], dtype, self.interpret, out=out[0])
-        tq.dequantize(q[1], sides[1].to(self.device), lv[1], modes[1], dtype, self.interpret, out=out[1])
+        for i in (0, 1):
+            side = [s.to(self.device) for s in sides[i]]
+            tq.dequantize(q[i], side, lv[i], modes[i], dtype, self.interpret, out=out[i])
         return out
 
     # -- statistics ----------------------------------------------------------------------------------
@@ -160,16 +158,19 @@ class TritonBackend:
         ll = self._layout(layout)
         q = q.to(self.device).contiguous()
         hist = torch.zeros(layout.num_streams, 256, dtype=torch.int32, device=self.device)
-        for _, bpad, lanes in ll.group_lanes:
-            tr.stream_stats(q, lanes, ll.lengths, ll.alpha, ll.cost_off, ll.tabs.cost, NUM_TABLES, ll.nmax, bpad,
+        for g, bpad, lanes in ll.group_lanes:
+            tr.stream_stats(q, lanes, ll.lengths, g, ll.tabs.cost_off[g], ll.tabs.cost, NUM_TABLES, ll.nmax, bpad,
                             hist=hist, write_hist=True, choose=False, interpret=self.interpret)
         return hist
 
     def choose_tables(self, hist: np.ndarray | torch.Tensor, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
         ll = self._layout(layout)
         h = self._dev(hist, torch.int32)
-        center, table = tr.stream_stats(None, ll.lanes, ll.lengths, ll.alpha, ll.cost_off, ll.tabs.cost, NUM_TABLES,
-                                        ll.nmax, ll.bpad, hist=h, choose=True, interpret=self.interpret)
+        center = torch.zeros(layout.num_streams, dtype=torch.uint8, device=self.device)
+        table = torch.zeros(layout.num_streams, dtype=torch.uint8, device=self.device)
+        for g, bpad, lanes in ll.group_lanes:
+            tr.stream_stats(None, lanes, ll.lengths, g, ll.tabs.cost_off[g], ll.tabs.cost, NUM_TABLES, ll.nmax, bpad,
+                            hist=h, choose=True, interpret=self.interpret, center_out=center, table_out=table)
         return center.cpu().numpy(), table.cpu().numpy()
 
     def stats(self, q: torch.Tensor, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -183,8 +184,8 @@ class TritonBackend:
         q = q.to(self.device).contiguous()
         center = torch.zeros(layout.num_streams, dtype=torch.uint8, device=self.device)
         table = torch.zeros(layout.num_streams, dtype=torch.uint8, device=self.device)
-        for _, bpad, lanes in ll.group_lanes:
-            tr.stream_stats(q, lanes, ll.lengths, ll.alpha, ll.cost_off, ll.tabs.cost, NUM_TABLES, ll.nmax, bpad,
+        for g, bpad, lanes in ll.group_lanes:
+            tr.stream_stats(q, lanes, ll.lengths, g, ll.tabs.cost_off[g], ll.tabs.cost, NUM_TABLES, ll.nmax, bpad,
                             choose=True, interpret=self.interpret, center_out=center, table_out=table)
         return center, table
 

@@ -36,55 +36,71 @@ def _round_up_fp16(v):
 
 
 @triton.jit
-def _quantize_uniform(x, lo, hi, lv):
-    """quant.quantize_uniform: x fp32, lo/hi fp16, lv fp32 (levels) -> uint8."""
-    lo32 = lo.to(tl.float32)
-    d = hi.to(tl.float32) - lo32
+def _quantize(x, lo, d, lv):
+    """FORMAT.md §3: inv = d > 0 ? Bm1 / d : 0; t = x - lo; t *= inv; t += 0.5; q = clamp(floor(t))."""
+    bm1 = lv - 1.0
     flat = d > 0
-    inv = tl.div_rn(lv - 1.0, tl.where(flat, d, 1.0))
+    inv = tl.div_rn(bm1, tl.where(flat, d, 1.0))
     inv = tl.where(flat, inv, 0.0)
-    t = x - lo32
+    t = x - lo
     t = t * inv
     t = t + 0.5
     q = tl.floor(t)
-    q = tl.minimum(tl.maximum(q, 0.0), lv - 1.0)
+    q = tl.minimum(tl.maximum(q, 0.0), bm1)
     return q.to(tl.uint8)
 
 
 @triton.jit
-def _dequantize_uniform(q, lo, hi, lv):
-    lo32 = lo.to(tl.float32)
-    step = tl.div_rn(hi.to(tl.float32) - lo32, lv - 1.0)
+def _dequantize(q, lo, d, lv):
+    step = tl.div_rn(d, lv - 1.0)
     y = q.to(tl.float32) * step
-    return y + lo32
+    return y + lo
 
 
 @triton.jit
-def _quant_channel_kernel(x_ptr, q_ptr, side_ptr, lv_ptr, T, C, nseg, L, BLOCK_C: tl.constexpr):
-    """One (layer, segment) x BLOCK_C channels: bounds over the segment's tokens, then quantize."""
+def _quant_channel_kernel(x_ptr, q_ptr, side_ptr, aux_ptr, lv_ptr, T, C, nseg, L,
+                          PHASE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One (layer, segment) x BLOCK_C channels.
+
+    PHASE 0 (mode 0): bounds lo16 = rd16(min), hi16 = ru16(max) over the segment's tokens into
+    side [2, L, nseg, C], then quantize with lo = f32(lo16), d = f32(hi16) - lo.
+    PHASE 1 (mode 3, first pass): lo16 into side [L, nseg, C] and f32(hi16) - f32(lo16) into aux.
+    PHASE 2 (mode 3, second pass): quantize with lo = f32(lo16) and d = aux[layer, segment] (the max).
+    """
     pid = tl.program_id(0)
     layer = pid // nseg
     seg = pid % nseg
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     t = seg * SEGMENT + tl.arange(0, SEGMENT)
-    m = (t < T)[:, None] & (c < C)[None, :]
+    cm = c < C
+    m = (t < T)[:, None] & cm[None, :]
     off = (layer.to(tl.int64) * T + t[:, None]) * C + c[None, :]
     x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-    lo = _round_down_fp16(tl.min(tl.where(m, x, float("inf")), axis=0))
-    hi = _round_up_fp16(tl.max(tl.where(m, x, float("-inf")), axis=0))
-    cm = c < C
     side = (layer * nseg + seg) * C + c
-    tl.store(side_ptr + side, lo, mask=cm)
-    tl.store(side_ptr + L * nseg * C + side, hi, mask=cm)
-    lv = tl.load(lv_ptr + layer)
-    q = _quantize_uniform(x, lo[None, :], hi[None, :], lv)
-    tl.store(q_ptr + off, q, mask=m)
+    if PHASE == 2:
+        lo = tl.load(side_ptr + side, mask=cm, other=0.0).to(tl.float32)
+        d = tl.load(aux_ptr + layer * nseg + seg)
+        lv = tl.load(lv_ptr + layer)
+        tl.store(q_ptr + off, _quantize(x, lo[None, :], d, lv), mask=m)
+    else:
+        lo16 = _round_down_fp16(tl.min(tl.where(m, x, float("inf")), axis=0))
+        hi16 = _round_up_fp16(tl.max(tl.where(m, x, float("-inf")), axis=0))
+        lo = lo16.to(tl.float32)
+        d = hi16.to(tl.float32) - lo
+        tl.store(side_ptr + side, lo16, mask=cm)
+        if PHASE == 0:
+            tl.store(side_ptr + L * nseg * C + side, hi16, mask=cm)
+            lv = tl.load(lv_ptr + layer)
+            tl.store(q_ptr + off, _quantize(x, lo[None, :], d[None, :], lv), mask=m)
+        else:
+            tl.store(aux_ptr + side, d, mask=cm)
 
 
 @triton.jit
 def _quant_token_kernel(x_ptr, q_ptr, side_ptr, lv_ptr, T, C, L, SYM: tl.constexpr,
                         BLOCK_T: tl.constexpr, CPAD: tl.constexpr):
-    """BLOCK_T tokens of one layer: bounds over the channels of each token, then quantize."""
+    """BLOCK_T tokens of one layer: bounds over the channels of each token, then quantize.
+    Mode 1: side [2, L, T] = rd16(min), ru16(max); mode 2 (SYM): side [L, T] = a = ru16(max |x|)."""
     layer = tl.program_id(0)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.arange(0, CPAD)
@@ -94,36 +110,44 @@ def _quant_token_kernel(x_ptr, q_ptr, side_ptr, lv_ptr, T, C, L, SYM: tl.constex
     tm = t < T
     row = layer.to(tl.int64) * T + t
     if SYM:
-        a = _round_up_fp16(tl.max(tl.where(m, tl.abs(x), float("-inf")), axis=1))
-        tl.store(side_ptr + row, a, mask=tm)
+        a16 = _round_up_fp16(tl.max(tl.where(m, tl.abs(x), float("-inf")), axis=1))
+        tl.store(side_ptr + row, a16, mask=tm)
+        a = a16.to(tl.float32)
         lo = -a
-        hi = a
+        d = a - lo
     else:
-        lo = _round_down_fp16(tl.min(tl.where(m, x, float("inf")), axis=1))
-        hi = _round_up_fp16(tl.max(tl.where(m, x, float("-inf")), axis=1))
-        tl.store(side_ptr + row, lo, mask=tm)
-        tl.store(side_ptr + L * T + row, hi, mask=tm)
+        lo16 = _round_down_fp16(tl.min(tl.where(m, x, float("inf")), axis=1))
+        hi16 = _round_up_fp16(tl.max(tl.where(m, x, float("-inf")), axis=1))
+        tl.store(side_ptr + row, lo16, mask=tm)
+        tl.store(side_ptr + L * T + row, hi16, mask=tm)
+        lo = lo16.to(tl.float32)
+        d = hi16.to(tl.float32) - lo
     lv = tl.load(lv_ptr + layer)
-    q = _quantize_uniform(x, lo[:, None], hi[:, None], lv)
-    tl.store(q_ptr + off, q, mask=m)
+    tl.store(q_ptr + off, _quantize(x, lo[:, None], d[:, None], lv), mask=m)
 
 
 @triton.jit
-def _dequant_channel_kernel(q_ptr, out_ptr, side_ptr, lv_ptr, T, C, nseg, L, BLOCK_C: tl.constexpr):
+def _dequant_channel_kernel(q_ptr, out_ptr, side_ptr, aux_ptr, lv_ptr, T, C, nseg, L,
+                            SHARED: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Modes 0 (d = f32(hi16) - lo per channel) and 3 (SHARED: d = aux[layer, segment])."""
     pid = tl.program_id(0)
     layer = pid // nseg
     seg = pid % nseg
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     t = seg * SEGMENT + tl.arange(0, SEGMENT)
-    m = (t < T)[:, None] & (c < C)[None, :]
-    off = (layer.to(tl.int64) * T + t[:, None]) * C + c[None, :]
     cm = c < C
+    m = (t < T)[:, None] & cm[None, :]
+    off = (layer.to(tl.int64) * T + t[:, None]) * C + c[None, :]
     side = (layer * nseg + seg) * C + c
-    lo = tl.load(side_ptr + side, mask=cm, other=0.0)
-    hi = tl.load(side_ptr + L * nseg * C + side, mask=cm, other=0.0)
+    lo = tl.load(side_ptr + side, mask=cm, other=0.0).to(tl.float32)
+    if SHARED:
+        d = tl.load(aux_ptr + layer * nseg + seg)
+    else:
+        d = tl.load(side_ptr + L * nseg * C + side, mask=cm, other=0.0).to(tl.float32) - lo
+        d = d[None, :]
     lv = tl.load(lv_ptr + layer)
     q = tl.load(q_ptr + off, mask=m, other=0)
-    y = _dequantize_uniform(q, lo[None, :], hi[None, :], lv)
+    y = _dequantize(q, lo[None, :], d, lv)
     tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -138,15 +162,15 @@ def _dequant_token_kernel(q_ptr, out_ptr, side_ptr, lv_ptr, T, C, L, SYM: tl.con
     tm = t < T
     row = layer.to(tl.int64) * T + t
     if SYM:
-        a = tl.load(side_ptr + row, mask=tm, other=0.0)
+        a = tl.load(side_ptr + row, mask=tm, other=0.0).to(tl.float32)
         lo = -a
-        hi = a
+        d = a - lo
     else:
-        lo = tl.load(side_ptr + row, mask=tm, other=0.0)
-        hi = tl.load(side_ptr + L * T + row, mask=tm, other=0.0)
+        lo = tl.load(side_ptr + row, mask=tm, other=0.0).to(tl.float32)
+        d = tl.load(side_ptr + L * T + row, mask=tm, other=0.0).to(tl.float32) - lo
     lv = tl.load(lv_ptr + layer)
     q = tl.load(q_ptr + off, mask=m, other=0)
-    y = _dequantize_uniform(q, lo[:, None], hi[:, None], lv)
+    y = _dequantize(q, lo[:, None], d[:, None], lv)
     tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -162,23 +186,33 @@ def _token_tile(c: int, interpret: bool) -> tuple[int, int]:
 
 
 def quantize(x: torch.Tensor, levels: torch.Tensor, mode: int, interpret: bool = False,
-             q: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """quant.quantize on the device: x [L, T, C] (fp16/bf16/fp32, contiguous), levels fp32 [L] on the
-    same device -> (q uint8 [L, T, C], side fp16 of quant.side_shape); q may be given (contiguous)."""
+             q: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """quant.quantize on the device: x [L, T, C] (fp16/bf16/fp32), levels fp32 [L] on the same device ->
+    (q uint8 [L, T, C], side tensors as quant.side_spec); q may be given (contiguous)."""
     L, T, C = x.shape
     x = x.contiguous()
+    dev = x.device
     if q is None:
-        q = torch.empty(L, T, C, dtype=torch.uint8, device=x.device)
-    side = torch.empty(quant.side_shape(mode, L, T, C), dtype=torch.float16, device=x.device)
-    if mode == quant.MODE_CHANNEL:
+        q = torch.empty(L, T, C, dtype=torch.uint8, device=dev)
+    side = [torch.empty(shape, dtype=dtype, device=dev) for shape, dtype in quant.side_spec(mode, L, T, C)]
+    if mode in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP):
         nseg = quant.num_segments(T)
         block_c = min(256 if interpret else 64, triton.next_power_of_2(C))
-        _quant_channel_kernel[(L * nseg, triton.cdiv(C, block_c))](x, q, side, levels, T, C, nseg, L, BLOCK_C=block_c,
-                                                                   **_opts(interpret, 8))
+        grid = (L * nseg, triton.cdiv(C, block_c))
+        if mode == quant.MODE_CHANNEL:
+            _quant_channel_kernel[grid](x, q, side[0], side[0], levels, T, C, nseg, L, PHASE=0, BLOCK_C=block_c,
+                                        **_opts(interpret, 8))
+        else:
+            span = torch.empty(L, nseg, C, dtype=torch.float32, device=dev)
+            _quant_channel_kernel[grid](x, q, side[0], span, levels, T, C, nseg, L, PHASE=1, BLOCK_C=block_c,
+                                        **_opts(interpret, 8))
+            torch.amax(span, dim=2, out=side[1])  # exact: a max of fp32 values
+            _quant_channel_kernel[grid](x, q, side[0], side[1], levels, T, C, nseg, L, PHASE=2, BLOCK_C=block_c,
+                                        **_opts(interpret, 8))
     elif mode in (quant.MODE_TOKEN, quant.MODE_TOKEN_SYMMETRIC):
         block_t, cpad = _token_tile(C, interpret)
         block_t = min(block_t, triton.next_power_of_2(T))
-        _quant_token_kernel[(L, triton.cdiv(T, block_t))](x, q, side, levels, T, C, L,
+        _quant_token_kernel[(L, triton.cdiv(T, block_t))](x, q, side[0], levels, T, C, L,
                                                           SYM=mode == quant.MODE_TOKEN_SYMMETRIC,
                                                           BLOCK_T=block_t, CPAD=cpad, **_opts(interpret, 4))
     else:
@@ -186,25 +220,29 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, mode: int, interpret: bool =
     return q, side
 
 
-def dequantize(q: torch.Tensor, side: torch.Tensor, levels: torch.Tensor, mode: int, dtype: torch.dtype,
+def dequantize(q: torch.Tensor, side: list[torch.Tensor], levels: torch.Tensor, mode: int, dtype: torch.dtype,
                interpret: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """quant.dequantize on the device, written straight in `dtype` (fp32 result rounded as .to does)."""
     L, T, C = q.shape
     q = q.contiguous()
     if out is None:
         out = torch.empty(L, T, C, dtype=dtype, device=q.device)
-    side = side.contiguous()
-    if mode == quant.MODE_CHANNEL:
+    side = [s.contiguous() for s in side]
+    if mode in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP):
         nseg = quant.num_segments(T)
         block_c = min(256 if interpret else 64, triton.next_power_of_2(C))
-        _dequant_channel_kernel[(L * nseg, triton.cdiv(C, block_c))](q, out, side, levels, T, C, nseg, L,
+        shared = mode == quant.MODE_CHANNEL_SHARED_STEP
+        _dequant_channel_kernel[(L * nseg, triton.cdiv(C, block_c))](q, out, side[0], side[1] if shared else side[0],
+                                                                     levels, T, C, nseg, L, SHARED=shared,
                                                                      BLOCK_C=block_c, **_opts(interpret, 8))
-    else:
+    elif mode in (quant.MODE_TOKEN, quant.MODE_TOKEN_SYMMETRIC):
         block_t, cpad = _token_tile(C, interpret)
         block_t = min(block_t, triton.next_power_of_2(T))
-        _dequant_token_kernel[(L, triton.cdiv(T, block_t))](q, out, side, levels, T, C, L,
+        _dequant_token_kernel[(L, triton.cdiv(T, block_t))](q, out, side[0], levels, T, C, L,
                                                             SYM=mode == quant.MODE_TOKEN_SYMMETRIC,
                                                             BLOCK_T=block_t, CPAD=cpad, **_opts(interpret, 4))
+    else:
+        raise ValueError(f"unknown quantization mode {mode}")
     return out
 
 

@@ -119,20 +119,20 @@ def _rans_decode_kernel(words_ptr, offset_ptr, count_ptr, out_ptr, lane_base_ptr
 
 
 @triton.jit
-def _stats_kernel(sym_ptr, lane_base_ptr, lane_stream_ptr, len_ptr, alpha_ptr, cost_off_ptr, cost_ptr,
+def _stats_kernel(sym_ptr, lane_base_ptr, lane_stream_ptr, len_ptr, alpha, cost_off, cost_ptr,
                   hist_ptr, center_ptr, table_ptr, n_lanes, sym_step,
                   NMAX: tl.constexpr, BLOCK: tl.constexpr, BPAD: tl.constexpr, NT: tl.constexpr,
                   FROM_HIST: tl.constexpr, WRITE_HIST: tl.constexpr, CHOOSE: tl.constexpr):
-    """Per-stream histogram of symbols (< BPAD), and/or the median centre and cheapest table.
+    """Per-stream histogram of symbols (< BPAD), and/or the median centre and cheapest table, for lanes
+    that share one alphabet size `alpha` (whose cost table starts at cost_off: [NT, alpha] int32).
 
     centre = the smallest m with 2 * (count of symbols <= m) >= n; table = argmin over t of
-    sum_j hist[j] * cost[t][(j - m) mod B], ties to the lowest t.
+    sum_j hist[(j + m) mod B] * cost[t][j], ties to the lowest t.
     """
     lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = lane < n_lanes
     k = tl.load(lane_stream_ptr + lane, mask=valid, other=0)
     n = tl.load(len_ptr + k, mask=valid, other=0)
-    alpha = tl.load(alpha_ptr + k, mask=valid, other=1)
     bins = tl.arange(0, BPAD)
     hrow = k.to(tl.int64)[:, None] * 256 + bins[None, :]
     if FROM_HIST:
@@ -199,18 +199,19 @@ def _stats_kernel(sym_ptr, lane_base_ptr, lane_stream_ptr, len_ptr, alpha_ptr, c
     if CHOOSE:
         cum = tl.cumsum(h, axis=1)
         m = tl.sum((2 * cum < n[:, None]).to(tl.int32), axis=1)
-        coff = tl.load(cost_off_ptr + k, mask=valid, other=0)
-        idx = bins[None, :] - m[:, None]
-        idx = tl.where(idx < 0, idx + alpha[:, None], idx)
-        inb = valid[:, None] & (bins[None, :] < alpha[:, None])
-        best = tl.full([BLOCK], 2147483647, tl.int32)
-        choice = tl.zeros([BLOCK], tl.int32)
-        for t in range(NT):
-            c = tl.load(cost_ptr + coff[:, None] + t * alpha[:, None] + idx, mask=inb, other=0)
-            total = tl.sum(h * c, axis=1)
-            better = total < best
-            best = tl.where(better, total, best)
-            choice = tl.where(better, t, choice)
+        # Rotate each lane's histogram by its centre (a register gather), so that the cost table is the
+        # same for every lane: then all 64 table costs are one [BLOCK, BPAD] x [BPAD, NT] product.
+        inb = bins < alpha
+        idx = bins[None, :] + m[:, None]
+        idx = tl.where(idx >= alpha, idx - alpha, idx)
+        idx = tl.where(inb[None, :], idx, bins[None, :])
+        hr = tl.where(inb[None, :], tl.gather(h, idx, axis=1), 0)
+        tcol = tl.arange(0, NT)
+        cmat = tl.load(cost_ptr + cost_off + tcol[None, :] * alpha + bins[:, None], mask=inb[:, None], other=0)
+        # Integers below 2**24 throughout (counts <= 256, costs <= 8192, sums <= 2**21): fp32 with IEEE
+        # products (no TF32) is exact, so argmin ties resolve like the CPU's, to the lowest index.
+        tot = tl.dot(hr.to(tl.float32), cmat.to(tl.float32), input_precision="ieee")
+        choice = tl.argmin(tot, axis=1, tie_break_left=True)
         tl.store(center_ptr + k, m.to(tl.uint8), mask=valid)
         tl.store(table_ptr + k, choice.to(tl.uint8), mask=valid)
 
@@ -295,8 +296,8 @@ def rans_decode(words: torch.Tensor, counts: torch.Tensor, out: torch.Tensor, la
     return status
 
 
-def stream_stats(sym: torch.Tensor | None, lanes: Lanes, lengths: torch.Tensor, alpha: torch.Tensor,
-                 cost_off: torch.Tensor, cost_tab: torch.Tensor, n_tables: int, nmax: int, bpad: int,
+def stream_stats(sym: torch.Tensor | None, lanes: Lanes, lengths: torch.Tensor, alpha: int,
+                 cost_off: int, cost_tab: torch.Tensor, n_tables: int, nmax: int, bpad: int,
                  hist: torch.Tensor | None = None, write_hist: bool = False, choose: bool = True,
                  interpret: bool = False, center_out: torch.Tensor | None = None,
                  table_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,11 +314,13 @@ def stream_stats(sym: torch.Tensor | None, lanes: Lanes, lengths: torch.Tensor, 
     if lanes.n:
         bpad = max(32, bpad)
         block = _block(lanes.n, 2048 if interpret else max(16, 4096 // bpad))
+        if choose and not write_hist and sym is None:
+            block = max(block, 16)  # tl.dot needs at least 16 rows
         grid = (triton.cdiv(lanes.n, block),)
         extra = {} if interpret else {"num_warps": max(1, min(4, block // 32))}
         dummy = center if center_out is None else center_out
-        _stats_kernel[grid](sym if sym is not None else dummy, lanes.lane_base, lanes.lane_stream, lengths, alpha,
-                            cost_off, cost_tab, hist if hist is not None else dummy, center, table, lanes.n,
+        _stats_kernel[grid](sym if sym is not None else dummy, lanes.lane_base, lanes.lane_stream, lengths,
+                            int(alpha), int(cost_off), cost_tab, hist if hist is not None else dummy, center, table, lanes.n,
                             lanes.sym_step, NMAX=nmax, BLOCK=block, BPAD=bpad, NT=n_tables,
                             FROM_HIST=sym is None, WRITE_HIST=write_hist, CHOOSE=choose, **extra)
     return center, table

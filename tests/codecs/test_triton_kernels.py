@@ -77,6 +77,11 @@ def first_mismatch(a: np.ndarray, b: np.ndarray) -> str:
     return "equal" if idx.size == 0 else f"{len(idx)} mismatches, first at {tuple(idx[0])}: {a[tuple(idx[0])]} vs {b[tuple(idx[0])]}"
 
 
+def raw(t: torch.Tensor) -> torch.Tensor:
+    """Bit patterns, so -0.0 vs 0.0 and NaN payloads count as differences."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
 def assert_same(got, want) -> None:
     got = got.cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
     want = want.cpu().numpy() if isinstance(want, torch.Tensor) else np.asarray(want)
@@ -169,11 +174,14 @@ def test_quantize_dequantize_match_quant_py(mode: int, shape: tuple[int, int, in
         lv = torch.tensor([16.0, 33.0, 129.0][:layers])
         q, side = quant.quantize(x.float(), lv, mode)
         q2, side2 = tq.quantize(x.to(DEVICE), lv.to(DEVICE), mode, interpret=DEVICE.type == "cpu")
-        assert_same(side2.view(torch.int16), side.view(torch.int16))
+        assert len(side2) == len(side)
+        for a, b in zip(side2, side):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert_same(raw(a), raw(b))
         assert_same(q2, q)
         ref = quant.dequantize(q, side, lv, mode)
         for out_dtype in QDTYPES:
-            y = tq.dequantize(q.to(DEVICE), side.to(DEVICE), lv.to(DEVICE), mode, out_dtype,
+            y = tq.dequantize(q.to(DEVICE), [t.to(DEVICE) for t in side], lv.to(DEVICE), mode, out_dtype,
                               interpret=DEVICE.type == "cpu")
             want = ref.to(out_dtype)
             assert_same(y.view(torch.int16 if out_dtype != torch.float32 else torch.int32),
@@ -185,12 +193,14 @@ def test_backend_quantize_matches_cpu_backend(backend) -> None:
 
     kv = kv_like(3, 45, 10, dtype=torch.float16, seed=11)
     levels = np.array([[32, 16, 16], [33, 17, 17]])
-    for modes in ((quant.MODE_CHANNEL, quant.MODE_TOKEN_SYMMETRIC), (quant.MODE_TOKEN, quant.MODE_CHANNEL)):
+    for modes in ((quant.MODE_CHANNEL, quant.MODE_TOKEN_SYMMETRIC), (quant.MODE_TOKEN, quant.MODE_CHANNEL_SHARED_STEP)):
         q, sides = CpuBackend().quantize(kv.float(), levels, modes)
         q2, sides2 = backend.quantize(kv.to(DEVICE), levels, modes)
         assert_same(q2, q)
         for a, b in zip(sides2, sides):
-            assert_same(a.view(torch.int16), b.view(torch.int16))
+            assert len(a) == len(b)
+            for u, v in zip(a, b):
+                assert_same(raw(u), raw(v))
         ref = CpuBackend().dequantize(q, sides, levels, modes)
         assert_same(backend.dequantize(q2, sides2, levels, modes).view(torch.int32), ref.view(torch.int32))
         assert_same(backend.dequantize(q2, sides2, levels, modes, dtype=torch.float16).view(torch.int16),
