@@ -41,6 +41,7 @@ class ControllerLink:
         self.registered = False
         # True from the index snapshot of a registration on: events from then on are queued.
         self._collecting = False
+        self._failing = False
         self.registrations = 0
         self._pending: list[controller_pb2.KVEvent] = []
         self._wake = asyncio.Event()
@@ -104,6 +105,7 @@ class ControllerLink:
             instance_id=a.config.lmcache_instance_id, worker_id=a.worker_id, events=events, full_resync=True),
             timeout=max(self.call_timeout_s, 30.0))
         self.registrations += 1
+        self._failing = False
         self._set_registered(True)
         logger.info("registered with controller %s as %s/%d (%d chunks resent)", self.target,
                     a.config.lmcache_instance_id, a.worker_id, len(events))
@@ -147,11 +149,15 @@ class ControllerLink:
             except asyncio.CancelledError:
                 raise
             except grpc.RpcError as err:
-                if self.registered:
-                    logger.warning("controller %s unreachable (%s: %s); will re-register when it answers",
-                                   self.target, err.code(), err.details())
+                # One warning per streak of failures (a refusal, e.g. INVALID_ARGUMENT, always warns):
+                # a controller that is down for an hour must not flood the log.
+                refused = err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                if self.registered or refused or not self._failing:
+                    logger.warning("controller %s: %s (%s); retrying, and registering again when it answers",
+                                   self.target, err.details(), err.code().name)
                 else:
-                    logger.debug("controller %s not reachable yet: %s", self.target, err.code())
+                    logger.debug("controller %s still unreachable: %s", self.target, err.code().name)
+                self._failing = True
                 self._set_registered(False)
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
