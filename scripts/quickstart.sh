@@ -68,7 +68,7 @@ fail_start() {  # fail_start NAME WHY: say why, show the log's tail, stop everyt
 
 wait_http() {  # wait_http NAME URL: until URL answers 2xx, the process dies, or the deadline
   local name=$1 url=$2 deadline=$((SECONDS + START_TIMEOUT))
-  until curl -sf -o /dev/null --max-time 2 "$url"; do
+  until python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$url" 2>/dev/null; do
     alive "$name" || fail_start "$name" "exited before $url answered"
     [ $SECONDS -lt $deadline ] || fail_start "$name" "did not answer $url within ${START_TIMEOUT}s"
     sleep 0.3
@@ -92,7 +92,6 @@ if [ "${KVMESH_SKIP_SETUP:-0}" != 1 ]; then
   bash scripts/setup.sh
 fi
 . .venv/bin/activate
-command -v curl >/dev/null || { echo "quickstart: curl is needed (apt-get install curl)" >&2; exit 1; }
 
 mkdir -p "$RUN_DIR"
 stop_all  # a previous run's services would hold the ports
