@@ -109,6 +109,18 @@ class TritonBackend:
         self.device = torch.device(device)
         self.interpret = self.device.type == "cpu"
         self._lanes: dict[tuple, _LayoutLanes] = {}
+        self._levels: dict[bytes, torch.Tensor] = {}
+
+    def _levels_on_device(self, levels: np.ndarray) -> torch.Tensor:
+        """fp32 [2, L] levels, cached: a host-to-device copy per call would stall the launch queue."""
+        lv = np.ascontiguousarray(levels, dtype=np.float32)
+        key = lv.tobytes() + bytes(str(lv.shape), "ascii")
+        t = self._levels.get(key)
+        if t is None:
+            if len(self._levels) > 64:
+                self._levels.clear()
+            t = self._levels[key] = tq.levels_tensor(lv, self.device)
+        return t
 
     def _layout(self, layout: StreamLayout) -> _LayoutLanes:
         key = (layout.layers, layout.tokens, layout.channels, layout.levels.tobytes())
@@ -135,7 +147,7 @@ class TritonBackend:
 
         Reads x in its own dtype: converting to fp32 first is exact, so it would only cost a pass."""
         x = x.to(self.device).contiguous()
-        lv = tq.levels_tensor(levels, self.device)
+        lv = self._levels_on_device(levels)
         q = torch.empty(x.shape, dtype=torch.uint8, device=self.device)
         _, sk = tq.quantize(x[0], lv[0], modes[0], self.interpret, q=q[0])
         _, sv = tq.quantize(x[1], lv[1], modes[1], self.interpret, q=q[1])
@@ -145,7 +157,7 @@ class TritonBackend:
                    modes: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[2, L, T, C] in dtype (default fp32 like CpuBackend; any other dtype equals its .to(dtype))."""
         q = q.to(self.device).contiguous()
-        lv = tq.levels_tensor(levels, self.device)
+        lv = self._levels_on_device(levels)
         out = torch.empty(q.shape, dtype=dtype, device=self.device)
         for i in (0, 1):
             side = [s.to(self.device) for s in sides[i]]

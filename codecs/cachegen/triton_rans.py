@@ -17,10 +17,14 @@ order), then ``compact`` packs the rows by the prefix sum of the word counts.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+logger = logging.getLogger(__name__)
 
 PROB_BITS = tl.constexpr(12)
 RANS_L = tl.constexpr(1 << 16)
@@ -122,7 +126,7 @@ def _rans_decode_kernel(words_ptr, offset_ptr, count_ptr, out_ptr, lane_base_ptr
 def _stats_kernel(sym_ptr, lane_base_ptr, lane_stream_ptr, len_ptr, alpha, cost_off, cost_ptr,
                   hist_ptr, center_ptr, table_ptr, n_lanes, sym_step,
                   NMAX: tl.constexpr, BLOCK: tl.constexpr, BPAD: tl.constexpr, NT: tl.constexpr,
-                  FROM_HIST: tl.constexpr, WRITE_HIST: tl.constexpr, CHOOSE: tl.constexpr):
+                  FROM_HIST: tl.constexpr, WRITE_HIST: tl.constexpr, CHOOSE: tl.constexpr, DOT: tl.constexpr):
     """Per-stream histogram of symbols (< BPAD), and/or the median centre and cheapest table, for lanes
     that share one alphabet size `alpha` (whose cost table starts at cost_off: [NT, alpha] int32).
 
@@ -199,19 +203,32 @@ def _stats_kernel(sym_ptr, lane_base_ptr, lane_stream_ptr, len_ptr, alpha, cost_
     if CHOOSE:
         cum = tl.cumsum(h, axis=1)
         m = tl.sum((2 * cum < n[:, None]).to(tl.int32), axis=1)
-        # Rotate each lane's histogram by its centre (a register gather), so that the cost table is the
-        # same for every lane: then all 64 table costs are one [BLOCK, BPAD] x [BPAD, NT] product.
         inb = bins < alpha
-        idx = bins[None, :] + m[:, None]
-        idx = tl.where(idx >= alpha, idx - alpha, idx)
-        idx = tl.where(inb[None, :], idx, bins[None, :])
-        hr = tl.where(inb[None, :], tl.gather(h, idx, axis=1), 0)
-        tcol = tl.arange(0, NT)
-        cmat = tl.load(cost_ptr + cost_off + tcol[None, :] * alpha + bins[:, None], mask=inb[:, None], other=0)
-        # Integers below 2**24 throughout (counts <= 256, costs <= 8192, sums <= 2**21): fp32 with IEEE
-        # products (no TF32) is exact, so argmin ties resolve like the CPU's, to the lowest index.
-        tot = tl.dot(hr.to(tl.float32), cmat.to(tl.float32), input_precision="ieee")
-        choice = tl.argmin(tot, axis=1, tie_break_left=True)
+        if DOT:
+            # Rotate each lane's histogram by its centre (a register gather), so that the cost table is
+            # the same for every lane: all 64 table costs are then one [BLOCK, BPAD] x [BPAD, NT] product.
+            idx = bins[None, :] + m[:, None]
+            idx = tl.where(idx >= alpha, idx - alpha, idx)
+            idx = tl.where(inb[None, :], idx, bins[None, :])
+            hr = tl.where(inb[None, :], tl.gather(h, idx, axis=1), 0)
+            tcol = tl.arange(0, NT)
+            cmat = tl.load(cost_ptr + cost_off + tcol[None, :] * alpha + bins[:, None], mask=inb[:, None], other=0)
+            # Integers below 2**24 throughout (counts <= 256, costs <= 8192, sums <= 2**21): fp32 with
+            # IEEE products (no TF32) is exact, so ties resolve like the CPU's, to the lowest index.
+            tot = tl.dot(hr.to(tl.float32), cmat.to(tl.float32), input_precision="ieee")
+            choice = tl.argmin(tot, axis=1, tie_break_left=True)
+        else:
+            # Fallback without tl.gather / tl.dot: rotate the cost table per lane instead (gathers).
+            idx = bins[None, :] - m[:, None]
+            idx = tl.where(idx < 0, idx + alpha, idx)
+            best = tl.full([BLOCK], 2147483647, tl.int32)
+            choice = tl.zeros([BLOCK], tl.int32)
+            for t in range(NT):
+                c = tl.load(cost_ptr + cost_off + t * alpha + idx, mask=valid[:, None] & inb[None, :], other=0)
+                total = tl.sum(h * c, axis=1)
+                better = total < best
+                best = tl.where(better, total, best)
+                choice = tl.where(better, t, choice)
         tl.store(center_ptr + k, m.to(tl.uint8), mask=valid)
         tl.store(table_ptr + k, choice.to(tl.uint8), mask=valid)
 
@@ -230,6 +247,9 @@ def pack_decode_table(freq: np.ndarray, cum: np.ndarray, slot_to_symbol: np.ndar
     f = np.take_along_axis(freq.astype(np.int64), sym, axis=1)
     bias = np.arange(sym.shape[1], dtype=np.int64)[None, :] - np.take_along_axis(cum.astype(np.int64), sym, axis=1)
     return (sym | ((f - 1) << 8) | (bias << 20)).astype(np.uint32).view(np.int32).ravel()
+
+
+_DOT_OK = True  # cleared if this Triton cannot compile the tl.gather/tl.dot variant of the stats kernel
 
 
 def _block(n_lanes: int, cap: int) -> int:
@@ -314,13 +334,20 @@ def stream_stats(sym: torch.Tensor | None, lanes: Lanes, lengths: torch.Tensor, 
     if lanes.n:
         bpad = max(32, bpad)
         block = _block(lanes.n, 2048 if interpret else max(16, 4096 // bpad))
-        if choose and not write_hist and sym is None:
-            block = max(block, 16)  # tl.dot needs at least 16 rows
         grid = (triton.cdiv(lanes.n, block),)
         extra = {} if interpret else {"num_warps": max(1, min(4, block // 32))}
         dummy = center if center_out is None else center_out
-        _stats_kernel[grid](sym if sym is not None else dummy, lanes.lane_base, lanes.lane_stream, lengths,
-                            int(alpha), int(cost_off), cost_tab, hist if hist is not None else dummy, center, table, lanes.n,
-                            lanes.sym_step, NMAX=nmax, BLOCK=block, BPAD=bpad, NT=n_tables,
-                            FROM_HIST=sym is None, WRITE_HIST=write_hist, CHOOSE=choose, **extra)
+        args = (sym if sym is not None else dummy, lanes.lane_base, lanes.lane_stream, lengths, int(alpha),
+                int(cost_off), cost_tab, hist if hist is not None else dummy, center, table, lanes.n, lanes.sym_step)
+        consts = dict(NMAX=nmax, BLOCK=block, BPAD=bpad, NT=n_tables, FROM_HIST=sym is None,
+                      WRITE_HIST=write_hist, CHOOSE=choose, **extra)
+        global _DOT_OK
+        if _DOT_OK:
+            try:
+                _stats_kernel[grid](*args, DOT=True, **consts)
+            except Exception as e:  # noqa: BLE001 - a Triton build that cannot compile tl.gather/tl.dot here
+                logger.warning("stats kernel with tl.gather/tl.dot failed (%s); using the gather-loop variant", e)
+                _DOT_OK = False
+        if not _DOT_OK:
+            _stats_kernel[grid](*args, DOT=False, **consts)
     return center, table

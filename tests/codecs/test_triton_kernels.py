@@ -252,6 +252,19 @@ def test_stats_and_coding_match_cpu_backend(backend, layers, tokens, channels, k
     assert_same(cpu.rans_decode(w2, n2, center, table, layout), q)
 
 
+def test_stats_fallback_variant_matches(backend, monkeypatch) -> None:
+    """The variant without tl.gather/tl.dot (used if a Triton build cannot compile them) agrees too."""
+    monkeypatch.setattr(tr, "_DOT_OK", False)
+    rng = np.random.default_rng(3)
+    levels = np.array([[33, 16], [17, 129]], dtype=np.int64)
+    layout = stream_layout(2, 21, 9, levels)
+    q = make_q(rng, 2, 21, 9, levels)
+    center, table = CpuBackend().choose_tables(CpuBackend().histogram(q, layout), layout)
+    c2, t2 = backend.stats(q.to(DEVICE), layout)
+    assert_same(c2, center)
+    assert_same(t2, table)
+
+
 def test_choose_tables_ties_go_to_lowest_index(backend) -> None:
     """A stream whose residuals are all 0 costs the same under every table whose symbol-0 cost ties;
     both paths must then pick the lowest such index."""
