@@ -18,6 +18,7 @@ order), then ``compact`` packs the rows by the prefix sum of the word counts.
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -249,7 +250,9 @@ def pack_decode_table(freq: np.ndarray, cum: np.ndarray, slot_to_symbol: np.ndar
     return (sym | ((f - 1) << 8) | (bias << 20)).astype(np.uint32).view(np.int32).ravel()
 
 
-_DOT_OK = True  # cleared if this Triton cannot compile the tl.gather/tl.dot variant of the stats kernel
+# Cleared if this Triton cannot compile the tl.gather/tl.dot variant of the stats kernel; set
+# KVMESH_TRITON_STATS_DOT=0 to use the gather-loop variant from the start.
+_DOT_OK = os.environ.get("KVMESH_TRITON_STATS_DOT", "1") != "0"
 
 
 def _block(n_lanes: int, cap: int) -> int:
