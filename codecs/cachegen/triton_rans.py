@@ -212,12 +212,22 @@ def _stats_kernel(sym_ptr, lane_base_ptr, lane_stream_ptr, len_ptr, alpha, cost_
             idx = tl.where(idx >= alpha, idx - alpha, idx)
             idx = tl.where(inb[None, :], idx, bins[None, :])
             hr = tl.where(inb[None, :], tl.gather(h, idx, axis=1), 0)
-            tcol = tl.arange(0, NT)
-            cmat = tl.load(cost_ptr + cost_off + tcol[None, :] * alpha + bins[:, None], mask=inb[:, None], other=0)
-            # Integers below 2**24 throughout (counts <= 256, costs <= 8192, sums <= 2**21): fp32 with
-            # IEEE products (no TF32) is exact, so ties resolve like the CPU's, to the lowest index.
-            tot = tl.dot(hr.to(tl.float32), cmat.to(tl.float32), input_precision="ieee")
-            choice = tl.argmin(tot, axis=1, tie_break_left=True)
+            hf = hr.to(tl.float32)
+            tcol = tl.arange(0, 16)
+            best = tl.full([BLOCK], float("inf"), tl.float32)
+            choice = tl.zeros([BLOCK], tl.int32)
+            # 16 tables at a time keeps the cost tile small. Integers below 2**24 throughout (counts
+            # <= 256, costs <= 8192, sums <= 2**21): fp32 with IEEE products (no TF32) is exact, so
+            # ties resolve like the CPU's, to the lowest index (argmin's left tie-break, strict <).
+            for t0 in range(0, NT, 16):
+                cmat = tl.load(cost_ptr + cost_off + (t0 + tcol)[None, :] * alpha + bins[:, None],
+                               mask=inb[:, None], other=0)
+                tot = tl.dot(hf, cmat.to(tl.float32), input_precision="ieee")
+                cmin = tl.min(tot, axis=1)
+                carg = tl.argmin(tot, axis=1, tie_break_left=True).to(tl.int32) + t0
+                better = cmin < best
+                best = tl.where(better, cmin, best)
+                choice = tl.where(better, carg, choice)
         else:
             # Fallback without tl.gather / tl.dot: rotate the cost table per lane instead (gathers).
             idx = bins[None, :] - m[:, None]
@@ -338,19 +348,20 @@ def stream_stats(sym: torch.Tensor | None, lanes: Lanes, lengths: torch.Tensor, 
         bpad = max(32, bpad)
         block = _block(lanes.n, 2048 if interpret else max(16, 4096 // bpad))
         grid = (triton.cdiv(lanes.n, block),)
-        extra = {} if interpret else {"num_warps": max(1, min(4, block // 32))}
+        extra = {} if interpret else {"num_warps": 4}
         dummy = center if center_out is None else center_out
         args = (sym if sym is not None else dummy, lanes.lane_base, lanes.lane_stream, lengths, int(alpha),
                 int(cost_off), cost_tab, hist if hist is not None else dummy, center, table, lanes.n, lanes.sym_step)
         consts = dict(NMAX=nmax, BLOCK=block, BPAD=bpad, NT=n_tables, FROM_HIST=sym is None,
                       WRITE_HIST=write_hist, CHOOSE=choose, **extra)
         global _DOT_OK
-        if _DOT_OK:
+        use_dot = _DOT_OK and n_tables % 16 == 0 and choose
+        if use_dot:
             try:
                 _stats_kernel[grid](*args, DOT=True, **consts)
             except Exception as e:  # noqa: BLE001 - a Triton build that cannot compile tl.gather/tl.dot here
                 logger.warning("stats kernel with tl.gather/tl.dot failed (%s); using the gather-loop variant", e)
-                _DOT_OK = False
-        if not _DOT_OK:
+                _DOT_OK = use_dot = False
+        if not use_dot:
             _stats_kernel[grid](*args, DOT=False, **consts)
     return center, table
