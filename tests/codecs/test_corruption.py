@@ -1,0 +1,127 @@
+"""Every method: corrupt, truncated, random and foreign containers raise CodecError, never a tensor
+or another exception; the max-size function bounds real outputs (dietgpu style)."""
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+import torch
+
+import kvmesh.codecs as codecs
+from kvmesh.codecs import CodecError, container, get_codec
+
+from .conftest import kv_like
+
+METHODS = ["cachegen", "cachegen-hq", "lossless", "int8", "int4", "fp8", "lmcache-cachegen"]
+
+
+@pytest.fixture(scope="module")
+def blobs() -> dict[str, tuple[torch.Tensor, bytes]]:
+    kv = kv_like(2, 260, 12, dtype=torch.float16, seed=3)
+    return {m: (kv, get_codec(m).encode(kv)) for m in METHODS}
+
+
+def _section_offsets(blob: bytes) -> list[tuple[int, int]]:
+    header = container.read_header(blob)
+    pos = container.FIXED_HEADER_BYTES + 4 * len(header.section_lengths)
+    spans = [(0, pos)]
+    for n in header.section_lengths:
+        spans.append((pos, n))
+        pos += n
+    spans.append((pos, 4))
+    return spans
+
+
+def _refresh_crc(b: bytearray) -> bytes:
+    b[-4:] = struct.pack("<I", zlib.crc32(bytes(b[:-4])))
+    return bytes(b)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bit_flips_in_every_section_raise(blobs, method):
+    _, blob = blobs[method]
+    codec = get_codec(method)
+    for start, n in _section_offsets(blob):
+        for off in {start, start + n // 2, start + max(n - 1, 0)}:
+            if n == 0:
+                continue
+            for bit in (0, 7):
+                b = bytearray(blob)
+                b[off] ^= 1 << bit
+                with pytest.raises(CodecError):
+                    codec.decode(bytes(b))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_flips_behind_a_valid_checksum_never_crash(blobs, method):
+    """Corruption the CRC cannot see (a forged checksum): structural and rANS checks catch what they
+    can; what they cannot catch must still decode to a tensor of the right shape, never crash."""
+    kv, blob = blobs[method]
+    codec = get_codec(method)
+    caught = 0
+    for i, (start, n) in enumerate(_section_offsets(blob)[:-1]):
+        for off in range(start, start + n, max(1, n // 5)):
+            b = bytearray(blob)
+            b[off] ^= 0x5A
+            try:
+                out = codec.decode(_refresh_crc(b))
+            except CodecError:
+                caught += 1
+                continue
+            assert out.shape == kv.shape
+    assert caught > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_truncation_raises(blobs, method):
+    _, blob = blobs[method]
+    codec = get_codec(method)
+    for cut in sorted({0, 1, 4, 27, 28, 40, len(blob) // 3, len(blob) // 2, len(blob) - 5, len(blob) - 1}):
+        with pytest.raises(CodecError):
+            codec.decode(blob[:cut])
+    with pytest.raises(CodecError):
+        codec.decode(blob + b"\x00")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_foreign_container_raises(blobs, method):
+    codec = get_codec(method)
+    for other in METHODS:
+        if get_codec(other).codec_id != codec.codec_id:
+            with pytest.raises(CodecError, match="written by"):
+                codec.decode(blobs[other][1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_random_bytes_raise(method):
+    g = torch.Generator().manual_seed(7)
+    codec = get_codec(method)
+    for n in (0, 3, 31, 200, 5000):
+        rnd = torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).numpy().tobytes()
+        with pytest.raises(CodecError):
+            codec.decode(rnd)
+        # random bytes behind a real header and a valid checksum
+        head = container.pack(codec.codec_id, codec.level_id, torch.float16, (2, 1, 3, 2), [rnd])
+        with pytest.raises(CodecError):
+            codec.decode(head)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["noise", "kv"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 257, 9), (1, 513, 3)])
+def test_max_size_bounds_output(method, kind, shape):
+    if kind == "noise":  # incompressible: the worst case for every entropy coder
+        g = torch.Generator().manual_seed(11)
+        kv = (torch.rand(2, *shape, generator=g) * 2 - 1).to(torch.float16)
+    else:
+        kv = kv_like(*shape, dtype=torch.float16)
+    codec = get_codec(method)
+    blob = codec.encode(kv)
+    cap = codec.max_encoded_size(tuple(kv.shape), kv.dtype)
+    assert len(blob) <= cap
+    buf = bytearray(cap)  # allocate up front, write, decode the written prefix
+    buf[: len(blob)] = blob
+    out = codec.decode(bytes(buf[: len(blob)]))
+    assert out.shape == kv.shape
+    assert codecs.max_encoded_size(method, tuple(kv.shape), kv.dtype) == cap
