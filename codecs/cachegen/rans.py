@@ -145,8 +145,9 @@ def encode(
         if ragged:
             np.copyto(idx, pad, where=lengths <= i)
         np.take(pair, idx, out=fc, mode="clip")
-        # x >= f << 20  <=>  x / f >= 2**20 (exact: see the note at _TWO_20).
+        # x >= f << 20  <=>  x // f >= 2**20 (exact: see the note at _TWO_20).
         np.divide(x, f, out=q)
+        np.floor(q, out=q)
         np.greater_equal(q, _TWO_20, out=m)
         ids = np.flatnonzero(m)
         if ids.size:
@@ -154,13 +155,12 @@ def encode(
             hv = np.floor(xv * _INV_L)
             got_word.append(xv - hv * float(L))
             x[ids] = hv
+            q[ids] = np.floor(hv / f[ids])
             r = done[ids]
             got_rank.append(r)
             done[ids] = r + 1
             got_stream.append(ids)
-            np.divide(x, f, out=q)
         # x = (x // f) * M + x % f + c  ==  x + (x // f) * (M - f) + c
-        np.floor(q, out=q)
         np.subtract(M, f, out=g)
         q *= g
         x += q
