@@ -83,8 +83,9 @@ def _quant_channel_kernel(x_ptr, q_ptr, side_ptr, aux_ptr, lv_ptr, T, C, nseg, L
         lv = tl.load(lv_ptr + layer)
         tl.store(q_ptr + off, _quantize(x, lo[None, :], d, lv), mask=m)
     else:
-        lo16 = _round_down_fp16(tl.min(tl.where(m, x, float("inf")), axis=0))
-        hi16 = _round_up_fp16(tl.max(tl.where(m, x, float("-inf")), axis=0))
+        # (channels past C would reduce to +-inf; zero them so the masked-out lanes stay finite)
+        lo16 = _round_down_fp16(tl.where(cm, tl.min(tl.where(m, x, float("inf")), axis=0), 0.0))
+        hi16 = _round_up_fp16(tl.where(cm, tl.max(tl.where(m, x, float("-inf")), axis=0), 0.0))
         lo = lo16.to(tl.float32)
         d = hi16.to(tl.float32) - lo
         tl.store(side_ptr + side, lo16, mask=cm)
@@ -110,14 +111,14 @@ def _quant_token_kernel(x_ptr, q_ptr, side_ptr, lv_ptr, T, C, L, SYM: tl.constex
     tm = t < T
     row = layer.to(tl.int64) * T + t
     if SYM:
-        a16 = _round_up_fp16(tl.max(tl.where(m, tl.abs(x), float("-inf")), axis=1))
+        a16 = _round_up_fp16(tl.where(tm, tl.max(tl.where(m, tl.abs(x), float("-inf")), axis=1), 0.0))
         tl.store(side_ptr + row, a16, mask=tm)
         a = a16.to(tl.float32)
         lo = -a
         d = a - lo
     else:
-        lo16 = _round_down_fp16(tl.min(tl.where(m, x, float("inf")), axis=1))
-        hi16 = _round_up_fp16(tl.max(tl.where(m, x, float("-inf")), axis=1))
+        lo16 = _round_down_fp16(tl.where(tm, tl.min(tl.where(m, x, float("inf")), axis=1), 0.0))
+        hi16 = _round_up_fp16(tl.where(tm, tl.max(tl.where(m, x, float("-inf")), axis=1), 0.0))
         tl.store(side_ptr + row, lo16, mask=tm)
         tl.store(side_ptr + L * T + row, hi16, mask=tm)
         lo = lo16.to(tl.float32)
