@@ -181,6 +181,36 @@ def encode(
     return words, counts.astype(np.int32)
 
 
+_LUT_CACHE: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _decode_lut(f64: np.ndarray, c64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(slot_to_symbol the tables imply, packed decode entries) for validated tables, cached: building
+    them costs far more than decoding a small group of streams, and a codec reuses few tables."""
+    key = f64.tobytes() + bytes(str(f64.shape), "ascii")
+    hit = _LUT_CACHE.get(key)
+    if hit is not None:
+        return hit
+    nt, a = f64.shape
+    expect = np.stack([np.repeat(np.arange(a, dtype=np.uint8), f64[t]) for t in range(nt)])
+    # Packed decode entry per (table, slot): symbol | f << 8 | (slot - cum) << 21. Table nt is the
+    # identity (symbol 0, f = M, bias = slot) used past a stream's end.
+    slots = np.arange(M, dtype=np.int64)
+    sym = expect.astype(np.int64)
+    f_slot = np.take_along_axis(f64, sym, axis=1)
+    bias = slots[None, :] - np.take_along_axis(c64, sym, axis=1)
+    lut = np.empty((nt + 1, M), dtype=np.int64)
+    lut[:nt] = sym | (f_slot << 8) | (bias << 21)
+    lut[nt] = (M << 8) | (slots << 21)
+    lut = lut.ravel()
+    expect.setflags(write=False)
+    lut.setflags(write=False)
+    if len(_LUT_CACHE) >= 64:
+        _LUT_CACHE.clear()
+    _LUT_CACHE[key] = (expect, lut)
+    return expect, lut
+
+
 def decode(
     words: np.ndarray,
     stream_words: np.ndarray,
@@ -211,7 +241,7 @@ def decode(
     slot_to_symbol = np.asarray(slot_to_symbol)
     if slot_to_symbol.shape != (nt, M):
         raise CodecError(f"rANS slot_to_symbol must be {(nt, M)}, got {slot_to_symbol.shape}")
-    expect = np.stack([np.repeat(np.arange(a), f64[t]) for t in range(nt)])
+    expect, lut = _decode_lut(f64, c64)
     if not np.array_equal(slot_to_symbol, expect):
         raise CodecError("rANS slot_to_symbol does not match the frequency table")
     s = stream_words.size
@@ -228,17 +258,6 @@ def decode(
     out = np.zeros((n, s), dtype=np.uint8)
     if s == 0:
         return out.T.copy()
-
-    # Packed decode entry per (table, slot): symbol | f << 8 | (slot - cum) << 21. Table nt is the
-    # identity (symbol 0, f = M, bias = slot) used past a stream's end.
-    slots = np.arange(M, dtype=np.int64)
-    sym = slot_to_symbol.astype(np.int64)
-    f_slot = np.take_along_axis(f64, sym, axis=1)
-    bias = slots[None, :] - np.take_along_axis(c64, sym, axis=1)
-    lut = np.empty((nt + 1, M), dtype=np.int64)
-    lut[:nt] = sym | (f_slot << 8) | (bias << 21)
-    lut[nt] = (M << 8) | (slots << 21)
-    lut = lut.ravel()
 
     # Reads past a stream's last word stay inside the padded buffer and are caught at the end.
     wpad = np.zeros(words.size + n + 2, dtype=np.int64)
