@@ -36,15 +36,20 @@ _INV_L = 1.0 / L
 
 
 def validate_freq(freq: np.ndarray) -> np.ndarray:
-    """Checks a (NT, A) frequency table against the spec and returns it as int64."""
+    """Checks a (NT, A) frequency table against the spec and returns it as int64.
+
+    A frequency of 0 is accepted (beyond the spec, whose tables have f >= 1 for all s < A) so that
+    tables of several alphabet sizes can share one call, each padded with zeros to the largest A;
+    coding a symbol whose frequency is 0 raises CodecError.
+    """
     freq = np.asarray(freq)
     if freq.ndim != 2 or freq.shape[0] < 1 or not 1 <= freq.shape[1] <= MAX_ALPHABET:
         raise CodecError(f"rANS frequency table must be (tables, 1..{MAX_ALPHABET}), got {freq.shape}")
     if not np.issubdtype(freq.dtype, np.integer):
         raise CodecError(f"rANS frequency table must be integers, got {freq.dtype}")
     f = freq.astype(np.int64)
-    if f.min() < 1:
-        raise CodecError("rANS frequency table has a symbol with frequency < 1")
+    if f.min() < 0:
+        raise CodecError("rANS frequency table has a negative frequency")
     sums = f.sum(axis=1)
     if not np.all(sums == M):
         bad = int(np.flatnonzero(sums != M)[0])
@@ -140,32 +145,37 @@ def encode(
     # emitted words are collected per step with their stream and their rank within the stream.
     done = np.zeros(s, dtype=np.int64)  # words emitted so far (processing order) per stream
     got_stream, got_rank, got_word = [], [], []
-    for i in range(n - 1, -1, -1):
-        np.add(base, sym_t[i], out=idx)
-        if ragged:
-            np.copyto(idx, pad, where=lengths <= i)
-        np.take(pair, idx, out=fc, mode="clip")
-        # x >= f << 20  <=>  x // f >= 2**20 (exact: see the note at _TWO_20).
-        np.divide(x, f, out=q)
-        np.floor(q, out=q)
-        np.greater_equal(q, _TWO_20, out=m)
-        ids = np.flatnonzero(m)
-        if ids.size:
-            xv = x[ids]
-            hv = np.floor(xv * _INV_L)
-            got_word.append(xv - hv * float(L))
-            x[ids] = hv
-            q[ids] = np.floor(hv / f[ids])
-            r = done[ids]
-            got_rank.append(r)
-            done[ids] = r + 1
-            got_stream.append(ids)
-        # x = (x // f) * M + x % f + c  ==  x + (x // f) * (M - f) + c
-        np.subtract(M, f, out=g)
-        q *= g
-        x += q
-        x += c
+    # A zero-frequency symbol divides by zero: the state turns inf/NaN and is caught after the loop.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for i in range(n - 1, -1, -1):
+            np.add(base, sym_t[i], out=idx)
+            if ragged:
+                np.copyto(idx, pad, where=lengths <= i)
+            np.take(pair, idx, out=fc, mode="clip")
+            # x >= f << 20  <=>  x // f >= 2**20 (exact: see the note at _TWO_20).
+            np.divide(x, f, out=q)
+            np.floor(q, out=q)
+            np.greater_equal(q, _TWO_20, out=m)
+            ids = np.flatnonzero(m)
+            if ids.size:
+                xv = x[ids]
+                hv = np.floor(xv * _INV_L)
+                got_word.append(xv - hv * float(L))
+                x[ids] = hv
+                q[ids] = np.floor(hv / f[ids])
+                r = done[ids]
+                got_rank.append(r)
+                done[ids] = r + 1
+                got_stream.append(ids)
+            # x = (x // f) * M + x % f + c  ==  x + (x // f) * (M - f) + c
+            np.subtract(M, f, out=g)
+            q *= g
+            x += q
+            x += c
 
+    if not np.all(np.isfinite(x)):
+        k = int(np.flatnonzero(~np.isfinite(x))[0])
+        raise CodecError(f"rANS stream {k} holds a symbol whose frequency in table {int(table_idx[k])} is 0")
     xi = x.astype(np.int64)
     counts = done + 2
     ends = np.cumsum(counts)

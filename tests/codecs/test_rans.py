@@ -208,7 +208,7 @@ def test_build_tables() -> None:
 # ---- bad input and corruption ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("freq", [
-    np.array([[0, M]]),                 # a zero frequency
+    np.array([[-1, M + 1]]),            # a negative frequency
     np.array([[1, M - 2]]),             # sums to M - 1
     np.full((1, 257), 16),              # alphabet too big
     np.zeros((0, 4), np.int64),         # no tables
@@ -331,3 +331,28 @@ def test_decode_rejects_inconsistent_tables(coded) -> None:
         _decode(coded, s2s=s2s)
     with pytest.raises(CodecError, match="cum"):
         _decode(coded, cum=coded["cum"][:, :-1])
+
+
+def test_zero_padded_tables_share_one_call() -> None:
+    """Tables of different alphabet sizes padded with zero frequencies code together; a symbol with
+    frequency 0 in its stream's table is refused."""
+    rng = np.random.default_rng(8)
+    small = random_freq(rng, 2, 5)
+    big = random_freq(rng, 2, 17)
+    freq = np.zeros((4, 17), np.int64)
+    freq[:2, :5] = small
+    freq[2:] = big
+    s, n = 40, 33
+    tidx = np.arange(s) % 4
+    sym = rng.integers(0, 17, (s, n)).astype(np.uint8)
+    sym[tidx < 2] %= 5
+    words, counts, back = roundtrip(sym, np.full(s, n), tidx, freq)
+    np.testing.assert_array_equal(back, sym)
+    # Same words as coding each alphabet on its own.
+    cum_s, _ = rans.build_tables(small)
+    w_s, c_s = rans.encode(sym[tidx < 2][:, :], np.full(int((tidx < 2).sum()), n), tidx[tidx < 2], small, cum_s)
+    np.testing.assert_array_equal(counts[tidx < 2], c_s)
+    sym[1, 7] = 9  # frequency 0 in table 1
+    cum, _ = rans.build_tables(freq)
+    with pytest.raises(CodecError, match="frequency"):
+        rans.encode(sym, np.full(s, n), tidx, freq, cum)
