@@ -16,9 +16,10 @@ vLLM builds the connector twice: once for its scheduler, once in each worker.
 Loads and saves are synchronous (inside ``start_load_kv`` and ``wait_for_save``): simple and
 correct; the agent's chunks are decoded on the agent's codec threads either way.
 
-Paged layouts supported: vLLM's CPU backend (``[blocks, kv_heads, block_size, 2*head_size]``, the
-K rows then the V rows of a block) and the flash-attention layout (``[2, blocks, block_size,
-kv_heads, head_size]``). Another layout is refused at start with a clear error.
+Paged layouts (``_PagedLayout``): vLLM 0.32's ``[blocks, kv_heads, block_size, 2*head_size]`` as the
+CPU backend splits it (K rows, then V rows) and as flash attention splits it (K and V halves of the
+last dimension; written from vLLM's source, not run on a GPU here), and the older ``[2, blocks,
+block_size, kv_heads, head_size]``. Another layout is refused at start with a clear error.
 """
 from __future__ import annotations
 
@@ -79,39 +80,51 @@ def _layer_index(name: str) -> int:
 
 
 class _PagedLayout:
-    """Reads and writes the K/V of token slots in one layer's paged cache tensor."""
+    """Reads and writes the K/V of token slots in one layer's paged cache tensor.
 
-    def __init__(self, example: torch.Tensor, block_size: int, num_kv_heads: int, head_size: int) -> None:
+    vLLM 0.32 gives every backend the same per-layer shape ``[blocks, kv_heads, block_size,
+    2*head_size]``, but the backends split it differently: the CPU backend views a block as
+    ``2*block_size`` rows (K rows, then V rows); flash attention splits the last dimension (K, then
+    V, within each row). Older vLLM releases used ``[2, blocks, block_size, kv_heads, head_size]``.
+    """
+
+    def __init__(self, example: torch.Tensor, block_size: int, num_kv_heads: int, head_size: int,
+                 *, cpu_backend: bool) -> None:
         self.block_size = block_size
+        self.head_size = head_size
         shape = tuple(example.shape)
         if example.dim() == 4 and shape[1] == num_kv_heads and shape[2] == block_size and shape[3] == 2 * head_size:
-            self.kind = "cpu"
+            self.kind = "rows" if cpu_backend else "halves"
         elif example.dim() == 5 and shape[0] == 2 and shape[2] == block_size and shape[3] == num_kv_heads \
                 and shape[4] == head_size:
-            self.kind = "flash"
+            self.kind = "stacked"
         else:
             raise ValueError(f"KVMeshConnector does not know the paged KV layout {shape} (block_size {block_size}, "
-                             f"{num_kv_heads} kv heads of {head_size}); supported: vLLM's CPU backend "
-                             "[blocks, heads, block_size, 2*head_size] and flash [2, blocks, block_size, heads, head_size]")
-
-    def _index(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return slots // self.block_size, slots % self.block_size
+                             f"{num_kv_heads} kv heads of {head_size}); supported: [blocks, heads, block_size, "
+                             "2*head_size] and [2, blocks, block_size, heads, head_size]")
 
     def read(self, cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of ``slots`` as ``[tokens, heads, head_size]`` each."""
-        blocks, offsets = self._index(slots.to(cache.device))
-        if self.kind == "cpu":
+        slots = slots.to(cache.device)
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        if self.kind == "rows":
             view = cache.view(cache.shape[0], cache.shape[1], 2 * self.block_size, -1)
             return view[blocks, :, offsets], view[blocks, :, offsets + self.block_size]
+        if self.kind == "halves":
+            rows = cache[blocks, :, offsets]  # [tokens, heads, 2*head_size]
+            return rows[..., : self.head_size], rows[..., self.head_size:]
         return cache[0, blocks, offsets], cache[1, blocks, offsets]
 
     def write(self, cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        blocks, offsets = self._index(slots.to(cache.device))
+        slots = slots.to(cache.device)
+        blocks, offsets = slots // self.block_size, slots % self.block_size
         k, v = k.to(cache.device, cache.dtype), v.to(cache.device, cache.dtype)
-        if self.kind == "cpu":
+        if self.kind == "rows":
             view = cache.view(cache.shape[0], cache.shape[1], 2 * self.block_size, -1)
             view[blocks, :, offsets] = k
             view[blocks, :, offsets + self.block_size] = v
+        elif self.kind == "halves":
+            cache[blocks, :, offsets] = torch.cat([k, v], dim=-1)
         else:
             cache[0, blocks, offsets] = k
             cache[1, blocks, offsets] = v
@@ -160,7 +173,10 @@ class KVMeshConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         ordered = sorted(kv_caches.items(), key=lambda item: _layer_index(item[0]))
         self._caches = [t for _, t in ordered]
-        self._layout = _PagedLayout(self._caches[0], self._block_size, self._num_kv_heads, self._head_size)
+        from vllm.platforms import current_platform
+
+        self._layout = _PagedLayout(self._caches[0], self._block_size, self._num_kv_heads, self._head_size,
+                                    cpu_backend=current_platform.is_cpu())
         logger.info("KVMeshConnector: %d layers, paged layout %s %s", len(self._caches), self._layout.kind,
                     tuple(self._caches[0].shape))
 
