@@ -31,14 +31,25 @@ class Level:
         return np.stack([np.asarray(self.key_levels)[idx], np.asarray(self.value_levels)[idx]]).astype(np.int64)
 
 
-def _schedule(early: int, n_early: int, late: int) -> tuple[int, ...]:
-    return (early,) * n_early + (late,) * (REFERENCE_LAYERS - n_early)
+def _bands(*runs: tuple[int, int]) -> tuple[int, ...]:
+    out: tuple[int, ...] = ()
+    for n, b in runs:
+        out += (b,) * n
+    if len(out) != REFERENCE_LAYERS:
+        raise ValueError("a level schedule must cover the reference depth")
+    return out
 
 
+# Tuned on Botchan KV of SmolLM2-135M (BENCHMARKS.md "Codecs"). Measured there:
+# - keys: one step per (layer, segment) shared by all channels (mode 3) beat a per-channel range
+#   (mode 0) at equal bits; values: per-token symmetric (mode 2) beat per-token asymmetric and
+#   per-channel. Keys limit quality far more than values.
+# - the layers that matter most are the middle ones (10-24 of 30), not the early ones LMCache favours.
 LEVELS: dict[str, Level] = {
     "default": Level("default", 0, MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SYMMETRIC,
-                     key_levels=_schedule(16, 30, 16), value_levels=_schedule(9, 30, 9)),
+                     key_levels=_bands((10, 16), (15, 28), (5, 16)),
+                     value_levels=_bands((15, 9), (5, 13), (10, 9))),
     "hq": Level("hq", 1, MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SYMMETRIC,
-                key_levels=_schedule(64, 30, 64), value_levels=_schedule(33, 30, 33)),
+                key_levels=_bands((30, 64)), value_levels=_bands((30, 33))),
 }
 LEVEL_ALIASES = {"high": "hq"}
