@@ -32,18 +32,19 @@ class CpuBackend:
         return torch.stack([k, v])
 
     def histogram(self, q: torch.Tensor, layout: StreamLayout) -> np.ndarray:
-        """int64 [S, 256]: how often each symbol occurs in each stream."""
-        ids = element_stream_ids(layout.layers, layout.tokens, layout.channels)
+        """int64 [S, W]: how often each symbol occurs in each stream (W = the largest alphabet; the
+        choice below reads only the first B_k columns of stream k, so any W >= max B works)."""
+        width = layout.max_levels
+        ids = element_stream_ids(layout.layers, layout.tokens, layout.channels, width)
         idx = (ids + q.to(torch.int64)).reshape(-1)
-        return torch.bincount(idx, minlength=layout.num_streams * 256).reshape(-1, 256).numpy()
+        return torch.bincount(idx, minlength=layout.num_streams * width).reshape(-1, width).numpy()
 
     def choose_tables(self, hist: np.ndarray, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
         """(center uint8 [S], table uint8 [S]) per FORMAT.md: the median symbol, then the table of
         least integer cost for the residuals (ties: the lowest index)."""
         S = hist.shape[0]
-        center = np.zeros(S, np.int64)
         table = np.zeros(S, np.int64)
-        cum = np.cumsum(hist, axis=1)
+        cum = np.cumsum(hist[:, : layout.max_levels], axis=1)
         n = layout.lengths.astype(np.int64)
         # median: the smallest m with 2 * cum[m] >= n
         center = np.argmax(2 * cum >= n[:, None], axis=1)

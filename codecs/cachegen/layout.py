@@ -30,6 +30,10 @@ class StreamLayout:
     def num_streams(self) -> int:
         return int(self.lengths.size)
 
+    @property
+    def max_levels(self) -> int:
+        return int(self.levels.max())
+
 
 def stream_layout(layers: int, tokens: int, channels: int, levels: np.ndarray) -> StreamLayout:
     nseg = num_segments(tokens)
@@ -57,10 +61,10 @@ def from_streams(s: torch.Tensor, layers: int, tokens: int, channels: int, nseg:
 
 
 @functools.lru_cache(maxsize=16)
-def element_stream_ids(layers: int, tokens: int, channels: int) -> torch.Tensor:
-    """int64 [2, L, T, C]: the stream of every element, times 256 (ready for a bincount index)."""
+def element_stream_ids(layers: int, tokens: int, channels: int, width: int = 256) -> torch.Tensor:
+    """int64 [2, L, T, C]: the stream of every element, times `width` (ready for a bincount index)."""
     nseg = num_segments(tokens)
     block = torch.arange(2 * layers, dtype=torch.int64).reshape(2, layers, 1, 1) * (channels * nseg)
     chan = torch.arange(channels, dtype=torch.int64).reshape(1, 1, 1, channels) * nseg
     seg = (torch.arange(tokens, dtype=torch.int64) // SEGMENT).reshape(1, 1, tokens, 1)
-    return (block + chan + seg) * 256
+    return (block + chan + seg) * width
