@@ -164,6 +164,9 @@ class CacheGenCodec(Codec):
                                                  np.full((2, L), LEAD_LEVELS), LEAD_MODES))
         rest = T - lead
         if rest:
+            # sizes first: a forged header must not make us allocate per-stream arrays
+            if len(meta) != 4 * L * C * quant.num_segments(rest):
+                raise CodecError("corrupt cachegen container: stream meta section has the wrong size")
             layout = stream_layout(L, rest, C, levels)
             S = layout.num_streams
             sides = []

@@ -125,3 +125,17 @@ def test_max_size_bounds_output(method, kind, shape):
     out = codec.decode(bytes(buf[: len(blob)]))
     assert out.shape == kv.shape
     assert codecs.max_encoded_size(method, tuple(kv.shape), kv.dtype) == cap
+
+
+def test_forged_huge_shape_is_rejected_before_allocating():
+    """A valid checksum over a header claiming an enormous shape: sizes are checked arithmetically."""
+    params = struct.pack("<BBHBB", 3, 2, 256, 1, 0) + bytes([15, 8])
+    blob = container.pack(2, 0, torch.float16, (2, 1, 1000, 2**31), [params, b"", b"", b"", b"", b"", b""])
+    with pytest.raises(CodecError, match="wrong size"):
+        codecs.decode(blob)
+    for method in ("int8", "fp8", "lossless", "lmcache-cachegen"):
+        codec = get_codec(method)
+        n = 2 if method != "lmcache-cachegen" else 4
+        forged = container.pack(codec.codec_id, 0, torch.float16, (2, 2**20, 2**20, 2**20), [b"\x01"] * n)
+        with pytest.raises(CodecError):
+            codec.decode(forged)
