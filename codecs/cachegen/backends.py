@@ -32,12 +32,16 @@ class CpuBackend:
         return torch.stack([k, v])
 
     def histogram(self, q: torch.Tensor, layout: StreamLayout) -> np.ndarray:
-        """int64 [S, W]: how often each symbol occurs in each stream (W = the largest alphabet; the
-        choice below reads only the first B_k columns of stream k, so any W >= max B works)."""
-        width = layout.max_levels
+        """int64 [S, 256]: how often each symbol occurs in each stream."""
+        width = layout.max_levels  # count over the used alphabet only, then widen to 256 columns
         ids = element_stream_ids(layout.layers, layout.tokens, layout.channels, width)
         idx = (ids + q.to(torch.int64)).reshape(-1)
-        return torch.bincount(idx, minlength=layout.num_streams * width).reshape(-1, width).numpy()
+        counts = torch.bincount(idx, minlength=layout.num_streams * width).reshape(-1, width).numpy()
+        if width == 256:
+            return counts
+        hist = np.zeros((layout.num_streams, 256), np.int64)
+        hist[:, :width] = counts
+        return hist
 
     def choose_tables(self, hist: np.ndarray, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
         """(center uint8 [S], table uint8 [S]) per FORMAT.md: the median symbol, then the table of
