@@ -4,26 +4,21 @@ from __future__ import annotations
 from kvmesh.codecs.cachegen.codec import CODEC_ID as CACHEGEN_ID
 from kvmesh.codecs.cachegen.codec import make_codec as make_cachegen
 from kvmesh.codecs.cachegen.levels import LEVEL_ALIASES, LEVELS
-from kvmesh.codecs.errors import CodecError
 from kvmesh.codecs.lmcache import LMCacheCodec
 from kvmesh.codecs.lossless import LosslessCodec
 from kvmesh.codecs.quantized import Fp8Codec, UniformCodec
 from kvmesh.codecs.registry import register
 
 
-def _cpu_only(name: str, make_codec):
-    def make(backend: str):
-        if backend == "triton":
-            raise CodecError(f"method {name!r} has no triton backend; use backend='cpu' or 'auto'")
-        return make_codec()
-    return make
+def _cpu_only(make_codec):
+    return lambda backend: make_codec()
 
 
-register("lossless", 1, _cpu_only("lossless", LosslessCodec))
-register("int8", 3, _cpu_only("int8", lambda: UniformCodec("int8", 3, 8)))
-register("int4", 4, _cpu_only("int4", lambda: UniformCodec("int4", 4, 4)))
-register("fp8", 5, _cpu_only("fp8", Fp8Codec))
-register("lmcache-cachegen", 6, _cpu_only("lmcache-cachegen", LMCacheCodec))
+register("lossless", 1, _cpu_only(LosslessCodec), backends=("cpu",))
+register("int8", 3, _cpu_only(lambda: UniformCodec("int8", 3, 8)), backends=("cpu",))
+register("int4", 4, _cpu_only(lambda: UniformCodec("int4", 4, 4)), backends=("cpu",))
+register("fp8", 5, _cpu_only(Fp8Codec), backends=("cpu",))
+register("lmcache-cachegen", 6, _cpu_only(LMCacheCodec), backends=("cpu",))
 
 for _level in LEVELS.values():
     register("cachegen" if _level.name == "default" else f"cachegen-{_level.name}", CACHEGEN_ID,

@@ -21,6 +21,7 @@ class _Method:
     level_id: int
     level_name: str
     factory: Callable[[str], Codec]  # backend ("cpu" | "triton") -> codec
+    backends: tuple[str, ...]  # the backends the method has
 
 
 _METHODS: dict[str, _Method] = {}
@@ -28,9 +29,14 @@ _LEVEL_ALIASES: dict[str, dict[str, str]] = {}  # base name -> {level name or al
 
 
 def register(name: str, codec_id: int, factory: Callable[[str], Codec], *, level_id: int = 0,
-             level_name: str = "default", base: str | None = None, aliases: tuple[str, ...] = ()) -> None:
-    """Registers a method; `base` groups levels of one codec so get_codec(base, level=...) finds them."""
-    _METHODS[name] = _Method(name, codec_id, level_id, level_name, factory)
+             level_name: str = "default", base: str | None = None, aliases: tuple[str, ...] = (),
+             backends: tuple[str, ...] = ("cpu", "triton")) -> None:
+    """Registers a method; `base` groups levels of one codec so get_codec(base, level=...) finds them.
+
+    `backends` lists the backends the method has: "auto" picks Triton on a GPU only for methods
+    that have it, and asking a CPU-only method for "triton" is an error.
+    """
+    _METHODS[name] = _Method(name, codec_id, level_id, level_name, factory, backends)
     levels = _LEVEL_ALIASES.setdefault(base or name, {})
     for key in (level_name, *aliases):
         levels[key] = name
@@ -48,11 +54,13 @@ def method_for_ids(codec_id: int, level_id: int) -> str:
     raise CodecError(f"unknown codec id {codec_id} level {level_id}")
 
 
-def _resolve_backend(backend: str) -> str:
+def _resolve_backend(method: _Method, backend: str) -> str:
     if backend not in BACKENDS:
         raise CodecError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if torch.cuda.is_available() else "cpu"
+        return "triton" if torch.cuda.is_available() and "triton" in method.backends else "cpu"
+    if backend not in method.backends:
+        raise CodecError(f"method {method.name!r} has no {backend} backend; it has: {', '.join(method.backends)}")
     if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise CodecError("backend 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels on the CPU")
     return backend
@@ -70,7 +78,8 @@ def get_codec(name: str, backend: str = "auto", level: str | None = None) -> Cod
         if name != base and levels[level] != name:
             raise CodecError(f"method {name!r} is already level {_METHODS[name].level_name!r}, not {level!r}")
         name = levels[level]
-    return _METHODS[name].factory(_resolve_backend(backend))
+    method = _METHODS[name]
+    return method.factory(_resolve_backend(method, backend))
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
+from kvmesh import codecs
 from kvmesh.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -21,18 +22,6 @@ class Codec(Protocol):
     def encode(self, kv: torch.Tensor) -> bytes: ...
 
     def decode(self, blob: bytes) -> torch.Tensor: ...
-
-
-def _registry() -> Any | None:
-    try:
-        from kvmesh import codecs
-    except ImportError as err:  # the codec package is optional for a storage-only agent
-        logger.warning("kvmesh.codecs cannot be imported (%s): no codec methods from it", err)
-        return None
-    if not hasattr(codecs, "available_methods") or not hasattr(codecs, "get_codec"):
-        logger.warning("kvmesh.codecs offers no get_codec/available_methods yet: no codec methods from it")
-        return None
-    return codecs
 
 
 class CodecSet:
@@ -45,19 +34,18 @@ class CodecSet:
 
     def __init__(self, extra: Mapping[str, Codec] | None = None) -> None:
         self._extra = dict(extra or {})
-        self._registry = _registry()
+        self._registry = codecs
         self._local = threading.local()
 
     def available(self) -> list[str]:
         names: list[str] = []
-        if self._registry is not None:
-            names.extend(self._registry.available_methods())
+        names.extend(self._registry.available_methods())
         names.extend(n for n in self._extra if n not in names)
         return names
 
     def check(self, method: str) -> None:
         """InvalidArgument naming the available methods when ``method`` is not one of them."""
-        if method not in self._extra and (self._registry is None or method not in self._registry.available_methods()):
+        if method not in self._extra and method not in self._registry.available_methods():
             avail = ", ".join(self.available()) or "none"
             raise InvalidArgument(f"unknown method {method!r}; available methods: {avail}")
 
@@ -70,11 +58,6 @@ class CodecSet:
         if codec is not None:
             return codec
         self.check(method)
-        try:
-            codec = self._registry.get_codec(method)
-        except self._registry.CodecError as err:
-            # "auto" picks Triton on a GPU host, which CPU-only methods refuse: use their CPU path.
-            logger.info("method %s: %s; using its CPU backend", method, err)
-            codec = self._registry.get_codec(method, backend="cpu")
+        codec = self._registry.get_codec(method)  # "auto": Triton on a GPU for methods that have it
         cache[method] = codec
         return codec
