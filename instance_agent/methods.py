@@ -5,7 +5,6 @@ let an embedding program or a test add a method without touching the codec regis
 """
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Mapping
 from typing import Protocol
@@ -15,7 +14,6 @@ import torch
 from kvmesh import codecs
 from kvmesh.errors import InvalidArgument
 
-logger = logging.getLogger(__name__)
 
 
 class Codec(Protocol):
