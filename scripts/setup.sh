@@ -11,10 +11,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# This machine's pip config names local package folders that may not exist; its warnings are noise.
+pip_install() { pip install -q "$@" 2> >(grep -v '^WARNING: Location' >&2); }
 
 # A plain `torch` requirement with no torch installed pulls a multi-GB CUDA build: pin the CPU one.
-python -c 'import torch' 2>/dev/null || pip install -q "torch==2.13.0"
-pip install -q -e '.[engine,dev,deploy]' 2>&1 | grep -v '^WARNING: Location' || true
+python -c 'import torch' 2>/dev/null || pip_install "torch==2.13.0"
+pip_install -e '.[engine,dev,deploy]'
 python -c 'import kvmesh.api.controller.v1.controller_pb2, torch, triton, transformers' 
 
 # System tools the deploy tests use (promtool and a real Prometheus server).
