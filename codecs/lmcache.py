@@ -86,22 +86,13 @@ class LMCacheCodec(Codec):
 
     def _code(self, sym: np.ndarray, cdf: np.ndarray, bins: np.ndarray, C: int) -> tuple[np.ndarray, np.ndarray]:
         S, T = sym.shape
-        counts = np.zeros(S, np.int64)
         parts = []
         for b, rows in self._blocks(bins, C):
             freq = freq_from_cdf(cdf[rows], b)
             cum, _ = rans.build_tables(freq)
             w, cnt = rans.encode(sym[rows], np.full(rows.size, T, np.int32), np.arange(rows.size), freq, cum)
-            counts[rows] = cnt
             parts.append((rows, w, cnt))
-        starts = np.zeros(S, np.int64)
-        np.cumsum(counts[:-1], out=starts[1:])
-        out = np.empty(int(counts.sum()), np.uint16)
-        for rows, w, cnt in parts:
-            local = np.zeros(rows.size, np.int64)
-            np.cumsum(cnt[:-1], out=local[1:])
-            out[np.repeat(starts[rows] - local, cnt) + np.arange(w.size)] = w
-        return out, counts
+        return rans.merge_groups(S, parts)
 
     def decode(self, blob: bytes, device: torch.device | str | None = None) -> torch.Tensor:
         header, (scale_raw, cdf_raw, lens, words_raw) = self._unpack(blob, 4)

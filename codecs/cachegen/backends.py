@@ -67,25 +67,13 @@ class CpuBackend:
         """Codes residual r = (q - center) mod B of every stream; (words uint16, words per stream)."""
         sym = to_streams(q, layout.nseg).numpy()
         S = layout.num_streams
-        counts = np.zeros(S, np.int64)
         parts = []
         for b, rows in layout.groups:
             tabs = alphabet_tables(b)
             r = (sym[rows].astype(np.int16) - center[rows, None].astype(np.int16) + b) % b
             words, cnt = rans.encode(r.astype(np.uint8), layout.lengths[rows], table[rows], tabs.freq, tabs.cum)
-            counts[rows] = cnt
             parts.append((rows, words, cnt))
-        starts = np.zeros(S, np.int64)
-        np.cumsum(counts[:-1], out=starts[1:])
-        out = np.empty(int(counts.sum()), np.uint16)
-        for rows, words, cnt in parts:
-            if len(parts) == 1:
-                out = words
-                break
-            local = np.zeros(rows.size, np.int64)
-            np.cumsum(cnt[:-1], out=local[1:])
-            dest = np.repeat(starts[rows] - local, cnt) + np.arange(words.size)
-            out[dest] = words
+        out, counts = rans.merge_groups(S, parts)
         return out, counts.astype(np.int32)
 
     def rans_decode(self, words: np.ndarray, counts: np.ndarray, center: np.ndarray, table: np.ndarray,

@@ -194,6 +194,27 @@ def encode(
 _LUT_CACHE: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
 
+
+def merge_groups(num_streams: int, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Words and per-stream word counts in stream order, from encodes of disjoint groups of streams.
+
+    Each part is ``(rows, words, counts)``: ``encode``'s output for the streams ``rows`` (ascending).
+    """
+    counts = np.zeros(num_streams, np.int64)
+    for rows, _, cnt in parts:
+        counts[rows] = cnt
+    if len(parts) == 1 and parts[0][0].size == num_streams:
+        return parts[0][1], counts
+    starts = np.zeros(num_streams, np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    out = np.empty(int(counts.sum()), np.uint16)
+    for rows, words, cnt in parts:
+        local = np.zeros(rows.size, np.int64)
+        np.cumsum(cnt[:-1], out=local[1:])
+        out[np.repeat(starts[rows] - local, cnt) + np.arange(words.size)] = words
+    return out, counts
+
+
 def _decode_lut(f64: np.ndarray, c64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(slot_to_symbol the tables imply, packed decode entries) for validated tables, cached: building
     them costs far more than decoding a small group of streams, and a codec reuses few tables."""
