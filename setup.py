@@ -6,7 +6,7 @@ Every sub-folder with an ``__init__.py`` is a sub-package, so new ones need no e
 """
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 ROOTS = {
     "kvmesh": "protos/kvmesh",
@@ -30,5 +30,15 @@ def _packages() -> tuple[list[str], dict[str, str]]:
     return packages, package_dir
 
 
+# The compiled rANS coder of the cachegen CPU path (codecs/cachegen/native.py loads it). optional:
+# without a C compiler the install still succeeds and the numpy coder runs instead. Integer math
+# only; -ffp-contract=off keeps any future float expression unfused, as FORMAT.md requires.
+RANSC = Extension(
+    "kvmesh.codecs.cachegen._ransc",
+    sources=["codecs/cachegen/_ransc.c"],
+    extra_compile_args=["-O3", "-ffp-contract=off"],
+    optional=True,
+)
+
 packages, package_dir = _packages()
-setup(packages=packages, package_dir=package_dir)
+setup(packages=packages, package_dir=package_dir, ext_modules=[RANSC])

@@ -2,20 +2,36 @@
 
 CpuBackend is the reference: torch/numpy, vectorised across streams. TritonBackend (in
 triton_backend.py) has the same methods and must return identical values (and so identical bytes).
+
+CpuBackend runs the per-symbol stages (histogram, table choice, rANS encode/decode) in the compiled
+coder (native.py, _ransc.c) when it is built, byte-identical to the numpy code here, which stays
+as the reference and the fallback. ``CpuBackend(native=False)`` or ``KVMESH_NATIVE=0`` forces numpy.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from kvmesh.codecs.cachegen import native as _native
 from kvmesh.codecs.cachegen import quant, rans
 from kvmesh.codecs.cachegen.layout import StreamLayout, element_stream_ids, from_streams, to_streams
 from kvmesh.codecs.cachegen.tables import alphabet_tables
+from kvmesh.codecs.errors import CodecError
 
 
 class CpuBackend:
     name = "cpu"
     device = torch.device("cpu")
+
+    def __init__(self, native: bool | None = None) -> None:
+        """native: None follows KVMESH_NATIVE (default on where built); True requires the compiled
+        coder (CodecError if missing); False always runs the numpy reference."""
+        self.native = _native.use_native(native)
+
+    @staticmethod
+    def _u8(q: torch.Tensor) -> np.ndarray:
+        # the quantizer already returns contiguous CPU uint8: no copy in the usual case
+        return q.detach().cpu().contiguous().numpy()
 
     def quantize(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """x fp32 [2, L, T, C] -> (q uint8 [2, L, T, C], [key side tensors, value side tensors])."""
@@ -33,6 +49,8 @@ class CpuBackend:
 
     def histogram(self, q: torch.Tensor, layout: StreamLayout) -> np.ndarray:
         """int64 [S, 256]: how often each symbol occurs in each stream."""
+        if self.native:
+            return _native.histogram(self._u8(q), layout)
         width = layout.max_levels  # count over the used alphabet only, then widen to 256 columns
         ids = element_stream_ids(layout.layers, layout.tokens, layout.channels, width)
         idx = (ids + q.to(torch.int64)).reshape(-1)
@@ -46,6 +64,8 @@ class CpuBackend:
     def choose_tables(self, hist: np.ndarray, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
         """(center uint8 [S], table uint8 [S]) per FORMAT.md: the median symbol, then the table of
         least integer cost for the residuals (ties: the lowest index)."""
+        if self.native:
+            return _native.choose_tables(hist, layout)
         S = hist.shape[0]
         table = np.zeros(S, np.int64)
         cum = np.cumsum(hist[:, : layout.max_levels], axis=1)
@@ -65,6 +85,8 @@ class CpuBackend:
     def rans_encode(self, q: torch.Tensor, center: np.ndarray, table: np.ndarray,
                     layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
         """Codes residual r = (q - center) mod B of every stream; (words uint16, words per stream)."""
+        if self.native:
+            return _native.encode(self._u8(q), np.asarray(center), np.asarray(table), layout)
         sym = to_streams(q, layout.nseg).numpy()
         S = layout.num_streams
         parts = []
@@ -79,8 +101,13 @@ class CpuBackend:
     def rans_decode(self, words: np.ndarray, counts: np.ndarray, center: np.ndarray, table: np.ndarray,
                     layout: StreamLayout) -> torch.Tensor:
         """Inverse of rans_encode: q uint8 [2, L, T, C]; CodecError on a corrupt stream."""
+        if self.native:
+            return torch.from_numpy(_native.decode(words, counts, np.asarray(center), np.asarray(table), layout))
         S = layout.num_streams
         counts = counts.astype(np.int64)
+        if counts.shape != (S,) or int(counts.sum()) != words.size:
+            raise CodecError(f"corrupt rANS data: {counts.size} word counts adding up to {int(counts.sum())} "
+                             f"for {S} streams and {words.size} words")
         starts = np.zeros(S, np.int64)
         np.cumsum(counts[:-1], out=starts[1:])
         sym = np.zeros((S, quant.SEGMENT), np.uint8)

@@ -1,0 +1,560 @@
+/* Compiled per-symbol work of the cachegen CPU path (kvmesh-rans32x16, FORMAT.md section 4).
+ *
+ * Byte-identical to the numpy reference in rans.py and backends.py, which stays as the fallback
+ * (native.py loads this module and wraps it). Only the Python C API and the buffer protocol are
+ * used: pip builds this with build isolation, where numpy's headers are absent.
+ *
+ * Every function works on a whole chunk: the quantized symbols q [2, L, T, C] uint8 (row-major),
+ * and the S = 2*L*C*nseg streams of FORMAT.md (stream k = ((kv*L + l)*C + c)*nseg + g holds
+ * q[kv, l, 256g .. 256g+n_k, c]). The streams are read and written in place in q's layout, so no
+ * transposed copy is needed. Tables come in per-alphabet blocks located by an offset array of 257
+ * int64 entries (offset[B] = -1 where the caller supplied no block for alphabet B).
+ *
+ * Integer arithmetic only. The GIL is released during the loops.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PROB_BITS 12
+#define M (1u << PROB_BITS)
+#define RANS_L (1u << 16)
+#define SEGMENT 256
+#define NUM_TABLES 64
+#define MAX_ALPHABET 256
+
+/* decode error codes, mapped to CodecError messages by native.py */
+#define ERR_COUNT_RANGE 1   /* a stream's word count is outside [2, n_k + 2] */
+#define ERR_COUNT_SUM 2     /* the word counts do not add up to the words stored */
+#define ERR_CENTER 3        /* center >= B */
+#define ERR_TABLE 4         /* table index >= NUM_TABLES */
+#define ERR_FINAL 6         /* a stream reads past its words, or does not end in state L having read them all */
+#define ERR_ALPHABET 7      /* a stream's alphabet has no table block */
+
+typedef struct {
+    Py_ssize_t layers, tokens, channels, nseg, streams;
+} Shape;
+
+static int shape_from(Py_ssize_t layers, Py_ssize_t tokens, Py_ssize_t channels, Shape *sh) {
+    if (layers < 1 || tokens < 1 || channels < 1 || layers > (1 << 20) || tokens > (1 << 24)
+        || channels > (1 << 20)) {
+        PyErr_SetString(PyExc_ValueError, "layers, tokens and channels must be positive and bounded");
+        return -1;
+    }
+    sh->layers = layers;
+    sh->tokens = tokens;
+    sh->channels = channels;
+    sh->nseg = (tokens + SEGMENT - 1) / SEGMENT;
+    sh->streams = 2 * layers * channels * sh->nseg;
+    return 0;
+}
+
+/* Buffer size checks: the wrapper passes correctly typed arrays; these keep a wrong call from
+ * touching memory outside them. */
+static int need(const Py_buffer *b, Py_ssize_t bytes, const char *what) {
+    if (b->len < bytes) {
+        PyErr_Format(PyExc_ValueError, "%s buffer holds %zd bytes, needs %zd", what, b->len, bytes);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_offsets(const Py_buffer *off, Py_ssize_t table_len, Py_ssize_t (*block)(int),
+                         const char *what) {
+    if (need(off, 257 * (Py_ssize_t)sizeof(int64_t), what) < 0) return -1;
+    const int64_t *o = (const int64_t *)off->buf;
+    for (int b = 0; b <= MAX_ALPHABET; b++) {
+        if (o[b] < 0) continue;
+        if (b < 2 || o[b] > table_len - block(b)) {
+            PyErr_Format(PyExc_ValueError, "%s offset of alphabet %d is out of range", what, b);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* block sizes in elements, per alphabet B */
+static Py_ssize_t enc_block(int b) { return (Py_ssize_t)NUM_TABLES * b * 2; }  /* uint64 pairs */
+static Py_ssize_t dec_block(int b) { (void)b; return (Py_ssize_t)NUM_TABLES * M; }  /* uint32 */
+static Py_ssize_t cost_block(int b) { return (Py_ssize_t)b * NUM_TABLES; }  /* int32 [B][64] */
+
+/* Alphabets in [2, 256], equal within each block of per_block streams (a (K/V, layer) block,
+ * which the coders rely on). */
+static int check_levels(const int64_t *slev, Py_ssize_t n, Py_ssize_t per_block) {
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (slev[k] < 2 || slev[k] > MAX_ALPHABET) {
+            PyErr_Format(PyExc_ValueError, "stream %zd has alphabet %lld outside [2, 256]", k,
+                         (long long)slev[k]);
+            return -1;
+        }
+        if (slev[k] != slev[k - k % per_block]) {
+            PyErr_Format(PyExc_ValueError, "stream %zd's alphabet differs from its layer's", k);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- histogram -------------------------------------------------------------------------------- */
+
+PyDoc_STRVAR(histogram_doc,
+"histogram(q, layers, tokens, channels, out)\n\n"
+"Counts each symbol of each stream: out int64 [S, 256] (overwritten) from q uint8 [2, L, T, C].");
+
+static PyObject *histogram(PyObject *self, PyObject *args) {
+    Py_buffer q = {0}, out = {0};
+    Py_ssize_t layers, tokens, channels;
+    Shape sh;
+    PyObject *ret = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnnw*", &q, &layers, &tokens, &channels, &out)) return NULL;
+    if (shape_from(layers, tokens, channels, &sh) < 0) goto done;
+    if (need(&q, 2 * layers * tokens * channels, "q") < 0) goto done;
+    if (need(&out, sh.streams * SEGMENT * (Py_ssize_t)sizeof(int64_t), "histogram") < 0) goto done;
+    {
+        const uint8_t *qp = (const uint8_t *)q.buf;
+        int64_t *h = (int64_t *)out.buf;
+        Py_BEGIN_ALLOW_THREADS
+        /* stream by stream: counts stay in L1, and each output row is written once, zeros included */
+        uint32_t cnt[256];
+        for (Py_ssize_t blk = 0; blk < 2 * layers; blk++) {
+            for (Py_ssize_t c = 0; c < channels; c++) {
+                for (Py_ssize_t g = 0; g < sh.nseg; g++) {
+                    Py_ssize_t t0 = g * SEGMENT;
+                    Py_ssize_t n = tokens - t0 < SEGMENT ? tokens - t0 : SEGMENT;
+                    const uint8_t *p = qp + (blk * tokens + t0) * channels + c;
+                    memset(cnt, 0, sizeof cnt);
+                    for (Py_ssize_t i = 0; i < n; i++) cnt[p[i * channels]]++;
+                    int64_t *row = h + ((blk * channels + c) * sh.nseg + g) * 256;
+                    for (int s = 0; s < 256; s++) row[s] = cnt[s];
+                }
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&q);
+    PyBuffer_Release(&out);
+    return ret;
+}
+
+/* ---- center and table choice ------------------------------------------------------------------ */
+
+PyDoc_STRVAR(choose_doc,
+"choose(hist, width, lengths, stream_levels, cost, cost_offsets, center_out, table_out)\n\n"
+"Per stream (FORMAT.md): center = the smallest m < width with 2*cum[m] >= n_k (0 if none), then\n"
+"the table of least integer cost for the residual histogram (ties: the lowest index).\n"
+"hist int64 [S, 256]; lengths int32 [S]; stream_levels int64 [S]; cost int32 blocks [B][64].");
+
+static PyObject *choose(PyObject *self, PyObject *args) {
+    Py_buffer hist = {0}, lens = {0}, lev = {0}, cost = {0}, off = {0}, cen = {0}, tab = {0};
+    Py_ssize_t width;
+    PyObject *ret = NULL;
+    if (!PyArg_ParseTuple(args, "y*ny*y*y*y*w*w*", &hist, &width, &lens, &lev, &cost, &off, &cen, &tab))
+        return NULL;
+    Py_ssize_t S = lens.len / (Py_ssize_t)sizeof(int32_t);
+    if (width < 1 || width > 256) {
+        PyErr_SetString(PyExc_ValueError, "width must lie in [1, 256]");
+        goto done;
+    }
+    if (need(&hist, S * 256 * (Py_ssize_t)sizeof(int64_t), "histogram") < 0
+        || need(&lev, S * (Py_ssize_t)sizeof(int64_t), "stream_levels") < 0
+        || need(&cen, S, "center") < 0 || need(&tab, S, "table") < 0
+        || check_offsets(&off, cost.len / (Py_ssize_t)sizeof(int32_t), cost_block, "cost") < 0
+        || check_levels((const int64_t *)lev.buf, S, 1) < 0)
+        goto done;
+    {
+        const int64_t *h = (const int64_t *)hist.buf;
+        const int32_t *n = (const int32_t *)lens.buf;
+        const int64_t *slev = (const int64_t *)lev.buf;
+        const int32_t *cst = (const int32_t *)cost.buf;
+        const int64_t *o = (const int64_t *)off.buf;
+        uint8_t *co = (uint8_t *)cen.buf, *to = (uint8_t *)tab.buf;
+        Py_ssize_t missing = -1;
+        Py_ssize_t ncost = cost.len / (Py_ssize_t)sizeof(int32_t);
+        Py_BEGIN_ALLOW_THREADS
+        int small_costs = 1;
+        for (Py_ssize_t i = 0; i < ncost; i++) small_costs &= cst[i] >= 0 && cst[i] <= (1 << 13);
+        for (Py_ssize_t k = 0; k < S && missing < 0; k++) {
+            const int64_t *hk = h + k * 256;
+            int b = (int)slev[k];
+            if (o[b] < 0) { missing = k; break; }
+            int64_t cum = 0, twice_n = (int64_t)n[k];
+            int center = 0;
+            for (int m = 0; m < width; m++) {
+                cum += hk[m];
+                if (2 * cum >= twice_n) { center = m; break; }
+            }
+            /* the distinct residuals first: a stream holds few, and only they add cost rows */
+            int nz_s[MAX_ALPHABET];
+            int64_t nz_v[MAX_ALPHABET], total = 0;
+            int nnz = 0;
+            for (int s = 0; s < b; s++) {
+                int64_t v = hk[(s + center) % b];
+                if (v) { nz_s[nnz] = s; nz_v[nnz++] = v; total += v; }
+            }
+            const int32_t *cb = cst + o[b];
+            int64_t acc[NUM_TABLES];
+            if (small_costs && total >= 0 && total <= (1 << 17)) {
+                /* exact in int32 (sum <= 2**17 * 2**13), and the compiler vectorises it */
+                int32_t a32[NUM_TABLES];
+                for (int t = 0; t < NUM_TABLES; t++) a32[t] = 0;
+                for (int j = 0; j < nnz; j++) {
+                    const int32_t *row = cb + (Py_ssize_t)nz_s[j] * NUM_TABLES;
+                    int32_t v = (int32_t)nz_v[j];
+                    for (int t = 0; t < NUM_TABLES; t++) a32[t] += v * row[t];
+                }
+                for (int t = 0; t < NUM_TABLES; t++) acc[t] = a32[t];
+            } else {
+                for (int t = 0; t < NUM_TABLES; t++) acc[t] = 0;
+                for (int j = 0; j < nnz; j++) {
+                    const int32_t *row = cb + (Py_ssize_t)nz_s[j] * NUM_TABLES;
+                    for (int t = 0; t < NUM_TABLES; t++) acc[t] += nz_v[j] * row[t];
+                }
+            }
+            int best = 0;
+            for (int t = 1; t < NUM_TABLES; t++) if (acc[t] < acc[best]) best = t;
+            co[k] = (uint8_t)center;
+            to[k] = (uint8_t)best;
+        }
+        Py_END_ALLOW_THREADS
+        if (missing >= 0) {
+            PyErr_Format(PyExc_ValueError, "no cost table for the alphabet of stream %zd", missing);
+            goto done;
+        }
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&hist); PyBuffer_Release(&lens); PyBuffer_Release(&lev); PyBuffer_Release(&cost);
+    PyBuffer_Release(&off); PyBuffer_Release(&cen); PyBuffer_Release(&tab);
+    return ret;
+}
+
+/* ---- encode ----------------------------------------------------------------------------------- */
+
+/* Streams of the same (K/V, layer) block and segment have the same length and alphabet: the coder
+ * runs LANES of them (adjacent channels) side by side, so their independent state chains overlap
+ * in the CPU instead of each waiting on its own multiply-add latency. */
+#define LANES 4
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* An encode entry is two uint64: rcp, then f | c << 16 | mask << 32. x // f == mulhi(x, rcp) +
+ * (x & mask) exactly for x < 2**32: rcp = floor((2**64 - 1) / f) + 1 (f >= 2; the error
+ * x * (rcp * f - 2**64) / 2**64 < 2**44 / 2**64 never reaches the next multiple of 1/f), and
+ * f = 1 has rcp = 0, mask = 0xFFFFFFFF. */
+ALWAYS_INLINE uint64_t mulhi64(uint64_t a, uint64_t b) {
+    return (uint64_t)(((unsigned __int128)a * b) >> 64);
+}
+
+/* Codes nl streams: lane j reads n symbols at p[j] (stride `stride`), residual r = (q - center)
+ * mod B as the reference computes it ((q + B - center) % B), and writes its words backwards so
+ * that they end at wp[j]; wp[j] returns the first word. The n + 2 words below wp[j] are the
+ * lane's own scratch. */
+ALWAYS_INLINE void encode_lanes(const int nl, const uint8_t *const *p, Py_ssize_t stride, Py_ssize_t n,
+                                unsigned b, const unsigned *center, const uint64_t *const *tab, uint16_t **wp) {
+    uint64_t x[LANES];
+    uint16_t *w[LANES];
+    for (int j = 0; j < nl; j++) { x[j] = RANS_L; w[j] = wp[j]; }
+    for (Py_ssize_t i = n - 1; i >= 0; i--) {
+        for (int j = 0; j < nl; j++) {
+            unsigned q = p[j][i * stride];
+            unsigned r = q + b - center[j];
+            if (q < b) r = r >= b ? r - b : r;
+            else r %= b;
+            const uint64_t *e = tab[j] + 2 * (Py_ssize_t)r;
+            uint64_t rcp = e[0], fc = e[1];
+            uint64_t f = fc & 0xFFFF, c = (fc >> 16) & 0xFFFF, mask = fc >> 32;
+            /* branch-free renormalisation (data-dependent, so a branch would mispredict often):
+             * the word is always stored below w, which moves only when it is emitted */
+            uint64_t emit = x[j] >= (f << 20);
+            w[j][-1] = (uint16_t)(x[j] & 0xFFFF);
+            w[j] -= emit;
+            x[j] >>= 16 * emit;
+            uint64_t qq = mulhi64(x[j], rcp) + (x[j] & mask);
+            x[j] = x[j] + qq * (M - f) + c;  /* (x // f) * M + x % f + c */
+        }
+    }
+    for (int j = 0; j < nl; j++) {
+        *--w[j] = (uint16_t)(x[j] & 0xFFFF);
+        *--w[j] = (uint16_t)(x[j] >> 16);
+        wp[j] = w[j];
+    }
+}
+
+/* The stream checks both directions share; returns an error code or 0. */
+static int check_stream(const int64_t *o, unsigned b, unsigned center, unsigned table) {
+    if (o[b] < 0) return ERR_ALPHABET;
+    if (center >= b) return ERR_CENTER;
+    if (table >= NUM_TABLES) return ERR_TABLE;
+    return 0;
+}
+
+PyDoc_STRVAR(encode_doc,
+"encode(q, layers, tokens, channels, stream_levels, center, table, enc, enc_offsets, words_out, counts_out) -> int\n\n"
+"Codes every stream's residuals r = (q - center) mod B with its table (kvmesh-rans32x16); words go\n"
+"to words_out (uint16, streams concatenated in stream order; capacity sum(n_k + 2)), word counts\n"
+"to counts_out (int32 [S]). Returns the number of words written.");
+
+static PyObject *encode(PyObject *self, PyObject *args) {
+    Py_buffer q = {0}, lev = {0}, cen = {0}, tab = {0}, enc = {0}, off = {0}, wout = {0}, cout = {0};
+    Py_ssize_t layers, tokens, channels;
+    Shape sh;
+    PyObject *ret = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnny*y*y*y*y*w*w*", &q, &layers, &tokens, &channels, &lev, &cen,
+                          &tab, &enc, &off, &wout, &cout))
+        return NULL;
+    if (shape_from(layers, tokens, channels, &sh) < 0) goto done;
+    Py_ssize_t S = sh.streams;
+    Py_ssize_t cap = 2 * layers * channels * tokens + 2 * S;
+    if (need(&q, 2 * layers * tokens * channels, "q") < 0
+        || need(&lev, S * (Py_ssize_t)sizeof(int64_t), "stream_levels") < 0
+        || need(&cen, S, "center") < 0 || need(&tab, S, "table") < 0
+        || need(&wout, cap * (Py_ssize_t)sizeof(uint16_t), "words") < 0
+        || need(&cout, S * (Py_ssize_t)sizeof(int32_t), "counts") < 0
+        || check_offsets(&off, enc.len / (Py_ssize_t)sizeof(uint64_t), enc_block, "encode table") < 0
+        || check_levels((const int64_t *)lev.buf, S, channels * sh.nseg) < 0)
+        goto done;
+    {
+        const uint8_t *qp = (const uint8_t *)q.buf, *cp = (const uint8_t *)cen.buf, *tp = (const uint8_t *)tab.buf;
+        const int64_t *slev = (const int64_t *)lev.buf, *o = (const int64_t *)off.buf;
+        const uint64_t *et = (const uint64_t *)enc.buf;
+        uint16_t *words = (uint16_t *)wout.buf;
+        int32_t *counts = (int32_t *)cout.buf;
+        Py_ssize_t pos = 0, bad = -1;
+        int why = 0;
+        Py_ssize_t per_chan = tokens + 2 * sh.nseg;  /* worst-case words of one channel's streams */
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t k = 0; k < S; k++) {
+            why = check_stream(o, (unsigned)slev[k], cp[k], tp[k]);
+            if (why) { bad = k; break; }
+        }
+        /* Each stream first codes into its worst-case slot (slots of n_k + 2 words in stream
+         * order, filled from the slot's end); a pass in stream order then packs them, moving
+         * words only towards the front, so no move overwrites words not yet moved. */
+        for (Py_ssize_t blk = 0; blk < 2 * layers && bad < 0; blk++) {
+            unsigned b = (unsigned)slev[blk * channels * sh.nseg];
+            for (Py_ssize_t g = 0; g < sh.nseg; g++) {
+                Py_ssize_t t0 = g * SEGMENT;
+                Py_ssize_t n = tokens - t0 < SEGMENT ? tokens - t0 : SEGMENT;
+                Py_ssize_t slot_end = t0 + n + 2 * (g + 1);  /* within a channel's run of slots */
+                for (Py_ssize_t c0 = 0; c0 < channels; c0 += LANES) {
+                    int nl = channels - c0 < LANES ? (int)(channels - c0) : LANES;
+                    const uint8_t *pl[LANES];
+                    const uint64_t *tl[LANES];
+                    unsigned cl[LANES];
+                    uint16_t *wl[LANES];
+                    Py_ssize_t kl[LANES];
+                    for (int j = 0; j < nl; j++) {
+                        Py_ssize_t c = c0 + j, k = (blk * channels + c) * sh.nseg + g;
+                        kl[j] = k;
+                        pl[j] = qp + (blk * tokens + t0) * channels + c;
+                        tl[j] = et + o[b] + (Py_ssize_t)tp[k] * b * 2;
+                        cl[j] = cp[k];
+                        wl[j] = words + (blk * channels + c) * per_chan + slot_end;
+                    }
+                    if (nl == LANES) {
+                        encode_lanes(LANES, pl, channels, n, b, cl, tl, wl);
+                    } else {
+                        for (int j = 0; j < nl; j++) encode_lanes(1, pl + j, channels, n, b, cl + j, tl + j, wl + j);
+                    }
+                    for (int j = 0; j < nl; j++)
+                        counts[kl[j]] = (int32_t)(words + (blk * channels + c0 + j) * per_chan + slot_end - wl[j]);
+                }
+            }
+        }
+        if (bad < 0) {
+            Py_ssize_t slot_end = 0;
+            for (Py_ssize_t k = 0; k < S; k++) {
+                Py_ssize_t g = k % sh.nseg;
+                slot_end += (tokens - g * SEGMENT < SEGMENT ? tokens - g * SEGMENT : SEGMENT) + 2;
+                memmove(words + pos, words + slot_end - counts[k], (size_t)counts[k] * sizeof(uint16_t));
+                pos += counts[k];
+            }
+        }
+        Py_END_ALLOW_THREADS
+        if (bad >= 0) {
+            PyErr_Format(PyExc_ValueError, "stream %zd: %s", bad,
+                         why == ERR_ALPHABET ? "no encode table for its alphabet"
+                         : why == ERR_CENTER ? "center outside its alphabet" : "table index out of range");
+            goto done;
+        }
+        ret = PyLong_FromSsize_t(pos);
+    }
+done:
+    PyBuffer_Release(&q); PyBuffer_Release(&lev); PyBuffer_Release(&cen); PyBuffer_Release(&tab);
+    PyBuffer_Release(&enc); PyBuffer_Release(&off); PyBuffer_Release(&wout); PyBuffer_Release(&cout);
+    return ret;
+}
+
+/* ---- decode ----------------------------------------------------------------------------------- */
+
+/* Decodes nl streams side by side (see LANES): lane j reads its words from w[j] up to end[j] and
+ * writes n symbols at p[j] (stride `stride`). As the reference: at most one word in per symbol,
+ * and x < 2**32 throughout. A lane that needs a word past its end rereads its last one (in
+ * bounds) and is flagged. Returns a bit mask of the lanes that fail. */
+ALWAYS_INLINE unsigned decode_lanes(const int nl, uint8_t *const *p, Py_ssize_t stride, Py_ssize_t n, unsigned b,
+                                    const unsigned *center, const uint32_t *const *tab,
+                                    const uint16_t *const *wstart, const uint16_t *const *end) {
+    uint32_t x[LANES], over[LANES];
+    const uint16_t *w[LANES];
+    for (int j = 0; j < nl; j++) {
+        x[j] = ((uint32_t)wstart[j][0] << 16) | wstart[j][1];
+        w[j] = wstart[j] + 2;
+        over[j] = 0;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        for (int j = 0; j < nl; j++) {
+            uint32_t e = tab[j][x[j] & (M - 1)];
+            unsigned s = (e & 0xFF) + center[j];
+            if (s >= b) s -= b;
+            p[j][i * stride] = (uint8_t)s;
+            x[j] = (((e >> 8) & 0xFFF) + 1) * (x[j] >> PROB_BITS) + (e >> 20);
+            uint32_t want = x[j] < RANS_L;
+            uint32_t has = w[j] != end[j];
+            over[j] |= want & !has;
+            uint32_t nx = (x[j] << 16) | w[j][-(Py_ssize_t)!has];
+            x[j] = want ? nx : x[j];
+            w[j] += want & has;
+        }
+    }
+    unsigned fail = 0;
+    for (int j = 0; j < nl; j++)
+        if (over[j] || x[j] != RANS_L || w[j] != end[j]) fail |= 1u << j;
+    return fail;
+}
+
+PyDoc_STRVAR(decode_doc,
+"decode(words, counts, layers, tokens, channels, stream_levels, center, table, dec, dec_offsets, q_out)\n"
+"    -> None or (error code, stream)\n\n"
+"Inverse of encode: writes q uint8 [2, L, T, C]. A decode entry (uint32, per table and slot) is\n"
+"symbol | (f - 1) << 8 | (slot - cum) << 20. Whatever the input words, nothing outside the\n"
+"buffers is read or written; an inconsistent stream returns (code, stream index).");
+
+static PyObject *decode(PyObject *self, PyObject *args) {
+    Py_buffer wb = {0}, cb = {0}, lev = {0}, cen = {0}, tab = {0}, dec = {0}, off = {0}, qout = {0};
+    Py_ssize_t layers, tokens, channels;
+    Shape sh;
+    PyObject *ret = NULL;
+    int64_t *start = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*nnny*y*y*y*y*w*", &wb, &cb, &layers, &tokens, &channels, &lev,
+                          &cen, &tab, &dec, &off, &qout))
+        return NULL;
+    if (shape_from(layers, tokens, channels, &sh) < 0) goto done;
+    Py_ssize_t S = sh.streams;
+    Py_ssize_t nwords = wb.len / (Py_ssize_t)sizeof(uint16_t);
+    if (need(&cb, S * (Py_ssize_t)sizeof(int32_t), "counts") < 0
+        || need(&lev, S * (Py_ssize_t)sizeof(int64_t), "stream_levels") < 0
+        || need(&cen, S, "center") < 0 || need(&tab, S, "table") < 0
+        || need(&qout, 2 * layers * tokens * channels, "q") < 0
+        || check_offsets(&off, dec.len / (Py_ssize_t)sizeof(uint32_t), dec_block, "decode table") < 0
+        || check_levels((const int64_t *)lev.buf, S, channels * sh.nseg) < 0)
+        goto done;
+    start = PyMem_RawMalloc((size_t)S * sizeof(int64_t));
+    if (start == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    {
+        const uint16_t *words = (const uint16_t *)wb.buf;
+        const int32_t *counts = (const int32_t *)cb.buf;
+        const uint8_t *cp = (const uint8_t *)cen.buf, *tp = (const uint8_t *)tab.buf;
+        const int64_t *slev = (const int64_t *)lev.buf, *o = (const int64_t *)off.buf;
+        const uint32_t *dt = (const uint32_t *)dec.buf;
+        uint8_t *qp = (uint8_t *)qout.buf;
+        Py_ssize_t bad = -1;
+        int why = 0;
+        Py_BEGIN_ALLOW_THREADS
+        /* every check that needs no decoding first, so a forged header costs no decode work */
+        Py_ssize_t total = 0;
+        for (Py_ssize_t k = 0; k < S; k++) {
+            Py_ssize_t g = k % sh.nseg;
+            Py_ssize_t n = tokens - g * SEGMENT < SEGMENT ? tokens - g * SEGMENT : SEGMENT;
+            if (counts[k] < 2 || counts[k] > n + 2) { bad = k; why = ERR_COUNT_RANGE; break; }
+            why = check_stream(o, (unsigned)slev[k], cp[k], tp[k]);
+            if (why) { bad = k; break; }
+            start[k] = total;
+            total += counts[k];
+        }
+        if (bad < 0 && total != nwords) { bad = 0; why = ERR_COUNT_SUM; }
+        for (Py_ssize_t blk = 0; blk < 2 * layers && bad < 0; blk++) {
+            unsigned b = (unsigned)slev[blk * channels * sh.nseg];
+            for (Py_ssize_t g = 0; g < sh.nseg && bad < 0; g++) {
+                Py_ssize_t t0 = g * SEGMENT;
+                Py_ssize_t n = tokens - t0 < SEGMENT ? tokens - t0 : SEGMENT;
+                for (Py_ssize_t c0 = 0; c0 < channels; c0 += LANES) {
+                    int nl = channels - c0 < LANES ? (int)(channels - c0) : LANES;
+                    uint8_t *pl[LANES];
+                    const uint32_t *tl[LANES];
+                    unsigned cl[LANES];
+                    const uint16_t *wl[LANES], *el[LANES];
+                    Py_ssize_t kl[LANES];
+                    for (int j = 0; j < nl; j++) {
+                        Py_ssize_t c = c0 + j, k = (blk * channels + c) * sh.nseg + g;
+                        kl[j] = k;
+                        pl[j] = qp + (blk * tokens + t0) * channels + c;
+                        tl[j] = dt + o[b] + (Py_ssize_t)tp[k] * M;
+                        cl[j] = cp[k];
+                        wl[j] = words + start[k];
+                        el[j] = wl[j] + counts[k];
+                    }
+                    unsigned fail = 0;
+                    if (nl == LANES) {
+                        fail = decode_lanes(LANES, pl, channels, n, b, cl, tl, wl, el);
+                    } else {
+                        for (int j = 0; j < nl; j++)
+                            fail |= decode_lanes(1, pl + j, channels, n, b, cl + j, tl + j, wl + j, el + j) << j;
+                    }
+                    if (fail) {
+                        bad = kl[__builtin_ctz(fail)];
+                        why = ERR_FINAL;
+                        break;
+                    }
+                }
+            }
+        }
+        Py_END_ALLOW_THREADS
+        if (bad >= 0) {
+            ret = Py_BuildValue("(in)", why, bad);
+            goto done;
+        }
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyMem_RawFree(start);
+    PyBuffer_Release(&wb); PyBuffer_Release(&cb); PyBuffer_Release(&lev); PyBuffer_Release(&cen);
+    PyBuffer_Release(&tab); PyBuffer_Release(&dec); PyBuffer_Release(&off); PyBuffer_Release(&qout);
+    return ret;
+}
+
+static PyMethodDef methods[] = {
+    {"histogram", histogram, METH_VARARGS, histogram_doc},
+    {"choose", choose, METH_VARARGS, choose_doc},
+    {"encode", encode, METH_VARARGS, encode_doc},
+    {"decode", decode, METH_VARARGS, decode_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_ransc",
+    "Compiled rANS coder for the cachegen CPU path (byte-identical to rans.py; see native.py).",
+    -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__ransc(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddIntConstant(m, "ERR_COUNT_RANGE", ERR_COUNT_RANGE) < 0
+        || PyModule_AddIntConstant(m, "ERR_COUNT_SUM", ERR_COUNT_SUM) < 0
+        || PyModule_AddIntConstant(m, "ERR_CENTER", ERR_CENTER) < 0
+        || PyModule_AddIntConstant(m, "ERR_TABLE", ERR_TABLE) < 0
+        || PyModule_AddIntConstant(m, "ERR_FINAL", ERR_FINAL) < 0
+        || PyModule_AddIntConstant(m, "ERR_ALPHABET", ERR_ALPHABET) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

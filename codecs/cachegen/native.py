@@ -1,0 +1,206 @@
+"""The compiled rANS coder (`_ransc`, built from _ransc.c by setup.py) behind numpy-typed wrappers.
+
+The extension does the per-symbol work of the cachegen CPU path (histogram, center and table
+choice, rANS encode and decode) over a whole chunk, byte-identical to the numpy reference in
+rans.py and backends.py. It is optional: where it was not built (no C compiler at install time),
+or where ``KVMESH_NATIVE=0`` is set, CpuBackend runs the numpy reference. Build it with
+``pip install -e .`` (scripts/setup.sh does).
+
+Table blocks for the extension are derived here from tables.alphabet_tables (integer arithmetic
+only) and cached per set of alphabets.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import numpy as np
+
+from kvmesh.codecs.cachegen import rans
+from kvmesh.codecs.cachegen.layout import StreamLayout
+from kvmesh.codecs.cachegen.tables import NUM_TABLES, alphabet_tables
+from kvmesh.codecs.errors import CodecError
+
+try:
+    from kvmesh.codecs.cachegen import _ransc
+except ImportError as e:  # not built: the numpy reference runs instead
+    _ransc = None
+    IMPORT_ERROR: str | None = str(e)
+else:
+    IMPORT_ERROR = None
+
+logger = logging.getLogger(__name__)
+
+ENV_NATIVE = "KVMESH_NATIVE"
+BUILD_HINT = "build it with `pip install -e .` in the repository (needs a C compiler)"
+_warned = False
+
+
+def available() -> bool:
+    """True when the compiled module imported."""
+    return _ransc is not None
+
+
+def wanted() -> bool:
+    """False when KVMESH_NATIVE=0 (or 'false'/'no'/'off') forces the numpy path."""
+    return os.environ.get(ENV_NATIVE, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def use_native(native: bool | None = None) -> bool:
+    """Whether a CpuBackend built with `native` runs the compiled coder.
+
+    None follows KVMESH_NATIVE; True asks for it (CodecError if it is not built); False never.
+    When it is wanted but missing, one warning is logged per process.
+    """
+    global _warned
+    if native is False or (native is None and not wanted()):
+        return False
+    if _ransc is not None:
+        return True
+    if native:
+        raise CodecError(f"the compiled rANS coder is not built ({IMPORT_ERROR}); {BUILD_HINT}")
+    if not _warned:
+        _warned = True
+        logger.warning("kvmesh.codecs.cachegen._ransc is not built (%s): the cachegen CPU path runs the "
+                       "slower numpy coder; %s", IMPORT_ERROR, BUILD_HINT)
+    return False
+
+
+# -- table blocks -------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _enc_block(b: int) -> np.ndarray:
+    """uint64 [NT, B, 2]: rcp, f | c << 16 | mask << 32 (see encode_stream in _ransc.c)."""
+    tabs = alphabet_tables(b)
+    f = tabs.freq.astype(np.uint64)
+    c = tabs.cum[:, :b].astype(np.uint64)
+    one = f == 1
+    rcp = np.where(one, np.uint64(0), np.uint64(0xFFFFFFFFFFFFFFFF) // np.maximum(f, np.uint64(1)) + np.uint64(1))
+    mask = np.where(one, np.uint64(0xFFFFFFFF), np.uint64(0))
+    out = np.empty((NUM_TABLES, b, 2), np.uint64)
+    out[..., 0] = rcp
+    out[..., 1] = f | (c << np.uint64(16)) | (mask << np.uint64(32))
+    return out
+
+
+def _dec_block(b: int) -> np.ndarray:
+    """uint32 [NT, 4096]: symbol | (f - 1) << 8 | (slot - cum[symbol]) << 20."""
+    tabs = alphabet_tables(b)
+    sym = tabs.slot_to_symbol.astype(np.int64)
+    f = np.take_along_axis(tabs.freq.astype(np.int64), sym, axis=1)
+    bias = np.arange(rans.M, dtype=np.int64)[None, :] - np.take_along_axis(tabs.cum.astype(np.int64), sym, axis=1)
+    return (sym | ((f - 1) << 8) | (bias << 20)).astype(np.uint32)
+
+
+@functools.lru_cache(maxsize=None)
+def _cost_block(b: int) -> np.ndarray:
+    """int32 [B, NT]: the table costs, symbol-major (a stream adds one row per distinct residual)."""
+    return np.ascontiguousarray(alphabet_tables(b).cost.T.astype(np.int32))
+
+
+def _concat(block, alphabets: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.full(257, -1, np.int64)
+    parts, pos = [], 0
+    for b in alphabets:
+        arr = block(b).reshape(-1)
+        offsets[b] = pos
+        pos += arr.size
+        parts.append(arr)
+    return np.concatenate(parts), offsets
+
+
+@functools.lru_cache(maxsize=32)
+def enc_tables(alphabets: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    return _concat(_enc_block, alphabets)
+
+
+@functools.lru_cache(maxsize=8)  # 1 MiB per alphabet: only the sets in use stay
+def dec_tables(alphabets: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    return _concat(_dec_block, alphabets)
+
+
+@functools.lru_cache(maxsize=32)
+def cost_tables(alphabets: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    return _concat(_cost_block, alphabets)
+
+
+def _alphabets(layout: StreamLayout) -> tuple[int, ...]:
+    return tuple(b for b, _ in layout.groups)
+
+
+def _u8(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.uint8)
+
+
+# -- wrappers -----------------------------------------------------------------------------------
+
+def histogram(q: np.ndarray, layout: StreamLayout) -> np.ndarray:
+    """int64 [S, 256]: symbol counts per stream of q uint8 [2, L, T, C]."""
+    out = np.empty((layout.num_streams, 256), np.int64)
+    _ransc.histogram(_u8(q), layout.layers, layout.tokens, layout.channels, out)
+    return out
+
+
+def choose_tables(hist: np.ndarray, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
+    """(center uint8 [S], table uint8 [S]) exactly as CpuBackend.choose_tables' numpy path."""
+    S = layout.num_streams
+    cost, off = cost_tables(_alphabets(layout))
+    center = np.empty(S, np.uint8)
+    table = np.empty(S, np.uint8)
+    _ransc.choose(np.ascontiguousarray(hist, dtype=np.int64), layout.max_levels,
+                  np.ascontiguousarray(layout.lengths, dtype=np.int32),
+                  np.ascontiguousarray(layout.stream_levels, dtype=np.int64), cost, off, center, table)
+    return center, table
+
+
+def encode(q: np.ndarray, center: np.ndarray, table: np.ndarray, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
+    """(words uint16, words per stream int32) of every stream's residuals, as CpuBackend.rans_encode."""
+    S = layout.num_streams
+    if center.shape != (S,) or table.shape != (S,):
+        raise CodecError(f"center and table must hold {S} entries, got {center.shape} and {table.shape}")
+    enc, off = enc_tables(_alphabets(layout))
+    cap = 2 * layout.layers * layout.channels * layout.tokens + 2 * S
+    words = np.empty(cap, np.uint16)
+    counts = np.empty(S, np.int32)
+    try:
+        n = _ransc.encode(_u8(q), layout.layers, layout.tokens, layout.channels,
+                          np.ascontiguousarray(layout.stream_levels, dtype=np.int64), _u8(center), _u8(table),
+                          enc, off, words, counts)
+    except ValueError as e:
+        raise CodecError(f"cachegen rANS encode: {e}") from None
+    return words[:n], counts
+
+
+_DECODE_ERRORS = {
+    1: "its word count lies outside [2, stream length + 2]",
+    2: "the word counts do not add up to the words stored",
+    3: "its center lies outside its alphabet",
+    4: "its table index is out of range",
+    6: "it reads past its words or does not end in the initial state having read exactly its words",
+    7: "its alphabet has no table",
+}
+
+
+def decode(words: np.ndarray, counts: np.ndarray, center: np.ndarray, table: np.ndarray,
+           layout: StreamLayout) -> np.ndarray:
+    """q uint8 [2, L, T, C] from the streams, as CpuBackend.rans_decode; CodecError on a corrupt stream."""
+    S = layout.num_streams
+    if counts.shape != (S,) or center.shape != (S,) or table.shape != (S,):
+        raise CodecError(f"rANS decode needs {S} word counts, centers and tables")
+    counts = np.asarray(counts)
+    if S and (int(counts.min()) < 2 or int(counts.max()) > rans.MAX_ALPHABET + 2):
+        raise CodecError("corrupt rANS data: a stream's word count lies outside [2, 258]")
+    words = np.asarray(words)
+    if words.dtype != np.uint16 and words.size and (int(words.min()) < 0 or int(words.max()) > 0xFFFF):
+        raise CodecError("rANS words must be 16-bit")
+    dec, off = dec_tables(_alphabets(layout))
+    q = np.empty((2, layout.layers, layout.tokens, layout.channels), np.uint8)
+    err = _ransc.decode(np.ascontiguousarray(words, dtype=np.uint16), np.ascontiguousarray(counts, dtype=np.int32),
+                        layout.layers, layout.tokens, layout.channels,
+                        np.ascontiguousarray(layout.stream_levels, dtype=np.int64), _u8(center), _u8(table),
+                        dec, off, q)
+    if err is not None:
+        code, k = err
+        raise CodecError(f"corrupt rANS data: stream {k}: {_DECODE_ERRORS.get(code, f'error {code}')}")
+    return q

@@ -1,0 +1,294 @@
+"""The compiled rANS coder (codecs/cachegen/_ransc.c via native.py) against the numpy reference.
+
+The numpy path (CpuBackend(native=False)) is the reference: every stage must give identical values
+(and so identical container bytes), and corrupt input must raise CodecError in both.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kvmesh.codecs import CodecError, container
+from kvmesh.codecs.cachegen import native
+from kvmesh.codecs.cachegen.backends import CpuBackend
+from kvmesh.codecs.cachegen.codec import CacheGenCodec
+from kvmesh.codecs.cachegen.layout import stream_layout
+from kvmesh.codecs.cachegen.levels import LEVELS
+from tests.codecs.conftest import kv_like
+
+needs_native = pytest.mark.skipif(
+    not native.available(),
+    reason=f"the compiled coder is not built ({native.IMPORT_ERROR}); {native.BUILD_HINT}")
+
+REAL_CHUNKS = Path(__file__).resolve().parents[2] / "bench" / "data" / "realkv_chunks.safetensors"
+
+
+def test_native_module_builds_when_required():
+    """CI sets KVMESH_REQUIRE_NATIVE=1 (scripts/test.sh), so a silently broken build fails here."""
+    if os.environ.get("KVMESH_REQUIRE_NATIVE") != "1":
+        if not native.available():
+            pytest.skip(f"compiled coder not built ({native.IMPORT_ERROR}) and KVMESH_REQUIRE_NATIVE is not 1")
+    assert native.available(), f"kvmesh.codecs.cachegen._ransc failed to import: {native.IMPORT_ERROR}"
+    from kvmesh.codecs.cachegen import _ransc
+    assert callable(_ransc.encode) and callable(_ransc.decode)
+    assert CpuBackend().native or not native.wanted()
+
+
+# ---- stage by stage on synthetic chunks -----------------------------------------------------------
+
+def _symbols(rng: np.random.Generator, levels: np.ndarray, tokens: int, channels: int) -> torch.Tensor:
+    """q uint8 [2, L, T, C] below each layer's alphabet: alternately uniform (long streams, a word
+    nearly every symbol) and concentrated around a random center (few words, frequency-1 symbols)."""
+    _, L = levels.shape
+    q = np.empty((2, L, tokens, channels), np.uint8)
+    for kv in range(2):
+        for layer in range(L):
+            b = int(levels[kv, layer])
+            if (kv + layer) % 2:
+                q[kv, layer] = rng.integers(0, b, (tokens, channels))
+            else:
+                center = rng.integers(0, b, channels)
+                off = rng.geometric(0.6, (tokens, channels)) * rng.choice([-1, 1], (tokens, channels))
+                q[kv, layer] = (center + off) % b
+    return torch.from_numpy(q)
+
+
+def _case(seed: int, layers: int, tokens: int, channels: int, levels: np.ndarray | None = None):
+    rng = np.random.default_rng(seed)
+    if levels is None:
+        levels = rng.integers(2, 257, (2, layers))
+    layout = stream_layout(layers, tokens, channels, levels)
+    return rng, layout, _symbols(rng, levels, tokens, channels)
+
+
+# every alphabet 2..256 (in groups of 32: 16 layers x K/V), ragged segments (300 = 256 + 44),
+# single-symbol streams, channel counts around the coder's 4-lane grouping
+ALL_ALPHABETS = np.concatenate([np.arange(2, 257), [256]])
+CASES = [(f"alphabets-{a[0]}-{a[-1]}", dict(seed=1 + i, layers=16, tokens=(300, 1, 45)[i % 3], channels=(5, 3, 4)[i % 3],
+                                              levels=a.reshape(2, 16)))
+         for i, a in enumerate(np.split(ALL_ALPHABETS, 8))]
+CASES += [
+    ("three-segments", dict(seed=11, layers=4, tokens=513, channels=8)),
+    ("one-channel", dict(seed=12, layers=3, tokens=257, channels=1)),
+    ("small-alphabets", dict(seed=13, layers=6, tokens=200, channels=7, levels=np.array([[2, 3, 4, 2, 3, 4]] * 2))),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
+def test_stages_match_numpy(name, kw):
+    rng, layout, q = _case(**kw)
+    ref, nat = CpuBackend(native=False), CpuBackend(native=True)
+    hist = ref.histogram(q, layout)
+    assert np.array_equal(nat.histogram(q, layout), hist)
+    center, table = ref.choose_tables(hist, layout)
+    c2, t2 = nat.choose_tables(hist, layout)
+    assert np.array_equal(c2, center) and np.array_equal(t2, table)
+
+    # the chosen tables cluster on a few indices: code with random ones too, so every table is used
+    for tab in (table, rng.integers(0, 64, layout.num_streams).astype(np.uint8)):
+        words, counts = ref.rans_encode(q, center, tab, layout)
+        w2, c2n = nat.rans_encode(q, center, tab, layout)
+        assert w2.dtype == np.uint16 and np.array_equal(w2, words)
+        assert np.array_equal(np.asarray(c2n, np.int64), np.asarray(counts, np.int64))
+        out = nat.rans_decode(words, counts.astype(np.int32), center, tab, layout)
+        assert torch.equal(out, q)
+        assert torch.equal(ref.rans_decode(words, counts.astype(np.int32), center, tab, layout), q)
+
+
+@needs_native
+def test_symbols_outside_the_alphabet_code_like_numpy():
+    """The reference reduces (q - center) mod B for any q; the coder must not assume q < B."""
+    rng, layout, q = _case(seed=6, layers=2, tokens=40, channels=6, levels=np.array([[5, 9], [17, 3]]))
+    q = torch.from_numpy(rng.integers(0, 256, tuple(q.shape)).astype(np.uint8))
+    ref, nat = CpuBackend(native=False), CpuBackend(native=True)
+    center = rng.integers(0, 3, layout.num_streams).astype(np.uint8)
+    table = rng.integers(0, 64, layout.num_streams).astype(np.uint8)
+    words, counts = ref.rans_encode(q, center, table, layout)
+    w2, c2 = nat.rans_encode(q, center, table, layout)
+    assert np.array_equal(w2, words) and np.array_equal(c2, counts)
+
+
+# ---- corrupt streams --------------------------------------------------------------------------------
+
+def _decode_outcome(backend: CpuBackend, words, counts, center, table, layout):
+    try:
+        return backend.rans_decode(np.asarray(words, np.uint16), np.asarray(counts, np.int32), center, table, layout)
+    except CodecError as e:
+        return e
+
+
+def _corruptions(rng: np.random.Generator, words: np.ndarray, counts: np.ndarray):
+    for _ in range(6):  # single bit flips
+        w = words.copy()
+        i = int(rng.integers(words.size))
+        w[i] ^= np.uint16(1 << int(rng.integers(16)))
+        yield "bit flip", w, counts
+    for _ in range(3):  # truncation, the counts adjusted so that they still add up
+        w = words[: words.size - 1]
+        c = counts.copy()
+        k = int(np.flatnonzero(c > 2)[-1])
+        c[k] -= 1
+        yield "truncated", w, c
+    for _ in range(4):  # wrong counts, same total (a word moves from one stream to another)
+        c = counts.copy()
+        a, b = rng.choice(counts.size, 2, replace=False)
+        if c[a] > 2:
+            c[a] -= 1
+            c[b] += 1
+        yield "moved count", words, c
+    yield "count sum", words[:-1], counts
+    for _ in range(4):  # random words with plausible counts
+        yield "random words", rng.integers(0, 1 << 16, words.size).astype(np.uint16), counts
+
+
+@needs_native
+@pytest.mark.parametrize("seed", range(4))
+def test_corrupt_streams_raise_in_both(seed):
+    rng, layout, q = _case(seed=10 + seed, layers=3, tokens=90 + 170 * seed, channels=6)
+    ref, nat = CpuBackend(native=False), CpuBackend(native=True)
+    center, table = ref.choose_tables(ref.histogram(q, layout), layout)
+    words, counts = ref.rans_encode(q, center, table, layout)
+    counts = np.asarray(counts, np.int32)
+    raised = 0
+    total = 0
+    for what, w, c in _corruptions(rng, words, counts):
+        r = _decode_outcome(ref, w, c, center, table, layout)
+        n = _decode_outcome(nat, w, c, center, table, layout)
+        # identical verdicts: both reject, or (a corruption that happens to stay consistent) both
+        # return the same symbols
+        assert isinstance(r, CodecError) == isinstance(n, CodecError), what
+        if isinstance(n, CodecError):
+            raised += 1
+            assert "stream" in str(n) or "word" in str(n)
+        else:
+            assert torch.equal(r, n), what
+        total += 1
+    # a 16-bit final-state check leaves a chance of ~2**-16 per corrupted stream to pass
+    assert raised >= total - 1
+
+
+@needs_native
+def test_random_inputs_never_crash():
+    """Arbitrary words, counts, centers and tables (within their dtypes): the coder either decodes
+    or raises CodecError, and agrees with the numpy reference where the reference checks too."""
+    rng = np.random.default_rng(7)
+    nat = CpuBackend(native=True)
+    for trial in range(200):
+        layers, tokens, channels = int(rng.integers(1, 3)), int(rng.integers(1, 300)), int(rng.integers(1, 6))
+        levels = rng.integers(2, 257, (2, layers))
+        layout = stream_layout(layers, tokens, channels, levels)
+        S = layout.num_streams
+        counts = rng.integers(0, 260, S).astype(np.int32) if trial % 3 == 0 else \
+            np.minimum(layout.lengths + 2, rng.integers(2, 12, S)).astype(np.int32)
+        size = int(counts.sum()) + (int(rng.integers(-2, 3)) if trial % 5 == 0 else 0)
+        words = rng.integers(0, 1 << 16, max(size, 0))
+        center = rng.integers(0, 256 if trial % 4 == 0 else 2, S).astype(np.uint8)
+        table = rng.integers(0, 70 if trial % 4 == 1 else 64, S).astype(np.uint8)
+        out = _decode_outcome(nat, words, counts, center, table, layout)
+        assert isinstance(out, (CodecError, torch.Tensor))
+        if isinstance(out, torch.Tensor):
+            assert out.shape == (2, layers, tokens, channels)
+
+
+@needs_native
+def test_encode_rejects_bad_stream_meta():
+    _, layout, q = _case(seed=8, layers=2, tokens=20, channels=4)
+    nat = CpuBackend(native=True)
+    center, table = nat.choose_tables(nat.histogram(q, layout), layout)
+    bad_center = center.copy()
+    bad_center[3] = 255
+    with pytest.raises(CodecError, match="center"):
+        nat.rans_encode(q, bad_center, table, layout)
+    bad_table = table.copy()
+    bad_table[0] = 64
+    with pytest.raises(CodecError, match="table"):
+        nat.rans_encode(q, center, bad_table, layout)
+
+
+# ---- whole containers -------------------------------------------------------------------------------
+
+def _chunks() -> list[torch.Tensor]:
+    out = [kv_like(layers=3, tokens=300, channels=24, seed=1), kv_like(layers=2, tokens=1, channels=5, seed=2),
+           kv_like(layers=4, tokens=2, channels=7, dtype=torch.bfloat16, seed=3),
+           kv_like(layers=2, tokens=520, channels=9, dtype=torch.float32, seed=4)]
+    if REAL_CHUNKS.exists():
+        from safetensors.torch import load_file
+        out.append(load_file(str(REAL_CHUNKS))["chunk_1"])
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("level", ["default", "hq"])
+def test_containers_identical_with_and_without_native(level):
+    ref = CacheGenCodec(LEVELS[level], CpuBackend(native=False))
+    nat = CacheGenCodec(LEVELS[level], CpuBackend(native=True))
+    for kv in _chunks():
+        blob = nat.encode(kv)
+        assert blob == ref.encode(kv), list(kv.shape)
+        a, b = nat.decode(blob), ref.decode(blob)
+        assert a.dtype == kv.dtype and a.shape == kv.shape
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == torch.float32 else \
+            torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@needs_native
+def test_forged_words_behind_a_valid_checksum_raise_in_both():
+    """Words changed inside a container whose CRC is recomputed reach the rANS decoder itself."""
+    kv = kv_like(layers=2, tokens=120, channels=16, seed=5)
+    ref = CacheGenCodec(LEVELS["default"], CpuBackend(native=False))
+    nat = CacheGenCodec(LEVELS["default"], CpuBackend(native=True))
+    blob = nat.encode(kv)
+    header, sections = container.unpack(blob)
+    secs = [bytes(s) for s in sections]
+    rng = np.random.default_rng(9)
+    for trial in range(12):
+        forged = list(secs)
+        w = bytearray(secs[6])
+        if trial % 3 == 2:
+            meta = bytearray(secs[4])  # a table index out of range
+            meta[len(meta) // 2 + int(rng.integers(len(meta) // 2))] = 64 + trial
+            forged[4] = bytes(meta)
+        else:
+            i = int(rng.integers(len(w)))
+            w[i] ^= 1 << int(rng.integers(8))
+            forged[6] = bytes(w)
+        bad = container.pack(header.codec_id, header.level_id, kv.dtype, tuple(kv.shape), forged)
+        with pytest.raises(CodecError):
+            ref.decode(bad)
+        with pytest.raises(CodecError):
+            nat.decode(bad)
+
+
+# ---- choosing the path --------------------------------------------------------------------------------
+
+def test_env_var_forces_numpy(monkeypatch):
+    monkeypatch.setenv("KVMESH_NATIVE", "0")
+    assert CpuBackend().native is False
+    assert CpuBackend(native=False).native is False
+    monkeypatch.setenv("KVMESH_NATIVE", "1")
+    assert CpuBackend().native is native.available()
+
+
+def test_missing_module_falls_back_with_one_warning(monkeypatch, caplog):
+    """Simulates an install without a C compiler: the module attribute is what the backend consults."""
+    monkeypatch.setattr(native, "_ransc", None)
+    monkeypatch.setattr(native, "IMPORT_ERROR", "No module named 'kvmesh.codecs.cachegen._ransc'")
+    monkeypatch.setattr(native, "_warned", False)
+    monkeypatch.delenv("KVMESH_NATIVE", raising=False)
+    with caplog.at_level(logging.WARNING, logger="kvmesh.codecs.cachegen.native"):
+        assert CpuBackend().native is False
+        assert CpuBackend().native is False
+    warnings = [r for r in caplog.records if "not built" in r.getMessage()]
+    assert len(warnings) == 1 and "pip install -e ." in warnings[0].getMessage()
+    with pytest.raises(CodecError, match="not built"):
+        CpuBackend(native=True)
+    # and the numpy path still encodes and decodes
+    codec = CacheGenCodec(LEVELS["default"], CpuBackend())
+    kv = kv_like(layers=2, tokens=30, channels=8, seed=11)
+    assert codec.decode(codec.encode(kv)).shape == kv.shape
