@@ -1,18 +1,26 @@
 """Codec benchmark on real KV (issue 3's setup): size, where the bytes go, quality, CPU speed.
 
     python bench/bench_codecs.py [--source botchan|heldout|both] [--windows 8] [--methods a,b] [--speed-chunks 4]
+    python bench/bench_codecs.py --speed-only [--methods cachegen,cachegen-hq]   # ~1 minute
 
 Per method and level it prints one markdown row: bytes per 256-token chunk, ratio vs fp16, bits per
 element, NLL change and top-1 agreement (bench/realkv.py's evaluation: 1,024 context tokens replaced
 by the codec's round trip, 256 continuation tokens), and single-thread CPU encode/decode MB/s of fp16
 input (torch.set_num_threads(1), best of 3 over real chunks). A second table shows where the bytes
 go, by container section, averaged over the real chunks.
+
+--speed-only skips the quality evaluation (the model only computes the real chunks) and prints the CPU speed alone; for
+the cachegen levels it times both the compiled rANS coder and the numpy reference (KVMESH_NATIVE=0)
+side by side, with their ratio.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -48,12 +56,27 @@ def where_bytes_go(name: str, chunks: list[torch.Tensor]) -> dict[str, float]:
     return {k: v / len(chunks) for k, v in totals.items()}
 
 
-def cpu_speed(name: str, chunks: list[torch.Tensor]) -> tuple[float, float]:
+@contextlib.contextmanager
+def native_coder(enabled: bool) -> Iterator[None]:
+    """Codecs made inside use the compiled rANS coder (if built) or, disabled, the numpy reference."""
+    old = os.environ.get("KVMESH_NATIVE")
+    os.environ["KVMESH_NATIVE"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["KVMESH_NATIVE"]
+        else:
+            os.environ["KVMESH_NATIVE"] = old
+
+
+def cpu_speed(name: str, chunks: list[torch.Tensor], native: bool = True) -> tuple[float, float]:
     """Single-thread encode and decode MB/s of fp16 input (best of 3 passes over the chunks)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        codec = get_codec(name, backend="cpu")
+        with native_coder(native):
+            codec = get_codec(name, backend="cpu")
         raw = sum(c.numel() * c.element_size() for c in chunks)
         blobs = [codec.encode(c) for c in chunks]  # warm-up (table caches)
         enc = dec = float("inf")
@@ -70,14 +93,44 @@ def cpu_speed(name: str, chunks: list[torch.Tensor]) -> tuple[float, float]:
         torch.set_num_threads(threads)
 
 
+def speed_table(methods: list[str], chunks: list[torch.Tensor]) -> None:
+    """CPU speed only; the cachegen levels with the compiled coder and with the numpy reference."""
+    from kvmesh.codecs.cachegen import native
+
+    mb = sum(c.numel() * c.element_size() for c in chunks) / 1e6 / len(chunks)
+    print(f"single-thread CPU speed, {len(chunks)} real chunks of {mb:.1f} MB fp16 (best of 3); "
+          f"compiled coder built: {native.available()}\n")
+    print("| method | coder | encode MB/s | decode MB/s | encode ms/chunk | decode ms/chunk |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for m in methods:
+        paths = [("compiled", True), ("numpy", False)] if m.startswith("cachegen") else [("-", True)]
+        speeds = {}
+        for label, flag in paths:
+            if flag and label == "compiled" and not native.available():
+                print(f"| {m} | compiled | not built | | | |", flush=True)
+                continue
+            enc, dec = cpu_speed(m, chunks, native=flag)
+            speeds[label] = (enc, dec)
+            print(f"| {m} | {label} | {enc:.1f} | {dec:.1f} | {1e3 * mb / enc:.1f} | {1e3 * mb / dec:.1f} |", flush=True)
+        if len(speeds) == 2:
+            (ne, nd), (pe, pd) = speeds["compiled"], speeds["numpy"]
+            print(f"| {m} | ratio compiled / numpy | {ne / pe:.2f}x | {nd / pd:.2f}x | | |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default="botchan", choices=["botchan", "heldout", "both"])
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--speed-chunks", type=int, default=4, help="real chunks timed for CPU MB/s (0: skip)")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="only the CPU speed table (compiled vs numpy rANS coder for cachegen), no quality evaluation")
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
+    if args.speed_only:
+        n = max(args.speed_chunks, 1)
+        speed_table(methods, list(realkv.chunks("botchan", n=n))[:n])
+        return 0
     sources = ["botchan", "heldout"] if args.source == "both" else [args.source]
     chunks = list(realkv.chunks("botchan", n=max(args.speed_chunks, 4)))
 
