@@ -116,17 +116,26 @@ static PyObject *histogram(PyObject *self, PyObject *args) {
         int64_t *h = (int64_t *)out.buf;
         Py_BEGIN_ALLOW_THREADS
         /* stream by stream: counts stay in L1, and each output row is written once, zeros included */
-        uint32_t cnt[256];
+        uint32_t cnt[4][256];
         for (Py_ssize_t blk = 0; blk < 2 * layers; blk++) {
             for (Py_ssize_t c = 0; c < channels; c++) {
                 for (Py_ssize_t g = 0; g < sh.nseg; g++) {
                     Py_ssize_t t0 = g * SEGMENT;
                     Py_ssize_t n = tokens - t0 < SEGMENT ? tokens - t0 : SEGMENT;
                     const uint8_t *p = qp + (blk * tokens + t0) * channels + c;
+                    /* four partial counts: runs of one symbol would otherwise chain every
+                     * increment on the previous store */
                     memset(cnt, 0, sizeof cnt);
-                    for (Py_ssize_t i = 0; i < n; i++) cnt[p[i * channels]]++;
+                    Py_ssize_t i = 0;
+                    for (; i + 4 <= n; i += 4) {
+                        cnt[0][p[i * channels]]++;
+                        cnt[1][p[(i + 1) * channels]]++;
+                        cnt[2][p[(i + 2) * channels]]++;
+                        cnt[3][p[(i + 3) * channels]]++;
+                    }
+                    for (; i < n; i++) cnt[0][p[i * channels]]++;
                     int64_t *row = h + ((blk * channels + c) * sh.nseg + g) * 256;
-                    for (int s = 0; s < 256; s++) row[s] = cnt[s];
+                    for (int s = 0; s < 256; s++) row[s] = (int64_t)cnt[0][s] + cnt[1][s] + cnt[2][s] + cnt[3][s];
                 }
             }
         }
@@ -190,15 +199,24 @@ static PyObject *choose(PyObject *self, PyObject *args) {
             /* the distinct residuals first: a stream holds few, and only they add cost rows */
             int nz_s[MAX_ALPHABET];
             int64_t nz_v[MAX_ALPHABET], total = 0;
-            int nnz = 0;
+            int nnz = 0, big = 0;
+            int c0 = center % b;  /* hr[s] = h[(s + center) mod B], without a division per s */
             for (int s = 0; s < b; s++) {
-                int64_t v = hk[(s + center) % b];
-                if (v) { nz_s[nnz] = s; nz_v[nnz++] = v; total += v; }
+                int idx = s + c0;
+                if (idx >= b) idx -= b;
+                int64_t v = hk[idx];
+                /* branch-free: which residuals occur is data, so a branch would mispredict */
+                nz_s[nnz] = s;
+                nz_v[nnz] = v;
+                nnz += v != 0;
+                total += v;
+                big |= (uint64_t)v > (1u << 17);  /* negative counts too (only a forged call) */
             }
             const int32_t *cb = cst + o[b];
             int64_t acc[NUM_TABLES];
-            if (small_costs && total >= 0 && total <= (1 << 17)) {
-                /* exact in int32 (sum <= 2**17 * 2**13), and the compiler vectorises it */
+            if (small_costs && !big && total <= (1 << 17)) {
+                /* exact in int32 (counts in [0, 2**17] adding up to <= 2**17, costs <= 2**13),
+                 * and the compiler vectorises it */
                 int32_t a32[NUM_TABLES];
                 for (int t = 0; t < NUM_TABLES; t++) a32[t] = 0;
                 for (int j = 0; j < nnz; j++) {
@@ -215,7 +233,12 @@ static PyObject *choose(PyObject *self, PyObject *args) {
                 }
             }
             int best = 0;
-            for (int t = 1; t < NUM_TABLES; t++) if (acc[t] < acc[best]) best = t;
+            int64_t least = acc[0];
+            for (int t = 1; t < NUM_TABLES; t++) {
+                int better = acc[t] < least;  /* strict: ties keep the lowest index */
+                best = better ? t : best;
+                least = better ? acc[t] : least;
+            }
             co[k] = (uint8_t)center;
             to[k] = (uint8_t)best;
         }
@@ -249,18 +272,25 @@ ALWAYS_INLINE uint64_t mulhi64(uint64_t a, uint64_t b) {
     return (uint64_t)(((unsigned __int128)a * b) >> 64);
 }
 
-/* Codes nl streams: lane j reads n symbols at p[j] (stride `stride`), residual r = (q - center)
+/* Codes nl streams: lane j reads n symbols at p + j (stride `stride`), residual r = (q - center)
  * mod B as the reference computes it ((q + B - center) % B), and writes its words backwards so
  * that they end at wp[j]; wp[j] returns the first word. The n + 2 words below wp[j] are the
  * lane's own scratch. */
-ALWAYS_INLINE void encode_lanes(const int nl, const uint8_t *const *p, Py_ssize_t stride, Py_ssize_t n,
+ALWAYS_INLINE void encode_lanes(const int nl, const uint8_t *p, Py_ssize_t stride, Py_ssize_t n,
                                 unsigned b, const unsigned *center, const uint64_t *const *tab, uint16_t **wp) {
     uint64_t x[LANES];
     uint16_t *w[LANES];
     for (int j = 0; j < nl; j++) { x[j] = RANS_L; w[j] = wp[j]; }
     for (Py_ssize_t i = n - 1; i >= 0; i--) {
+        /* the lanes are adjacent channels: one load fetches all their symbols */
+        uint32_t quad = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        memcpy(&quad, p + i * stride, (size_t)nl);
+#else
+        for (int j = 0; j < nl; j++) quad |= (uint32_t)p[i * stride + j] << (8 * j);
+#endif
         for (int j = 0; j < nl; j++) {
-            unsigned q = p[j][i * stride];
+            unsigned q = (quad >> (8 * j)) & 0xFF;
             unsigned r = q + b - center[j];
             if (q < b) r = r >= b ? r - b : r;
             else r %= b;
@@ -272,7 +302,7 @@ ALWAYS_INLINE void encode_lanes(const int nl, const uint8_t *const *p, Py_ssize_
             uint64_t emit = x[j] >= (f << 20);
             w[j][-1] = (uint16_t)(x[j] & 0xFFFF);
             w[j] -= emit;
-            x[j] >>= 16 * emit;
+            x[j] = emit ? x[j] >> 16 : x[j];
             uint64_t qq = mulhi64(x[j], rcp) + (x[j] & mask);
             x[j] = x[j] + qq * (M - f) + c;  /* (x // f) * M + x % f + c */
         }
@@ -342,7 +372,7 @@ static PyObject *encode(PyObject *self, PyObject *args) {
                 Py_ssize_t slot_end = t0 + n + 2 * (g + 1);  /* within a channel's run of slots */
                 for (Py_ssize_t c0 = 0; c0 < channels; c0 += LANES) {
                     int nl = channels - c0 < LANES ? (int)(channels - c0) : LANES;
-                    const uint8_t *pl[LANES];
+                    const uint8_t *pl = qp + (blk * tokens + t0) * channels + c0;
                     const uint64_t *tl[LANES];
                     unsigned cl[LANES];
                     uint16_t *wl[LANES];
@@ -350,7 +380,6 @@ static PyObject *encode(PyObject *self, PyObject *args) {
                     for (int j = 0; j < nl; j++) {
                         Py_ssize_t c = c0 + j, k = (blk * channels + c) * sh.nseg + g;
                         kl[j] = k;
-                        pl[j] = qp + (blk * tokens + t0) * channels + c;
                         tl[j] = et + o[b] + (Py_ssize_t)tp[k] * b * 2;
                         cl[j] = cp[k];
                         wl[j] = words + (blk * channels + c) * per_chan + slot_end;
