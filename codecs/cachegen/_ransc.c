@@ -77,7 +77,7 @@ static int check_offsets(const Py_buffer *off, Py_ssize_t table_len, Py_ssize_t 
 /* block sizes in elements, per alphabet B */
 static Py_ssize_t enc_block(int b) { return (Py_ssize_t)NUM_TABLES * b * 2; }  /* uint64 pairs */
 static Py_ssize_t dec_block(int b) { (void)b; return (Py_ssize_t)NUM_TABLES * M; }  /* uint32 */
-static Py_ssize_t cost_block(int b) { return (Py_ssize_t)b * NUM_TABLES; }  /* int32 [B][64] */
+static Py_ssize_t cost_block(int b) { return (Py_ssize_t)b * NUM_TABLES; }  /* int16 [B][64] */
 
 /* Alphabets in [2, 256], equal within each block of per_block streams (a (K/V, layer) block,
  * which the coders rely on). */
@@ -151,11 +151,45 @@ done:
 
 /* ---- center and table choice ------------------------------------------------------------------ */
 
+/* a32[t] = sum over j < nnz of v[j] * cost[s[j]][t], for int16 costs and counts below 2**15
+ * whose exact sums fit int32 (the caller checks). */
+#if defined(__SSE2__) && !defined(RANSC_SCALAR)  /* RANSC_SCALAR: test the portable path */
+#include <emmintrin.h>
+static void cost_rows(const int16_t *cb, const int *s, const int64_t *v, int nnz, int32_t *a32) {
+    /* pmaddwd takes two residuals at once: (v1, v2) . (cost1[t], cost2[t]) for four tables */
+    __m128i acc[NUM_TABLES / 4];
+    for (int q = 0; q < NUM_TABLES / 4; q++) acc[q] = _mm_setzero_si128();
+    const __m128i zero = _mm_setzero_si128();
+    for (int j = 0; j < nnz; j += 2) {
+        const int16_t *r1 = cb + (Py_ssize_t)s[j] * NUM_TABLES;
+        const int16_t *r2 = j + 1 < nnz ? cb + (Py_ssize_t)s[j + 1] * NUM_TABLES : NULL;
+        uint32_t v2 = j + 1 < nnz ? (uint32_t)v[j + 1] : 0;
+        __m128i vv = _mm_set1_epi32((int)((uint32_t)v[j] | (v2 << 16)));
+        for (int q = 0; q < NUM_TABLES / 8; q++) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(r1 + 8 * q));
+            __m128i b = r2 ? _mm_loadu_si128((const __m128i *)(r2 + 8 * q)) : zero;
+            acc[2 * q] = _mm_add_epi32(acc[2 * q], _mm_madd_epi16(_mm_unpacklo_epi16(a, b), vv));
+            acc[2 * q + 1] = _mm_add_epi32(acc[2 * q + 1], _mm_madd_epi16(_mm_unpackhi_epi16(a, b), vv));
+        }
+    }
+    for (int q = 0; q < NUM_TABLES / 4; q++) _mm_storeu_si128((__m128i *)(a32 + 4 * q), acc[q]);
+}
+#else
+static void cost_rows(const int16_t *cb, const int *s, const int64_t *v, int nnz, int32_t *a32) {
+    for (int t = 0; t < NUM_TABLES; t++) a32[t] = 0;
+    for (int j = 0; j < nnz; j++) {
+        const int16_t *row = cb + (Py_ssize_t)s[j] * NUM_TABLES;
+        int32_t w = (int32_t)v[j];
+        for (int t = 0; t < NUM_TABLES; t++) a32[t] += w * (int32_t)row[t];
+    }
+}
+#endif
+
 PyDoc_STRVAR(choose_doc,
 "choose(hist, width, lengths, stream_levels, cost, cost_offsets, center_out, table_out)\n\n"
 "Per stream (FORMAT.md): center = the smallest m < width with 2*cum[m] >= n_k (0 if none), then\n"
 "the table of least integer cost for the residual histogram (ties: the lowest index).\n"
-"hist int64 [S, 256]; lengths int32 [S]; stream_levels int64 [S]; cost int32 blocks [B][64].");
+"hist int64 [S, 256]; lengths int32 [S]; stream_levels int64 [S]; cost int16 blocks [B][64].");
 
 static PyObject *choose(PyObject *self, PyObject *args) {
     Py_buffer hist = {0}, lens = {0}, lev = {0}, cost = {0}, off = {0}, cen = {0}, tab = {0};
@@ -171,18 +205,18 @@ static PyObject *choose(PyObject *self, PyObject *args) {
     if (need(&hist, S * 256 * (Py_ssize_t)sizeof(int64_t), "histogram") < 0
         || need(&lev, S * (Py_ssize_t)sizeof(int64_t), "stream_levels") < 0
         || need(&cen, S, "center") < 0 || need(&tab, S, "table") < 0
-        || check_offsets(&off, cost.len / (Py_ssize_t)sizeof(int32_t), cost_block, "cost") < 0
+        || check_offsets(&off, cost.len / (Py_ssize_t)sizeof(int16_t), cost_block, "cost") < 0
         || check_levels((const int64_t *)lev.buf, S, 1) < 0)
         goto done;
     {
         const int64_t *h = (const int64_t *)hist.buf;
         const int32_t *n = (const int32_t *)lens.buf;
         const int64_t *slev = (const int64_t *)lev.buf;
-        const int32_t *cst = (const int32_t *)cost.buf;
+        const int16_t *cst = (const int16_t *)cost.buf;
         const int64_t *o = (const int64_t *)off.buf;
         uint8_t *co = (uint8_t *)cen.buf, *to = (uint8_t *)tab.buf;
         Py_ssize_t missing = -1;
-        Py_ssize_t ncost = cost.len / (Py_ssize_t)sizeof(int32_t);
+        Py_ssize_t ncost = cost.len / (Py_ssize_t)sizeof(int16_t);
         Py_BEGIN_ALLOW_THREADS
         int small_costs = 1;
         for (Py_ssize_t i = 0; i < ncost; i++) small_costs &= cst[i] >= 0 && cst[i] <= (1 << 13);
@@ -210,25 +244,19 @@ static PyObject *choose(PyObject *self, PyObject *args) {
                 nz_v[nnz] = v;
                 nnz += v != 0;
                 total += v;
-                big |= (uint64_t)v > (1u << 17);  /* negative counts too (only a forged call) */
+                big |= (uint64_t)v >= (1u << 15);  /* negative counts too (only a forged call) */
             }
-            const int32_t *cb = cst + o[b];
+            const int16_t *cb = cst + o[b];
             int64_t acc[NUM_TABLES];
             if (small_costs && !big && total <= (1 << 17)) {
-                /* exact in int32 (counts in [0, 2**17] adding up to <= 2**17, costs <= 2**13),
-                 * and the compiler vectorises it */
+                /* exact in int32: counts in [0, 2**15) adding up to <= 2**17, costs <= 2**13 */
                 int32_t a32[NUM_TABLES];
-                for (int t = 0; t < NUM_TABLES; t++) a32[t] = 0;
-                for (int j = 0; j < nnz; j++) {
-                    const int32_t *row = cb + (Py_ssize_t)nz_s[j] * NUM_TABLES;
-                    int32_t v = (int32_t)nz_v[j];
-                    for (int t = 0; t < NUM_TABLES; t++) a32[t] += v * row[t];
-                }
+                cost_rows(cb, nz_s, nz_v, nnz, a32);
                 for (int t = 0; t < NUM_TABLES; t++) acc[t] = a32[t];
             } else {
                 for (int t = 0; t < NUM_TABLES; t++) acc[t] = 0;
                 for (int j = 0; j < nnz; j++) {
-                    const int32_t *row = cb + (Py_ssize_t)nz_s[j] * NUM_TABLES;
+                    const int16_t *row = cb + (Py_ssize_t)nz_s[j] * NUM_TABLES;
                     for (int t = 0; t < NUM_TABLES; t++) acc[t] += nz_v[j] * row[t];
                 }
             }

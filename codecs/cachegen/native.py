@@ -95,8 +95,11 @@ def _dec_block(b: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def _cost_block(b: int) -> np.ndarray:
-    """int32 [B, NT]: the table costs, symbol-major (a stream adds one row per distinct residual)."""
-    return np.ascontiguousarray(alphabet_tables(b).cost.T.astype(np.int32))
+    """int16 [B, NT]: the table costs, symbol-major (a stream adds one row per distinct residual)."""
+    cost = alphabet_tables(b).cost
+    if cost.min() < 0 or cost.max() > np.iinfo(np.int16).max:  # LOG2_COST lies in [0, 8192]
+        raise ValueError(f"table costs of alphabet {b} do not fit int16")
+    return np.ascontiguousarray(cost.T.astype(np.int16))
 
 
 def _concat(block, alphabets: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
