@@ -75,7 +75,7 @@ static int check_offsets(const Py_buffer *off, Py_ssize_t table_len, Py_ssize_t 
 }
 
 /* block sizes in elements, per alphabet B */
-static Py_ssize_t enc_block(int b) { return (Py_ssize_t)NUM_TABLES * b * 2; }  /* uint64 pairs */
+static Py_ssize_t enc_block(int b) { return (Py_ssize_t)NUM_TABLES * 2 * b * 2; }  /* uint64 pairs, twice */
 static Py_ssize_t dec_block(int b) { (void)b; return (Py_ssize_t)NUM_TABLES * M; }  /* uint32 */
 static Py_ssize_t cost_block(int b) { return (Py_ssize_t)b * NUM_TABLES; }  /* int16 [B][64] */
 
@@ -292,7 +292,8 @@ done:
 #define LANES 4
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-/* An encode entry is two uint64: rcp, then f | c << 16 | mask << 32. x // f == mulhi(x, rcp) +
+/* An encode entry is two uint64: rcp, then f | c << 16 | mask << 32; a table is its B entries,
+ * then the same B entries again. x // f == mulhi(x, rcp) +
  * (x & mask) exactly for x < 2**32: rcp = floor((2**64 - 1) / f) + 1 (f >= 2; the error
  * x * (rcp * f - 2**64) / 2**64 < 2**44 / 2**64 never reaches the next multiple of 1/f), and
  * f = 1 has rcp = 0, mask = 0xFFFFFFFF. */
@@ -308,7 +309,14 @@ ALWAYS_INLINE void encode_lanes(const int nl, const uint8_t *p, Py_ssize_t strid
                                 unsigned b, const unsigned *center, const uint64_t *const *tab, uint16_t **wp) {
     uint64_t x[LANES];
     uint16_t *w[LANES];
-    for (int j = 0; j < nl; j++) { x[j] = RANS_L; w[j] = wp[j]; }
+    const uint64_t *shifted[LANES];
+    for (int j = 0; j < nl; j++) {
+        x[j] = RANS_L;
+        w[j] = wp[j];
+        /* a table holds its B entries twice, so entry (q - center) mod B of a symbol q < B is
+         * entry q of the table shifted by B - center: no modular reduction per symbol */
+        shifted[j] = tab[j] + 2 * (Py_ssize_t)(b - center[j]);
+    }
     for (Py_ssize_t i = n - 1; i >= 0; i--) {
         /* the lanes are adjacent channels: one load fetches all their symbols */
         uint32_t quad = 0;
@@ -319,10 +327,8 @@ ALWAYS_INLINE void encode_lanes(const int nl, const uint8_t *p, Py_ssize_t strid
 #endif
         for (int j = 0; j < nl; j++) {
             unsigned q = (quad >> (8 * j)) & 0xFF;
-            unsigned r = q + b - center[j];
-            if (q < b) r = r >= b ? r - b : r;
-            else r %= b;
-            const uint64_t *e = tab[j] + 2 * (Py_ssize_t)r;
+            const uint64_t *e = q < b ? shifted[j] + 2 * (Py_ssize_t)q
+                                      : tab[j] + 2 * (Py_ssize_t)((q + b - center[j]) % b);
             uint64_t rcp = e[0], fc = e[1];
             uint64_t f = fc & 0xFFFF, c = (fc >> 16) & 0xFFFF, mask = fc >> 32;
             /* branch-free renormalisation (data-dependent, so a branch would mispredict often):
@@ -408,7 +414,7 @@ static PyObject *encode(PyObject *self, PyObject *args) {
                     for (int j = 0; j < nl; j++) {
                         Py_ssize_t c = c0 + j, k = (blk * channels + c) * sh.nseg + g;
                         kl[j] = k;
-                        tl[j] = et + o[b] + (Py_ssize_t)tp[k] * b * 2;
+                        tl[j] = et + o[b] + (Py_ssize_t)tp[k] * b * 4;
                         cl[j] = cp[k];
                         wl[j] = words + (blk * channels + c) * per_chan + slot_end;
                     }

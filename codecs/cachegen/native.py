@@ -71,17 +71,18 @@ def use_native(native: bool | None = None) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _enc_block(b: int) -> np.ndarray:
-    """uint64 [NT, B, 2]: rcp, f | c << 16 | mask << 32 (see encode_stream in _ransc.c)."""
+    """uint64 [NT, 2B, 2]: rcp, f | c << 16 | mask << 32 per symbol (see encode_lanes in _ransc.c),
+    each table's B entries twice (the coder indexes it by symbol from an offset of B - center)."""
     tabs = alphabet_tables(b)
     f = tabs.freq.astype(np.uint64)
     c = tabs.cum[:, :b].astype(np.uint64)
     one = f == 1
     rcp = np.where(one, np.uint64(0), np.uint64(0xFFFFFFFFFFFFFFFF) // np.maximum(f, np.uint64(1)) + np.uint64(1))
     mask = np.where(one, np.uint64(0xFFFFFFFF), np.uint64(0))
-    out = np.empty((NUM_TABLES, b, 2), np.uint64)
-    out[..., 0] = rcp
-    out[..., 1] = f | (c << np.uint64(16)) | (mask << np.uint64(32))
-    return out
+    out = np.empty((NUM_TABLES, 2, b, 2), np.uint64)
+    out[..., 0] = rcp[:, None, :]
+    out[..., 1] = (f | (c << np.uint64(16)) | (mask << np.uint64(32)))[:, None, :]
+    return out.reshape(NUM_TABLES, 2 * b, 2)
 
 
 def _dec_block(b: int) -> np.ndarray:
