@@ -96,6 +96,23 @@ static int check_levels(const int64_t *slev, Py_ssize_t n, Py_ssize_t per_block)
     return 0;
 }
 
+/* Streams of the same (K/V, layer) block and segment have the same length and alphabet: the coder
+ * runs LANES of them (adjacent channels) side by side, so their independent state chains overlap
+ * in the CPU instead of each waiting on its own multiply-add latency. */
+#define LANES 4
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* The symbols of nl <= LANES adjacent channels at p, lane j in bits 8j..8j+7. */
+ALWAYS_INLINE uint32_t load_lanes(const uint8_t *p, const int nl) {
+    uint32_t quad = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    memcpy(&quad, p, (size_t)nl);
+#else
+    for (int j = 0; j < nl; j++) quad |= (uint32_t)p[j] << (8 * j);
+#endif
+    return quad;
+}
+
 /* ---- histogram -------------------------------------------------------------------------------- */
 
 PyDoc_STRVAR(histogram_doc,
@@ -115,27 +132,31 @@ static PyObject *histogram(PyObject *self, PyObject *args) {
         const uint8_t *qp = (const uint8_t *)q.buf;
         int64_t *h = (int64_t *)out.buf;
         Py_BEGIN_ALLOW_THREADS
-        /* stream by stream: counts stay in L1, and each output row is written once, zeros included */
-        uint32_t cnt[4][256];
+        /* LANES adjacent channels' streams at once (one load fetches their symbols; separate
+         * counters, so runs of one symbol do not chain every increment on the previous store);
+         * counts stay in L1, and each output row is written once, zeros included */
+        uint32_t cnt[LANES][256];
         for (Py_ssize_t blk = 0; blk < 2 * layers; blk++) {
-            for (Py_ssize_t c = 0; c < channels; c++) {
-                for (Py_ssize_t g = 0; g < sh.nseg; g++) {
-                    Py_ssize_t t0 = g * SEGMENT;
-                    Py_ssize_t n = tokens - t0 < SEGMENT ? tokens - t0 : SEGMENT;
-                    const uint8_t *p = qp + (blk * tokens + t0) * channels + c;
-                    /* four partial counts: runs of one symbol would otherwise chain every
-                     * increment on the previous store */
+            for (Py_ssize_t g = 0; g < sh.nseg; g++) {
+                Py_ssize_t t0 = g * SEGMENT;
+                Py_ssize_t n = tokens - t0 < SEGMENT ? tokens - t0 : SEGMENT;
+                for (Py_ssize_t c0 = 0; c0 < channels; c0 += LANES) {
+                    int nl = channels - c0 < LANES ? (int)(channels - c0) : LANES;
+                    const uint8_t *p = qp + (blk * tokens + t0) * channels + c0;
                     memset(cnt, 0, sizeof cnt);
-                    Py_ssize_t i = 0;
-                    for (; i + 4 <= n; i += 4) {
-                        cnt[0][p[i * channels]]++;
-                        cnt[1][p[(i + 1) * channels]]++;
-                        cnt[2][p[(i + 2) * channels]]++;
-                        cnt[3][p[(i + 3) * channels]]++;
+                    if (nl == LANES) {
+                        for (Py_ssize_t i = 0; i < n; i++) {
+                            uint32_t quad = load_lanes(p + i * channels, LANES);
+                            for (int j = 0; j < LANES; j++) cnt[j][(quad >> (8 * j)) & 0xFF]++;
+                        }
+                    } else {
+                        for (Py_ssize_t i = 0; i < n; i++)
+                            for (int j = 0; j < nl; j++) cnt[j][p[i * channels + j]]++;
                     }
-                    for (; i < n; i++) cnt[0][p[i * channels]]++;
-                    int64_t *row = h + ((blk * channels + c) * sh.nseg + g) * 256;
-                    for (int s = 0; s < 256; s++) row[s] = (int64_t)cnt[0][s] + cnt[1][s] + cnt[2][s] + cnt[3][s];
+                    for (int j = 0; j < nl; j++) {
+                        int64_t *row = h + ((blk * channels + c0 + j) * sh.nseg + g) * 256;
+                        for (int v = 0; v < 256; v++) row[v] = cnt[j][v];
+                    }
                 }
             }
         }
@@ -286,11 +307,6 @@ done:
 
 /* ---- encode ----------------------------------------------------------------------------------- */
 
-/* Streams of the same (K/V, layer) block and segment have the same length and alphabet: the coder
- * runs LANES of them (adjacent channels) side by side, so their independent state chains overlap
- * in the CPU instead of each waiting on its own multiply-add latency. */
-#define LANES 4
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* An encode entry is two uint64: rcp, then f | c << 16 | mask << 32; a table is its B entries,
  * then the same B entries again. x // f == mulhi(x, rcp) +
@@ -319,12 +335,7 @@ ALWAYS_INLINE void encode_lanes(const int nl, const uint8_t *p, Py_ssize_t strid
     }
     for (Py_ssize_t i = n - 1; i >= 0; i--) {
         /* the lanes are adjacent channels: one load fetches all their symbols */
-        uint32_t quad = 0;
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-        memcpy(&quad, p + i * stride, (size_t)nl);
-#else
-        for (int j = 0; j < nl; j++) quad |= (uint32_t)p[i * stride + j] << (8 * j);
-#endif
+        uint32_t quad = load_lanes(p + i * stride, nl);
         for (int j = 0; j < nl; j++) {
             unsigned q = (quad >> (8 * j)) & 0xFF;
             const uint64_t *e = q < b ? shifted[j] + 2 * (Py_ssize_t)q
