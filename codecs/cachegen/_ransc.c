@@ -308,11 +308,13 @@ done:
 /* ---- encode ----------------------------------------------------------------------------------- */
 
 
-/* An encode entry is two uint64: rcp, then f | c << 16 | mask << 32; a table is its B entries,
- * then the same B entries again. x // f == mulhi(x, rcp) +
- * (x & mask) exactly for x < 2**32: rcp = floor((2**64 - 1) / f) + 1 (f >= 2; the error
- * x * (rcp * f - 2**64) / 2**64 < 2**44 / 2**64 never reaches the next multiple of 1/f), and
- * f = 1 has rcp = 0, mask = 0xFFFFFFFF. */
+/* An encode entry is two uint64: rcp, then bias | (M - f) << 16 | f << 32; a table is its B
+ * entries, then the same B entries again. The step x = (x // f) * M + x % f + c is computed as
+ * x + (x // f) * (M - f) + c with x // f = mulhi(x, rcp), exact for 1 <= x < 2**32:
+ * - f >= 2: rcp = floor((2**64 - 1) / f) + 1 and bias = c. rcp * f = 2**64 + e with 0 <= e <= f,
+ *   so x * rcp / 2**64 exceeds x / f by less than 2**32 * f / 2**64 / f, far from the next
+ *   multiple of 1/f (x / f is a multiple of 1/f);
+ * - f = 1: rcp = 2**64 - 1 gives x - 1, and bias = c + M - 1 makes up for it (as ryg_rans does). */
 ALWAYS_INLINE uint64_t mulhi64(uint64_t a, uint64_t b) {
     return (uint64_t)(((unsigned __int128)a * b) >> 64);
 }
@@ -341,15 +343,14 @@ ALWAYS_INLINE void encode_lanes(const int nl, const uint8_t *p, Py_ssize_t strid
             const uint64_t *e = q < b ? shifted[j] + 2 * (Py_ssize_t)q
                                       : tab[j] + 2 * (Py_ssize_t)((q + b - center[j]) % b);
             uint64_t rcp = e[0], fc = e[1];
-            uint64_t f = fc & 0xFFFF, c = (fc >> 16) & 0xFFFF, mask = fc >> 32;
+            uint64_t bias = fc & 0xFFFF, cmpl = (fc >> 16) & 0xFFFF, f = fc >> 32;
             /* branch-free renormalisation (data-dependent, so a branch would mispredict often):
              * the word is always stored below w, which moves only when it is emitted */
             uint64_t emit = x[j] >= (f << 20);
             w[j][-1] = (uint16_t)(x[j] & 0xFFFF);
             w[j] -= emit;
             x[j] = emit ? x[j] >> 16 : x[j];
-            uint64_t qq = mulhi64(x[j], rcp) + (x[j] & mask);
-            x[j] = x[j] + qq * (M - f) + c;  /* (x // f) * M + x % f + c */
+            x[j] = x[j] + mulhi64(x[j], rcp) * cmpl + bias;  /* (x // f) * M + x % f + c */
         }
     }
     for (int j = 0; j < nl; j++) {

@@ -71,17 +71,19 @@ def use_native(native: bool | None = None) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _enc_block(b: int) -> np.ndarray:
-    """uint64 [NT, 2B, 2]: rcp, f | c << 16 | mask << 32 per symbol (see encode_lanes in _ransc.c),
-    each table's B entries twice (the coder indexes it by symbol from an offset of B - center)."""
+    """uint64 [NT, 2B, 2]: rcp, bias | (M - f) << 16 | f << 32 per symbol (_ransc.c's encode_lanes
+    says why this is exact), each table's B entries twice (the coder indexes it by symbol from
+    an offset of B - center)."""
     tabs = alphabet_tables(b)
     f = tabs.freq.astype(np.uint64)
     c = tabs.cum[:, :b].astype(np.uint64)
     one = f == 1
-    rcp = np.where(one, np.uint64(0), np.uint64(0xFFFFFFFFFFFFFFFF) // np.maximum(f, np.uint64(1)) + np.uint64(1))
-    mask = np.where(one, np.uint64(0xFFFFFFFF), np.uint64(0))
+    top = np.uint64(0xFFFFFFFFFFFFFFFF)
+    rcp = np.where(one, top, top // np.maximum(f, np.uint64(2)) + np.uint64(1))
+    bias = np.where(one, c + np.uint64(rans.M - 1), c)
     out = np.empty((NUM_TABLES, 2, b, 2), np.uint64)
     out[..., 0] = rcp[:, None, :]
-    out[..., 1] = (f | (c << np.uint64(16)) | (mask << np.uint64(32)))[:, None, :]
+    out[..., 1] = (bias | ((np.uint64(rans.M) - f) << np.uint64(16)) | (f << np.uint64(32)))[:, None, :]
     return out.reshape(NUM_TABLES, 2 * b, 2)
 
 
