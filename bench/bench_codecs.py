@@ -9,9 +9,9 @@ by the codec's round trip, 256 continuation tokens), and single-thread CPU encod
 input (torch.set_num_threads(1), best of 3 over real chunks). A second table shows where the bytes
 go, by container section, averaged over the real chunks.
 
---speed-only skips the quality evaluation (the model only computes the real chunks) and prints the CPU speed alone; for
-the cachegen levels it times both the compiled rANS coder and the numpy reference (KVMESH_NATIVE=0)
-side by side, with their ratio.
+--speed-only skips the quality evaluation (the model only computes the real chunks) and prints the
+CPU speed alone (best of 5): for the cachegen levels both the compiled rANS coder and the numpy
+reference (KVMESH_NATIVE=0) side by side, with their ratio.
 """
 from __future__ import annotations
 
@@ -70,8 +70,8 @@ def native_coder(enabled: bool) -> Iterator[None]:
             os.environ["KVMESH_NATIVE"] = old
 
 
-def cpu_speed(name: str, chunks: list[torch.Tensor], native: bool = True) -> tuple[float, float]:
-    """Single-thread encode and decode MB/s of fp16 input (best of 3 passes over the chunks)."""
+def cpu_speed(name: str, chunks: list[torch.Tensor], native: bool = True, passes: int = 3) -> tuple[float, float]:
+    """Single-thread encode and decode MB/s of fp16 input (best of `passes` passes over the chunks)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -80,7 +80,7 @@ def cpu_speed(name: str, chunks: list[torch.Tensor], native: bool = True) -> tup
         raw = sum(c.numel() * c.element_size() for c in chunks)
         blobs = [codec.encode(c) for c in chunks]  # warm-up (table caches)
         enc = dec = float("inf")
-        for _ in range(3):
+        for _ in range(passes):
             t0 = time.perf_counter()
             blobs = [codec.encode(c) for c in chunks]
             enc = min(enc, time.perf_counter() - t0)
@@ -98,8 +98,8 @@ def speed_table(methods: list[str], chunks: list[torch.Tensor]) -> None:
     from kvmesh.codecs.cachegen import native
 
     mb = sum(c.numel() * c.element_size() for c in chunks) / 1e6 / len(chunks)
-    print(f"single-thread CPU speed, {len(chunks)} real chunks of {mb:.1f} MB fp16 (best of 3); "
-          f"compiled coder built: {native.available()}\n")
+    print(f"single-thread CPU speed, {len(chunks)} real chunks of {mb:.1f} MB fp16; "
+          f"compiled coder built: {native.available()}; best of 5 passes\n")
     print("| method | coder | encode MB/s | decode MB/s | encode ms/chunk | decode ms/chunk |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for m in methods:
@@ -109,7 +109,7 @@ def speed_table(methods: list[str], chunks: list[torch.Tensor]) -> None:
             if flag and label == "compiled" and not native.available():
                 print(f"| {m} | compiled | not built | | | |", flush=True)
                 continue
-            enc, dec = cpu_speed(m, chunks, native=flag)
+            enc, dec = cpu_speed(m, chunks, native=flag, passes=5)
             speeds[label] = (enc, dec)
             print(f"| {m} | {label} | {enc:.1f} | {dec:.1f} | {1e3 * mb / enc:.1f} | {1e3 * mb / dec:.1f} |", flush=True)
         if len(speeds) == 2:
