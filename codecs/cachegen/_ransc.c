@@ -466,19 +466,19 @@ done:
 
 /* ---- decode ----------------------------------------------------------------------------------- */
 
-/* Decodes nl streams side by side (see LANES): lane j reads its words from w[j] up to end[j] and
- * writes n symbols at p[j] (stride `stride`). As the reference: at most one word in per symbol,
- * and x < 2**32 throughout. A lane that needs a word past its end rereads its last one (in
- * bounds) and is flagged. Returns a bit mask of the lanes that fail. */
+/* Decodes nl streams side by side (see LANES): lane j reads its words from wstart[j] and writes
+ * n symbols at p[j] (stride `stride`). As the reference: at most one word in per symbol, x < 2**32
+ * throughout, and a lane that reads past its words goes on (into the next stream's words or the
+ * caller's padding of SEGMENT + 2 words, so in bounds) and fails the final check. Returns a bit
+ * mask of the lanes that fail: final state not L, or not exactly at end[j]. */
 ALWAYS_INLINE unsigned decode_lanes(const int nl, uint8_t *const *p, Py_ssize_t stride, Py_ssize_t n, unsigned b,
                                     const unsigned *center, const uint32_t *const *tab,
                                     const uint16_t *const *wstart, const uint16_t *const *end) {
-    uint32_t x[LANES], over[LANES];
+    uint32_t x[LANES];
     const uint16_t *w[LANES];
     for (int j = 0; j < nl; j++) {
         x[j] = ((uint32_t)wstart[j][0] << 16) | wstart[j][1];
         w[j] = wstart[j] + 2;
-        over[j] = 0;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         for (int j = 0; j < nl; j++) {
@@ -487,24 +487,24 @@ ALWAYS_INLINE unsigned decode_lanes(const int nl, uint8_t *const *p, Py_ssize_t 
             if (s >= b) s -= b;
             p[j][i * stride] = (uint8_t)s;
             x[j] = (((e >> 8) & 0xFFF) + 1) * (x[j] >> PROB_BITS) + (e >> 20);
+            /* branch-free renormalisation: the next word is always loaded */
             uint32_t want = x[j] < RANS_L;
-            uint32_t has = w[j] != end[j];
-            over[j] |= want & !has;
-            uint32_t nx = (x[j] << 16) | w[j][-(Py_ssize_t)!has];
+            uint32_t nx = (x[j] << 16) | *w[j];
             x[j] = want ? nx : x[j];
-            w[j] += want & has;
+            w[j] += want;
         }
     }
     unsigned fail = 0;
     for (int j = 0; j < nl; j++)
-        if (over[j] || x[j] != RANS_L || w[j] != end[j]) fail |= 1u << j;
+        if (x[j] != RANS_L || w[j] != end[j]) fail |= 1u << j;
     return fail;
 }
 
 PyDoc_STRVAR(decode_doc,
-"decode(words, counts, layers, tokens, channels, stream_levels, center, table, dec, dec_offsets, q_out)\n"
+"decode(words, nwords, counts, layers, tokens, channels, stream_levels, center, table, dec, dec_offsets, q_out)\n"
 "    -> None or (error code, stream)\n\n"
-"Inverse of encode: writes q uint8 [2, L, T, C]. A decode entry (uint32, per table and slot) is\n"
+"Inverse of encode: writes q uint8 [2, L, T, C]. words holds the nwords stored words, then at\n"
+"least SEGMENT + 2 words of padding. A decode entry (uint32, per table and slot) is\n"
 "symbol | (f - 1) << 8 | (slot - cum) << 20. Whatever the input words, nothing outside the\n"
 "buffers is read or written; an inconsistent stream returns (code, stream index).");
 
@@ -514,13 +514,18 @@ static PyObject *decode(PyObject *self, PyObject *args) {
     Shape sh;
     PyObject *ret = NULL;
     int64_t *start = NULL;
-    if (!PyArg_ParseTuple(args, "y*y*nnny*y*y*y*y*w*", &wb, &cb, &layers, &tokens, &channels, &lev,
-                          &cen, &tab, &dec, &off, &qout))
+    Py_ssize_t nwords;
+    if (!PyArg_ParseTuple(args, "y*ny*nnny*y*y*y*y*w*", &wb, &nwords, &cb, &layers, &tokens, &channels,
+                          &lev, &cen, &tab, &dec, &off, &qout))
         return NULL;
     if (shape_from(layers, tokens, channels, &sh) < 0) goto done;
     Py_ssize_t S = sh.streams;
-    Py_ssize_t nwords = wb.len / (Py_ssize_t)sizeof(uint16_t);
-    if (need(&cb, S * (Py_ssize_t)sizeof(int32_t), "counts") < 0
+    if (nwords < 0 || nwords > PY_SSIZE_T_MAX / 4) {
+        PyErr_SetString(PyExc_ValueError, "nwords out of range");
+        goto done;
+    }
+    if (need(&wb, (nwords + SEGMENT + 2) * (Py_ssize_t)sizeof(uint16_t), "words (with padding)") < 0
+        || need(&cb, S * (Py_ssize_t)sizeof(int32_t), "counts") < 0
         || need(&lev, S * (Py_ssize_t)sizeof(int64_t), "stream_levels") < 0
         || need(&cen, S, "center") < 0 || need(&tab, S, "table") < 0
         || need(&qout, 2 * layers * tokens * channels, "q") < 0

@@ -19,6 +19,7 @@ import numpy as np
 
 from kvmesh.codecs.cachegen import rans
 from kvmesh.codecs.cachegen.layout import StreamLayout
+from kvmesh.codecs.cachegen.quant import SEGMENT
 from kvmesh.codecs.cachegen.tables import NUM_TABLES, alphabet_tables
 from kvmesh.codecs.errors import CodecError
 
@@ -183,7 +184,7 @@ _DECODE_ERRORS = {
     2: "the word counts do not add up to the words stored",
     3: "its center lies outside its alphabet",
     4: "its table index is out of range",
-    6: "it reads past its words or does not end in the initial state having read exactly its words",
+    6: "it does not end in the initial state having read exactly its words",
     7: "its alphabet has no table",
 }
 
@@ -202,7 +203,11 @@ def decode(words: np.ndarray, counts: np.ndarray, center: np.ndarray, table: np.
         raise CodecError("rANS words must be 16-bit")
     dec, off = dec_tables(_alphabets(layout))
     q = np.empty((2, layout.layers, layout.tokens, layout.channels), np.uint8)
-    err = _ransc.decode(np.ascontiguousarray(words, dtype=np.uint16), np.ascontiguousarray(counts, dtype=np.int32),
+    # padding after the words: a corrupt stream reads past its own words without a bounds check
+    # per symbol (as rans.decode does) and fails the final check
+    padded = np.zeros(words.size + SEGMENT + 2, np.uint16)
+    padded[: words.size] = words
+    err = _ransc.decode(padded, words.size, np.ascontiguousarray(counts, dtype=np.int32),
                         layout.layers, layout.tokens, layout.channels,
                         np.ascontiguousarray(layout.stream_levels, dtype=np.int64), _u8(center), _u8(table),
                         dec, off, q)

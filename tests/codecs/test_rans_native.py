@@ -197,6 +197,21 @@ def test_random_inputs_never_crash():
 
 
 @needs_native
+def test_streams_that_read_past_all_words_raise():
+    """Zero words make every stream want a new word at every symbol: the last streams read far past
+    the stored words (into the wrapper's padding) and must fail, as in the reference."""
+    layout = stream_layout(2, 256, 5, np.array([[7, 7], [200, 3]]))
+    S = layout.num_streams
+    counts = np.full(S, 2, np.int32)
+    words = np.zeros(2 * S, np.uint16)
+    center = np.zeros(S, np.uint8)
+    table = np.zeros(S, np.uint8)
+    for backend in (CpuBackend(native=False), CpuBackend(native=True)):
+        with pytest.raises(CodecError):
+            backend.rans_decode(words, counts, center, table, layout)
+
+
+@needs_native
 def test_encode_rejects_bad_stream_meta():
     _, layout, q = _case(seed=8, layers=2, tokens=20, channels=4)
     nat = CpuBackend(native=True)
