@@ -29,7 +29,7 @@
 #define ERR_COUNT_SUM 2     /* the word counts do not add up to the words stored */
 #define ERR_CENTER 3        /* center >= B */
 #define ERR_TABLE 4         /* table index >= NUM_TABLES */
-#define ERR_FINAL 6         /* a stream reads past its words, or does not end in state L having read them all */
+#define ERR_FINAL 6         /* a stream does not end in state L having read exactly its words */
 #define ERR_ALPHABET 7      /* a stream's alphabet has no table block */
 
 typedef struct {
@@ -37,9 +37,11 @@ typedef struct {
 } Shape;
 
 static int shape_from(Py_ssize_t layers, Py_ssize_t tokens, Py_ssize_t channels, Shape *sh) {
-    if (layers < 1 || tokens < 1 || channels < 1 || layers > (1 << 20) || tokens > (1 << 24)
-        || channels > (1 << 20)) {
-        PyErr_SetString(PyExc_ValueError, "layers, tokens and channels must be positive and bounded");
+    /* L * T * C <= 2**40 keeps every size and offset below far from Py_ssize_t overflow */
+    const Py_ssize_t limit = (Py_ssize_t)1 << 40;
+    if (layers < 1 || tokens < 1 || channels < 1 || tokens > limit / layers
+        || channels > limit / (layers * tokens)) {
+        PyErr_SetString(PyExc_ValueError, "layers, tokens and channels must be positive, with a product <= 2**40");
         return -1;
     }
     sh->layers = layers;

@@ -307,3 +307,16 @@ def test_missing_module_falls_back_with_one_warning(monkeypatch, caplog):
     codec = CacheGenCodec(LEVELS["default"], CpuBackend())
     kv = kv_like(layers=2, tokens=30, channels=8, seed=11)
     assert codec.decode(codec.encode(kv)).shape == kv.shape
+
+
+@needs_native
+def test_raw_calls_check_their_buffers():
+    """The C functions refuse undersized buffers and absurd shapes instead of touching memory."""
+    from kvmesh.codecs.cachegen import _ransc
+    q = np.zeros(2 * 2 * 3 * 4, np.uint8)
+    with pytest.raises(ValueError, match="buffer"):
+        _ransc.histogram(q, 2, 3, 4, np.empty(10, np.int64))
+    with pytest.raises(ValueError, match="positive"):
+        _ransc.histogram(q, 1 << 30, 1 << 30, 1 << 30, np.empty(10, np.int64))
+    with pytest.raises(ValueError, match="positive"):
+        _ransc.histogram(q, 0, 3, 4, np.empty(10, np.int64))
