@@ -34,7 +34,7 @@ from kvmesh.codecs import container, get_codec  # noqa: E402
 METHODS = ["cachegen", "cachegen-hq", "lmcache-cachegen", "int4", "fp8", "int8", "lossless"]
 SECTION_NAMES = {
     1: ("mode", "data"),
-    2: ("params", "lead token", "key side", "value side", "stream meta", "stream lengths", "symbols"),
+    2: ("params", "lead token", "key side", "value side", "stream meta", "stream lengths", "symbols", "protected rows"),
     3: ("scales", "symbols"),
     4: ("scales", "symbols"),
     5: ("scales", "symbols"),

@@ -59,8 +59,8 @@ class Codec(abc.ABC):
     def max_encoded_size(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """An upper bound on len(encode(kv)) for any kv of this shape and dtype."""
 
-    def _unpack(self, blob: bytes, n_sections: int) -> tuple[container.Header, list[memoryview]]:
-        """Checks the container belongs to this codec and has the expected number of sections."""
+    def _unpack(self, blob: bytes, n_sections: int | tuple[int, ...]) -> tuple[container.Header, list[memoryview]]:
+        """Checks the container belongs to this codec and has the expected number of sections (or one of them)."""
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise CodecError(f"blob must be bytes, got {type(blob).__name__}")
         header, sections = container.unpack(blob)
@@ -69,8 +69,10 @@ class Codec(abc.ABC):
 
             raise CodecError(
                 f"container was written by codec {method_for_ids(header.codec_id, header.level_id)!r}, not {self.name!r}")
-        if len(sections) != n_sections:
-            raise CodecError(f"corrupt container: {len(sections)} sections, {self.name} writes {n_sections}")
+        allowed = (n_sections,) if isinstance(n_sections, int) else n_sections
+        if len(sections) not in allowed:
+            raise CodecError(f"corrupt container: {len(sections)} sections, {self.name} writes "
+                             f"{' or '.join(map(str, allowed))}")
         if header.shape[0] != 2 or any(d < 1 for d in header.shape):
             raise CodecError(f"corrupt container: bad shape {header.shape}")
         return header, sections

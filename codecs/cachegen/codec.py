@@ -12,6 +12,14 @@ Container sections (FORMAT.md has the byte-level specification):
   4 stream meta center symbol per stream, then table index per stream (uint8 each)
   5 lengths     words per stream, bit-packed
   6 words       the rANS words, uint16 little-endian, streams concatenated
+  7 protected   (levels that protect sink-like tokens only) a mask over the rest tokens' (K/V, layer,
+                token) rows, then those rows at 8 bits per token; they overwrite the streams' values
+
+Protected rows: in a layer, a token whose mean |x| over the channels is below a fraction of the
+median of those means over the chunk's tokens is attention-sink-like (in SmolLM2 the ' the' tokens of layers
+3-10: 0.15-0.3x the usual value norm, 5-14% of the attention each); its errors cost far more than
+others', so it is stored again at 8 bits (bench/quant_lab.py, BENCHMARKS.md "Quantization lab").
+The statistic is an exact float64 sum, the median a selection: every device picks the same rows.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from kvmesh.codecs.errors import CodecError
 
 CODEC_ID = 2
 N_SECTIONS = 7
+N_SECTIONS_PROTECTED = 8
 _PARAMS = struct.Struct("<BBHBB")
 LEAD_LEVELS = 256
 LEAD_MODES = (quant.MODE_TOKEN, quant.MODE_TOKEN)
@@ -64,6 +73,60 @@ def side_bytes(mode: int, layers: int, tokens: int, channels: int) -> int:
 
 def lead_bytes(layers: int, lead: int, channels: int) -> int:
     return 2 * side_bytes(quant.MODE_TOKEN, layers, lead, channels) + 2 * layers * lead * channels
+
+
+def protected_bytes(layers: int, rest: int, channels: int, rows: int) -> int:
+    """Size of section 7: the mask bits, then per protected row fp16 lo, fp16 hi and C symbols."""
+    return (2 * layers * rest + 7) // 8 + rows * (4 + channels)
+
+
+def protected_rows(x: torch.Tensor, thresholds: tuple[float, float]) -> torch.Tensor:
+    """bool [2, L, R]: the rows of x fp32 [2, L, R, C] to store at 8 bits (FORMAT.md section 3).
+
+    s = the sum over channels of fp16(|x|) in float64: exact in any order (every term is a multiple of
+    2^-24 below 2^16, so partial sums need < 53 bits for C <= 8192), hence the same on every device.
+    """
+    mask = torch.zeros(x.shape[:3], dtype=torch.bool, device=x.device)
+    for kv, threshold in enumerate(thresholds):
+        if threshold <= 0:
+            continue  # s >= 0, so s < 0 * ref never holds
+        s = torch.abs(x[kv]).to(torch.float16).to(torch.float64).sum(dim=2)  # [L, R]
+        ref = torch.median(s, dim=1, keepdim=True).values  # the lower middle value: a selection
+        mask[kv] = s < float(threshold) * ref
+    return mask
+
+
+def _protect_encode(x: torch.Tensor, thresholds: tuple[float, float]) -> bytes:
+    mask = protected_rows(x, thresholds)
+    bits = np.packbits(mask.cpu().numpy().reshape(-1), bitorder="little").tobytes()
+    rows = x[mask]  # [n, C] in (K/V, layer, token) order
+    if rows.shape[0] == 0:
+        return bits
+    q, side = quant.quantize(rows.unsqueeze(0), torch.full((1,), float(LEAD_LEVELS), device=x.device), quant.MODE_TOKEN)
+    return bits + _tensor_bytes([side[0][0], side[0][1], q])
+
+
+def _protect_decode(raw: memoryview, out: torch.Tensor) -> None:
+    """Overwrites the protected rows of out fp32 [2, L, R, C] from section 7."""
+    _, L, R, C = out.shape
+    nbits = 2 * L * R
+    nmask = (nbits + 7) // 8
+    if len(raw) < nmask:
+        raise CodecError("corrupt cachegen container: protected section shorter than its mask")
+    bits = np.unpackbits(np.frombuffer(raw[:nmask], np.uint8), bitorder="little")
+    if bits[nbits:].any():
+        raise CodecError("corrupt cachegen container: protected mask has padding bits set")
+    mask_np = bits[:nbits].astype(bool)
+    n = int(mask_np.sum())
+    if len(raw) != protected_bytes(L, R, C, n):
+        raise CodecError("corrupt cachegen container: protected section has the wrong size")
+    if n == 0:
+        return
+    side = _tensors_from(raw[nmask:nmask + 4 * n], [((2, 1, n), torch.float16)])
+    q = torch.from_numpy(np.frombuffer(raw[nmask + 4 * n:], np.uint8).copy()).reshape(1, n, C)
+    dev = out.device
+    rows = quant.dequantize(q.to(dev), [side[0].to(dev)], torch.full((1,), float(LEAD_LEVELS), device=dev), quant.MODE_TOKEN)
+    out[torch.from_numpy(mask_np.reshape(2, L, R)).to(dev)] = rows[0]
 
 
 def _tensor_bytes(tensors: list[torch.Tensor]) -> bytes:
@@ -124,20 +187,25 @@ class CacheGenCodec(Codec):
             meta = np.asarray(center, np.uint8).tobytes() + np.asarray(table, np.uint8).tobytes()
             sections = [params, lead_sec, _tensor_bytes(sides[0]), _tensor_bytes(sides[1]), meta,
                         pack_uints(np.asarray(counts)), np.asarray(words, dtype="<u2").tobytes()]
+        if self.level.protects:
+            sections.append(_protect_encode(x[:, :, lead:], self.level.protect) if rest else b"")
         return container.pack(self.codec_id, self.level_id, kv.dtype, tuple(kv.shape), sections)
 
     def encode_parts(self, kv: torch.Tensor) -> dict[str, int]:
         """Where the bytes of encode(kv) go, by section (for the benchmark)."""
         blob = self.encode(kv)
         header, sections = container.unpack(blob)
-        names = ("params", "lead_token", "key_side", "value_side", "stream_meta", "stream_lengths", "symbols")
+        names = ("params", "lead_token", "key_side", "value_side", "stream_meta", "stream_lengths", "symbols", "protected")
         parts = {n: len(s) for n, s in zip(names, sections)}
         parts["header"] = len(blob) - sum(parts.values())
         return parts
 
     # -- decode ----------------------------------------------------------------------------------
     def decode(self, blob: bytes, device: torch.device | str | None = None) -> torch.Tensor:
-        header, (params, lead_raw, kside, vside, meta, lens, words) = self._unpack(blob, N_SECTIONS)
+        # a protecting level also reads its containers written before protection existed (7 sections)
+        header, sections = self._unpack(blob, (N_SECTIONS, N_SECTIONS_PROTECTED) if self.level.protects else N_SECTIONS)
+        params, lead_raw, kside, vside, meta, lens, words = sections[:N_SECTIONS]
+        protected = sections[N_SECTIONS] if len(sections) > N_SECTIONS else None
         _, L, T, C = header.shape
         if len(params) != _PARAMS.size + 2 * L:
             raise CodecError("corrupt cachegen container: params section has the wrong size")
@@ -185,7 +253,12 @@ class CacheGenCodec(Codec):
                 raise CodecError("corrupt cachegen container: stream word counts do not match the stored words")
             w = np.frombuffer(words, dtype="<u2")
             q = self.backend.rans_decode(w, counts.astype(np.int32), center, table, layout)
-            parts.append(self.backend.dequantize(q, sides, levels, (kmode, vmode)))
+            rest_out = self.backend.dequantize(q, sides, levels, (kmode, vmode))
+            if protected is not None:
+                _protect_decode(protected, rest_out)
+            parts.append(rest_out)
+        elif protected is not None and len(protected):
+            raise CodecError("corrupt cachegen container: protected rows present without tokens")
         elif len(kside) or len(vside) or len(meta) or len(words) or len(lens) != len(pack_uints(np.zeros(0, np.int64))):
             raise CodecError("corrupt cachegen container: stream sections present without tokens")
         out = (torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]).to(header.dtype)
@@ -199,8 +272,11 @@ class CacheGenCodec(Codec):
         words = 2 * (2 * L * C * rest + 2 * streams)  # rANS emits at most one word per symbol
         counts = _COUNTS.size + (streams * 9 + 7) // 8  # counts - base <= 258 - 2 needs 9 bits
         sides = side_bytes(self.level.key_mode, L, rest, C) + side_bytes(self.level.value_mode, L, rest, C) if rest else 0
-        return (container.container_overhead(N_SECTIONS) + _PARAMS.size + 2 * L + lead_bytes(L, lead, C)
-                + sides + 2 * streams + counts + words)
+        n_sections, protected = N_SECTIONS, 0
+        if self.level.protects:
+            n_sections, protected = N_SECTIONS_PROTECTED, protected_bytes(L, rest, C, 2 * L * rest) if rest else 0
+        return (container.container_overhead(n_sections) + _PARAMS.size + 2 * L + lead_bytes(L, lead, C)
+                + sides + 2 * streams + counts + words + protected)
 
 
 def make_codec(level_name: str, backend: str) -> CacheGenCodec:

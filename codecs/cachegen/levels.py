@@ -24,6 +24,13 @@ class Level:
     key_levels: tuple[int, ...]  # REFERENCE_LAYERS entries
     value_levels: tuple[int, ...]
     lead_tokens: int = 1  # tokens at the start of a chunk stored apart at 8 bits (the attention sink)
+    # (K, V): a row (layer, token) whose mean |x| is below this fraction of the median of those means
+    # over the chunk's tokens is stored again at 8 bits (codec.py, "protected rows"); 0 = never
+    protect: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def protects(self) -> bool:
+        return any(t > 0 for t in self.protect)
 
     def levels_for(self, layers: int) -> np.ndarray:
         """int [2, layers]: quantization levels per (K/V, layer)."""
@@ -45,10 +52,13 @@ def _bands(*runs: tuple[int, int]) -> tuple[int, ...]:
 #   (mode 0) at equal bits; values: per-token symmetric (mode 2) beat per-token asymmetric and
 #   per-channel. Keys limit quality far more than values.
 # - the layers that matter most are the middle ones (10-24 of 30), not the early ones LMCache favours.
+# - protecting the sink-like value rows (mean |v| < 0.35 x the chunk's median) at 8 bits buys more
+#   top-1 per byte than any level change: with it, values at 7 levels beat 9 without it
+#   (bench/quant_lab.py; key rows gain less than the same bytes spent on key levels).
 LEVELS: dict[str, Level] = {
     "default": Level("default", 0, MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SYMMETRIC,
-                     key_levels=_bands((10, 16), (15, 28), (5, 16)),
-                     value_levels=_bands((15, 9), (5, 13), (10, 9))),
+                     key_levels=_bands((10, 20), (15, 28), (5, 14)),
+                     value_levels=_bands((30, 7)), protect=(0.0, 0.35)),
     "hq": Level("hq", 1, MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SYMMETRIC,
                 key_levels=_bands((30, 64)), value_levels=_bands((30, 33))),
 }

@@ -53,6 +53,18 @@ def test_bytes_identical_multi_segment() -> None:
     check_same(kv_like(1, 259, 6, dtype=torch.float16, seed=3), "cachegen")
 
 
+def test_bytes_identical_with_protected_rows() -> None:
+    """A sink-like value row (2% of the usual magnitude) goes to section 7 on both backends alike."""
+    from kvmesh.codecs import container
+
+    for dtype in DTYPES:
+        kv = kv_like(3, 40, 24, dtype=torch.float32, seed=11)
+        kv[1, 1, 5] *= 0.02
+        blob = check_same(kv.to(dtype), "cachegen")
+        sections = container.unpack(blob)[1]
+        assert len(sections) == 8 and len(sections[7]) > (2 * 3 * 39 + 7) // 8, "no row was protected"
+
+
 def test_constant_and_zero_channels() -> None:
     kv = kv_like(2, 19, 10, dtype=torch.float32, seed=4)
     kv[:, :, :, 0] = 0.0
