@@ -90,7 +90,7 @@ def protected_rows(x: torch.Tensor, thresholds: tuple[float, float]) -> torch.Te
     for kv, threshold in enumerate(thresholds):
         if threshold <= 0:
             continue  # s >= 0, so s < 0 * ref never holds
-        s = torch.abs(x[kv]).to(torch.float16).to(torch.float64).sum(dim=2)  # [L, R]
+        s = torch.abs(x[kv].to(torch.float16)).sum(dim=2, dtype=torch.float64)  # [L, R]; |fp16(x)| = fp16(|x|)
         ref = torch.median(s, dim=1, keepdim=True).values  # the lower middle value: a selection
         mask[kv] = s < float(threshold) * ref
     return mask
