@@ -5,6 +5,7 @@ the default level stores such value rows in section 7 and they replace what the 
 """
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 
@@ -72,7 +73,7 @@ def test_protected_row_decodes_at_8_bits():
 
 def test_protection_never_changes_unprotected_rows():
     kv = planted()
-    plain = CacheGenCodec(LEVELS["default"].__class__(**{**LEVELS["default"].__dict__, "protect": (0.0, 0.0)}))
+    plain = CacheGenCodec(dataclasses.replace(LEVELS["default"], protect=(0.0, 0.0)))
     a = plain.decode(plain.encode(kv))
     b = get_codec("cachegen", backend="cpu").decode(get_codec("cachegen", backend="cpu").encode(kv))
     mask = torch.zeros(kv.shape[:3], dtype=torch.bool)
@@ -84,7 +85,7 @@ def test_protection_never_changes_unprotected_rows():
 def test_containers_from_before_protection_still_decode():
     """A default-level container with 7 sections (written before section 7 existed) decodes."""
     kv = planted(torch.float16)
-    old_level = LEVELS["default"].__class__(**{**LEVELS["default"].__dict__, "protect": (0.0, 0.0)})
+    old_level = dataclasses.replace(LEVELS["default"], protect=(0.0, 0.0))
     old_blob = CacheGenCodec(old_level).encode(kv)
     assert len(sections_of(old_blob)) == N_SECTIONS
     out = get_codec("cachegen", backend="cpu").decode(old_blob)
