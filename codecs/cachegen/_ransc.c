@@ -208,17 +208,69 @@ static void cost_rows(const int16_t *cb, const int *s, const int64_t *v, int nnz
 }
 #endif
 
+/* One stream's center, table and least cost from its symbol counts hk[0 .. width) (FORMAT.md
+ * section 4); cb is its alphabet's cost block; small_costs: every cost lies in [0, 2**13]. */
+static void choose_one(const int64_t *hk, int width, int b, int64_t len, const int16_t *cb, int small_costs,
+                       uint8_t *center_out, uint8_t *table_out, int64_t *least_out) {
+    int64_t cum = 0, twice_n = len;
+    int center = 0;
+    for (int m = 0; m < width; m++) {
+        cum += hk[m];
+        if (2 * cum >= twice_n) { center = m; break; }
+    }
+    /* the distinct residuals first: a stream holds few, and only they add cost rows */
+    int nz_s[MAX_ALPHABET];
+    int64_t nz_v[MAX_ALPHABET], total = 0;
+    int nnz = 0, big = 0;
+    int c0 = center % b;  /* hr[s] = h[(s + center) mod B], without a division per s */
+    for (int s = 0; s < b; s++) {
+        int idx = s + c0;
+        if (idx >= b) idx -= b;
+        int64_t v = hk[idx];
+        /* branch-free: which residuals occur is data, so a branch would mispredict */
+        nz_s[nnz] = s;
+        nz_v[nnz] = v;
+        nnz += v != 0;
+        total += v;
+        big |= (uint64_t)v >= (1u << 15);  /* negative counts too (only a forged call) */
+    }
+    int64_t acc[NUM_TABLES];
+    if (small_costs && !big && total <= (1 << 17)) {
+        /* exact in int32: counts in [0, 2**15) adding up to <= 2**17, costs <= 2**13 */
+        int32_t a32[NUM_TABLES];
+        cost_rows(cb, nz_s, nz_v, nnz, a32);
+        for (int t = 0; t < NUM_TABLES; t++) acc[t] = a32[t];
+    } else {
+        for (int t = 0; t < NUM_TABLES; t++) acc[t] = 0;
+        for (int j = 0; j < nnz; j++) {
+            const int16_t *row = cb + (Py_ssize_t)nz_s[j] * NUM_TABLES;
+            for (int t = 0; t < NUM_TABLES; t++) acc[t] += nz_v[j] * row[t];
+        }
+    }
+    int best = 0;
+    int64_t least = acc[0];
+    for (int t = 1; t < NUM_TABLES; t++) {
+        int better = acc[t] < least;  /* strict: ties keep the lowest index */
+        best = better ? t : best;
+        least = better ? acc[t] : least;
+    }
+    *center_out = (uint8_t)center;
+    *table_out = (uint8_t)best;
+    *least_out = least;
+}
+
 PyDoc_STRVAR(choose_doc,
-"choose(hist, width, lengths, stream_levels, cost, cost_offsets, center_out, table_out)\n\n"
+"choose(hist, width, lengths, stream_levels, cost, cost_offsets, center_out, table_out[, cost_out])\n\n"
 "Per stream (FORMAT.md): center = the smallest m < width with 2*cum[m] >= n_k (0 if none), then\n"
 "the table of least integer cost for the residual histogram (ties: the lowest index).\n"
-"hist int64 [S, 256]; lengths int32 [S]; stream_levels int64 [S]; cost int16 blocks [B][64].");
+"hist int64 [S, 256]; lengths int32 [S]; stream_levels int64 [S]; cost int16 blocks [B][64];\n"
+"cost_out, when given, int64 [S]: that least cost.");
 
 static PyObject *choose(PyObject *self, PyObject *args) {
-    Py_buffer hist = {0}, lens = {0}, lev = {0}, cost = {0}, off = {0}, cen = {0}, tab = {0};
+    Py_buffer hist = {0}, lens = {0}, lev = {0}, cost = {0}, off = {0}, cen = {0}, tab = {0}, cout = {0};
     Py_ssize_t width;
     PyObject *ret = NULL;
-    if (!PyArg_ParseTuple(args, "y*ny*y*y*y*w*w*", &hist, &width, &lens, &lev, &cost, &off, &cen, &tab))
+    if (!PyArg_ParseTuple(args, "y*ny*y*y*y*w*w*|w*", &hist, &width, &lens, &lev, &cost, &off, &cen, &tab, &cout))
         return NULL;
     Py_ssize_t S = lens.len / (Py_ssize_t)sizeof(int32_t);
     if (width < 1 || width > 256) {
@@ -228,6 +280,7 @@ static PyObject *choose(PyObject *self, PyObject *args) {
     if (need(&hist, S * 256 * (Py_ssize_t)sizeof(int64_t), "histogram") < 0
         || need(&lev, S * (Py_ssize_t)sizeof(int64_t), "stream_levels") < 0
         || need(&cen, S, "center") < 0 || need(&tab, S, "table") < 0
+        || (cout.buf != NULL && need(&cout, S * (Py_ssize_t)sizeof(int64_t), "cost_out") < 0)
         || check_offsets(&off, cost.len / (Py_ssize_t)sizeof(int16_t), cost_block, "cost") < 0
         || check_levels((const int64_t *)lev.buf, S, 1) < 0)
         goto done;
@@ -238,6 +291,7 @@ static PyObject *choose(PyObject *self, PyObject *args) {
         const int16_t *cst = (const int16_t *)cost.buf;
         const int64_t *o = (const int64_t *)off.buf;
         uint8_t *co = (uint8_t *)cen.buf, *to = (uint8_t *)tab.buf;
+        int64_t *lo = (int64_t *)cout.buf;  /* NULL when not asked for */
         Py_ssize_t missing = -1;
         Py_ssize_t ncost = cost.len / (Py_ssize_t)sizeof(int16_t);
         Py_BEGIN_ALLOW_THREADS
@@ -247,51 +301,9 @@ static PyObject *choose(PyObject *self, PyObject *args) {
             const int64_t *hk = h + k * 256;
             int b = (int)slev[k];
             if (o[b] < 0) { missing = k; break; }
-            int64_t cum = 0, twice_n = (int64_t)n[k];
-            int center = 0;
-            for (int m = 0; m < width; m++) {
-                cum += hk[m];
-                if (2 * cum >= twice_n) { center = m; break; }
-            }
-            /* the distinct residuals first: a stream holds few, and only they add cost rows */
-            int nz_s[MAX_ALPHABET];
-            int64_t nz_v[MAX_ALPHABET], total = 0;
-            int nnz = 0, big = 0;
-            int c0 = center % b;  /* hr[s] = h[(s + center) mod B], without a division per s */
-            for (int s = 0; s < b; s++) {
-                int idx = s + c0;
-                if (idx >= b) idx -= b;
-                int64_t v = hk[idx];
-                /* branch-free: which residuals occur is data, so a branch would mispredict */
-                nz_s[nnz] = s;
-                nz_v[nnz] = v;
-                nnz += v != 0;
-                total += v;
-                big |= (uint64_t)v >= (1u << 15);  /* negative counts too (only a forged call) */
-            }
-            const int16_t *cb = cst + o[b];
-            int64_t acc[NUM_TABLES];
-            if (small_costs && !big && total <= (1 << 17)) {
-                /* exact in int32: counts in [0, 2**15) adding up to <= 2**17, costs <= 2**13 */
-                int32_t a32[NUM_TABLES];
-                cost_rows(cb, nz_s, nz_v, nnz, a32);
-                for (int t = 0; t < NUM_TABLES; t++) acc[t] = a32[t];
-            } else {
-                for (int t = 0; t < NUM_TABLES; t++) acc[t] = 0;
-                for (int j = 0; j < nnz; j++) {
-                    const int16_t *row = cb + (Py_ssize_t)nz_s[j] * NUM_TABLES;
-                    for (int t = 0; t < NUM_TABLES; t++) acc[t] += nz_v[j] * row[t];
-                }
-            }
-            int best = 0;
-            int64_t least = acc[0];
-            for (int t = 1; t < NUM_TABLES; t++) {
-                int better = acc[t] < least;  /* strict: ties keep the lowest index */
-                best = better ? t : best;
-                least = better ? acc[t] : least;
-            }
-            co[k] = (uint8_t)center;
-            to[k] = (uint8_t)best;
+            int64_t least;
+            choose_one(hk, (int)width, b, (int64_t)n[k], cst + o[b], small_costs, co + k, to + k, &least);
+            if (lo) lo[k] = least;
         }
         Py_END_ALLOW_THREADS
         if (missing >= 0) {
@@ -304,6 +316,197 @@ static PyObject *choose(PyObject *self, PyObject *args) {
 done:
     PyBuffer_Release(&hist); PyBuffer_Release(&lens); PyBuffer_Release(&lev); PyBuffer_Release(&cost);
     PyBuffer_Release(&off); PyBuffer_Release(&cen); PyBuffer_Release(&tab);
+    if (cout.buf != NULL) PyBuffer_Release(&cout);
+    return ret;
+}
+
+/* ---- fused statistics: histogram + table choice (+ delta streams) in one pass ------------------- */
+
+PyDoc_STRVAR(models_doc,
+"models(q, layers, tokens, channels, stream_levels, cost, cost_offsets, with_delta, center_out, table_out, flag_out)\n\n"
+"choose(histogram(q)) without the [S, 256] histogram. With with_delta, each stream is also modelled\n"
+"as a delta stream (delta.py) and flag_out[k] = 1 where that costs strictly less; center_out and\n"
+"table_out then hold the delta stream's model. q uint8 [2, L, T, C]; stream_levels int64 [S].");
+
+static PyObject *models(PyObject *self, PyObject *args) {
+    Py_buffer q = {0}, lev = {0}, cost = {0}, off = {0}, cen = {0}, tab = {0}, flg = {0};
+    Py_ssize_t layers, tokens, channels;
+    int with_delta;
+    Shape sh;
+    PyObject *ret = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnny*y*y*pw*w*w*", &q, &layers, &tokens, &channels, &lev, &cost, &off,
+                          &with_delta, &cen, &tab, &flg))
+        return NULL;
+    if (shape_from(layers, tokens, channels, &sh) < 0) goto done;
+    const Py_ssize_t S = sh.streams;
+    if (need(&q, 2 * layers * tokens * channels, "q") < 0
+        || need(&lev, S * (Py_ssize_t)sizeof(int64_t), "stream_levels") < 0
+        || need(&cen, S, "center") < 0 || need(&tab, S, "table") < 0 || need(&flg, S, "flags") < 0
+        || check_offsets(&off, cost.len / (Py_ssize_t)sizeof(int16_t), cost_block, "cost") < 0
+        || check_levels((const int64_t *)lev.buf, S, channels * sh.nseg) < 0)
+        goto done;
+    {
+        const uint8_t *qp = (const uint8_t *)q.buf;
+        const int64_t *slev = (const int64_t *)lev.buf;
+        const int16_t *cst = (const int16_t *)cost.buf;
+        const int64_t *o = (const int64_t *)off.buf;
+        uint8_t *co = (uint8_t *)cen.buf, *to = (uint8_t *)tab.buf, *fo = (uint8_t *)flg.buf;
+        Py_ssize_t missing = -1;
+        Py_ssize_t ncost = cost.len / (Py_ssize_t)sizeof(int16_t);
+        int width = 0;
+        for (Py_ssize_t k = 0; k < S; k++) width = slev[k] > width ? (int)slev[k] : width;
+        Py_BEGIN_ALLOW_THREADS
+        int small_costs = 1;
+        for (Py_ssize_t i = 0; i < ncost; i++) small_costs &= cst[i] >= 0 && cst[i] <= (1 << 13);
+        uint32_t cnt[LANES][256], cntd[LANES][256];
+        int64_t hk[256];
+        for (Py_ssize_t blk = 0; blk < 2 * layers && missing < 0; blk++) {
+            const int b = (int)slev[blk * channels * sh.nseg], h = b / 2;
+            if (o[b] < 0) { missing = blk * channels * sh.nseg; break; }
+            const int16_t *cb = cst + o[b];
+            for (Py_ssize_t g = 0; g < sh.nseg; g++) {
+                Py_ssize_t t0 = g * SEGMENT;
+                Py_ssize_t n = tokens - t0 < SEGMENT ? tokens - t0 : SEGMENT;
+                for (Py_ssize_t c0 = 0; c0 < channels; c0 += LANES) {
+                    int nl = channels - c0 < LANES ? (int)(channels - c0) : LANES;
+                    const uint8_t *p = qp + (blk * tokens + t0) * channels + c0;
+                    memset(cnt, 0, sizeof cnt);
+                    for (int j = 0; j < nl; j++) cnt[j][p[j]]++;
+                    if (with_delta) {
+                        memset(cntd, 0, sizeof cntd);
+                        for (int j = 0; j < nl; j++) cntd[j][p[j]]++;  /* a stream's first symbol as it is */
+                    }
+                    for (Py_ssize_t i = 1; i < n; i++) {
+                        const uint8_t *row = p + i * channels;
+                        for (int j = 0; j < nl; j++) {
+                            int v = row[j];
+                            cnt[j][v]++;
+                            if (with_delta) {
+                                int d = v - (int)row[j - channels] + h;
+                                d += b & -(d < 0);
+                                d -= b & -(d >= b);
+                                cntd[j][d & 0xFF]++;
+                            }
+                        }
+                    }
+                    for (int j = 0; j < nl; j++) {
+                        Py_ssize_t k = ((blk * channels + c0 + j) * sh.nseg + g);
+                        int64_t least, least_d;
+                        uint8_t cd, td;
+                        for (int v = 0; v < width; v++) hk[v] = cnt[j][v];
+                        choose_one(hk, width, b, (int64_t)n, cb, small_costs, co + k, to + k, &least);
+                        fo[k] = 0;
+                        if (with_delta) {
+                            for (int v = 0; v < width; v++) hk[v] = cntd[j][v];
+                            choose_one(hk, width, b, (int64_t)n, cb, small_costs, &cd, &td, &least_d);
+                            if (least_d < least) { co[k] = cd; to[k] = td; fo[k] = 1; }
+                        }
+                    }
+                }
+            }
+        }
+        Py_END_ALLOW_THREADS
+        if (missing >= 0) {
+            PyErr_Format(PyExc_ValueError, "no cost table for the alphabet of stream %zd", missing);
+            goto done;
+        }
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&q); PyBuffer_Release(&lev); PyBuffer_Release(&cost); PyBuffer_Release(&off);
+    PyBuffer_Release(&cen); PyBuffer_Release(&tab); PyBuffer_Release(&flg);
+    return ret;
+}
+
+/* ---- delta streams ---------------------------------------------------------------------------- */
+
+PyDoc_STRVAR(delta_doc,
+"delta(src, dst, blocks, tokens, channels, block_levels, flags, inverse)\n\n"
+"The delta-stream transform of delta.py on src uint8 [blocks, T, C] into dst (same shape), for the\n"
+"streams whose flag (uint8 [blocks, C, nseg]) is set; the others are copied. Forward (inverse=0):\n"
+"d[t] = q[t] at a segment's first token, else (q[t] - q[t-1] + B/2) mod B. Inverse: the running\n"
+"sum. block_levels int64 [blocks] in [2, 256]; every src symbol must be below its block's B.");
+
+static PyObject *delta(PyObject *self, PyObject *args) {
+    Py_buffer src = {0}, dst = {0}, lev = {0}, flg = {0};
+    Py_ssize_t blocks, tokens, channels;
+    int inverse;
+    PyObject *ret = NULL;
+    if (!PyArg_ParseTuple(args, "y*w*nnny*y*p", &src, &dst, &blocks, &tokens, &channels, &lev, &flg, &inverse))
+        return NULL;
+    Shape sh;
+    if (blocks < 1 || shape_from(blocks, tokens, channels, &sh) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "blocks must be positive");
+        goto done;
+    }
+    Py_ssize_t n = blocks * tokens * channels;
+    if (need(&src, n, "src") < 0 || need(&dst, n, "dst") < 0
+        || need(&lev, blocks * (Py_ssize_t)sizeof(int64_t), "block_levels") < 0
+        || need(&flg, blocks * channels * sh.nseg, "flags") < 0
+        || check_levels((const int64_t *)lev.buf, blocks, 1) < 0)
+        goto done;
+    {
+        const uint8_t *q = (const uint8_t *)src.buf, *f = (const uint8_t *)flg.buf;
+        uint8_t *d = (uint8_t *)dst.buf;
+        const int64_t *bl = (const int64_t *)lev.buf;
+        const Py_ssize_t T = tokens, C = channels, nseg = sh.nseg;
+        int oom = 0;
+        Py_BEGIN_ALLOW_THREADS
+        uint8_t *on = (uint8_t *)malloc((size_t)C);
+        for (Py_ssize_t k = 0; k < blocks && on; k++) {
+            const int b = (int)bl[k], h = b / 2;
+            const uint8_t *qk = q + k * T * C;
+            uint8_t *dk = d + k * T * C;
+            int all = 1;
+            for (Py_ssize_t t = 0; t < T; t++) {
+                const uint8_t *row = qk + t * C;
+                uint8_t *out = dk + t * C;
+                if (t % SEGMENT == 0) {  /* a stream's first symbol is stored as it is */
+                    const uint8_t *fk = f + k * C * nseg + t / SEGMENT;
+                    all = 1;
+                    for (Py_ssize_t c = 0; c < C; c++) {
+                        on[c] = fk[c * nseg] != 0;
+                        all &= on[c];
+                    }
+                    memcpy(out, row, (size_t)C);
+                    continue;
+                }
+                /* branch-free over channels, so the loop vectorizes; symbols are < B, so one
+                 * conditional add and one subtract of B make the remainder */
+                if (inverse) {
+                    const uint8_t *prev = out - C;  /* the restored previous symbols */
+                    for (Py_ssize_t c = 0; c < C; c++) {
+                        int v = (int)prev[c] + (int)row[c] - h;
+                        v += b & -(v < 0);
+                        v -= b & -(v >= b);
+                        out[c] = (uint8_t)v;
+                    }
+                } else {
+                    const uint8_t *prev = row - C;
+                    for (Py_ssize_t c = 0; c < C; c++) {
+                        int v = (int)row[c] - (int)prev[c] + h;
+                        v += b & -(v < 0);
+                        v -= b & -(v >= b);
+                        out[c] = (uint8_t)v;
+                    }
+                }
+                if (!all)
+                    for (Py_ssize_t c = 0; c < C; c++) out[c] = on[c] ? out[c] : row[c];
+            }
+        }
+        oom = on == NULL;
+        free(on);
+        Py_END_ALLOW_THREADS
+        if (oom) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&src); PyBuffer_Release(&dst); PyBuffer_Release(&lev); PyBuffer_Release(&flg);
     return ret;
 }
 
@@ -617,6 +820,8 @@ static PyMethodDef methods[] = {
     {"choose", choose, METH_VARARGS, choose_doc},
     {"encode", encode, METH_VARARGS, encode_doc},
     {"decode", decode, METH_VARARGS, decode_doc},
+    {"delta", delta, METH_VARARGS, delta_doc},
+    {"models", models, METH_VARARGS, models_doc},
     {NULL, NULL, 0, NULL},
 };
 

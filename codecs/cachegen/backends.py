@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvmesh.codecs.cachegen import delta as _delta
 from kvmesh.codecs.cachegen import native as _native
 from kvmesh.codecs.cachegen import quant, rans
 from kvmesh.codecs.cachegen.layout import StreamLayout, element_stream_ids, from_streams, to_streams
@@ -61,13 +62,16 @@ class CpuBackend:
         hist[:, :width] = counts
         return hist
 
-    def choose_tables(self, hist: np.ndarray, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
+    def choose_tables(self, hist: np.ndarray, layout: StreamLayout, with_cost: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(center uint8 [S], table uint8 [S]) per FORMAT.md: the median symbol, then the table of
-        least integer cost for the residuals (ties: the lowest index)."""
+        least integer cost for the residuals (ties: the lowest index); with_cost adds that least
+        cost per stream (int64 [S], 1/256 bit)."""
         if self.native:
-            return _native.choose_tables(hist, layout)
+            return _native.choose_tables(hist, layout, with_cost)
         S = hist.shape[0]
         table = np.zeros(S, np.int64)
+        least = np.zeros(S, np.int64)
         cum = np.cumsum(hist[:, : layout.max_levels], axis=1)
         n = layout.lengths.astype(np.int64)
         # median: the smallest m with 2 * cum[m] >= n
@@ -80,7 +84,17 @@ class CpuBackend:
             # exact: integer-valued float64 products and sums stay far below 2**53
             cost = hr.astype(np.float64) @ tabs.cost.T.astype(np.float64)
             table[rows] = np.argmin(cost, axis=1)
+            least[rows] = cost.min(axis=1).astype(np.int64)
+        if with_cost:
+            return center.astype(np.uint8), table.astype(np.uint8), least
         return center.astype(np.uint8), table.astype(np.uint8)
+
+    def stream_models(self, q: torch.Tensor, layout: StreamLayout, with_delta: bool
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(center, table, delta flag) per stream: delta.stream_models, fused in one pass when native."""
+        if self.native:
+            return _native.models(self._u8(q), layout, with_delta)
+        return _delta.stream_models(self, q, layout, with_delta)
 
     def rans_encode(self, q: torch.Tensor, center: np.ndarray, table: np.ndarray,
                     layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:

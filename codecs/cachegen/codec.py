@@ -9,7 +9,8 @@ Container sections (FORMAT.md has the byte-level specification):
   1 lead        the lead tokens: their fp16 bounds and uint8 symbols
   2 key side    quantization side information of K
   3 value side  quantization side information of V
-  4 stream meta center symbol per stream, then table index per stream (uint8 each)
+  4 stream meta center symbol per stream, then table index per stream (uint8 each; bit 7 marks a
+                delta stream: one that carries the differences of consecutive symbols, delta.py)
   5 lengths     words per stream, bit-packed
   6 words       the rANS words, uint16 little-endian, streams concatenated
   7 protected   (levels that protect sink-like tokens only) a mask over the rest tokens' (K/V, layer,
@@ -30,7 +31,7 @@ import torch
 
 from kvmesh.codecs import container
 from kvmesh.codecs.base import Codec, check_kv
-from kvmesh.codecs.cachegen import quant
+from kvmesh.codecs.cachegen import delta, quant
 from kvmesh.codecs.cachegen.backends import CpuBackend
 from kvmesh.codecs.cachegen.layout import StreamLayout, stream_layout
 from kvmesh.codecs.cachegen.levels import LEVELS, Level
@@ -181,15 +182,25 @@ class CacheGenCodec(Codec):
         else:
             layout = stream_layout(L, rest, C, levels)
             q, sides = self.backend.quantize(x[:, :, lead:], levels, modes)
-            hist = self.backend.histogram(q, layout)
-            center, table = self.backend.choose_tables(hist, layout)
+            center, table, flags, q = self._stream_models(q, levels, layout)
             words, counts = self.backend.rans_encode(q, center, table, layout)
-            meta = np.asarray(center, np.uint8).tobytes() + np.asarray(table, np.uint8).tobytes()
+            meta = center.tobytes() + (table | (flags.astype(np.uint8) << 7)).tobytes()
             sections = [params, lead_sec, _tensor_bytes(sides[0]), _tensor_bytes(sides[1]), meta,
                         pack_uints(np.asarray(counts)), np.asarray(words, dtype="<u2").tobytes()]
         if self.level.protects:
             sections.append(_protect_encode(x[:, :, lead:], self.level.protect) if rest else b"")
         return container.pack(self.codec_id, self.level_id, kv.dtype, tuple(kv.shape), sections)
+
+    def _stream_models(self, q: torch.Tensor, levels: np.ndarray, layout: StreamLayout
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
+        """(center uint8 [S], table uint8 [S], delta flag bool [S], the symbols the streams carry).
+
+        With delta streams on, every stream is modelled both as its symbols and as their differences
+        (delta.py) and keeps the one of least integer table cost; ties keep the symbols."""
+        center, table, flags = self.backend.stream_models(q, layout, self.level.delta)
+        if flags.any():
+            q = delta.forward(q, levels, flags, native=bool(getattr(self.backend, "native", False)))
+        return center, table, flags, q
 
     def encode_parts(self, kv: torch.Tensor) -> dict[str, int]:
         """Where the bytes of encode(kv) go, by section (for the benchmark)."""
@@ -245,7 +256,7 @@ class CacheGenCodec(Codec):
             if len(meta) != 2 * S:
                 raise CodecError("corrupt cachegen container: stream meta section has the wrong size")
             m = np.frombuffer(meta, np.uint8)
-            center, table = m[:S], m[S:]
+            center, flags, table = m[:S], m[S:] >= delta.DELTA_FLAG, m[S:] & delta.TABLE_MASK
             if np.any(center.astype(np.int64) >= layout.stream_levels) or np.any(table >= NUM_TABLES):
                 raise CodecError("corrupt cachegen container: stream center or table index out of range")
             counts = unpack_uints(lens, S)
@@ -253,6 +264,8 @@ class CacheGenCodec(Codec):
                 raise CodecError("corrupt cachegen container: stream word counts do not match the stored words")
             w = np.frombuffer(words, dtype="<u2")
             q = self.backend.rans_decode(w, counts.astype(np.int32), center, table, layout)
+            if flags.any():
+                q = delta.inverse(q, levels, flags, native=bool(getattr(self.backend, "native", False)))
             rest_out = self.backend.dequantize(q, sides, levels, (kmode, vmode))
             if protected is not None:
                 _protect_decode(protected, rest_out)

@@ -149,16 +149,42 @@ def histogram(q: np.ndarray, layout: StreamLayout) -> np.ndarray:
     return out
 
 
-def choose_tables(hist: np.ndarray, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
-    """(center uint8 [S], table uint8 [S]) exactly as CpuBackend.choose_tables' numpy path."""
+def choose_tables(hist: np.ndarray, layout: StreamLayout, with_cost: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(center uint8 [S], table uint8 [S]) exactly as CpuBackend.choose_tables' numpy path; with
+    with_cost, also each stream's least cost (int64 [S], 1/256 bit)."""
     S = layout.num_streams
     cost, off = cost_tables(_alphabets(layout))
     center = np.empty(S, np.uint8)
     table = np.empty(S, np.uint8)
+    least = [np.empty(S, np.int64)] if with_cost else []
     _ransc.choose(np.ascontiguousarray(hist, dtype=np.int64), layout.max_levels,
                   np.ascontiguousarray(layout.lengths, dtype=np.int32),
-                  np.ascontiguousarray(layout.stream_levels, dtype=np.int64), cost, off, center, table)
-    return center, table
+                  np.ascontiguousarray(layout.stream_levels, dtype=np.int64), cost, off, center, table, *least)
+    return (center, table, least[0]) if with_cost else (center, table)
+
+
+def models(q: np.ndarray, layout: StreamLayout, with_delta: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(center uint8 [S], table uint8 [S], delta flag bool [S]) as delta.stream_models computes them,
+    in one pass over q uint8 [2, L, T, C] with no [S, 256] histogram."""
+    S = layout.num_streams
+    cost, off = cost_tables(_alphabets(layout))
+    center = np.empty(S, np.uint8)
+    table = np.empty(S, np.uint8)
+    flags = np.empty(S, np.uint8)
+    _ransc.models(_u8(q), layout.layers, layout.tokens, layout.channels,
+                  np.ascontiguousarray(layout.stream_levels, dtype=np.int64), cost, off, bool(with_delta),
+                  center, table, flags)
+    return center, table, flags.astype(bool)
+
+
+def delta(src: np.ndarray, block_levels: np.ndarray, flags: np.ndarray, inverse: bool) -> np.ndarray:
+    """delta.py's transform of src uint8 [blocks, T, C] for the flagged streams (uint8 [blocks, C, nseg])."""
+    blocks, tokens, channels = src.shape
+    out = np.empty_like(src)
+    _ransc.delta(_u8(src), out, blocks, tokens, channels, np.ascontiguousarray(block_levels, dtype=np.int64),
+                 _u8(flags), bool(inverse))
+    return out
 
 
 def encode(q: np.ndarray, center: np.ndarray, table: np.ndarray, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from kvmesh.codecs.cachegen import quant, rans
+from kvmesh.codecs.cachegen import delta, quant, rans
 from kvmesh.codecs.cachegen import triton_quant as tq
 from kvmesh.codecs.cachegen import triton_rans as tr
 from kvmesh.codecs.cachegen.layout import StreamLayout
@@ -175,7 +175,9 @@ class TritonBackend:
                             hist=hist, write_hist=True, choose=False, interpret=self.interpret)
         return hist
 
-    def choose_tables(self, hist: np.ndarray | torch.Tensor, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
+    def choose_tables(self, hist: np.ndarray | torch.Tensor, layout: StreamLayout, with_cost: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As CpuBackend.choose_tables; the costs (with_cost) come from torch ops on the device."""
         ll = self._layout(layout)
         h = self._dev(hist, torch.int32)
         center = torch.zeros(layout.num_streams, dtype=torch.uint8, device=self.device)
@@ -183,7 +185,15 @@ class TritonBackend:
         for g, bpad, lanes in ll.group_lanes:
             tr.stream_stats(None, lanes, ll.lengths, g, ll.tabs.cost_off[g], ll.tabs.cost, NUM_TABLES, ll.nmax, bpad,
                             hist=h, choose=True, interpret=self.interpret, center_out=center, table_out=table)
+        if with_cost:
+            c, t = center.cpu().numpy(), table.cpu().numpy()
+            return c, t, delta.stream_costs(h, c, t, layout)
         return center.cpu().numpy(), table.cpu().numpy()
+
+    def stream_models(self, q: torch.Tensor, layout: StreamLayout, with_delta: bool
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(center, table, delta flag) per stream, as CpuBackend.stream_models (delta.stream_models)."""
+        return delta.stream_models(self, q.to(self.device).contiguous(), layout, with_delta)
 
     def stats(self, q: torch.Tensor, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
         """choose_tables(histogram(q)) in one pass that never writes the histogram out."""

@@ -65,6 +65,22 @@ def test_bytes_identical_with_protected_rows() -> None:
         assert len(sections) == 8 and len(sections[7]) > (2 * 3 * 39 + 7) // 8, "no row was protected"
 
 
+def test_bytes_identical_with_delta_streams() -> None:
+    """Slowly drifting key channels make delta streams (bit 7 of the table byte) on both backends alike."""
+    import numpy as np
+
+    from kvmesh.codecs import container
+    from kvmesh.codecs.cachegen.delta import DELTA_FLAG
+
+    for dtype in DTYPES:
+        kv = kv_like(2, 120, 8, dtype=torch.float32, seed=5)
+        kv[0] = torch.cumsum(0.3 * torch.randn(2, 120, 8, generator=torch.Generator().manual_seed(5)), dim=1)
+        for method in ("cachegen", "cachegen-hq"):
+            blob = check_same(kv.to(dtype), method)
+            meta = np.frombuffer(bytes(container.unpack(blob)[1][4]), np.uint8)
+            assert (meta[meta.size // 2:] >= DELTA_FLAG).any(), "no delta stream was chosen"
+
+
 def test_constant_and_zero_channels() -> None:
     kv = kv_like(2, 19, 10, dtype=torch.float32, seed=4)
     kv[:, :, :, 0] = 0.0
