@@ -182,6 +182,7 @@ def timed(fn: Callable[[], object], device: torch.device, iters: int) -> float:
 
 def throughput(device: torch.device, quick: bool) -> None:
     from kvmesh.codecs import get_codec
+    from kvmesh.codecs.cachegen import delta
     from kvmesh.codecs.cachegen.layout import stream_layout
 
     shape = (2, 40, 24) if quick else (30, 8192, 192)
@@ -205,20 +206,23 @@ def throughput(device: torch.device, quick: bool) -> None:
         modes = (lv.key_mode, lv.value_mode)
         layout = stream_layout(layers, tokens, channels, levels)
         q, sides = be.quantize(kv, levels, modes)
-        center, table = be.stats_device(q, layout)
-        words, counts = be.rans_encode_device(q, center, table, layout)
+        center, table, flags = be.stream_models_device(q, layout, lv.delta)
+        qs = delta.forward(q, levels, flags)  # the symbols the streams carry (delta streams: differences)
+        words, counts = be.rans_encode_device(qs, center, table, layout)
         blob = codec.encode(kv)
         row("quantize (fp16 in, q + bounds out)", method, timed(lambda: be.quantize(kv, levels, modes), device, iters))
         row("statistics (histogram, centre, table)", method, timed(lambda: be.stats_device(q, layout), device, iters))
+        row("statistics with delta streams (2 passes, costs, choice)", method,
+            timed(lambda: be.stream_models_device(q, layout, lv.delta), device, iters))
         row("rANS encode (kernel + compaction)", method,
-            timed(lambda: be.rans_encode_device(q, center, table, layout), device, iters))
+            timed(lambda: be.rans_encode_device(qs, center, table, layout), device, iters))
 
         def enc_pipeline():
             q2, _ = be.quantize(kv, levels, modes)
-            c2, t2 = be.stats_device(q2, layout)
-            return be.rans_encode_device(q2, c2, t2, layout)
+            c2, t2, f2 = be.stream_models_device(q2, layout, lv.delta)
+            return be.rans_encode_device(delta.forward(q2, levels, f2), c2, t2, layout)
 
-        row("encode pipeline on device (quantize + stats + rANS)", method, timed(enc_pipeline, device, iters))
+        row("encode pipeline on device (quantize + stats with delta + rANS)", method, timed(enc_pipeline, device, iters))
         row("codec.encode (tensor -> bytes: checks, D2H, container)", method,
             timed(lambda: codec.encode(kv), device, max(1, iters // 2)))
         row("rANS decode", method, timed(lambda: be.rans_decode_device(words, counts, center, table, layout),
@@ -228,9 +232,9 @@ def throughput(device: torch.device, quick: bool) -> None:
 
         def dec_pipeline():
             q2, _ = be.rans_decode_device(words, counts, center, table, layout)
-            return be.dequantize(q2, sides, levels, modes, dtype=torch.float16)
+            return be.dequantize(delta.inverse(q2, levels, flags), sides, levels, modes, dtype=torch.float16)
 
-        row("decode pipeline on device (rANS + dequantize)", method, timed(dec_pipeline, device, iters))
+        row("decode pipeline on device (rANS + delta inverse + dequantize)", method, timed(dec_pipeline, device, iters))
         row("codec.decode (bytes -> GPU tensor: H2D, checks, container)", method,
             timed(lambda: codec.decode(blob), device, max(1, iters // 2)))
         print(f"| (size) | {method} | {len(blob)} bytes | ratio {nbytes / len(blob):.2f} vs fp16 |", flush=True)

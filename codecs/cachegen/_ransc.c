@@ -323,19 +323,20 @@ done:
 /* ---- fused statistics: histogram + table choice (+ delta streams) in one pass ------------------- */
 
 PyDoc_STRVAR(models_doc,
-"models(q, layers, tokens, channels, stream_levels, cost, cost_offsets, with_delta, center_out, table_out, flag_out)\n\n"
-"choose(histogram(q)) without the [S, 256] histogram. With with_delta, each stream is also modelled\n"
-"as a delta stream (delta.py) and flag_out[k] = 1 where that costs strictly less; center_out and\n"
-"table_out then hold the delta stream's model. q uint8 [2, L, T, C]; stream_levels int64 [S].");
+"models(q, layers, tokens, channels, stream_levels, cost, cost_offsets, delta_halves, center_out, table_out, flag_out)\n\n"
+"choose(histogram(q)) without the [S, 256] histogram. Each stream of a half in delta_halves (bit 0:\n"
+"K, bit 1: V) is also modelled as a delta stream (delta.py) and flag_out[k] = 1 where that costs\n"
+"strictly less; center_out and table_out then hold the delta stream's model.\n"
+"q uint8 [2, L, T, C]; stream_levels int64 [S].");
 
 static PyObject *models(PyObject *self, PyObject *args) {
     Py_buffer q = {0}, lev = {0}, cost = {0}, off = {0}, cen = {0}, tab = {0}, flg = {0};
     Py_ssize_t layers, tokens, channels;
-    int with_delta;
+    int halves;
     Shape sh;
     PyObject *ret = NULL;
-    if (!PyArg_ParseTuple(args, "y*nnny*y*y*pw*w*w*", &q, &layers, &tokens, &channels, &lev, &cost, &off,
-                          &with_delta, &cen, &tab, &flg))
+    if (!PyArg_ParseTuple(args, "y*nnny*y*y*iw*w*w*", &q, &layers, &tokens, &channels, &lev, &cost, &off,
+                          &halves, &cen, &tab, &flg))
         return NULL;
     if (shape_from(layers, tokens, channels, &sh) < 0) goto done;
     const Py_ssize_t S = sh.streams;
@@ -358,10 +359,11 @@ static PyObject *models(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         int small_costs = 1;
         for (Py_ssize_t i = 0; i < ncost; i++) small_costs &= cst[i] >= 0 && cst[i] <= (1 << 13);
-        uint32_t cnt[LANES][256], cntd[LANES][256];
+        uint32_t cnt[LANES][256], cntd[LANES][256], cnt2[LANES][256], cntd2[LANES][256];
         int64_t hk[256];
         for (Py_ssize_t blk = 0; blk < 2 * layers && missing < 0; blk++) {
             const int b = (int)slev[blk * channels * sh.nseg], h = b / 2;
+            const int with_delta = (halves >> (blk >= layers)) & 1;
             if (o[b] < 0) { missing = blk * channels * sh.nseg; break; }
             const int16_t *cb = cst + o[b];
             for (Py_ssize_t g = 0; g < sh.nseg; g++) {
@@ -370,22 +372,82 @@ static PyObject *models(PyObject *self, PyObject *args) {
                 for (Py_ssize_t c0 = 0; c0 < channels; c0 += LANES) {
                     int nl = channels - c0 < LANES ? (int)(channels - c0) : LANES;
                     const uint8_t *p = qp + (blk * tokens + t0) * channels + c0;
-                    memset(cnt, 0, sizeof cnt);
-                    for (int j = 0; j < nl; j++) cnt[j][p[j]]++;
-                    if (with_delta) {
-                        memset(cntd, 0, sizeof cntd);
-                        for (int j = 0; j < nl; j++) cntd[j][p[j]]++;  /* a stream's first symbol as it is */
+                    /* only counts below width are ever read (symbols are below their alphabet; a
+                     * forged larger one lands in a column nobody reads), so only those are cleared */
+                    for (int j = 0; j < LANES; j++) {
+                        memset(cnt[j], 0, (size_t)width * sizeof(uint32_t));
+                        memset(cntd[j], 0, (size_t)width * sizeof(uint32_t));
                     }
-                    for (Py_ssize_t i = 1; i < n; i++) {
-                        const uint8_t *row = p + i * channels;
-                        for (int j = 0; j < nl; j++) {
-                            int v = row[j];
-                            cnt[j][v]++;
-                            if (with_delta) {
-                                int d = v - (int)row[j - channels] + h;
+                    if (nl == LANES && with_delta) {
+                        /* one load per row for all lanes; a stream's first symbol counts as it is.
+                         * Delta symbols cluster on B/2, so odd rows count into a second set of
+                         * counters: two chains of increments per counter instead of one. */
+                        for (int j = 0; j < LANES; j++) {
+                            memset(cnt2[j], 0, (size_t)width * sizeof(uint32_t));
+                            memset(cntd2[j], 0, (size_t)width * sizeof(uint32_t));
+                        }
+                        uint32_t prevq = load_lanes(p, LANES);
+                        for (int j = 0; j < LANES; j++) {
+                            cnt[j][(prevq >> (8 * j)) & 0xFF]++;
+                            cntd[j][(prevq >> (8 * j)) & 0xFF]++;
+                        }
+                        Py_ssize_t i = 1;
+                        for (; i + 1 < n; i += 2) {
+                            uint32_t qa = load_lanes(p + i * channels, LANES);
+                            uint32_t qb = load_lanes(p + (i + 1) * channels, LANES);
+                            for (int j = 0; j < LANES; j++) {
+                                int u = (int)((prevq >> (8 * j)) & 0xFF);
+                                int va = (int)((qa >> (8 * j)) & 0xFF), vb = (int)((qb >> (8 * j)) & 0xFF);
+                                int da = va - u + h, db = vb - va + h;
+                                da += b & -(da < 0);
+                                da -= b & -(da >= b);
+                                db += b & -(db < 0);
+                                db -= b & -(db >= b);
+                                cnt[j][va]++;
+                                cnt2[j][vb]++;
+                                cntd[j][da & 0xFF]++;
+                                cntd2[j][db & 0xFF]++;
+                            }
+                            prevq = qb;
+                        }
+                        for (; i < n; i++) {
+                            uint32_t quad = load_lanes(p + i * channels, LANES);
+                            for (int j = 0; j < LANES; j++) {
+                                int v = (int)((quad >> (8 * j)) & 0xFF), u = (int)((prevq >> (8 * j)) & 0xFF);
+                                int d = v - u + h;
                                 d += b & -(d < 0);
                                 d -= b & -(d >= b);
+                                cnt[j][v]++;
                                 cntd[j][d & 0xFF]++;
+                            }
+                            prevq = quad;
+                        }
+                        for (int j = 0; j < LANES; j++)
+                            for (int v = 0; v < width; v++) {
+                                cnt[j][v] += cnt2[j][v];
+                                cntd[j][v] += cntd2[j][v];
+                            }
+                    } else if (nl == LANES) {
+                        for (Py_ssize_t i = 0; i < n; i++) {
+                            uint32_t quad = load_lanes(p + i * channels, LANES);
+                            for (int j = 0; j < LANES; j++) cnt[j][(quad >> (8 * j)) & 0xFF]++;
+                        }
+                    } else {
+                        for (int j = 0; j < nl; j++) {
+                            cnt[j][p[j]]++;
+                            if (with_delta) cntd[j][p[j]]++;
+                        }
+                        for (Py_ssize_t i = 1; i < n; i++) {
+                            const uint8_t *row = p + i * channels;
+                            for (int j = 0; j < nl; j++) {
+                                int v = row[j];
+                                cnt[j][v]++;
+                                if (with_delta) {
+                                    int d = v - (int)row[j - channels] + h;
+                                    d += b & -(d < 0);
+                                    d -= b & -(d >= b);
+                                    cntd[j][d & 0xFF]++;
+                                }
                             }
                         }
                     }
@@ -527,9 +589,12 @@ ALWAYS_INLINE uint64_t mulhi64(uint64_t a, uint64_t b) {
 /* Codes nl streams: lane j reads n symbols at p + j (stride `stride`), residual r = (q - center)
  * mod B as the reference computes it ((q + B - center) % B), and writes its words backwards so
  * that they end at wp[j]; wp[j] returns the first word. The n + 2 words below wp[j] are the
- * lane's own scratch. */
+ * lane's own scratch. A delta lane (dl[j]) codes d[i] = (q[i] - q[i-1] + B/2) mod B for i >= 1
+ * in place of q[i] (delta.py), read straight from q. */
 ALWAYS_INLINE void encode_lanes(const int nl, const uint8_t *p, Py_ssize_t stride, Py_ssize_t n,
-                                unsigned b, const unsigned *center, const uint64_t *const *tab, uint16_t **wp) {
+                                unsigned b, const unsigned *center, const uint64_t *const *tab, uint16_t **wp,
+                                const unsigned *dl) {
+    const unsigned h = b / 2;
     uint64_t x[LANES];
     uint16_t *w[LANES];
     const uint64_t *shifted[LANES];
@@ -543,8 +608,21 @@ ALWAYS_INLINE void encode_lanes(const int nl, const uint8_t *p, Py_ssize_t strid
     for (Py_ssize_t i = n - 1; i >= 0; i--) {
         /* the lanes are adjacent channels: one load fetches all their symbols */
         uint32_t quad = load_lanes(p + i * stride, nl);
+        uint32_t before = i > 0 ? load_lanes(p + (i - 1) * stride, nl) : 0;
         for (int j = 0; j < nl; j++) {
             unsigned q = (quad >> (8 * j)) & 0xFF;
+            if (dl[j] && i > 0) {
+                unsigned prev = (before >> (8 * j)) & 0xFF;
+                int v = (int)q - (int)prev + (int)h;
+                if (q < b && prev < b) {
+                    v += v < 0 ? (int)b : 0;
+                    v -= v >= (int)b ? (int)b : 0;
+                } else {  /* symbols outside the alphabet: only a forged call; the reference's remainder */
+                    v %= (int)b;
+                    v += v < 0 ? (int)b : 0;
+                }
+                q = (unsigned)v;
+            }
             const uint64_t *e = q < b ? shifted[j] + 2 * (Py_ssize_t)q
                                       : tab[j] + 2 * (Py_ssize_t)((q + b - center[j]) % b);
             uint64_t rcp = e[0], fc = e[1];
@@ -574,18 +652,19 @@ static int check_stream(const int64_t *o, unsigned b, unsigned center, unsigned 
 }
 
 PyDoc_STRVAR(encode_doc,
-"encode(q, layers, tokens, channels, stream_levels, center, table, enc, enc_offsets, words_out, counts_out) -> int\n\n"
+"encode(q, layers, tokens, channels, stream_levels, center, table, enc, enc_offsets, words_out, counts_out, flags) -> int\n\n"
 "Codes every stream's residuals r = (q - center) mod B with its table (kvmesh-rans32x16); words go\n"
 "to words_out (uint16, streams concatenated in stream order; capacity sum(n_k + 2)), word counts\n"
-"to counts_out (int32 [S]). Returns the number of words written.");
+"to counts_out (int32 [S]). A stream whose flag (uint8 [S]) is set codes its delta symbols\n"
+"(delta.py) instead of q. Returns the number of words written.");
 
 static PyObject *encode(PyObject *self, PyObject *args) {
-    Py_buffer q = {0}, lev = {0}, cen = {0}, tab = {0}, enc = {0}, off = {0}, wout = {0}, cout = {0};
+    Py_buffer q = {0}, lev = {0}, cen = {0}, tab = {0}, enc = {0}, off = {0}, wout = {0}, cout = {0}, flg = {0};
     Py_ssize_t layers, tokens, channels;
     Shape sh;
     PyObject *ret = NULL;
-    if (!PyArg_ParseTuple(args, "y*nnny*y*y*y*y*w*w*", &q, &layers, &tokens, &channels, &lev, &cen,
-                          &tab, &enc, &off, &wout, &cout))
+    if (!PyArg_ParseTuple(args, "y*nnny*y*y*y*y*w*w*y*", &q, &layers, &tokens, &channels, &lev, &cen,
+                          &tab, &enc, &off, &wout, &cout, &flg))
         return NULL;
     if (shape_from(layers, tokens, channels, &sh) < 0) goto done;
     Py_ssize_t S = sh.streams;
@@ -594,12 +673,13 @@ static PyObject *encode(PyObject *self, PyObject *args) {
         || need(&lev, S * (Py_ssize_t)sizeof(int64_t), "stream_levels") < 0
         || need(&cen, S, "center") < 0 || need(&tab, S, "table") < 0
         || need(&wout, cap * (Py_ssize_t)sizeof(uint16_t), "words") < 0
-        || need(&cout, S * (Py_ssize_t)sizeof(int32_t), "counts") < 0
+        || need(&cout, S * (Py_ssize_t)sizeof(int32_t), "counts") < 0 || need(&flg, S, "flags") < 0
         || check_offsets(&off, enc.len / (Py_ssize_t)sizeof(uint64_t), enc_block, "encode table") < 0
         || check_levels((const int64_t *)lev.buf, S, channels * sh.nseg) < 0)
         goto done;
     {
         const uint8_t *qp = (const uint8_t *)q.buf, *cp = (const uint8_t *)cen.buf, *tp = (const uint8_t *)tab.buf;
+        const uint8_t *fp = (const uint8_t *)flg.buf;
         const int64_t *slev = (const int64_t *)lev.buf, *o = (const int64_t *)off.buf;
         const uint64_t *et = (const uint64_t *)enc.buf;
         uint16_t *words = (uint16_t *)wout.buf;
@@ -628,17 +708,20 @@ static PyObject *encode(PyObject *self, PyObject *args) {
                     unsigned cl[LANES];
                     uint16_t *wl[LANES];
                     Py_ssize_t kl[LANES];
+                    unsigned dl[LANES];
                     for (int j = 0; j < nl; j++) {
                         Py_ssize_t c = c0 + j, k = (blk * channels + c) * sh.nseg + g;
                         kl[j] = k;
                         tl[j] = et + o[b] + (Py_ssize_t)tp[k] * b * 4;
                         cl[j] = cp[k];
+                        dl[j] = fp[k] != 0;
                         wl[j] = words + (blk * channels + c) * per_chan + slot_end;
                     }
                     if (nl == LANES) {
-                        encode_lanes(LANES, pl, channels, n, b, cl, tl, wl);
+                        encode_lanes(LANES, pl, channels, n, b, cl, tl, wl, dl);
                     } else {
-                        for (int j = 0; j < nl; j++) encode_lanes(1, pl + j, channels, n, b, cl + j, tl + j, wl + j);
+                        for (int j = 0; j < nl; j++)
+                            encode_lanes(1, pl + j, channels, n, b, cl + j, tl + j, wl + j, dl + j);
                     }
                     for (int j = 0; j < nl; j++)
                         counts[kl[j]] = (int32_t)(words + (blk * channels + c0 + j) * per_chan + slot_end - wl[j]);
@@ -666,6 +749,7 @@ static PyObject *encode(PyObject *self, PyObject *args) {
 done:
     PyBuffer_Release(&q); PyBuffer_Release(&lev); PyBuffer_Release(&cen); PyBuffer_Release(&tab);
     PyBuffer_Release(&enc); PyBuffer_Release(&off); PyBuffer_Release(&wout); PyBuffer_Release(&cout);
+    PyBuffer_Release(&flg);
     return ret;
 }
 
@@ -678,18 +762,27 @@ done:
  * mask of the lanes that fail: final state not L, or not exactly at end[j]. */
 ALWAYS_INLINE unsigned decode_lanes(const int nl, uint8_t *const *p, Py_ssize_t stride, Py_ssize_t n, unsigned b,
                                     const unsigned *center, const uint32_t *const *tab,
-                                    const uint16_t *const *wstart, const uint16_t *const *end) {
+                                    const uint16_t *const *wstart, const uint16_t *const *end, const unsigned *dl) {
     uint32_t x[LANES];
     const uint16_t *w[LANES];
+    /* a delta lane (dl[j]) restores q[i] = (q[i-1] + d[i] - B/2) mod B as it goes: add[j] is
+     * q[i-1] + B - B/2 after each symbol of a delta lane, else 0 */
+    unsigned add[LANES];
+    const unsigned h = b / 2;
     for (int j = 0; j < nl; j++) {
         x[j] = ((uint32_t)wstart[j][0] << 16) | wstart[j][1];
         w[j] = wstart[j] + 2;
+        add[j] = 0;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         for (int j = 0; j < nl; j++) {
             uint32_t e = tab[j][x[j] & (M - 1)];
             unsigned s = (e & 0xFF) + center[j];
             if (s >= b) s -= b;
+            s += add[j];  /* < 3B: two conditional subtractions reduce it */
+            s -= s >= b ? b : 0;
+            s -= s >= b ? b : 0;
+            add[j] = dl[j] ? s + b - h : 0;
             p[j][i * stride] = (uint8_t)s;
             x[j] = (((e >> 8) & 0xFFF) + 1) * (x[j] >> PROB_BITS) + (e >> 20);
             /* branch-free renormalisation: the next word is always loaded */
@@ -706,22 +799,23 @@ ALWAYS_INLINE unsigned decode_lanes(const int nl, uint8_t *const *p, Py_ssize_t 
 }
 
 PyDoc_STRVAR(decode_doc,
-"decode(words, nwords, counts, layers, tokens, channels, stream_levels, center, table, dec, dec_offsets, q_out)\n"
+"decode(words, nwords, counts, layers, tokens, channels, stream_levels, center, table, dec, dec_offsets, q_out, flags)\n"
 "    -> None or (error code, stream)\n\n"
 "Inverse of encode: writes q uint8 [2, L, T, C]. words holds the nwords stored words, then at\n"
 "least SEGMENT + 2 words of padding. A decode entry (uint32, per table and slot) is\n"
 "symbol | (f - 1) << 8 | (slot - cum) << 20. Whatever the input words, nothing outside the\n"
-"buffers is read or written; an inconsistent stream returns (code, stream index).");
+"buffers is read or written; an inconsistent stream returns (code, stream index). A stream whose flag\n"
+"(uint8 [S]) is set holds delta symbols: q is restored from them (delta.py).");
 
 static PyObject *decode(PyObject *self, PyObject *args) {
-    Py_buffer wb = {0}, cb = {0}, lev = {0}, cen = {0}, tab = {0}, dec = {0}, off = {0}, qout = {0};
+    Py_buffer wb = {0}, cb = {0}, lev = {0}, cen = {0}, tab = {0}, dec = {0}, off = {0}, qout = {0}, flg = {0};
     Py_ssize_t layers, tokens, channels;
     Shape sh;
     PyObject *ret = NULL;
     int64_t *start = NULL;
     Py_ssize_t nwords;
-    if (!PyArg_ParseTuple(args, "y*ny*nnny*y*y*y*y*w*", &wb, &nwords, &cb, &layers, &tokens, &channels,
-                          &lev, &cen, &tab, &dec, &off, &qout))
+    if (!PyArg_ParseTuple(args, "y*ny*nnny*y*y*y*y*w*y*", &wb, &nwords, &cb, &layers, &tokens, &channels,
+                          &lev, &cen, &tab, &dec, &off, &qout, &flg))
         return NULL;
     if (shape_from(layers, tokens, channels, &sh) < 0) goto done;
     Py_ssize_t S = sh.streams;
@@ -733,7 +827,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         || need(&cb, S * (Py_ssize_t)sizeof(int32_t), "counts") < 0
         || need(&lev, S * (Py_ssize_t)sizeof(int64_t), "stream_levels") < 0
         || need(&cen, S, "center") < 0 || need(&tab, S, "table") < 0
-        || need(&qout, 2 * layers * tokens * channels, "q") < 0
+        || need(&qout, 2 * layers * tokens * channels, "q") < 0 || need(&flg, S, "flags") < 0
         || check_offsets(&off, dec.len / (Py_ssize_t)sizeof(uint32_t), dec_block, "decode table") < 0
         || check_levels((const int64_t *)lev.buf, S, channels * sh.nseg) < 0)
         goto done;
@@ -748,6 +842,7 @@ static PyObject *decode(PyObject *self, PyObject *args) {
         const uint8_t *cp = (const uint8_t *)cen.buf, *tp = (const uint8_t *)tab.buf;
         const int64_t *slev = (const int64_t *)lev.buf, *o = (const int64_t *)off.buf;
         const uint32_t *dt = (const uint32_t *)dec.buf;
+        const uint8_t *fp = (const uint8_t *)flg.buf;
         uint8_t *qp = (uint8_t *)qout.buf;
         Py_ssize_t bad = -1;
         int why = 0;
@@ -776,9 +871,11 @@ static PyObject *decode(PyObject *self, PyObject *args) {
                     unsigned cl[LANES];
                     const uint16_t *wl[LANES], *el[LANES];
                     Py_ssize_t kl[LANES];
+                    unsigned dl[LANES];
                     for (int j = 0; j < nl; j++) {
                         Py_ssize_t c = c0 + j, k = (blk * channels + c) * sh.nseg + g;
                         kl[j] = k;
+                        dl[j] = fp[k] != 0;
                         pl[j] = qp + (blk * tokens + t0) * channels + c;
                         tl[j] = dt + o[b] + (Py_ssize_t)tp[k] * M;
                         cl[j] = cp[k];
@@ -787,10 +884,10 @@ static PyObject *decode(PyObject *self, PyObject *args) {
                     }
                     unsigned fail = 0;
                     if (nl == LANES) {
-                        fail = decode_lanes(LANES, pl, channels, n, b, cl, tl, wl, el);
+                        fail = decode_lanes(LANES, pl, channels, n, b, cl, tl, wl, el, dl);
                     } else {
                         for (int j = 0; j < nl; j++)
-                            fail |= decode_lanes(1, pl + j, channels, n, b, cl + j, tl + j, wl + j, el + j) << j;
+                            fail |= decode_lanes(1, pl + j, channels, n, b, cl + j, tl + j, wl + j, el + j, dl + j) << j;
                     }
                     if (fail) {
                         bad = kl[__builtin_ctz(fail)];
@@ -812,6 +909,7 @@ done:
     PyMem_RawFree(start);
     PyBuffer_Release(&wb); PyBuffer_Release(&cb); PyBuffer_Release(&lev); PyBuffer_Release(&cen);
     PyBuffer_Release(&tab); PyBuffer_Release(&dec); PyBuffer_Release(&off); PyBuffer_Release(&qout);
+    PyBuffer_Release(&flg);
     return ret;
 }
 

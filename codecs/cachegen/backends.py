@@ -89,18 +89,22 @@ class CpuBackend:
             return center.astype(np.uint8), table.astype(np.uint8), least
         return center.astype(np.uint8), table.astype(np.uint8)
 
-    def stream_models(self, q: torch.Tensor, layout: StreamLayout, with_delta: bool
+    def stream_models(self, q: torch.Tensor, layout: StreamLayout, halves: tuple[bool, bool]
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(center, table, delta flag) per stream: delta.stream_models, fused in one pass when native."""
+        """(center, table, delta flag) per stream: delta.stream_models (halves: (K, V) may use delta
+        streams), fused in one pass when native."""
         if self.native:
-            return _native.models(self._u8(q), layout, with_delta)
-        return _delta.stream_models(self, q, layout, with_delta)
+            return _native.models(self._u8(q), layout, halves)
+        return _delta.stream_models(self, q, layout, halves)
 
     def rans_encode(self, q: torch.Tensor, center: np.ndarray, table: np.ndarray,
-                    layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
-        """Codes residual r = (q - center) mod B of every stream; (words uint16, words per stream)."""
+                    layout: StreamLayout, flags: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Codes residual r = (q - center) mod B of every stream; (words uint16, words per stream).
+        Streams flagged in flags (bool [S]) are delta streams: they code delta.forward's symbols."""
         if self.native:
-            return _native.encode(self._u8(q), np.asarray(center), np.asarray(table), layout)
+            return _native.encode(self._u8(q), np.asarray(center), np.asarray(table), layout, flags)
+        if flags is not None and np.any(flags):
+            q = _delta.forward(q, layout.levels, flags)
         sym = to_streams(q, layout.nseg).numpy()
         S = layout.num_streams
         parts = []
@@ -113,10 +117,17 @@ class CpuBackend:
         return out, counts.astype(np.int32)
 
     def rans_decode(self, words: np.ndarray, counts: np.ndarray, center: np.ndarray, table: np.ndarray,
-                    layout: StreamLayout) -> torch.Tensor:
-        """Inverse of rans_encode: q uint8 [2, L, T, C]; CodecError on a corrupt stream."""
+                    layout: StreamLayout, flags: np.ndarray | None = None) -> torch.Tensor:
+        """Inverse of rans_encode (with the same flags): q uint8 [2, L, T, C]; CodecError on a corrupt stream."""
         if self.native:
-            return torch.from_numpy(_native.decode(words, counts, np.asarray(center), np.asarray(table), layout))
+            return torch.from_numpy(_native.decode(words, counts, np.asarray(center), np.asarray(table), layout, flags))
+        q = self._rans_decode_numpy(words, counts, center, table, layout)
+        if flags is not None and np.any(flags):
+            q = _delta.inverse(q, layout.levels, flags)
+        return q
+
+    def _rans_decode_numpy(self, words: np.ndarray, counts: np.ndarray, center: np.ndarray, table: np.ndarray,
+                           layout: StreamLayout) -> torch.Tensor:
         S = layout.num_streams
         counts = counts.astype(np.int64)
         if counts.shape != (S,) or int(counts.sum()) != words.size:

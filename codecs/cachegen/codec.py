@@ -182,25 +182,14 @@ class CacheGenCodec(Codec):
         else:
             layout = stream_layout(L, rest, C, levels)
             q, sides = self.backend.quantize(x[:, :, lead:], levels, modes)
-            center, table, flags, q = self._stream_models(q, levels, layout)
-            words, counts = self.backend.rans_encode(q, center, table, layout)
+            center, table, flags = self.backend.stream_models(q, layout, self.level.delta)
+            words, counts = self.backend.rans_encode(q, center, table, layout, flags)
             meta = center.tobytes() + (table | (flags.astype(np.uint8) << 7)).tobytes()
             sections = [params, lead_sec, _tensor_bytes(sides[0]), _tensor_bytes(sides[1]), meta,
                         pack_uints(np.asarray(counts)), np.asarray(words, dtype="<u2").tobytes()]
         if self.level.protects:
             sections.append(_protect_encode(x[:, :, lead:], self.level.protect) if rest else b"")
         return container.pack(self.codec_id, self.level_id, kv.dtype, tuple(kv.shape), sections)
-
-    def _stream_models(self, q: torch.Tensor, levels: np.ndarray, layout: StreamLayout
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, torch.Tensor]:
-        """(center uint8 [S], table uint8 [S], delta flag bool [S], the symbols the streams carry).
-
-        With delta streams on, every stream is modelled both as its symbols and as their differences
-        (delta.py) and keeps the one of least integer table cost; ties keep the symbols."""
-        center, table, flags = self.backend.stream_models(q, layout, self.level.delta)
-        if flags.any():
-            q = delta.forward(q, levels, flags, native=bool(getattr(self.backend, "native", False)))
-        return center, table, flags, q
 
     def encode_parts(self, kv: torch.Tensor) -> dict[str, int]:
         """Where the bytes of encode(kv) go, by section (for the benchmark)."""
@@ -263,9 +252,7 @@ class CacheGenCodec(Codec):
             if np.any(counts < 2) or np.any(counts > layout.lengths + 2) or 2 * int(counts.sum()) != len(words):
                 raise CodecError("corrupt cachegen container: stream word counts do not match the stored words")
             w = np.frombuffer(words, dtype="<u2")
-            q = self.backend.rans_decode(w, counts.astype(np.int32), center, table, layout)
-            if flags.any():
-                q = delta.inverse(q, levels, flags, native=bool(getattr(self.backend, "native", False)))
+            q = self.backend.rans_decode(w, counts.astype(np.int32), center, table, layout, flags)
             rest_out = self.backend.dequantize(q, sides, levels, (kmode, vmode))
             if protected is not None:
                 _protect_decode(protected, rest_out)

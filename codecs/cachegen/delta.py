@@ -36,13 +36,17 @@ def _alphabet(levels: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.asarray(levels, np.int64), device=like.device).to(torch.int32).reshape(2, -1, 1, 1)
 
 
-def _element_flags(flags: np.ndarray | None, shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+def _element_flags(flags: np.ndarray | torch.Tensor | None, shape: torch.Size, device: torch.device
+                   ) -> torch.Tensor | None:
     """bool [S] per stream (stream order of layout.py) -> bool [2, L, R, C] per element (None: all)."""
     if flags is None:
         return None
     _, L, R, C = shape
     nseg = -(-R // SEGMENT)
-    f = torch.from_numpy(np.ascontiguousarray(flags, dtype=bool)).to(device)
+    if isinstance(flags, torch.Tensor):
+        f = flags.to(device=device, dtype=torch.bool)
+    else:
+        f = torch.from_numpy(np.ascontiguousarray(flags, dtype=bool)).to(device)
     per_seg = f.reshape(2, L, C, nseg).permute(0, 1, 3, 2)  # [2, L, nseg, C]
     return per_seg.repeat_interleave(SEGMENT, dim=2)[:, :, :R]
 
@@ -100,37 +104,50 @@ def _cost_table(b: int, device: str) -> torch.Tensor:
     return torch.from_numpy(alphabet_tables(b).cost.astype(np.int64)).to(device)
 
 
-def stream_costs(hist: np.ndarray | torch.Tensor, center: np.ndarray, table: np.ndarray,
+def stream_costs(hist: np.ndarray | torch.Tensor, center: np.ndarray | torch.Tensor, table: np.ndarray | torch.Tensor,
                  layout: StreamLayout) -> np.ndarray:
     """int64 [S]: each stream's integer cost (1/256 bit) with its center and table (FORMAT.md section 4)."""
+    return stream_costs_device(hist, center, table, layout).cpu().numpy()
+
+
+def stream_costs_device(hist: np.ndarray | torch.Tensor, center: np.ndarray | torch.Tensor,
+                        table: np.ndarray | torch.Tensor, layout: StreamLayout) -> torch.Tensor:
+    """stream_costs as an int64 tensor on hist's device (no host synchronisation)."""
     h = torch.as_tensor(hist)
     dev = h.device
-    c = torch.from_numpy(np.asarray(center, np.int64)).to(dev)
-    t = torch.from_numpy(np.asarray(table, np.int64)).to(dev)
+    c = torch.as_tensor(center).to(device=dev, dtype=torch.int64)
+    t = torch.as_tensor(table).to(device=dev, dtype=torch.int64)
     out = torch.zeros(layout.num_streams, dtype=torch.int64, device=dev)
     for b, rows in layout.groups:
         r = torch.from_numpy(rows).to(dev)
         shift = torch.remainder(torch.arange(b, device=dev)[None, :] + c[r][:, None], b)
         hr = torch.gather(h[r].to(torch.int64), 1, shift)
         out[r] = (hr * _cost_table(b, str(dev))[t[r]]).sum(dim=1)
-    return out.cpu().numpy()
+    return out
 
 if NUM_TABLES > TABLE_MASK + 1:  # pragma: no cover - a guard for whoever grows the table family
     raise ImportError("delta streams need table indices below 128: bit 7 of the table byte is the flag")
 
 
-def stream_models(backend: object, q: torch.Tensor, layout: StreamLayout, with_delta: bool
+def half_mask(layout: StreamLayout, halves: tuple[bool, bool]) -> np.ndarray:
+    """bool [S]: the streams of the halves (K, V) that may be delta streams (K's streams come first)."""
+    per_half = layout.num_streams // 2
+    return np.repeat(np.asarray(halves, dtype=bool), per_half)
+
+
+def stream_models(backend: object, q: torch.Tensor, layout: StreamLayout, halves: tuple[bool, bool]
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(center uint8 [S], table uint8 [S], delta flag bool [S]) from a backend's histogram and
-    choose_tables stages: every stream modelled as its symbols and, with_delta, as a delta stream,
-    keeping the delta stream where its least integer cost is strictly lower (ties: the symbols)."""
+    choose_tables stages: every stream modelled as its symbols and, for the halves (K, V) allowed,
+    as a delta stream, keeping the delta stream where its least integer cost is strictly lower (ties:
+    the symbols)."""
     hist = backend.histogram(q, layout)
     center, table, cost = (np.asarray(a) for a in backend.choose_tables(hist, layout, with_cost=True))
     flags = np.zeros(layout.num_streams, dtype=bool)
-    if not with_delta:
+    if not any(halves):
         return center.astype(np.uint8), table.astype(np.uint8), flags
     hist_d = backend.histogram(forward(q, layout.levels, native=bool(getattr(backend, "native", False))), layout)
     center_d, table_d, cost_d = (np.asarray(a) for a in backend.choose_tables(hist_d, layout, with_cost=True))
-    flags = cost_d < cost
+    flags = (cost_d < cost) & half_mask(layout, halves)
     return (np.where(flags, center_d, center).astype(np.uint8), np.where(flags, table_d, table).astype(np.uint8),
             flags)

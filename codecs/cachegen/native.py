@@ -164,16 +164,17 @@ def choose_tables(hist: np.ndarray, layout: StreamLayout, with_cost: bool = Fals
     return (center, table, least[0]) if with_cost else (center, table)
 
 
-def models(q: np.ndarray, layout: StreamLayout, with_delta: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def models(q: np.ndarray, layout: StreamLayout, halves: tuple[bool, bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(center uint8 [S], table uint8 [S], delta flag bool [S]) as delta.stream_models computes them,
-    in one pass over q uint8 [2, L, T, C] with no [S, 256] histogram."""
+    in one pass over q uint8 [2, L, T, C] with no [S, 256] histogram. halves: (K, V) may use delta streams."""
     S = layout.num_streams
     cost, off = cost_tables(_alphabets(layout))
     center = np.empty(S, np.uint8)
     table = np.empty(S, np.uint8)
     flags = np.empty(S, np.uint8)
     _ransc.models(_u8(q), layout.layers, layout.tokens, layout.channels,
-                  np.ascontiguousarray(layout.stream_levels, dtype=np.int64), cost, off, bool(with_delta),
+                  np.ascontiguousarray(layout.stream_levels, dtype=np.int64), cost, off,
+                  int(bool(halves[0])) | int(bool(halves[1])) << 1,
                   center, table, flags)
     return center, table, flags.astype(bool)
 
@@ -187,8 +188,19 @@ def delta(src: np.ndarray, block_levels: np.ndarray, flags: np.ndarray, inverse:
     return out
 
 
-def encode(q: np.ndarray, center: np.ndarray, table: np.ndarray, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
-    """(words uint16, words per stream int32) of every stream's residuals, as CpuBackend.rans_encode."""
+def _flags(flags: np.ndarray | None, S: int) -> np.ndarray:
+    if flags is None:
+        return np.zeros(S, np.uint8)
+    f = np.asarray(flags)
+    if f.shape != (S,):
+        raise CodecError(f"delta flags must hold {S} entries, got {f.shape}")
+    return np.ascontiguousarray(f, dtype=bool).view(np.uint8)
+
+
+def encode(q: np.ndarray, center: np.ndarray, table: np.ndarray, layout: StreamLayout,
+           flags: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(words uint16, words per stream int32) of every stream's residuals, as CpuBackend.rans_encode;
+    the flagged streams (bool [S]) code their delta symbols (delta.py), computed from q on the fly."""
     S = layout.num_streams
     if center.shape != (S,) or table.shape != (S,):
         raise CodecError(f"center and table must hold {S} entries, got {center.shape} and {table.shape}")
@@ -199,7 +211,7 @@ def encode(q: np.ndarray, center: np.ndarray, table: np.ndarray, layout: StreamL
     try:
         n = _ransc.encode(_u8(q), layout.layers, layout.tokens, layout.channels,
                           np.ascontiguousarray(layout.stream_levels, dtype=np.int64), _u8(center), _u8(table),
-                          enc, off, words, counts)
+                          enc, off, words, counts, _flags(flags, S))
     except ValueError as e:
         raise CodecError(f"cachegen rANS encode: {e}") from None
     return words[:n], counts
@@ -216,8 +228,9 @@ _DECODE_ERRORS = {
 
 
 def decode(words: np.ndarray, counts: np.ndarray, center: np.ndarray, table: np.ndarray,
-           layout: StreamLayout) -> np.ndarray:
-    """q uint8 [2, L, T, C] from the streams, as CpuBackend.rans_decode; CodecError on a corrupt stream."""
+           layout: StreamLayout, flags: np.ndarray | None = None) -> np.ndarray:
+    """q uint8 [2, L, T, C] from the streams, as CpuBackend.rans_decode; CodecError on a corrupt stream.
+    The flagged streams (bool [S]) hold delta symbols: q is restored from them as they decode."""
     S = layout.num_streams
     if counts.shape != (S,) or center.shape != (S,) or table.shape != (S,):
         raise CodecError(f"rANS decode needs {S} word counts, centers and tables")
@@ -236,7 +249,7 @@ def decode(words: np.ndarray, counts: np.ndarray, center: np.ndarray, table: np.
     err = _ransc.decode(padded, words.size, np.ascontiguousarray(counts, dtype=np.int32),
                         layout.layers, layout.tokens, layout.channels,
                         np.ascontiguousarray(layout.stream_levels, dtype=np.int64), _u8(center), _u8(table),
-                        dec, off, q)
+                        dec, off, q, _flags(flags, S))
     if err is not None:
         code, k = err
         raise CodecError(f"corrupt rANS data: stream {k}: {_DECODE_ERRORS.get(code, f'error {code}')}")

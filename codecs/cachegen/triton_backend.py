@@ -178,6 +178,15 @@ class TritonBackend:
     def choose_tables(self, hist: np.ndarray | torch.Tensor, layout: StreamLayout, with_cost: bool = False
                       ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
         """As CpuBackend.choose_tables; the costs (with_cost) come from torch ops on the device."""
+        center, table = self.choose_tables_device(hist, layout)
+        if with_cost:
+            cost = delta.stream_costs_device(self._dev(hist, torch.int32), center, table, layout)
+            return center.cpu().numpy(), table.cpu().numpy(), cost.cpu().numpy()
+        return center.cpu().numpy(), table.cpu().numpy()
+
+    def choose_tables_device(self, hist: np.ndarray | torch.Tensor, layout: StreamLayout
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(center, table) uint8 [S] left on the device."""
         ll = self._layout(layout)
         h = self._dev(hist, torch.int32)
         center = torch.zeros(layout.num_streams, dtype=torch.uint8, device=self.device)
@@ -185,15 +194,30 @@ class TritonBackend:
         for g, bpad, lanes in ll.group_lanes:
             tr.stream_stats(None, lanes, ll.lengths, g, ll.tabs.cost_off[g], ll.tabs.cost, NUM_TABLES, ll.nmax, bpad,
                             hist=h, choose=True, interpret=self.interpret, center_out=center, table_out=table)
-        if with_cost:
-            c, t = center.cpu().numpy(), table.cpu().numpy()
-            return c, t, delta.stream_costs(h, c, t, layout)
-        return center.cpu().numpy(), table.cpu().numpy()
+        return center, table
 
-    def stream_models(self, q: torch.Tensor, layout: StreamLayout, with_delta: bool
+    def stream_models(self, q: torch.Tensor, layout: StreamLayout, halves: tuple[bool, bool]
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(center, table, delta flag) per stream, as CpuBackend.stream_models (delta.stream_models)."""
-        return delta.stream_models(self, q.to(self.device).contiguous(), layout, with_delta)
+        """(center, table, delta flag) per stream, exactly as CpuBackend.stream_models."""
+        center, table, flags = self.stream_models_device(q, layout, halves)
+        return center.cpu().numpy(), table.cpu().numpy(), flags.cpu().numpy()
+
+    def stream_models_device(self, q: torch.Tensor, layout: StreamLayout, halves: tuple[bool, bool]
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """delta.stream_models on the device: two statistics passes (symbols, delta symbols), the
+        integer costs by torch ops, and the choice, with no host synchronisation."""
+        q = q.to(self.device).contiguous()
+        if not any(halves):
+            center, table = self.stats_device(q, layout)
+            return center, table, torch.zeros(layout.num_streams, dtype=torch.bool, device=self.device)
+        hist = self.histogram(q, layout)
+        center, table = self.choose_tables_device(hist, layout)
+        hist_d = self.histogram(delta.forward(q, layout.levels), layout)
+        center_d, table_d = self.choose_tables_device(hist_d, layout)
+        allowed = torch.from_numpy(delta.half_mask(layout, halves)).to(self.device)
+        flags = (delta.stream_costs_device(hist_d, center_d, table_d, layout)
+                 < delta.stream_costs_device(hist, center, table, layout)) & allowed
+        return torch.where(flags, center_d, center), torch.where(flags, table_d, table), flags
 
     def stats(self, q: torch.Tensor, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
         """choose_tables(histogram(q)) in one pass that never writes the histogram out."""
@@ -213,7 +237,11 @@ class TritonBackend:
 
     # -- entropy coding ------------------------------------------------------------------------------
     def rans_encode(self, q: torch.Tensor, center: np.ndarray, table: np.ndarray,
-                    layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
+                    layout: StreamLayout, flags: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As CpuBackend.rans_encode; delta streams (flags) are transformed by torch ops on the device."""
+        q = q.to(self.device)
+        if flags is not None and np.any(flags):
+            q = delta.forward(q, layout.levels, flags)
         words, counts = self.rans_encode_device(q, center, table, layout)
         return words.cpu().numpy(), counts.cpu().numpy()
 
@@ -228,8 +256,9 @@ class TritonBackend:
 
     def rans_decode(self, words: np.ndarray | torch.Tensor, counts: np.ndarray | torch.Tensor,
                     center: np.ndarray | torch.Tensor, table: np.ndarray | torch.Tensor,
-                    layout: StreamLayout) -> torch.Tensor:
-        """q uint8 [2, L, T, C] on the device; CodecError if any stream fails its end-state check."""
+                    layout: StreamLayout, flags: np.ndarray | None = None) -> torch.Tensor:
+        """q uint8 [2, L, T, C] on the device; CodecError if any stream fails its end-state check.
+        Delta streams (flags) are restored by torch ops on the device."""
         w = self._dev(np.asarray(words, dtype=np.uint16) if not isinstance(words, torch.Tensor) else words,
                       torch.uint16)
         cnt = self._dev(counts, torch.int32)
@@ -243,6 +272,8 @@ class TritonBackend:
             k = int(torch.nonzero(status == 0)[0, 0])
             raise CodecError(f"corrupt cachegen container: rANS stream {k} fails its end-state check "
                              f"({bad} of {layout.num_streams} streams)")
+        if flags is not None and np.any(flags):
+            q = delta.inverse(q, layout.levels, flags)
         return q
 
     def rans_decode_device(self, words: torch.Tensor, counts: torch.Tensor, center: np.ndarray | torch.Tensor,

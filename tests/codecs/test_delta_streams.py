@@ -107,18 +107,23 @@ def test_choose_tables_cost_is_the_least_cost(native_on: bool) -> None:
 
 
 @needs_native
-@pytest.mark.parametrize("with_delta", [False, True])
+@pytest.mark.parametrize("halves", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("tokens,channels", [(1, 1), (255, 7), (257, 5), (600, 3)])
-def test_fused_models_match_the_stages(with_delta: bool, tokens: int, channels: int) -> None:
-    """The compiled one-pass statistics equal histogram -> choose (numpy reference) -> compare."""
+def test_fused_models_match_the_stages(halves: tuple[bool, bool], tokens: int, channels: int) -> None:
+    """The compiled one-pass statistics equal histogram -> choose (numpy reference) -> compare, and
+    only the halves (K, V) allowed get delta streams."""
     q = random_symbols(LEVELS_2x3, tokens, channels, seed=tokens + channels)
     layout = stream_layout(3, tokens, channels, LEVELS_2x3)
-    got = CpuBackend(native=True).stream_models(q, layout, with_delta)
-    want = CpuBackend(native=False).stream_models(q, layout, with_delta)
+    got = CpuBackend(native=True).stream_models(q, layout, halves)
+    want = CpuBackend(native=False).stream_models(q, layout, halves)
     for g, w in zip(got, want):
         assert np.array_equal(g, w)
-    if tokens > 16:  # (one symbol has no differences to code)
-        assert with_delta == bool(got[2].any()), "random walks should make some delta streams cheaper"
+    flags = got[2].reshape(2, -1)
+    for half in (0, 1):
+        if not halves[half]:
+            assert not flags[half].any()
+        elif tokens > 16:  # (one symbol has no differences to code)
+            assert flags[half].any(), "random walks should make some delta streams cheaper"
 
 
 def walking_keys(layers: int = 2, tokens: int = 64, channels: int = 16, seed: int = 5) -> torch.Tensor:
@@ -139,7 +144,7 @@ def table_bytes(blob: bytes) -> np.ndarray:
 def test_codec_uses_delta_streams_losslessly(level: str) -> None:
     kv = walking_keys()
     with_delta = CacheGenCodec(LEVELS[level])
-    without = CacheGenCodec(dataclasses.replace(LEVELS[level], delta=False))
+    without = CacheGenCodec(dataclasses.replace(LEVELS[level], delta=(False, False)))
     a, b = with_delta.encode(kv), without.encode(kv)
     flags = table_bytes(a) >= delta.DELTA_FLAG
     assert flags.any(), "drifting keys should give delta streams"
