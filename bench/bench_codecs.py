@@ -144,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         for m in methods:
             r = realkv.evaluate_codec(m, source=source, n_windows=args.windows)
             enc, dec = cpu_speed(m, chunks[: args.speed_chunks]) if args.speed_chunks else (float("nan"),) * 2
+            speed = f"| {enc:.1f} | {dec:.1f} |" if args.speed_chunks else "| — | — |"  # --speed-chunks 0: not timed
             print(f"| {m} | {r['bytes_per_chunk']:,.0f} | {r['ratio']:.2f}x | {r['bits_per_element']:.3f} "
                   f"| {r['nll_delta']:+.4f} | {100 * r['top1']:.1f}% | {r['rel_err_k']:.3f} / {r['rel_err_v']:.3f} "
-                  f"| {enc:.1f} | {dec:.1f} |", flush=True)
+                  f"{speed}", flush=True)
 
     print("\n### where the bytes go (mean bytes per chunk, botchan chunks)\n")
     print("| method | sections |")

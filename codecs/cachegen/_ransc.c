@@ -481,6 +481,82 @@ done:
     return ret;
 }
 
+/* ---- quantization, elementwise ------------------------------------------------------------------ */
+
+PyDoc_STRVAR(quantize_doc,
+"quantize(x, layers, tokens, channels, lo, inv, bm1, per_channel, q_out)\n\n"
+"The elementwise step of quant.quantize, fused: q = uint8(min(max(floor((x - lo) * inv + 0.5), 0), Bm1)),\n"
+"each operation one IEEE fp32 operation as torch does it (built with -ffp-contract=off).\n"
+"x fp32 [L, T, C]; bm1 fp32 [L]. per_channel: lo, inv fp32 [L, nseg, C] (groups per layer, 256-token\n"
+"segment and channel); else lo, inv fp32 [L, T] (groups per layer and token).");
+
+static PyObject *quantize(PyObject *self, PyObject *args) {
+    Py_buffer xb = {0}, lob = {0}, invb = {0}, bmb = {0}, qb = {0};
+    Py_ssize_t layers, tokens, channels;
+    int per_channel;
+    Shape sh;
+    PyObject *ret = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnny*y*y*pw*", &xb, &layers, &tokens, &channels, &lob, &invb, &bmb,
+                          &per_channel, &qb))
+        return NULL;
+    if (shape_from(layers, tokens, channels, &sh) < 0) goto done;
+    Py_ssize_t n = layers * tokens * channels;
+    Py_ssize_t groups = per_channel ? layers * sh.nseg * channels : layers * tokens;
+    if (need(&xb, n * (Py_ssize_t)sizeof(float), "x") < 0 || need(&qb, n, "q") < 0
+        || need(&lob, groups * (Py_ssize_t)sizeof(float), "lo") < 0
+        || need(&invb, groups * (Py_ssize_t)sizeof(float), "inv") < 0
+        || need(&bmb, layers * (Py_ssize_t)sizeof(float), "bm1") < 0)
+        goto done;
+    {
+        const float *x = (const float *)xb.buf, *lo = (const float *)lob.buf, *inv = (const float *)invb.buf;
+        const float *bm = (const float *)bmb.buf;
+        uint8_t *q = (uint8_t *)qb.buf;
+        const Py_ssize_t T = tokens, C = channels, nseg = sh.nseg;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t l = 0; l < layers; l++) {
+            const float top = bm[l];
+            for (Py_ssize_t t = 0; t < T; t++) {
+                const float *xr = x + (l * T + t) * C;
+                uint8_t *qr = q + (l * T + t) * C;
+                if (per_channel) {
+                    const Py_ssize_t g = (l * nseg + t / SEGMENT) * C;
+                    const float *lr = lo + g, *ir = inv + g;
+                    for (Py_ssize_t c = 0; c < C; c++) {
+                        float v = xr[c] - lr[c];
+                        v = v * ir[c];
+                        v = v + 0.5f;
+                        /* floor, then clamp to [0, Bm1]: v is finite and far inside int range here */
+                        float f = (float)(int32_t)v;
+                        f = f > v ? f - 1.0f : f;
+                        f = f < 0.0f ? 0.0f : f;
+                        f = f > top ? top : f;
+                        qr[c] = (uint8_t)f;
+                    }
+                } else {
+                    const float lr = lo[l * T + t], ir = inv[l * T + t];
+                    for (Py_ssize_t c = 0; c < C; c++) {
+                        float v = xr[c] - lr;
+                        v = v * ir;
+                        v = v + 0.5f;
+                        float f = (float)(int32_t)v;
+                        f = f > v ? f - 1.0f : f;
+                        f = f < 0.0f ? 0.0f : f;
+                        f = f > top ? top : f;
+                        qr[c] = (uint8_t)f;
+                    }
+                }
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&xb); PyBuffer_Release(&lob); PyBuffer_Release(&invb); PyBuffer_Release(&bmb);
+    PyBuffer_Release(&qb);
+    return ret;
+}
+
 /* ---- delta streams ---------------------------------------------------------------------------- */
 
 PyDoc_STRVAR(delta_doc,
@@ -920,6 +996,7 @@ static PyMethodDef methods[] = {
     {"decode", decode, METH_VARARGS, decode_doc},
     {"delta", delta, METH_VARARGS, delta_doc},
     {"models", models, METH_VARARGS, models_doc},
+    {"quantize", quantize, METH_VARARGS, quantize_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -37,9 +37,20 @@ class CpuBackend:
     def quantize(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """x fp32 [2, L, T, C] -> (q uint8 [2, L, T, C], [key side tensors, value side tensors])."""
         lv = torch.from_numpy(levels.astype(np.float32))
-        qk, sk = quant.quantize(x[0], lv[0], modes[0])
-        qv, sv = quant.quantize(x[1], lv[1], modes[1])
-        return torch.stack([qk, qv]), [sk, sv]
+        if not self.native:
+            qk, sk = quant.quantize(x[0], lv[0], modes[0])
+            qv, sv = quant.quantize(x[1], lv[1], modes[1])
+            return torch.stack([qk, qv]), [sk, sv]
+        # the per-group part in torch, the elementwise part in one compiled pass (same values)
+        x = x.to(torch.float32).contiguous()
+        q = torch.empty(x.shape, dtype=torch.uint8)
+        sides = []
+        for i in (0, 1):
+            side, lo, inv, bm1 = quant.quantize_params(x[i], lv[i], modes[i])
+            per_channel = modes[i] in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP)
+            q[i] = _native.quantize(x[i], lo, inv, bm1, per_channel)
+            sides.append(side)
+        return q, sides
 
     def dequantize(self, q: torch.Tensor, sides: list[list[torch.Tensor]], levels: np.ndarray,
                    modes: tuple[int, int]) -> torch.Tensor:

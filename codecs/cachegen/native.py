@@ -16,6 +16,7 @@ import logging
 import os
 
 import numpy as np
+import torch
 
 from kvmesh.codecs.cachegen import rans
 from kvmesh.codecs.cachegen.layout import StreamLayout
@@ -177,6 +178,19 @@ def models(q: np.ndarray, layout: StreamLayout, halves: tuple[bool, bool]) -> tu
                   int(bool(halves[0])) | int(bool(halves[1])) << 1,
                   center, table, flags)
     return center, table, flags.astype(bool)
+
+
+def quantize(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, bm1: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """quant.quantize's elementwise step in one pass: x fp32 [L, T, C]; lo, inv broadcastable to
+    [L, nseg, 1, C] (per_channel) or [L, T, 1]; bm1 [L, ...]. Returns q uint8 [L, T, C]."""
+    L, T, C = x.shape
+    nseg = -(-T // SEGMENT)
+    shape = (L, nseg, 1, C) if per_channel else (L, T, 1)
+    flat = (lambda t: t.to(torch.float32).expand(shape).contiguous().numpy())
+    q = np.empty((L, T, C), np.uint8)
+    _ransc.quantize(np.ascontiguousarray(x.numpy(), dtype=np.float32), L, T, C, flat(lo), flat(inv),
+                    np.ascontiguousarray(bm1.reshape(L).numpy(), dtype=np.float32), bool(per_channel), q)
+    return torch.from_numpy(q)
 
 
 def delta(src: np.ndarray, block_levels: np.ndarray, flags: np.ndarray, inverse: bool) -> np.ndarray:

@@ -116,16 +116,14 @@ def _groups(side: list[torch.Tensor], mode: int) -> tuple[torch.Tensor, torch.Te
     return side[0].to(torch.float32)[:, :, None, :], side[1][:, :, None, None]
 
 
-def quantize(x: torch.Tensor, levels: torch.Tensor, mode: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Quantizes one of K or V.
-
-    x fp32 [L, T, C] with |x| <= 65504; levels fp32 [L] (2..256 per layer); mode in MODES.
-    Returns (q uint8 [L, T, C], side tensors as side_spec(mode, L, T, C)).
-    """
-    L, T, C = x.shape
+def quantize_params(x: torch.Tensor, levels: torch.Tensor, mode: int
+                    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-group part of quantize: (side tensors, lo fp32, inv fp32, Bm1 fp32), lo and inv shaped
+    to broadcast against the mode's view of x ([L, nseg, SEGMENT, C] for channel modes, else x), Bm1
+    against it too. quantize finishes elementwise; CpuBackend may do that step in compiled code."""
     channel_mode = mode in (MODE_CHANNEL, MODE_CHANNEL_SHARED_STEP)
-    xv = _channel_view(x) if channel_mode else x
     if channel_mode:
+        xv = _channel_view(x)
         lo16 = fp16_round_down(torch.amin(xv, dim=2))
         hi16 = fp16_round_up(torch.amax(xv, dim=2))
         if mode == MODE_CHANNEL:
@@ -140,10 +138,23 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, mode: int) -> tuple[torch.Te
     else:
         raise ValueError(f"unknown quantization mode {mode}")
     lo, d = _groups(side, mode)
-    bm1 = (levels - 1.0).reshape((L,) + (1,) * (d.dim() - 1))
+    bm1 = (levels - 1.0).reshape((x.shape[0],) + (1,) * (d.dim() - 1))
     flat = d > 0
     inv = bm1 / torch.where(flat, d, torch.ones_like(d))
     inv = torch.where(flat, inv, torch.zeros_like(inv))
+    return side, lo, inv, bm1
+
+
+def quantize(x: torch.Tensor, levels: torch.Tensor, mode: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Quantizes one of K or V.
+
+    x fp32 [L, T, C] with |x| <= 65504; levels fp32 [L] (2..256 per layer); mode in MODES.
+    Returns (q uint8 [L, T, C], side tensors as side_spec(mode, L, T, C)).
+    """
+    L, T, C = x.shape
+    channel_mode = mode in (MODE_CHANNEL, MODE_CHANNEL_SHARED_STEP)
+    side, lo, inv, bm1 = quantize_params(x, levels, mode)
+    xv = _channel_view(x) if channel_mode else x
     t = xv - lo
     t = t * inv
     t = t + 0.5

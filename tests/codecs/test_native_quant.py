@@ -1,0 +1,40 @@
+"""The compiled elementwise quantization step (native.quantize, _ransc.c) equals quant.quantize's torch
+arithmetic exactly, for every mode, odd shapes, flat groups and every level count in use."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvmesh.codecs.cachegen import native, quant
+from kvmesh.codecs.cachegen.backends import CpuBackend
+from kvmesh.codecs.cachegen.codec import CacheGenCodec
+from kvmesh.codecs.cachegen.levels import LEVELS
+
+from .conftest import kv_like
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the compiled coder (_ransc) is not built")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 300, 24), (2, 513, 10)])
+@pytest.mark.parametrize("mode", quant.MODES)
+def test_native_quantize_matches_torch(shape: tuple[int, int, int], mode: int) -> None:
+    kv = kv_like(*shape, dtype=torch.float32, seed=sum(shape) + mode)
+    x = kv[mode % 2].clone()
+    x[:, :, 0] = 0.0  # a flat channel
+    x[0, 0, :] = 1.5  # a flat row
+    x[-1, -1, -1] = 65504.0  # the fp16 extreme
+    for levels in (2, 7, 28, 256):
+        lv = torch.full((shape[0],), float(levels))
+        want, _ = quant.quantize(x, lv, mode)
+        _, lo, inv, bm1 = quant.quantize_params(x, lv, mode)
+        got = native.quantize(x.contiguous(), lo, inv, bm1, mode in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP))
+        assert torch.equal(got, want), f"levels {levels}"
+
+
+@pytest.mark.parametrize("level", ["default", "hq"])
+def test_codec_bytes_with_and_without_compiled_stages(level: str) -> None:
+    for seed, shape in enumerate([(2, 37, 24), (3, 260, 16)]):
+        kv = kv_like(*shape, dtype=torch.float16, seed=seed)
+        nat = CacheGenCodec(LEVELS[level], CpuBackend(native=True)).encode(kv)
+        ref = CacheGenCodec(LEVELS[level], CpuBackend(native=False)).encode(kv)
+        assert nat == ref
