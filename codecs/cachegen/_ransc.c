@@ -557,6 +557,49 @@ done:
     return ret;
 }
 
+/* ---- protected rows: exact sums of fp16 magnitudes ---------------------------------------------- */
+
+PyDoc_STRVAR(row_sums_doc,
+"row_sums(h, rows, channels, out)\n\n"
+"out[r] = sum over c of |h[r, c]| as float64, exactly, for fp16 bit patterns h uint16 [rows, C]\n"
+"(finite values): each term is an integer number of 2**-24 units, summed in int64; C <= 8192 keeps\n"
+"the total below 2**53 units, so the float64 result is exact (codec.protected_rows).");
+
+static PyObject *row_sums(PyObject *self, PyObject *args) {
+    Py_buffer hb = {0}, ob = {0};
+    Py_ssize_t rows, channels;
+    PyObject *ret = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnw*", &hb, &rows, &channels, &ob)) return NULL;
+    if (rows < 0 || channels < 1 || channels > 8192) {
+        PyErr_SetString(PyExc_ValueError, "rows >= 0 and 1 <= channels <= 8192 required");
+        goto done;
+    }
+    if (need(&hb, rows * channels * (Py_ssize_t)sizeof(uint16_t), "h") < 0
+        || need(&ob, rows * (Py_ssize_t)sizeof(double), "out") < 0)
+        goto done;
+    {
+        const uint16_t *h = (const uint16_t *)hb.buf;
+        double *out = (double *)ob.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            const uint16_t *hr = h + r * channels;
+            int64_t acc = 0;
+            for (Py_ssize_t c = 0; c < channels; c++) {
+                unsigned e = (hr[c] >> 10) & 31u, m = hr[c] & 1023u;
+                /* subnormal: m units; normal: (1024 + m) * 2**(e - 1) units of 2**-24 */
+                acc += e ? (int64_t)(1024u + m) << (e - 1) : (int64_t)m;
+            }
+            out[r] = (double)acc * 0x1p-24;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&hb); PyBuffer_Release(&ob);
+    return ret;
+}
+
 /* ---- delta streams ---------------------------------------------------------------------------- */
 
 PyDoc_STRVAR(delta_doc,
@@ -997,6 +1040,7 @@ static PyMethodDef methods[] = {
     {"delta", delta, METH_VARARGS, delta_doc},
     {"models", models, METH_VARARGS, models_doc},
     {"quantize", quantize, METH_VARARGS, quantize_doc},
+    {"row_sums", row_sums, METH_VARARGS, row_sums_doc},
     {NULL, NULL, 0, NULL},
 };
 

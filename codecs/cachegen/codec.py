@@ -81,24 +81,31 @@ def protected_bytes(layers: int, rest: int, channels: int, rows: int) -> int:
     return (2 * layers * rest + 7) // 8 + rows * (4 + channels)
 
 
-def protected_rows(x: torch.Tensor, thresholds: tuple[float, float]) -> torch.Tensor:
+def protected_rows(x: torch.Tensor, thresholds: tuple[float, float], native: bool = False) -> torch.Tensor:
     """bool [2, L, R]: the rows of x fp32 [2, L, R, C] to store at 8 bits (FORMAT.md section 3).
 
     s = the sum over channels of fp16(|x|) in float64: exact in any order (every term is a multiple of
     2^-24 below 2^16, so partial sums need < 53 bits for C <= 8192), hence the same on every device.
+    native: on the CPU, the compiled coder sums the fp16 bit patterns as integers (the same values).
     """
     mask = torch.zeros(x.shape[:3], dtype=torch.bool, device=x.device)
     for kv, threshold in enumerate(thresholds):
         if threshold <= 0:
             continue  # s >= 0, so s < 0 * ref never holds
-        s = torch.abs(x[kv].to(torch.float16)).sum(dim=2, dtype=torch.float64)  # [L, R]; |fp16(x)| = fp16(|x|)
+        h = x[kv].to(torch.float16)
+        if native and x.device.type == "cpu" and x.shape[-1] <= 8192:
+            from kvmesh.codecs.cachegen import native as _native
+
+            s = _native.row_sums(h)  # |fp16(x)| = fp16(|x|): the C code drops the sign bit
+        else:
+            s = torch.abs(h).sum(dim=2, dtype=torch.float64)  # [L, R]
         ref = torch.median(s, dim=1, keepdim=True).values  # the lower middle value: a selection
         mask[kv] = s < float(threshold) * ref
     return mask
 
 
-def _protect_encode(x: torch.Tensor, thresholds: tuple[float, float]) -> bytes:
-    mask = protected_rows(x, thresholds)
+def _protect_encode(x: torch.Tensor, thresholds: tuple[float, float], native: bool = False) -> bytes:
+    mask = protected_rows(x, thresholds, native)
     bits = np.packbits(mask.cpu().numpy().reshape(-1), bitorder="little").tobytes()
     rows = x[mask]  # [n, C] in (K/V, layer, token) order
     if rows.shape[0] == 0:
@@ -188,7 +195,8 @@ class CacheGenCodec(Codec):
             sections = [params, lead_sec, _tensor_bytes(sides[0]), _tensor_bytes(sides[1]), meta,
                         pack_uints(np.asarray(counts)), np.asarray(words, dtype="<u2").tobytes()]
         if self.level.protects:
-            sections.append(_protect_encode(x[:, :, lead:], self.level.protect) if rest else b"")
+            sections.append(_protect_encode(x[:, :, lead:], self.level.protect,
+                                            bool(getattr(self.backend, "native", False))) if rest else b"")
         return container.pack(self.codec_id, self.level_id, kv.dtype, tuple(kv.shape), sections)
 
     def encode_parts(self, kv: torch.Tensor) -> dict[str, int]:

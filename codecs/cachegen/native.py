@@ -193,6 +193,16 @@ def quantize(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, bm1: torch.Te
     return torch.from_numpy(q)
 
 
+def row_sums(h: torch.Tensor) -> torch.Tensor:
+    """float64 [N]: the exact sums over the last axis of |h| for finite fp16 h [..., C] (C <= 8192),
+    as codec.protected_rows defines them."""
+    C = h.shape[-1]
+    bits = np.ascontiguousarray(h.reshape(-1, C).contiguous().view(torch.int16).numpy()).view(np.uint16)
+    out = np.empty(bits.shape[0], np.float64)
+    _ransc.row_sums(bits, bits.shape[0], C, out)
+    return torch.from_numpy(out).reshape(h.shape[:-1])
+
+
 def delta(src: np.ndarray, block_levels: np.ndarray, flags: np.ndarray, inverse: bool) -> np.ndarray:
     """delta.py's transform of src uint8 [blocks, T, C] for the flagged streams (uint8 [blocks, C, nseg])."""
     blocks, tokens, channels = src.shape

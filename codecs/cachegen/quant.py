@@ -93,9 +93,11 @@ def side_spec(mode: int, layers: int, tokens: int, channels: int) -> list[tuple[
 
 def _channel_view(x: torch.Tensor) -> torch.Tensor:
     """[L, T, C] -> [L, nseg, SEGMENT, C], padding by repeating the last token (which leaves every
-    segment's min and max unchanged)."""
+    segment's min and max unchanged); a single segment is the view [L, 1, T, C] (no copy)."""
     L, T, C = x.shape
     nseg = num_segments(T)
+    if nseg == 1:
+        return x.reshape(L, 1, T, C)
     pad = nseg * SEGMENT - T
     if pad:
         x = torch.cat([x, x[:, -1:, :].expand(L, pad, C)], dim=1)

@@ -38,3 +38,27 @@ def test_codec_bytes_with_and_without_compiled_stages(level: str) -> None:
         nat = CacheGenCodec(LEVELS[level], CpuBackend(native=True)).encode(kv)
         ref = CacheGenCodec(LEVELS[level], CpuBackend(native=False)).encode(kv)
         assert nat == ref
+
+
+def test_row_sums_are_the_exact_float64_sums() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 50, 192, generator=g) * torch.logspace(-9, 4, 50).reshape(1, 50, 1)
+    x[0, 0] = 0.0
+    x[0, 1] = -65504.0  # the largest magnitude, negative
+    x[0, 2, :7] = 2.0 ** -24  # subnormals
+    h = x.to(torch.float16)
+    want = torch.abs(h).sum(dim=2, dtype=torch.float64)
+    assert torch.equal(native.row_sums(h), want)
+
+
+def test_protected_row_selection_native_equals_torch() -> None:
+    from kvmesh.codecs.cachegen.codec import protected_rows
+
+    x = kv_like(3, 200, 24, dtype=torch.float32, seed=9)
+    x[1, 1, 5] *= 0.02
+    x[1, 2, 17] *= 0.2
+    for thresholds in [(0.0, 0.35), (0.7, 0.35), (0.0, 0.0)]:
+        a = protected_rows(x, thresholds, native=True)
+        b = protected_rows(x, thresholds, native=False)
+        assert torch.equal(a, b)
+    assert bool(protected_rows(x, (0.0, 0.35), native=True)[1, 1, 5])
