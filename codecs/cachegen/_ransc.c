@@ -557,6 +557,62 @@ done:
     return ret;
 }
 
+PyDoc_STRVAR(dequantize_doc,
+"dequantize(q, layers, tokens, channels, lo, step, per_channel, y_out)\n\n"
+"quant.dequantize's elementwise step in one pass: y = float(q) * step + lo (two IEEE fp32 operations,\n"
+"as torch does them). q uint8 [L, T, C] -> y fp32 [L, T, C]; lo, step fp32 [L, nseg, C] (per_channel)\n"
+"or [L, T].");
+
+static PyObject *dequantize(PyObject *self, PyObject *args) {
+    Py_buffer qb = {0}, lob = {0}, stb = {0}, yb = {0};
+    Py_ssize_t layers, tokens, channels;
+    int per_channel;
+    Shape sh;
+    PyObject *ret = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnny*y*pw*", &qb, &layers, &tokens, &channels, &lob, &stb, &per_channel, &yb))
+        return NULL;
+    if (shape_from(layers, tokens, channels, &sh) < 0) goto done;
+    Py_ssize_t n = layers * tokens * channels;
+    Py_ssize_t groups = per_channel ? layers * sh.nseg * channels : layers * tokens;
+    if (need(&qb, n, "q") < 0 || need(&yb, n * (Py_ssize_t)sizeof(float), "y") < 0
+        || need(&lob, groups * (Py_ssize_t)sizeof(float), "lo") < 0
+        || need(&stb, groups * (Py_ssize_t)sizeof(float), "step") < 0)
+        goto done;
+    {
+        const uint8_t *q = (const uint8_t *)qb.buf;
+        const float *lo = (const float *)lob.buf, *st = (const float *)stb.buf;
+        float *y = (float *)yb.buf;
+        const Py_ssize_t T = tokens, C = channels, nseg = sh.nseg;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t l = 0; l < layers; l++) {
+            for (Py_ssize_t t = 0; t < T; t++) {
+                const uint8_t *qr = q + (l * T + t) * C;
+                float *yr = y + (l * T + t) * C;
+                if (per_channel) {
+                    const Py_ssize_t g = (l * nseg + t / SEGMENT) * C;
+                    const float *lr = lo + g, *sr = st + g;
+                    for (Py_ssize_t c = 0; c < C; c++) {
+                        float v = (float)qr[c] * sr[c];
+                        yr[c] = v + lr[c];
+                    }
+                } else {
+                    const float lr = lo[l * T + t], sr = st[l * T + t];
+                    for (Py_ssize_t c = 0; c < C; c++) {
+                        float v = (float)qr[c] * sr;
+                        yr[c] = v + lr;
+                    }
+                }
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&qb); PyBuffer_Release(&lob); PyBuffer_Release(&stb); PyBuffer_Release(&yb);
+    return ret;
+}
+
 /* ---- protected rows: exact sums of fp16 magnitudes ---------------------------------------------- */
 
 PyDoc_STRVAR(row_sums_doc,
@@ -1041,6 +1097,7 @@ static PyMethodDef methods[] = {
     {"models", models, METH_VARARGS, models_doc},
     {"quantize", quantize, METH_VARARGS, quantize_doc},
     {"row_sums", row_sums, METH_VARARGS, row_sums_doc},
+    {"dequantize", dequantize, METH_VARARGS, dequantize_doc},
     {NULL, NULL, 0, NULL},
 };
 

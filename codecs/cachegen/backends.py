@@ -55,9 +55,16 @@ class CpuBackend:
     def dequantize(self, q: torch.Tensor, sides: list[list[torch.Tensor]], levels: np.ndarray,
                    modes: tuple[int, int]) -> torch.Tensor:
         lv = torch.from_numpy(levels.astype(np.float32))
-        k = quant.dequantize(q[0], sides[0], lv[0], modes[0])
-        v = quant.dequantize(q[1], sides[1], lv[1], modes[1])
-        return torch.stack([k, v])
+        if not self.native:
+            k = quant.dequantize(q[0], sides[0], lv[0], modes[0])
+            v = quant.dequantize(q[1], sides[1], lv[1], modes[1])
+            return torch.stack([k, v])
+        q = q.contiguous()
+        out = torch.empty(q.shape, dtype=torch.float32)
+        for i in (0, 1):
+            lo, step = quant.dequantize_params(sides[i], lv[i], modes[i])
+            _native.dequantize(q[i], lo, step, modes[i] in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP), out=out[i])
+        return out
 
     def histogram(self, q: torch.Tensor, layout: StreamLayout) -> np.ndarray:
         """int64 [S, 256]: how often each symbol occurs in each stream."""

@@ -193,6 +193,20 @@ def quantize(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, bm1: torch.Te
     return torch.from_numpy(q)
 
 
+def dequantize(q: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, per_channel: bool,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """quant.dequantize's elementwise step in one pass: q uint8 [L, T, C] -> fp32 [L, T, C] (into out
+    when given: a contiguous fp32 tensor of that shape); lo, step broadcastable to [L, nseg, 1, C]
+    (per_channel) or [L, T, 1]."""
+    L, T, C = q.shape
+    nseg = -(-T // SEGMENT)
+    shape = (L, nseg, 1, C) if per_channel else (L, T, 1)
+    flat = (lambda t: t.to(torch.float32).expand(shape).contiguous().numpy())
+    y = torch.empty((L, T, C), dtype=torch.float32) if out is None else out
+    _ransc.dequantize(np.ascontiguousarray(q.numpy()), L, T, C, flat(lo), flat(step), bool(per_channel), y.numpy())
+    return y
+
+
 def row_sums(h: torch.Tensor) -> torch.Tensor:
     """float64 [N]: the exact sums over the last axis of |h| for finite fp16 h [..., C] (C <= 8192),
     as codec.protected_rows defines them."""

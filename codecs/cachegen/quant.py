@@ -168,13 +168,18 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, mode: int) -> tuple[torch.Te
     return q, side
 
 
+def dequantize_params(side: list[torch.Tensor], levels: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo fp32, step fp32) per group, shaped to broadcast against the mode's view of x (see quantize_params)."""
+    lo, d = _groups(side, mode)
+    bm1 = (levels - 1.0).reshape((levels.shape[0],) + (1,) * (d.dim() - 1))
+    return lo, d / bm1
+
+
 def dequantize(q: torch.Tensor, side: list[torch.Tensor], levels: torch.Tensor, mode: int) -> torch.Tensor:
     """Inverse of quantize: q uint8 [L, T, C], side tensors, levels fp32 [L] -> fp32 [L, T, C]."""
     L, T, C = q.shape
     channel_mode = mode in (MODE_CHANNEL, MODE_CHANNEL_SHARED_STEP)
-    lo, d = _groups(side, mode)
-    bm1 = (levels - 1.0).reshape((L,) + (1,) * (d.dim() - 1))
-    step = d / bm1
+    lo, step = dequantize_params(side, levels, mode)
     qv = q.to(torch.float32)
     if channel_mode:
         qv = _channel_view(qv)

@@ -62,3 +62,25 @@ def test_protected_row_selection_native_equals_torch() -> None:
         b = protected_rows(x, thresholds, native=False)
         assert torch.equal(a, b)
     assert bool(protected_rows(x, (0.0, 0.35), native=True)[1, 1, 5])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 513, 10)])
+@pytest.mark.parametrize("mode", quant.MODES)
+def test_native_dequantize_matches_torch(shape: tuple[int, int, int], mode: int) -> None:
+    x = kv_like(*shape, dtype=torch.float32, seed=5 + mode)[mode % 2]
+    for levels in (2, 7, 28, 256):
+        lv = torch.full((shape[0],), float(levels))
+        q, side = quant.quantize(x, lv, mode)
+        want = quant.dequantize(q, side, lv, mode)
+        lo, step = quant.dequantize_params(side, lv, mode)
+        got = native.dequantize(q, lo, step, mode in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP))
+        assert torch.equal(got.view(torch.int32), want.contiguous().view(torch.int32)), f"levels {levels}"
+
+
+@pytest.mark.parametrize("level", ["default", "hq"])
+def test_codec_decode_with_and_without_compiled_stages(level: str) -> None:
+    kv = kv_like(3, 260, 16, dtype=torch.float16, seed=2)
+    blob = CacheGenCodec(LEVELS[level]).encode(kv)
+    a = CacheGenCodec(LEVELS[level], CpuBackend(native=True)).decode(blob)
+    b = CacheGenCodec(LEVELS[level], CpuBackend(native=False)).decode(blob)
+    assert torch.equal(a.view(torch.int16), b.view(torch.int16))
