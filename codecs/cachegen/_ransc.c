@@ -1,7 +1,10 @@
 /* Compiled per-symbol work of the cachegen CPU path (kvmesh-rans32x16, FORMAT.md section 4).
  *
  * Byte-identical to the numpy reference in rans.py and backends.py, which stays as the fallback
- * (native.py loads this module and wraps it). Only the Python C API and the buffer protocol are
+ * (native.py loads this module and wraps it). Besides the coder: the elementwise quantize and
+ * dequantize steps of quant.py (single IEEE fp32 operations, built with -ffp-contract=off so none is
+ * fused), the exact row sums of the protected-row rule, and delta streams (delta.py) inside the
+ * statistics, encode and decode loops. Only the Python C API and the buffer protocol are
  * used: pip builds this with build isolation, where numpy's headers are absent.
  *
  * Every function works on a whole chunk: the quantized symbols q [2, L, T, C] uint8 (row-major),
@@ -10,7 +13,7 @@
  * transposed copy is needed. Tables come in per-alphabet blocks located by an offset array of 257
  * int64 entries (offset[B] = -1 where the caller supplied no block for alphabet B).
  *
- * Integer arithmetic only. The GIL is released during the loops.
+ * Integer arithmetic only, except the fp32 (de)quantization steps. The GIL is released during the loops.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -656,97 +659,6 @@ done:
     return ret;
 }
 
-/* ---- delta streams ---------------------------------------------------------------------------- */
-
-PyDoc_STRVAR(delta_doc,
-"delta(src, dst, blocks, tokens, channels, block_levels, flags, inverse)\n\n"
-"The delta-stream transform of delta.py on src uint8 [blocks, T, C] into dst (same shape), for the\n"
-"streams whose flag (uint8 [blocks, C, nseg]) is set; the others are copied. Forward (inverse=0):\n"
-"d[t] = q[t] at a segment's first token, else (q[t] - q[t-1] + B/2) mod B. Inverse: the running\n"
-"sum. block_levels int64 [blocks] in [2, 256]; every src symbol must be below its block's B.");
-
-static PyObject *delta(PyObject *self, PyObject *args) {
-    Py_buffer src = {0}, dst = {0}, lev = {0}, flg = {0};
-    Py_ssize_t blocks, tokens, channels;
-    int inverse;
-    PyObject *ret = NULL;
-    if (!PyArg_ParseTuple(args, "y*w*nnny*y*p", &src, &dst, &blocks, &tokens, &channels, &lev, &flg, &inverse))
-        return NULL;
-    Shape sh;
-    if (blocks < 1 || shape_from(blocks, tokens, channels, &sh) < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "blocks must be positive");
-        goto done;
-    }
-    Py_ssize_t n = blocks * tokens * channels;
-    if (need(&src, n, "src") < 0 || need(&dst, n, "dst") < 0
-        || need(&lev, blocks * (Py_ssize_t)sizeof(int64_t), "block_levels") < 0
-        || need(&flg, blocks * channels * sh.nseg, "flags") < 0
-        || check_levels((const int64_t *)lev.buf, blocks, 1) < 0)
-        goto done;
-    {
-        const uint8_t *q = (const uint8_t *)src.buf, *f = (const uint8_t *)flg.buf;
-        uint8_t *d = (uint8_t *)dst.buf;
-        const int64_t *bl = (const int64_t *)lev.buf;
-        const Py_ssize_t T = tokens, C = channels, nseg = sh.nseg;
-        int oom = 0;
-        Py_BEGIN_ALLOW_THREADS
-        uint8_t *on = (uint8_t *)malloc((size_t)C);
-        for (Py_ssize_t k = 0; k < blocks && on; k++) {
-            const int b = (int)bl[k], h = b / 2;
-            const uint8_t *qk = q + k * T * C;
-            uint8_t *dk = d + k * T * C;
-            int all = 1;
-            for (Py_ssize_t t = 0; t < T; t++) {
-                const uint8_t *row = qk + t * C;
-                uint8_t *out = dk + t * C;
-                if (t % SEGMENT == 0) {  /* a stream's first symbol is stored as it is */
-                    const uint8_t *fk = f + k * C * nseg + t / SEGMENT;
-                    all = 1;
-                    for (Py_ssize_t c = 0; c < C; c++) {
-                        on[c] = fk[c * nseg] != 0;
-                        all &= on[c];
-                    }
-                    memcpy(out, row, (size_t)C);
-                    continue;
-                }
-                /* branch-free over channels, so the loop vectorizes; symbols are < B, so one
-                 * conditional add and one subtract of B make the remainder */
-                if (inverse) {
-                    const uint8_t *prev = out - C;  /* the restored previous symbols */
-                    for (Py_ssize_t c = 0; c < C; c++) {
-                        int v = (int)prev[c] + (int)row[c] - h;
-                        v += b & -(v < 0);
-                        v -= b & -(v >= b);
-                        out[c] = (uint8_t)v;
-                    }
-                } else {
-                    const uint8_t *prev = row - C;
-                    for (Py_ssize_t c = 0; c < C; c++) {
-                        int v = (int)row[c] - (int)prev[c] + h;
-                        v += b & -(v < 0);
-                        v -= b & -(v >= b);
-                        out[c] = (uint8_t)v;
-                    }
-                }
-                if (!all)
-                    for (Py_ssize_t c = 0; c < C; c++) out[c] = on[c] ? out[c] : row[c];
-            }
-        }
-        oom = on == NULL;
-        free(on);
-        Py_END_ALLOW_THREADS
-        if (oom) {
-            PyErr_NoMemory();
-            goto done;
-        }
-    }
-    ret = Py_None;
-    Py_INCREF(ret);
-done:
-    PyBuffer_Release(&src); PyBuffer_Release(&dst); PyBuffer_Release(&lev); PyBuffer_Release(&flg);
-    return ret;
-}
-
 /* ---- encode ----------------------------------------------------------------------------------- */
 
 
@@ -1093,7 +1005,6 @@ static PyMethodDef methods[] = {
     {"choose", choose, METH_VARARGS, choose_doc},
     {"encode", encode, METH_VARARGS, encode_doc},
     {"decode", decode, METH_VARARGS, decode_doc},
-    {"delta", delta, METH_VARARGS, delta_doc},
     {"models", models, METH_VARARGS, models_doc},
     {"quantize", quantize, METH_VARARGS, quantize_doc},
     {"row_sums", row_sums, METH_VARARGS, row_sums_doc},

@@ -2,9 +2,9 @@
 
 Keys change slowly from token to token in some channels (the low-frequency RoPE pairs), so for ~40%
 of the key streams of a real chunk the differences cost fewer bits than the symbols themselves; for
-values almost never. The encoder codes every stream both ways and keeps the cheaper one (by the same
-integer table cost that picks its table); bit 7 of the stream's table byte says which (FORMAT.md
-section 4, "Delta streams"). Containers written before delta streams existed never set that bit, so
+values almost never. The encoder models every stream of the halves its level allows (Level.delta:
+keys) both ways and keeps the cheaper one (by the same integer table cost that picks its table); bit 7
+of the stream's table byte says which (FORMAT.md section 4, "Delta streams"). Containers written before delta streams existed never set that bit, so
 they decode unchanged.
 
 The transform is an integer map on the quantized symbols, done with torch ops on whatever device the
@@ -51,26 +51,10 @@ def _element_flags(flags: np.ndarray | torch.Tensor | None, shape: torch.Size, d
     return per_seg.repeat_interleave(SEGMENT, dim=2)[:, :, :R]
 
 
-def _native_ok(t: torch.Tensor, native: bool) -> bool:
-    return native and t.device.type == "cpu"
-
-
-def _native(src: torch.Tensor, levels: np.ndarray, flags: np.ndarray | None, inverse: bool) -> torch.Tensor:
-    from kvmesh.codecs.cachegen import native as _n
-
-    two, L, R, C = src.shape
-    nseg = -(-R // SEGMENT)
-    f = np.ones(2 * L * C * nseg, np.uint8) if flags is None else np.asarray(flags, dtype=bool).astype(np.uint8)
-    out = _n.delta(src.contiguous().numpy().reshape(2 * L, R, C), np.asarray(levels, np.int64).reshape(-1), f, inverse)
-    return torch.from_numpy(out.reshape(two, L, R, C))
-
-
-def forward(q: torch.Tensor, levels: np.ndarray, flags: np.ndarray | None = None, native: bool = False) -> torch.Tensor:
+def forward(q: torch.Tensor, levels: np.ndarray, flags: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
     """q uint8 [2, L, R, C] (symbols < B of their layer) -> the symbols the streams carry: d for the
-    streams flagged in flags (bool [S]; None = every stream), q for the others.
-    native: run the compiled coder's loop (CPU tensors only; same values)."""
-    if _native_ok(q, native):
-        return _native(q, levels, flags, inverse=False)
+    streams flagged in flags (bool [S]; None = every stream), q for the others. (The compiled coder
+    does the same inside its statistics, encode and decode loops.)"""
     b = _alphabet(levels, q)
     qi = q.to(torch.int32)
     d = torch.remainder(qi[:, :, 1:] - qi[:, :, :-1] + b // 2, b)
@@ -81,10 +65,8 @@ def forward(q: torch.Tensor, levels: np.ndarray, flags: np.ndarray | None = None
     return d if on is None else torch.where(on, d, q)
 
 
-def inverse(d: torch.Tensor, levels: np.ndarray, flags: np.ndarray | None = None, native: bool = False) -> torch.Tensor:
+def inverse(d: torch.Tensor, levels: np.ndarray, flags: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of forward with the same flags: d uint8 [2, L, R, C] -> q uint8 [2, L, R, C]."""
-    if _native_ok(d, native):
-        return _native(d, levels, flags, inverse=True)
     two, L, R, C = d.shape
     b = _alphabet(levels, d)
     e = d.to(torch.int32) - b // 2
@@ -146,7 +128,7 @@ def stream_models(backend: object, q: torch.Tensor, layout: StreamLayout, halves
     flags = np.zeros(layout.num_streams, dtype=bool)
     if not any(halves):
         return center.astype(np.uint8), table.astype(np.uint8), flags
-    hist_d = backend.histogram(forward(q, layout.levels, native=bool(getattr(backend, "native", False))), layout)
+    hist_d = backend.histogram(forward(q, layout.levels), layout)
     center_d, table_d, cost_d = (np.asarray(a) for a in backend.choose_tables(hist_d, layout, with_cost=True))
     flags = (cost_d < cost) & half_mask(layout, halves)
     return (np.where(flags, center_d, center).astype(np.uint8), np.where(flags, table_d, table).astype(np.uint8),

@@ -1,8 +1,10 @@
 """The compiled rANS coder (`_ransc`, built from _ransc.c by setup.py) behind numpy-typed wrappers.
 
-The extension does the per-symbol work of the cachegen CPU path (histogram, center and table
-choice, rANS encode and decode) over a whole chunk, byte-identical to the numpy reference in
-rans.py and backends.py. It is optional: where it was not built (no C compiler at install time),
+The extension does the per-element work of the cachegen CPU path over a whole chunk: the elementwise
+quantize and dequantize steps (quant.py), the protected-row sums (codec.py), histogram, center and
+table choice (alone, or fused with the delta-stream choice of delta.py), rANS encode and decode
+(taking and undoing delta streams' differences on the fly). Every result is identical to the
+torch/numpy reference in quant.py, delta.py, rans.py and backends.py. It is optional: where it was not built (no C compiler at install time),
 or where ``KVMESH_NATIVE=0`` is set, CpuBackend runs the numpy reference. Build it with
 ``pip install -e .`` (scripts/setup.sh does).
 
@@ -215,15 +217,6 @@ def row_sums(h: torch.Tensor) -> torch.Tensor:
     out = np.empty(bits.shape[0], np.float64)
     _ransc.row_sums(bits, bits.shape[0], C, out)
     return torch.from_numpy(out).reshape(h.shape[:-1])
-
-
-def delta(src: np.ndarray, block_levels: np.ndarray, flags: np.ndarray, inverse: bool) -> np.ndarray:
-    """delta.py's transform of src uint8 [blocks, T, C] for the flagged streams (uint8 [blocks, C, nseg])."""
-    blocks, tokens, channels = src.shape
-    out = np.empty_like(src)
-    _ransc.delta(_u8(src), out, blocks, tokens, channels, np.ascontiguousarray(block_levels, dtype=np.int64),
-                 _u8(flags), bool(inverse))
-    return out
 
 
 def _flags(flags: np.ndarray | None, S: int) -> np.ndarray:
