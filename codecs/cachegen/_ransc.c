@@ -262,6 +262,13 @@ static void choose_one(const int64_t *hk, int width, int b, int64_t len, const i
     *least_out = least;
 }
 
+/* Every cost in [0, 2**13]: then choose_one may sum in int32 (see there). */
+static int costs_are_small(const int16_t *cst, Py_ssize_t ncost) {
+    int small = 1;
+    for (Py_ssize_t i = 0; i < ncost; i++) small &= cst[i] >= 0 && cst[i] <= (1 << 13);
+    return small;
+}
+
 PyDoc_STRVAR(choose_doc,
 "choose(hist, width, lengths, stream_levels, cost, cost_offsets, center_out, table_out[, cost_out])\n\n"
 "Per stream (FORMAT.md): center = the smallest m < width with 2*cum[m] >= n_k (0 if none), then\n"
@@ -298,8 +305,7 @@ static PyObject *choose(PyObject *self, PyObject *args) {
         Py_ssize_t missing = -1;
         Py_ssize_t ncost = cost.len / (Py_ssize_t)sizeof(int16_t);
         Py_BEGIN_ALLOW_THREADS
-        int small_costs = 1;
-        for (Py_ssize_t i = 0; i < ncost; i++) small_costs &= cst[i] >= 0 && cst[i] <= (1 << 13);
+        const int small_costs = costs_are_small(cst, ncost);
         for (Py_ssize_t k = 0; k < S && missing < 0; k++) {
             const int64_t *hk = h + k * 256;
             int b = (int)slev[k];
@@ -360,8 +366,7 @@ static PyObject *models(PyObject *self, PyObject *args) {
         int width = 0;
         for (Py_ssize_t k = 0; k < S; k++) width = slev[k] > width ? (int)slev[k] : width;
         Py_BEGIN_ALLOW_THREADS
-        int small_costs = 1;
-        for (Py_ssize_t i = 0; i < ncost; i++) small_costs &= cst[i] >= 0 && cst[i] <= (1 << 13);
+        const int small_costs = costs_are_small(cst, ncost);
         uint32_t cnt[LANES][256], cntd[LANES][256], cnt2[LANES][256], cntd2[LANES][256];
         int64_t hk[256];
         for (Py_ssize_t blk = 0; blk < 2 * layers && missing < 0; blk++) {
@@ -486,6 +491,19 @@ done:
 
 /* ---- quantization, elementwise ------------------------------------------------------------------ */
 
+/* One element of quant.quantize: q = min(max(floor((x - lo) * inv + 0.5), 0), top), each step one
+ * fp32 operation. v stays far inside int32 range (|v| <= ~257 for the groups quant.py builds). */
+static inline uint8_t quant_one(float x, float lo, float inv, float top) {
+    float v = x - lo;
+    v = v * inv;
+    v = v + 0.5f;
+    float f = (float)(int32_t)v;  /* truncation, then one step down for negatives: floor */
+    f = f > v ? f - 1.0f : f;
+    f = f < 0.0f ? 0.0f : f;
+    f = f > top ? top : f;
+    return (uint8_t)f;
+}
+
 PyDoc_STRVAR(quantize_doc,
 "quantize(x, layers, tokens, channels, lo, inv, bm1, per_channel, q_out)\n\n"
 "The elementwise step of quant.quantize, fused: q = uint8(min(max(floor((x - lo) * inv + 0.5), 0), Bm1)),\n"
@@ -524,29 +542,10 @@ static PyObject *quantize(PyObject *self, PyObject *args) {
                 if (per_channel) {
                     const Py_ssize_t g = (l * nseg + t / SEGMENT) * C;
                     const float *lr = lo + g, *ir = inv + g;
-                    for (Py_ssize_t c = 0; c < C; c++) {
-                        float v = xr[c] - lr[c];
-                        v = v * ir[c];
-                        v = v + 0.5f;
-                        /* floor, then clamp to [0, Bm1]: v is finite and far inside int range here */
-                        float f = (float)(int32_t)v;
-                        f = f > v ? f - 1.0f : f;
-                        f = f < 0.0f ? 0.0f : f;
-                        f = f > top ? top : f;
-                        qr[c] = (uint8_t)f;
-                    }
+                    for (Py_ssize_t c = 0; c < C; c++) qr[c] = quant_one(xr[c], lr[c], ir[c], top);
                 } else {
                     const float lr = lo[l * T + t], ir = inv[l * T + t];
-                    for (Py_ssize_t c = 0; c < C; c++) {
-                        float v = xr[c] - lr;
-                        v = v * ir;
-                        v = v + 0.5f;
-                        float f = (float)(int32_t)v;
-                        f = f > v ? f - 1.0f : f;
-                        f = f < 0.0f ? 0.0f : f;
-                        f = f > top ? top : f;
-                        qr[c] = (uint8_t)f;
-                    }
+                    for (Py_ssize_t c = 0; c < C; c++) qr[c] = quant_one(xr[c], lr, ir, top);
                 }
             }
         }
