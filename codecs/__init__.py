@@ -4,7 +4,12 @@
     codec = get_codec("cachegen", backend="auto")   # "auto" | "cpu" | "triton"
     blob = codec.encode(kv)                          # kv [2, layers, tokens, channels]
     kv2 = codec.decode(blob)
+
+    # cachegen rounds keys where the serving model's queries look least when given its query profile
+    # (kvmesh.engine.query_profile computes one; the container and the decoder do not change)
+    codec = get_codec("cachegen", key_profile=QueryProfile.load("smollm2.npz"))
 """
+from kvmesh.codecs.cachegen.rounding import QueryProfile
 from kvmesh.codecs.errors import CodecError
 from kvmesh.codecs.registry import (
     ContainerInfo,
@@ -13,6 +18,7 @@ from kvmesh.codecs.registry import (
     get_codec,
     inspect,
     max_encoded_size,
+    method_options,
     register,
 )
 from kvmesh.codecs import methods as _methods  # noqa: F401  (registers the built-in methods)
@@ -25,5 +31,7 @@ __all__ = [
     "get_codec",
     "inspect",
     "max_encoded_size",
+    "method_options",
+    "QueryProfile",
     "register",
 ]

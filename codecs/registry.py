@@ -20,23 +20,25 @@ class _Method:
     codec_id: int
     level_id: int
     level_name: str
-    factory: Callable[[str], Codec]  # backend ("cpu" | "triton") -> codec
+    factory: Callable[..., Codec]  # (backend ("cpu" | "triton"), **options) -> codec
     backends: tuple[str, ...]  # the backends the method has
+    options: tuple[str, ...] = ()  # the keyword options its factory takes (get_codec passes them on)
 
 
 _METHODS: dict[str, _Method] = {}
 _LEVEL_ALIASES: dict[str, dict[str, str]] = {}  # base name -> {level name or alias -> method name}
 
 
-def register(name: str, codec_id: int, factory: Callable[[str], Codec], *, level_id: int = 0,
+def register(name: str, codec_id: int, factory: Callable[..., Codec], *, level_id: int = 0,
              level_name: str = "default", base: str | None = None, aliases: tuple[str, ...] = (),
-             backends: tuple[str, ...] = ("cpu", "triton")) -> None:
+             backends: tuple[str, ...] = ("cpu", "triton"), options: tuple[str, ...] = ()) -> None:
     """Registers a method; `base` groups levels of one codec so get_codec(base, level=...) finds them.
 
     `backends` lists the backends the method has: "auto" picks Triton on a GPU only for methods
-    that have it, and asking a CPU-only method for "triton" is an error.
+    that have it, and asking a CPU-only method for "triton" is an error. `options` names the keyword
+    options the factory accepts (for cachegen: key_profile).
     """
-    _METHODS[name] = _Method(name, codec_id, level_id, level_name, factory, backends)
+    _METHODS[name] = _Method(name, codec_id, level_id, level_name, factory, backends, options)
     levels = _LEVEL_ALIASES.setdefault(base or name, {})
     for key in (level_name, *aliases):
         levels[key] = name
@@ -45,6 +47,13 @@ def register(name: str, codec_id: int, factory: Callable[[str], Codec], *, level
 def available_methods() -> list[str]:
     """Every method name get_codec accepts."""
     return list(_METHODS)
+
+
+def method_options(name: str) -> tuple[str, ...]:
+    """The keyword options get_codec accepts for method `name` (e.g. cachegen's key_profile)."""
+    if name not in _METHODS:
+        raise CodecError(f"unknown codec method {name!r}; available: {', '.join(_METHODS)}")
+    return _METHODS[name].options
 
 
 def method_for_ids(codec_id: int, level_id: int) -> str:
@@ -66,8 +75,11 @@ def _resolve_backend(method: _Method, backend: str) -> str:
     return backend
 
 
-def get_codec(name: str, backend: str = "auto", level: str | None = None) -> Codec:
-    """Returns the codec registered as `name` (optionally at a named level) on the given backend."""
+def get_codec(name: str, backend: str = "auto", level: str | None = None, **options: object) -> Codec:
+    """Returns the codec registered as `name` (optionally at a named level) on the given backend.
+
+    options: the method's keyword options (method_options(name)), e.g. cachegen's
+    ``key_profile=QueryProfile | path``; an option the method does not take is a CodecError."""
     if name not in _METHODS:
         raise CodecError(f"unknown codec method {name!r}; available: {', '.join(_METHODS)}")
     if level is not None:
@@ -79,7 +91,12 @@ def get_codec(name: str, backend: str = "auto", level: str | None = None) -> Cod
             raise CodecError(f"method {name!r} is already level {_METHODS[name].level_name!r}, not {level!r}")
         name = levels[level]
     method = _METHODS[name]
-    return method.factory(_resolve_backend(method, backend))
+    unknown = sorted(k for k in options if k not in method.options)
+    if unknown:
+        takes = ", ".join(method.options) or "none"
+        raise CodecError(f"method {name!r} takes no option {', '.join(map(repr, unknown))}; its options: {takes}")
+    given = {k: v for k, v in options.items() if v is not None}
+    return method.factory(_resolve_backend(method, backend), **given)
 
 
 @dataclass(frozen=True)

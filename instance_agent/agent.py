@@ -82,7 +82,7 @@ class InstanceAgent:
             self._metrics_port_explicit = extra is not None
         else:
             self._metrics_port_wanted, self._metrics_port_explicit = metrics_port, True
-        self.codecs = CodecSet(extra_codecs)
+        self.codecs = CodecSet(extra_codecs, {"key_profile": config.key_profile()})
         self.metrics = AgentMetrics()
         self.locations: dict[str, StorageBackend] = {}
         self._locks = KeyedLocks()

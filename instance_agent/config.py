@@ -77,6 +77,19 @@ class AgentConfig:
     def max_local_disk_bytes(self) -> int:
         return int(self.max_local_disk_size * GIB)
 
+    def key_profile(self) -> Any:
+        """The QueryProfile named by extra_config.cachegen_key_profile (a .npz path), or None: cachegen
+        then rounds keys along the served model's queries (kvmesh.engine.profile makes one)."""
+        path = self.extra_config.get("cachegen_key_profile")
+        if not path:
+            return None
+        from kvmesh.codecs import CodecError, QueryProfile
+
+        try:
+            return QueryProfile.load(os.path.expanduser(str(path)))
+        except CodecError as e:
+            raise ConfigError(f"config key 'extra_config.cachegen_key_profile': {e}") from None
+
     @property
     def max_tokens(self) -> int:
         return int(self.extra_config.get("max_tokens", DEFAULT_MAX_TOKENS))

@@ -30,9 +30,12 @@ class CodecSet:
     ``extra`` are used as given.
     """
 
-    def __init__(self, extra: Mapping[str, Codec] | None = None) -> None:
+    def __init__(self, extra: Mapping[str, Codec] | None = None, options: Mapping[str, object] | None = None) -> None:
+        """options: keyword options for the registry's codecs, each passed to the methods that take
+        it (codecs.method_options), e.g. {"key_profile": QueryProfile} for the cachegen levels."""
         self._extra = dict(extra or {})
         self._registry = codecs
+        self._options = {k: v for k, v in (options or {}).items() if v is not None}
         self._local = threading.local()
 
     def available(self) -> list[str]:
@@ -56,6 +59,8 @@ class CodecSet:
         if codec is not None:
             return codec
         self.check(method)
-        codec = self._registry.get_codec(method)  # "auto": Triton on a GPU for methods that have it
+        takes = self._registry.method_options(method)
+        opts = {k: v for k, v in self._options.items() if k in takes}
+        codec = self._registry.get_codec(method, **opts)  # "auto": Triton on a GPU for methods that have it
         cache[method] = codec
         return codec

@@ -3,7 +3,8 @@
  * Byte-identical to the numpy reference in rans.py and backends.py, which stays as the fallback
  * (native.py loads this module and wraps it). Besides the coder: the elementwise quantize and
  * dequantize steps of quant.py (single IEEE fp32 operations, built with -ffp-contract=off so none is
- * fused), the exact row sums of the protected-row rule, and delta streams (delta.py) inside the
+ * fused), query-aware key rounding (rounding.py), the exact row sums of the protected-row rule,
+ * and delta streams (delta.py) inside the
  * statistics, encode and decode loops. Only the Python C API and the buffer protocol are
  * used: pip builds this with build isolation, where numpy's headers are absent.
  *
@@ -559,6 +560,111 @@ done:
     return ret;
 }
 
+PyDoc_STRVAR(round_keys_doc,
+"round_keys(x, layers, tokens, channels, lo, inv, step, bm1, cols, factor, recip, heads, head_dim, q_out)\n\n"
+"rounding.round_keys for a per-channel grid: per (layer, token, head) the channels are rounded in the\n"
+"order cols gives, each one's error fed to the later ones along the profile factor. Every step one\n"
+"IEEE fp32 operation in the reference's order (built with -ffp-contract=off), so the symbols equal\n"
+"the torch reference's. x fp32 [L, T, C]; lo, inv, step fp32 [L, nseg, C]; bm1 fp32 [L]; cols int64\n"
+"[L, C] (head h's channels in rounding order at h*head_dim ..); factor fp32 [L, heads, D, D]; recip\n"
+"fp32 [L, heads, D]: the reciprocals of factor's diagonal.");
+
+/* One block of up to RK_TOKENS tokens (t0 ..) of one (layer, head): rounding.round_keys' loop, with
+ * the error feedback across the block's tokens (contiguous, fixed length: vectorised). buf: scratch
+ * [D][RK_TOKENS]. Each product is rounded before its difference (-ffp-contract=off: no FMA). */
+#define RK_TOKENS 32
+static void rk_block(float *restrict buf, const float *x, uint8_t *q, const int64_t *cr, const float *f,
+                     const float *r, const float *lo, const float *inv, const float *st, float top,
+                     Py_ssize_t l, Py_ssize_t t0, Py_ssize_t nt, Py_ssize_t T, Py_ssize_t C, Py_ssize_t nseg,
+                     Py_ssize_t D) {
+    for (Py_ssize_t k = 0; k < D; k++)
+        for (Py_ssize_t i = 0; i < RK_TOKENS; i++)
+            buf[k * RK_TOKENS + i] = i < nt ? x[(l * T + t0 + i) * C + cr[k]] : 0.0f;
+    for (Py_ssize_t k = 0; k < D; k++) {
+        const Py_ssize_t c = cr[k];
+        const float rk = r[k];
+        const float *bk = buf + k * RK_TOKENS;
+        float e[RK_TOKENS] = {0};
+        for (Py_ssize_t i = 0; i < nt; i++) {
+            const Py_ssize_t t = t0 + i, g = (l * nseg + t / SEGMENT) * C + c;
+            const uint8_t v = quant_one(bk[i], lo[g], inv[g], top);
+            q[(l * T + t) * C + c] = v;
+            float y = (float)v * st[g];
+            y = y + lo[g];
+            const float d = bk[i] - y;
+            e[i] = d * rk;
+        }
+        const float *fr = f + k * D;
+        for (Py_ssize_t j = k + 1; j < D; j++) {
+            const float fj = fr[j];
+            float *restrict bj = buf + j * RK_TOKENS;
+            for (Py_ssize_t i = 0; i < RK_TOKENS; i++) {
+                const float u = e[i] * fj;
+                bj[i] = bj[i] - u;
+            }
+        }
+    }
+}
+
+static PyObject *round_keys(PyObject *self, PyObject *args) {
+    Py_buffer xb = {0}, lob = {0}, invb = {0}, stb = {0}, bmb = {0}, colb = {0}, fb = {0}, rb = {0}, qb = {0};
+    Py_ssize_t layers, tokens, channels, heads, hd;
+    Shape sh;
+    PyObject *ret = NULL;
+    float *buf = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnny*y*y*y*y*y*y*nnw*", &xb, &layers, &tokens, &channels, &lob, &invb, &stb,
+                          &bmb, &colb, &fb, &rb, &heads, &hd, &qb))
+        return NULL;
+    if (shape_from(layers, tokens, channels, &sh) < 0) goto done;
+    if (heads < 1 || hd < 1 || heads * hd != channels) {
+        PyErr_SetString(PyExc_ValueError, "heads * head_dim must equal channels");
+        goto done;
+    }
+    Py_ssize_t n = layers * tokens * channels, groups = layers * sh.nseg * channels;
+    if (need(&xb, n * (Py_ssize_t)sizeof(float), "x") < 0 || need(&qb, n, "q") < 0
+        || need(&lob, groups * (Py_ssize_t)sizeof(float), "lo") < 0
+        || need(&invb, groups * (Py_ssize_t)sizeof(float), "inv") < 0
+        || need(&stb, groups * (Py_ssize_t)sizeof(float), "step") < 0
+        || need(&bmb, layers * (Py_ssize_t)sizeof(float), "bm1") < 0
+        || need(&colb, layers * channels * (Py_ssize_t)sizeof(int64_t), "cols") < 0
+        || need(&fb, layers * heads * hd * hd * (Py_ssize_t)sizeof(float), "factor") < 0
+        || need(&rb, layers * heads * hd * (Py_ssize_t)sizeof(float), "recip") < 0)
+        goto done;
+    {
+        const int64_t *cols = (const int64_t *)colb.buf;
+        for (Py_ssize_t i = 0; i < layers * channels; i++)
+            if (cols[i] < 0 || cols[i] >= channels) {
+                PyErr_SetString(PyExc_ValueError, "cols holds a channel out of range");
+                goto done;
+            }
+    }
+    buf = (float *)PyMem_RawCalloc((size_t)hd * RK_TOKENS, sizeof(float));
+    if (buf == NULL) { PyErr_NoMemory(); goto done; }
+    {
+        const float *x = (const float *)xb.buf, *lo = (const float *)lob.buf, *inv = (const float *)invb.buf;
+        const float *st = (const float *)stb.buf, *bm = (const float *)bmb.buf, *F = (const float *)fb.buf;
+        const float *R = (const float *)rb.buf;
+        const int64_t *cols = (const int64_t *)colb.buf;
+        uint8_t *q = (uint8_t *)qb.buf;
+        const Py_ssize_t T = tokens, C = channels, D = hd;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t l = 0; l < layers; l++)
+            for (Py_ssize_t h = 0; h < heads; h++)
+                for (Py_ssize_t t0 = 0; t0 < T; t0 += RK_TOKENS)
+                    rk_block(buf, x, q, cols + l * C + h * D, F + (l * heads + h) * D * D, R + (l * heads + h) * D,
+                             lo, inv, st, bm[l], l, t0, T - t0 < RK_TOKENS ? T - t0 : RK_TOKENS, T, C, sh.nseg, D);
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyMem_RawFree(buf);
+    PyBuffer_Release(&xb); PyBuffer_Release(&lob); PyBuffer_Release(&invb); PyBuffer_Release(&stb);
+    PyBuffer_Release(&bmb); PyBuffer_Release(&colb); PyBuffer_Release(&fb); PyBuffer_Release(&rb);
+    PyBuffer_Release(&qb);
+    return ret;
+}
+
 PyDoc_STRVAR(dequantize_doc,
 "dequantize(q, layers, tokens, channels, lo, step, per_channel, y_out)\n\n"
 "quant.dequantize's elementwise step in one pass: y = float(q) * step + lo (two IEEE fp32 operations,\n"
@@ -1008,6 +1114,7 @@ static PyMethodDef methods[] = {
     {"quantize", quantize, METH_VARARGS, quantize_doc},
     {"row_sums", row_sums, METH_VARARGS, row_sums_doc},
     {"dequantize", dequantize, METH_VARARGS, dequantize_doc},
+    {"round_keys", round_keys, METH_VARARGS, round_keys_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -16,6 +16,7 @@ from kvmesh.codecs.cachegen import delta as _delta
 from kvmesh.codecs.cachegen import native as _native
 from kvmesh.codecs.cachegen import quant, rans
 from kvmesh.codecs.cachegen.layout import StreamLayout, element_stream_ids, from_streams, to_streams
+from kvmesh.codecs.cachegen.rounding import QueryProfile, quantize_keys
 from kvmesh.codecs.cachegen.tables import alphabet_tables
 from kvmesh.codecs.errors import CodecError
 
@@ -34,12 +35,16 @@ class CpuBackend:
         # the quantizer already returns contiguous CPU uint8: no copy in the usual case
         return q.detach().cpu().contiguous().numpy()
 
-    def quantize(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
-        """x fp32 [2, L, T, C] -> (q uint8 [2, L, T, C], [key side tensors, value side tensors])."""
+    def quantize(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int],
+                 key_profile: QueryProfile | None = None) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        """x fp32 [2, L, T, C] -> (q uint8 [2, L, T, C], [key side tensors, value side tensors]).
+        key_profile: the keys' symbols are rounded along it (rounding.py); same grid and side tensors."""
         lv = torch.from_numpy(levels.astype(np.float32))
         if not self.native:
             qk, sk = quant.quantize(x[0], lv[0], modes[0])
             qv, sv = quant.quantize(x[1], lv[1], modes[1])
+            if key_profile is not None:
+                qk = quantize_keys(x[0], sk, lv[0], modes[0], key_profile)
             return torch.stack([qk, qv]), [sk, sv]
         # the per-group part in torch, the elementwise part in one compiled pass (same values)
         x = x.to(torch.float32).contiguous()
@@ -48,7 +53,10 @@ class CpuBackend:
         for i in (0, 1):
             side, lo, inv, bm1 = quant.quantize_params(x[i], lv[i], modes[i])
             per_channel = modes[i] in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP)
-            q[i] = _native.quantize(x[i], lo, inv, bm1, per_channel)
+            if i == 0 and key_profile is not None:
+                q[i] = quantize_keys(x[i], side, lv[i], modes[i], key_profile, native=True)
+            else:
+                q[i] = _native.quantize(x[i], lo, inv, bm1, per_channel)
             sides.append(side)
         return q, sides
 

@@ -24,6 +24,7 @@ The statistic is an exact float64 sum, the median a selection: every device pick
 """
 from __future__ import annotations
 
+import os
 import struct
 
 import numpy as np
@@ -35,6 +36,7 @@ from kvmesh.codecs.cachegen import delta, quant
 from kvmesh.codecs.cachegen.backends import CpuBackend
 from kvmesh.codecs.cachegen.layout import StreamLayout, stream_layout
 from kvmesh.codecs.cachegen.levels import LEVELS, Level
+from kvmesh.codecs.cachegen.rounding import QueryProfile
 from kvmesh.codecs.cachegen.tables import NUM_TABLES, TABLE_FAMILY_VERSION
 from kvmesh.codecs.errors import CodecError
 
@@ -164,11 +166,15 @@ def _tensors_from(raw: memoryview, spec: list[tuple[tuple[int, ...], torch.dtype
 class CacheGenCodec(Codec):
     codec_id = CODEC_ID
 
-    def __init__(self, level: Level, backend: object | None = None) -> None:
+    def __init__(self, level: Level, backend: object | None = None, key_profile: QueryProfile | None = None) -> None:
+        """key_profile: the serving model's query profile (rounding.py). The encoder then rounds keys
+        along it: same format and decoder, fewer errors where the model's queries look. Without one,
+        keys round to their nearest level."""
         self.level = level
         self.level_id = level.level_id
         self.name = "cachegen" if level.name == "default" else f"cachegen-{level.name}"
         self.backend = backend if backend is not None else CpuBackend()
+        self.key_profile = key_profile
 
     # -- encode ----------------------------------------------------------------------------------
     def encode(self, kv: torch.Tensor) -> bytes:
@@ -176,6 +182,8 @@ class CacheGenCodec(Codec):
         if float(kv.abs().amax()) > quant.FP16_MAX:
             raise CodecError("cachegen stores fp16 bounds: values beyond +-65504 cannot be encoded (use 'lossless')")
         _, L, T, C = kv.shape
+        if self.key_profile is not None:
+            self.key_profile.check(L, C)
         levels = self.level.levels_for(L)
         modes = (self.level.key_mode, self.level.value_mode)
         lead = min(self.level.lead_tokens, T)
@@ -188,7 +196,7 @@ class CacheGenCodec(Codec):
             sections = [params, lead_sec, b"", b"", b"", pack_uints(np.zeros(0, np.int64)), b""]
         else:
             layout = stream_layout(L, rest, C, levels)
-            q, sides = self.backend.quantize(x[:, :, lead:], levels, modes)
+            q, sides = self.backend.quantize(x[:, :, lead:], levels, modes, key_profile=self.key_profile)
             center, table, flags = self.backend.stream_models(q, layout, self.level.delta)
             words, counts = self.backend.rans_encode(q, center, table, layout, flags)
             meta = center.tobytes() + (table | (flags.astype(np.uint8) << 7)).tobytes()
@@ -287,12 +295,17 @@ class CacheGenCodec(Codec):
                 + sides + 2 * streams + counts + words + protected)
 
 
-def make_codec(level_name: str, backend: str) -> CacheGenCodec:
+def make_codec(level_name: str, backend: str, key_profile: QueryProfile | str | os.PathLike | None = None) -> CacheGenCodec:
+    """key_profile: a QueryProfile or the path of one saved with QueryProfile.save."""
     level = LEVELS[level_name]
+    if key_profile is not None and not isinstance(key_profile, QueryProfile):
+        if not isinstance(key_profile, (str, os.PathLike)):
+            raise CodecError(f"key_profile must be a QueryProfile or a file path, got {type(key_profile).__name__}")
+        key_profile = QueryProfile.load(key_profile)
     if backend == "triton":
         try:
             from kvmesh.codecs.cachegen.triton_backend import TritonBackend
         except ImportError as e:
             raise CodecError(f"the triton backend is not available: {e}") from None
-        return CacheGenCodec(level, TritonBackend())
-    return CacheGenCodec(level)
+        return CacheGenCodec(level, TritonBackend(), key_profile)
+    return CacheGenCodec(level, key_profile=key_profile)

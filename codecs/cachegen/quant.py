@@ -139,12 +139,20 @@ def quantize_params(x: torch.Tensor, levels: torch.Tensor, mode: int
         side = [fp16_round_up(torch.amax(torch.abs(x), dim=2))]
     else:
         raise ValueError(f"unknown quantization mode {mode}")
+    lo, inv, _, bm1 = grid(side, levels, mode)
+    return side, lo, inv, bm1
+
+
+def grid(side: list[torch.Tensor], levels: torch.Tensor, mode: int
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lo, inv, step, Bm1) fp32 of the groups the side tensors describe, shaped to broadcast against
+    the mode's view of x: quantize uses lo and inv, dequantize lo and step."""
     lo, d = _groups(side, mode)
-    bm1 = (levels - 1.0).reshape((x.shape[0],) + (1,) * (d.dim() - 1))
+    bm1 = (levels - 1.0).reshape((levels.shape[0],) + (1,) * (d.dim() - 1))
     flat = d > 0
     inv = bm1 / torch.where(flat, d, torch.ones_like(d))
     inv = torch.where(flat, inv, torch.zeros_like(inv))
-    return side, lo, inv, bm1
+    return lo, inv, d / bm1, bm1
 
 
 def quantize(x: torch.Tensor, levels: torch.Tensor, mode: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -170,9 +178,8 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, mode: int) -> tuple[torch.Te
 
 def dequantize_params(side: list[torch.Tensor], levels: torch.Tensor, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(lo fp32, step fp32) per group, shaped to broadcast against the mode's view of x (see quantize_params)."""
-    lo, d = _groups(side, mode)
-    bm1 = (levels - 1.0).reshape((levels.shape[0],) + (1,) * (d.dim() - 1))
-    return lo, d / bm1
+    lo, _, step, _ = grid(side, levels, mode)
+    return lo, step
 
 
 def dequantize(q: torch.Tensor, side: list[torch.Tensor], levels: torch.Tensor, mode: int) -> torch.Tensor:

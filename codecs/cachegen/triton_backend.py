@@ -16,6 +16,7 @@ from kvmesh.codecs.cachegen import delta, quant, rans
 from kvmesh.codecs.cachegen import triton_quant as tq
 from kvmesh.codecs.cachegen import triton_rans as tr
 from kvmesh.codecs.cachegen.layout import StreamLayout
+from kvmesh.codecs.cachegen.rounding import QueryProfile, quantize_keys
 from kvmesh.codecs.cachegen.tables import NUM_TABLES, alphabet_tables
 from kvmesh.codecs.errors import CodecError
 
@@ -141,16 +142,20 @@ class TritonBackend:
         return t.to(device=self.device, dtype=dtype).contiguous()
 
     # -- quantization --------------------------------------------------------------------------------
-    def quantize(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int]
-                 ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    def quantize(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int],
+                 key_profile: QueryProfile | None = None) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """x [2, L, T, C] fp16/bf16/fp32 -> (q uint8 [2, L, T, C], [key side tensors, value side tensors]).
 
-        Reads x in its own dtype: converting to fp32 first is exact, so it would only cost a pass."""
+        Reads x in its own dtype: converting to fp32 first is exact, so it would only cost a pass.
+        key_profile: the keys' symbols are rounded along it by rounding.round_keys' torch ops on the
+        device (single IEEE fp32 operations: the CPU's symbols); a fused kernel is left to do."""
         x = x.to(self.device).contiguous()
         lv = self._levels_on_device(levels)
         q = torch.empty(x.shape, dtype=torch.uint8, device=self.device)
         _, sk = tq.quantize(x[0], lv[0], modes[0], self.interpret, q=q[0])
         _, sv = tq.quantize(x[1], lv[1], modes[1], self.interpret, q=q[1])
+        if key_profile is not None:
+            q[0] = quantize_keys(x[0].to(torch.float32), sk, lv[0], modes[0], key_profile)
         return q, [sk, sv]
 
     def dequantize(self, q: torch.Tensor, sides: list[list[torch.Tensor]], levels: np.ndarray,
