@@ -3,6 +3,9 @@
     python bench/bench_codecs.py [--source botchan|heldout|both] [--windows 8] [--methods a,b] [--speed-chunks 4]
     python bench/bench_codecs.py --speed-only [--methods cachegen,cachegen-hq]   # ~1 minute
 
+A method name ending in ``+qp`` (``cachegen+qp``) is that codec with SmolLM2's query profile measured
+on a third text (bench/realkv.py ``query_profile``): its keys are rounded along the model's queries.
+
 Per method and level it prints one markdown row: bytes per 256-token chunk, ratio vs fp16, bits per
 element, NLL change and top-1 agreement (bench/realkv.py's evaluation: 1,024 context tokens replaced
 by the codec's round trip, 256 continuation tokens), and single-thread CPU encode/decode MB/s of fp16
@@ -42,9 +45,15 @@ SECTION_NAMES = {
 }
 
 
+def make_codec(name: str, backend: str = "cpu") -> object:
+    """get_codec, where a name ending in '+qp' gets SmolLM2's query profile (realkv.query_profile)."""
+    opts = {"key_profile": realkv.query_profile()} if name.endswith(realkv.PROFILED) else {}
+    return get_codec(name.removesuffix(realkv.PROFILED), backend=backend, **opts)
+
+
 def where_bytes_go(name: str, chunks: list[torch.Tensor]) -> dict[str, float]:
     """Mean bytes per chunk by container section (plus 'header': fixed header, section table, CRC)."""
-    codec = get_codec(name, backend="cpu")
+    codec = make_codec(name)
     totals: dict[str, float] = {}
     for chunk in chunks:
         blob = codec.encode(chunk)
@@ -76,7 +85,7 @@ def cpu_speed(name: str, chunks: list[torch.Tensor], native: bool = True, passes
     torch.set_num_threads(1)
     try:
         with native_coder(native):
-            codec = get_codec(name, backend="cpu")
+            codec = make_codec(name)
         raw = sum(c.numel() * c.element_size() for c in chunks)
         blobs = [codec.encode(c) for c in chunks]  # warm-up (table caches)
         enc = dec = float("inf")
@@ -104,6 +113,8 @@ def speed_table(methods: list[str], chunks: list[torch.Tensor]) -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for m in methods:
         paths = [("compiled", True), ("numpy", False)] if m.startswith("cachegen") else [("-", True)]
+        if m.endswith(realkv.PROFILED):
+            paths = paths[:1]  # the numpy reference of the key rounding is torch ops: a correctness reference only
         speeds = {}
         for label, flag in paths:
             if flag and label == "compiled" and not native.available():

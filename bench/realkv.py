@@ -78,6 +78,8 @@ _RECORD_VERSION = 1
 SOURCES: dict[str, tuple[str, str, str]] = {
     "botchan": ("sentencepiece==0.2.3", "sentencepiece-0.2.3/test/botchan.txt", "botchan.txt"),
     "heldout": ("brotli==1.2.1", "brotli-1.2.1/tests/testdata/alice29.txt", "alice29.txt"),
+    # calibration only (the query profile of cachegen's key rounding): neither evaluation text
+    "calibration": ("brotli==1.2.1", "brotli-1.2.1/tests/testdata/lcet10.txt", "lcet10.txt"),
 }
 
 REPO = Path(__file__).resolve().parent.parent
@@ -313,12 +315,33 @@ def evaluate(encode: Callable[[torch.Tensor], bytes], decode: Callable[[bytes], 
     }
 
 
+PROFILED = "+qp"  # method-name suffix: the codec rounds keys along the model's query profile
+
+
+def query_profile(source: str = "calibration", n: int = 8) -> Any:
+    """SmolLM2's query profile (kvmesh.engine.profile) measured on ``n`` windows of ``source``
+    (default: the calibration text, *lcet10* of the Canterbury corpus, neither evaluation text);
+    cached under ``$KVMESH_CACHE_DIR/profiles/``."""
+    from kvmesh.codecs import QueryProfile
+    from kvmesh.engine.profile import query_profile as measure
+
+    path = cache_dir() / "profiles" / f"smollm2-{source}-{n}.npz"
+    if path.is_file():
+        return QueryProfile.load(path)
+    model, _ = _model()
+    profile = measure(model, windows(source, n))
+    profile.save(path)
+    return profile
+
+
 def evaluate_codec(name: str, source: str = "botchan", n_windows: int = 8, backend: str = "cpu",
                    level: str | None = None) -> dict[str, Any]:
-    """:func:`evaluate` for a method registered in ``kvmesh.codecs``."""
+    """:func:`evaluate` for a method registered in ``kvmesh.codecs``; a name ending in ``+qp`` is
+    that method with the model's query profile (:func:`query_profile`)."""
     from kvmesh.codecs import get_codec
 
-    codec = get_codec(name, backend=backend, level=level)
+    opts = {"key_profile": query_profile()} if name.endswith(PROFILED) else {}
+    codec = get_codec(name.removesuffix(PROFILED), backend=backend, level=level, **opts)
     return evaluate(codec.encode, codec.decode, source, n_windows)
 
 

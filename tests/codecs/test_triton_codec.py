@@ -100,3 +100,18 @@ def test_triton_decode_rejects_corruption() -> None:
             tri.decode(bytes(bad))
     with pytest.raises(CodecError):
         tri.decode(bytes(blob[:-5]))
+
+
+@pytest.mark.parametrize("method", ["cachegen", "cachegen-hq"])
+def test_bytes_identical_with_a_query_profile(method: str) -> None:
+    """Keys rounded along a query profile (rounding.py): the device runs the same fp32 steps."""
+    from kvmesh.codecs import QueryProfile
+    from tests.codecs.test_key_rounding import correlated_moments
+
+    profile = QueryProfile(correlated_moments(2, 3, 8, seed=7))
+    kv = kv_like(2, 259, 24, dtype=torch.float16, seed=11)
+    cpu = get_codec(method, backend="cpu", key_profile=profile)
+    tri = get_codec(method, backend="triton", key_profile=profile)
+    want = cpu.encode(kv)
+    assert want != get_codec(method, backend="cpu").encode(kv)  # the profile changed some key symbols
+    assert tri.encode(kv.to(DEVICE)) == want
