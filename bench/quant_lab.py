@@ -247,12 +247,41 @@ def exp_reconstruction() -> list[tuple[str, Half | None, Half | None]]:
     ]
 
 
+def rounded_keys(levels: np.ndarray | list[int], profile: object) -> Half:
+    """The frozen key quantizer (mode 3), symbols chosen by cachegen's query-aware rounding (rounding.py)."""
+    from kvmesh.codecs.cachegen.rounding import quantize_keys
+
+    levels = np.asarray(levels)
+    lvt = torch.tensor(levels, dtype=torch.float32)
+    mode = quant.MODE_CHANNEL_SHARED_STEP
+
+    def half(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        _, side = quant.quantize(x, lvt, mode)
+        q = quantize_keys(x.contiguous(), side, lvt, mode, profile, native=_BACKEND.native)
+        return quant.dequantize(q, side, lvt, mode), coded_bytes(q, levels) + _side_bytes(side)
+    return half
+
+
+def exp_query_rounding() -> list[tuple[str, Half | None, Half | None]]:
+    """Keys rounded along the model's query profile (measured on the calibration text, rk.query_profile)."""
+    p = rk.query_profile()
+    v = protect(values(DEFAULT[1]), 0.35)
+    rows: list[tuple[str, Half | None, Half | None]] = []
+    for b in (12, 16, 24):
+        rows += [(f"K {b}, V exact", keys([b] * 30), None), (f"K {b} rounded along the profile, V exact", rounded_keys([b] * 30, p), None)]
+    rows += [("default level (K 20/28/14, V 7 + sinks)", keys(DEFAULT[0]), v),
+             ("default level, keys rounded along the profile", rounded_keys(DEFAULT[0], p), v),
+             ("K 16/24/12 rounded, V 7 + sinks", rounded_keys([16] * 10 + [24] * 15 + [12] * 5, p), v)]
+    return rows
+
+
 EXPERIMENTS: dict[str, Callable[[], list[tuple[str, Half | None, Half | None]]]] = {
     "baseline": exp_baseline,
     "sensitivity": exp_sensitivity,
     "sinks": exp_sinks,
     "query-weights": exp_query_weights,
     "reconstruction": exp_reconstruction,
+    "query-rounding": exp_query_rounding,
 }
 
 
