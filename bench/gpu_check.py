@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,6 +83,15 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
                                 torch.float32: torch.int32}[t.dtype])
 
 
+def synthetic_profile(layers: int, channels: int, seed: int = 0) -> object:
+    """A query profile (rounding.QueryProfile) with a few dominant directions, one head of `channels`."""
+    from kvmesh.codecs import QueryProfile
+
+    g = np.random.default_rng(seed)
+    a = g.standard_normal((layers, 1, channels, 3)) * 4.0
+    return QueryProfile(a @ np.swapaxes(a, 2, 3) + 0.05 * np.eye(channels))
+
+
 class Checker:
     def __init__(self, device: torch.device) -> None:
         from kvmesh.codecs import get_codec
@@ -93,16 +103,27 @@ class Checker:
         self.failures: list[str] = []
         self.rows: list[str] = []
 
+    def codecs_for(self, m: str, kv: torch.Tensor) -> tuple[object, object]:
+        """(CPU codec, GPU codec) of method m; 'cachegen+qp': keys rounded along a synthetic query profile
+        (one head of all the channels) made for kv's shape."""
+        if not m.endswith("+qp"):
+            return self.cpu[m], self.gpu[m]
+        from kvmesh.codecs import get_codec
+
+        p = synthetic_profile(kv.shape[1], kv.shape[3])
+        return (get_codec(m[:-3], backend="cpu", key_profile=p), get_codec(m[:-3], backend="triton", key_profile=p))
+
     def check(self, label: str, kv: torch.Tensor, methods: list[str] | None = None) -> None:
-        for m in methods or self.methods:
+        for m in methods or self.methods + ["cachegen+qp"]:
             t0 = time.perf_counter()
-            want = self.cpu[m].encode(kv)
-            got = self.gpu[m].encode(kv.to(self.device))
+            cpu, gpu = self.codecs_for(m, kv)
+            want = cpu.encode(kv)
+            got = gpu.encode(kv.to(self.device))
             ok_bytes = got == want
-            ref = self.cpu[m].decode(want)
-            on_gpu = self.gpu[m].decode(want)  # CPU blob decoded on the GPU
+            ref = cpu.decode(want)
+            on_gpu = gpu.decode(want)  # CPU blob decoded on the GPU
             ok_gpu_dec = on_gpu.device.type == self.device.type and torch.equal(_bits(on_gpu.cpu()), _bits(ref))
-            ok_cpu_dec = torch.equal(_bits(self.cpu[m].decode(got)), _bits(ref))  # GPU blob decoded on the CPU
+            ok_cpu_dec = torch.equal(_bits(cpu.decode(got)), _bits(ref))  # GPU blob decoded on the CPU
             ok = ok_bytes and ok_gpu_dec and ok_cpu_dec
             where = ""
             if not ok_bytes:
@@ -211,6 +232,9 @@ def throughput(device: torch.device, quick: bool) -> None:
         words, counts = be.rans_encode_device(qs, center, table, layout)
         blob = codec.encode(kv)
         row("quantize (fp16 in, q + bounds out)", method, timed(lambda: be.quantize(kv, levels, modes), device, iters))
+        prof = synthetic_profile(layers, channels)
+        row("quantize with query-aware key rounding (synthetic profile)", method,
+            timed(lambda: be.quantize(kv, levels, modes, key_profile=prof), device, iters))
         row("statistics (histogram, centre, table)", method, timed(lambda: be.stats_device(q, layout), device, iters))
         row("statistics with delta streams (2 passes, costs, choice)", method,
             timed(lambda: be.stream_models_device(q, layout, lv.delta), device, iters))

@@ -129,7 +129,8 @@ class QueryProfile:
             raise CodecError(f"cannot read query profile {path}: {e}") from None
 
 
-def _device_factors(profile: QueryProfile, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def device_factors(profile: QueryProfile, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cols int64 [L, C]: each head's channels in rounding order, factor, recip) on the device, cached."""
     cache = profile.__dict__.setdefault("_device_cache", {})
     key = str(device)
     if key not in cache:
@@ -154,7 +155,7 @@ def round_keys(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, step: torch
     L, G, S, C = x.shape
     profile.check(L, C)
     H, D = profile.kv_heads, profile.head_dim
-    cols, factor, recip = _device_factors(profile, x.device)
+    cols, factor, recip = device_factors(profile, x.device)
 
     def per_channel(t: torch.Tensor) -> torch.Tensor:  # [L, G, 1, C] -> reordered [L, G, 1, H, D]
         t = t.expand(L, G, 1, C)

@@ -16,7 +16,7 @@ from kvmesh.codecs.cachegen import delta, quant, rans
 from kvmesh.codecs.cachegen import triton_quant as tq
 from kvmesh.codecs.cachegen import triton_rans as tr
 from kvmesh.codecs.cachegen.layout import StreamLayout
-from kvmesh.codecs.cachegen.rounding import QueryProfile, quantize_keys
+from kvmesh.codecs.cachegen.rounding import QueryProfile
 from kvmesh.codecs.cachegen.tables import NUM_TABLES, alphabet_tables
 from kvmesh.codecs.errors import CodecError
 
@@ -147,15 +147,15 @@ class TritonBackend:
         """x [2, L, T, C] fp16/bf16/fp32 -> (q uint8 [2, L, T, C], [key side tensors, value side tensors]).
 
         Reads x in its own dtype: converting to fp32 first is exact, so it would only cost a pass.
-        key_profile: the keys' symbols are rounded along it by rounding.round_keys' torch ops on the
-        device (single IEEE fp32 operations: the CPU's symbols); a fused kernel is left to do."""
+        key_profile: the keys' symbols are rounded along it (triton_quant.round_keys: the same IEEE
+        fp32 operations as the CPU's rounding, so the same symbols)."""
         x = x.to(self.device).contiguous()
         lv = self._levels_on_device(levels)
         q = torch.empty(x.shape, dtype=torch.uint8, device=self.device)
         _, sk = tq.quantize(x[0], lv[0], modes[0], self.interpret, q=q[0])
         _, sv = tq.quantize(x[1], lv[1], modes[1], self.interpret, q=q[1])
         if key_profile is not None:
-            q[0] = quantize_keys(x[0].to(torch.float32), sk, lv[0], modes[0], key_profile)
+            tq.round_keys(x[0], sk, lv[0], modes[0], key_profile, self.interpret, q=q[0])
         return q, [sk, sv]
 
     def dequantize(self, q: torch.Tensor, sides: list[list[torch.Tensor]], levels: np.ndarray,

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kvmesh.codecs.cachegen import quant
+from kvmesh.codecs.errors import CodecError
 
 SEGMENT = tl.constexpr(quant.SEGMENT)
 
@@ -175,6 +176,47 @@ def _dequant_token_kernel(q_ptr, out_ptr, side_ptr, lv_ptr, T, C, L, SYM: tl.con
     tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _round_keys_kernel(x_ptr, q_ptr, lo_ptr, inv_ptr, step_ptr, bm1_ptr, cols_ptr, f_ptr, r_ptr, T, C, nseg, H,
+                       D: tl.constexpr, DPAD: tl.constexpr, BLOCK_T: tl.constexpr):
+    """rounding.round_keys for BLOCK_T tokens of one (layer, KV head): the head's D channels in the
+    profile's order (cols) as a [BLOCK_T, DPAD] tile u; per k, channel k's column is read out (a sum of
+    one value and zeros: exact), rounded on its grid, and its error fed to the whole tile along row k
+    of the upper triangular factor (columns already rounded get e * 0 and are never read again).
+    lo, inv, step fp32 [L, nseg, C]; bm1 fp32 [L]; cols int64 [L, C]; f fp32 [L, H, D, D]; r fp32 [L, H, D]."""
+    pid = tl.program_id(0)
+    layer = pid // H
+    head = pid % H
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    kk = tl.arange(0, DPAD)
+    tm = t < T
+    km = kk < D
+    base = layer.to(tl.int64) * C + head * D
+    chan = tl.load(cols_ptr + base + kk, mask=km, other=0)
+    row = (layer.to(tl.int64) * T + t) * C
+    u = tl.load(x_ptr + row[:, None] + chan[None, :], mask=tm[:, None] & km[None, :], other=0.0).to(tl.float32)
+    grp = (layer.to(tl.int64) * nseg + t // SEGMENT) * C
+    top = tl.load(bm1_ptr + layer)
+    fbase = (layer.to(tl.int64) * H + head) * D
+    for k in range(D):
+        ck = tl.load(cols_ptr + base + k)
+        uk = tl.sum(tl.where((kk == k)[None, :], u, 0.0), axis=1)
+        lo = tl.load(lo_ptr + grp + ck, mask=tm, other=0.0)
+        inv = tl.load(inv_ptr + grp + ck, mask=tm, other=0.0)
+        step = tl.load(step_ptr + grp + ck, mask=tm, other=0.0)
+        v = uk - lo
+        v = v * inv
+        v = v + 0.5
+        v = tl.minimum(tl.maximum(tl.floor(v), 0.0), top)
+        tl.store(q_ptr + row + ck, v.to(tl.uint8), mask=tm)
+        y = v * step
+        y = y + lo
+        e = uk - y
+        e = e * tl.load(r_ptr + fbase + k)
+        frow = tl.load(f_ptr + (fbase + k) * D + kk, mask=km, other=0.0)
+        u = u - e[:, None] * frow[None, :]
+
+
 # ---- host side ------------------------------------------------------------------------------------
 
 def _opts(interpret: bool, warps: int) -> dict:
@@ -249,3 +291,28 @@ def dequantize(q: torch.Tensor, side: list[torch.Tensor], levels: torch.Tensor, 
 
 def levels_tensor(levels: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(levels, dtype=np.float32)).to(device)
+
+
+def round_keys(x: torch.Tensor, side: list[torch.Tensor], levels: torch.Tensor, mode: int, profile: object,
+               interpret: bool = False, q: torch.Tensor | None = None) -> torch.Tensor:
+    """rounding.quantize_keys on the device: keys x [L, T, C] on the grid of their side tensors,
+    rounded along the profile (a rounding.QueryProfile); q uint8 [L, T, C] (written into q if given)."""
+    from kvmesh.codecs.cachegen.rounding import device_factors
+
+    L, T, C = x.shape
+    profile.check(L, C)
+    if mode not in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP):
+        raise CodecError("query-aware key rounding needs a per-channel key mode (0 or 3)")
+    dev = x.device
+    nseg = quant.num_segments(T)
+    lo, inv, step, bm1 = quant.grid(side, levels, mode)
+    flat = (lambda v: v.to(torch.float32).expand(L, nseg, 1, C).reshape(L, nseg, C).contiguous())
+    cols, factor, recip = device_factors(profile, dev)
+    if q is None:
+        q = torch.empty(L, T, C, dtype=torch.uint8, device=dev)
+    H, D = profile.kv_heads, profile.head_dim
+    block_t = min(256 if interpret else 32, triton.next_power_of_2(T))
+    _round_keys_kernel[(L * H, triton.cdiv(T, block_t))](
+        x.contiguous(), q, flat(lo), flat(inv), flat(step), bm1.reshape(L).contiguous(), cols, factor, recip,
+        T, C, nseg, H, D=D, DPAD=triton.next_power_of_2(D), BLOCK_T=block_t, **_opts(interpret, 4))
+    return q

@@ -188,6 +188,30 @@ def test_quantize_dequantize_match_quant_py(mode: int, shape: tuple[int, int, in
                         want.view(torch.int16 if out_dtype != torch.float32 else torch.int32))
 
 
+@pytest.mark.parametrize("mode", [quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP])
+@pytest.mark.parametrize("shape, heads", [((1, 1, 4), 1), ((2, 37, 24), 3), ((2, 300, 12), 2)])
+def test_round_keys_matches_the_reference(mode: int, shape: tuple[int, int, int], heads: int) -> None:
+    """Query-aware key rounding (rounding.py) as one kernel: the reference's symbols, including
+    all-zero and constant channels (signed zeros must not change a symbol)."""
+    from kvmesh.codecs.cachegen import rounding
+    from tests.codecs.conftest import kv_like
+    from tests.codecs.test_key_rounding import correlated_moments
+
+    tq = sys.modules["kvmesh.codecs.cachegen.triton_quant"]
+    layers, tokens, channels = shape
+    profile = rounding.QueryProfile(correlated_moments(layers, heads, channels // heads, seed=tokens))
+    for dtype in (torch.float16, torch.float32):
+        x = kv_like(layers, tokens, channels, dtype=dtype, seed=tokens + mode)[0]
+        x[0, :, 0] = 0.0
+        x[-1, :, -1] = -3.0
+        lv = torch.tensor([12.0, 20.0][:layers])
+        _, side = quant.quantize(x.float(), lv, mode)
+        want = rounding.quantize_keys(x.float(), side, lv, mode, profile)
+        got = tq.round_keys(x.to(DEVICE), [t.to(DEVICE) for t in side], lv.to(DEVICE), mode, profile,
+                            interpret=DEVICE.type == "cpu")
+        assert_same(got, want)
+
+
 def test_backend_quantize_matches_cpu_backend(backend) -> None:
     from tests.codecs.conftest import kv_like
 
