@@ -139,3 +139,55 @@ def test_forged_huge_shape_is_rejected_before_allocating():
         forged = container.pack(codec.codec_id, 0, torch.float16, (2, 2**20, 2**20, 2**20), [b"\x01"] * n)
         with pytest.raises(CodecError):
             codec.decode(forged)
+
+
+# -- section 4, the stream meta: zlib-compressed when shorter (FORMAT.md §2) -----------------------
+
+def _resealed(blob: bytes, meta: bytes) -> bytes:
+    header, sections = container.unpack(blob)
+    sections = [bytes(s) for s in sections]
+    sections[4] = meta
+    return container.pack(header.codec_id, header.level_id, header.dtype, header.shape, sections)
+
+
+def test_stream_meta_is_compressed_and_raw_meta_still_reads():
+    from kvmesh.codecs.cachegen.codec import stream_meta
+
+    codec = get_codec("cachegen", backend="cpu")
+    kv = kv_like(layers=3, tokens=120, channels=32, seed=4)
+    blob = codec.encode(kv)
+    raw = stream_meta(blob)
+    stored = bytes(container.unpack(blob)[1][4])
+    assert len(stored) < len(raw) == 2 * 2 * 3 * 32  # 2 bytes for each of the 2·L·C streams
+    assert zlib.decompress(stored) == raw
+    # a container holding the same meta raw (as written before compression existed) decodes the same
+    assert torch.equal(codec.decode(_resealed(blob, raw)), codec.decode(blob))
+
+
+@pytest.mark.parametrize("forge", ["garbage", "short", "long", "trailing", "too_long_section"])
+def test_forged_stream_meta_raises(forge: str):
+    """Behind a valid CRC: meta that does not inflate to exactly 2·S bytes is a CodecError, and no
+    stream claiming to inflate to more is inflated past 2·S bytes."""
+    from kvmesh.codecs.cachegen.codec import stream_meta
+
+    codec = get_codec("cachegen", backend="cpu")
+    blob = codec.encode(kv_like(layers=3, tokens=60, channels=64, seed=8))
+    raw = stream_meta(blob)
+    meta = {
+        "garbage": bytes(range(40)),
+        "short": zlib.compress(raw[:-1], 9),
+        "long": zlib.compress(raw + b"\0" * 100000, 9),  # a small stream of far more than 2·S bytes
+        "trailing": zlib.compress(raw, 9) + b"\x01",
+        "too_long_section": raw + b"\0",
+    }[forge]
+    assert len(meta) != len(raw)
+    with pytest.raises(CodecError, match="stream meta"):
+        codec.decode(_resealed(blob, meta))
+
+
+def test_a_meta_stream_inflating_past_its_size_is_cut_off():
+    from kvmesh.codecs.cachegen.codec import unpack_meta
+
+    bomb = zlib.compress(b"\0" * 10_000_000, 9)  # ~10 kB claiming 10 MB
+    with pytest.raises(CodecError, match="wrong size"):
+        unpack_meta(bomb, 20_000)

@@ -17,7 +17,7 @@ import torch
 from kvmesh.codecs import CodecError, container
 from kvmesh.codecs.cachegen import delta, native
 from kvmesh.codecs.cachegen.backends import CpuBackend
-from kvmesh.codecs.cachegen.codec import CacheGenCodec
+from kvmesh.codecs.cachegen.codec import CacheGenCodec, stream_meta
 from kvmesh.codecs.cachegen.layout import stream_layout
 from kvmesh.codecs.cachegen.levels import LEVELS
 from kvmesh.codecs.cachegen.quant import SEGMENT
@@ -142,8 +142,7 @@ def walking_keys(layers: int = 2, tokens: int = 64, channels: int = 16, seed: in
 
 
 def table_bytes(blob: bytes) -> np.ndarray:
-    sections = container.unpack(blob)[1]
-    meta = np.frombuffer(bytes(sections[4]), np.uint8)
+    meta = np.frombuffer(stream_meta(blob), np.uint8)
     return meta[meta.size // 2:]
 
 
@@ -176,7 +175,7 @@ def forge_table_byte(blob: bytes, stream: int, value: int) -> bytes:
     """Sets one stream's table byte and re-seals the CRC, so only the codec's own checks can object."""
     header, sections = container.unpack(blob)
     sections = [bytes(s) for s in sections]
-    meta = bytearray(sections[4])
+    meta = bytearray(stream_meta(blob))  # written back raw: a reader takes either form
     meta[len(meta) // 2 + stream] = value
     sections[4] = bytes(meta)
     out = container.pack(header.codec_id, header.level_id, header.dtype, header.shape, sections)

@@ -16,7 +16,7 @@ import torch
 from kvmesh.codecs import CodecError, container
 from kvmesh.codecs.cachegen import native
 from kvmesh.codecs.cachegen.backends import CpuBackend
-from kvmesh.codecs.cachegen.codec import CacheGenCodec
+from kvmesh.codecs.cachegen.codec import CacheGenCodec, stream_meta
 from kvmesh.codecs.cachegen.layout import stream_layout
 from kvmesh.codecs.cachegen.levels import LEVELS
 from tests.codecs.conftest import kv_like
@@ -266,7 +266,7 @@ def test_forged_words_behind_a_valid_checksum_raise_in_both():
         forged = list(secs)
         w = bytearray(secs[6])
         if trial % 3 == 2:
-            meta = bytearray(secs[4])  # a table index out of range
+            meta = bytearray(stream_meta(blob))  # a table index out of range (written back raw)
             meta[len(meta) // 2 + int(rng.integers(len(meta) // 2))] = 64 + trial
             forged[4] = bytes(meta)
         else:
