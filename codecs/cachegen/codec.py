@@ -75,7 +75,7 @@ def pack_meta(meta: bytes) -> bytes:
     """Section 4: the 2S stream meta bytes as a zlib stream when that is shorter (it is ~2.7x smaller on
     real KV: value streams' centres are nearly all the middle level, neighbouring channels pick like
     tables), else raw. A reader tells them apart by length (FORMAT.md §2)."""
-    packed = zlib.compress(meta, 9)
+    packed = zlib.compress(meta, 6)
     return packed if len(packed) < len(meta) else meta
 
 
