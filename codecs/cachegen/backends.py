@@ -41,10 +41,12 @@ class CpuBackend:
         key_profile: the keys' symbols are rounded along it (rounding.py); same grid and side tensors."""
         lv = torch.from_numpy(levels.astype(np.float32))
         if not self.native:
-            qk, sk = quant.quantize(x[0], lv[0], modes[0])
-            qv, sv = quant.quantize(x[1], lv[1], modes[1])
-            if key_profile is not None:
+            if key_profile is None:
+                qk, sk = quant.quantize(x[0], lv[0], modes[0])
+            else:
+                sk = quant.quantize_params(x[0], lv[0], modes[0])[0]
                 qk = quantize_keys(x[0], sk, lv[0], modes[0], key_profile)
+            qv, sv = quant.quantize(x[1], lv[1], modes[1])
             return torch.stack([qk, qv]), [sk, sv]
         # the per-group part in torch, the elementwise part in one compiled pass (same values)
         x = x.to(torch.float32).contiguous()

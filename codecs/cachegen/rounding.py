@@ -10,7 +10,7 @@ row). The grid and the decoder are unchanged: the container is the same format, 
 it, and only the encoder needs the profile.
 
 Measured on SmolLM2-135M (BENCHMARKS.md, "Query-aware key rounding"): at the default level the
-query-weighted key error falls 2.4x and top-1 agreement rises ~1 point for +0.3% bytes.
+query-weighted key error falls 2.4x and top-1 agreement rises ~1 point for +0.2% bytes.
 
 Every step is a single IEEE fp32 operation (torch op or, in the compiled coder, C with
 ``-ffp-contract=off``), so the CPU, the compiled coder and a GPU produce the same symbols.
