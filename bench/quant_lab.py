@@ -275,6 +275,21 @@ def exp_query_rounding() -> list[tuple[str, Half | None, Half | None]]:
     return rows
 
 
+def exp_value_layers() -> list[tuple[str, Half | None, Half | None]]:
+    """Values at 5 or 9 levels in one block of 5 layers (7 elsewhere, sink-like rows protected, K exact);
+    then the compact level's bands against the default's."""
+    rows: list[tuple[str, Half | None, Half | None]] = [("V 7 + sinks, K exact", None, protect(values([7] * 30), 0.35))]
+    for b in (5, 9):
+        for first in range(0, 30, 5):
+            lv = [7] * 30
+            lv[first:first + 5] = [b] * 5
+            rows.append((f"V {b} in layers {first}-{first + 4}, 7 elsewhere", None, protect(values(lv), 0.35)))
+    compact = LEVELS["compact"].levels_for(30)
+    rows += [("default level", keys(DEFAULT[0]), protect(values(DEFAULT[1]), 0.35)),
+             ("compact level (V 5 in layers 10-14, 25-29)", keys(compact[0]), protect(values(compact[1]), 0.35))]
+    return rows
+
+
 EXPERIMENTS: dict[str, Callable[[], list[tuple[str, Half | None, Half | None]]]] = {
     "baseline": exp_baseline,
     "sensitivity": exp_sensitivity,
@@ -282,6 +297,7 @@ EXPERIMENTS: dict[str, Callable[[], list[tuple[str, Half | None, Half | None]]]]
     "query-weights": exp_query_weights,
     "reconstruction": exp_reconstruction,
     "query-rounding": exp_query_rounding,
+    "value-layers": exp_value_layers,
 }
 
 

@@ -31,7 +31,7 @@ def test_native_quantize_matches_torch(shape: tuple[int, int, int], mode: int) -
         assert torch.equal(got, want), f"levels {levels}"
 
 
-@pytest.mark.parametrize("level", ["default", "hq"])
+@pytest.mark.parametrize("level", ["default", "hq", "compact"])
 def test_codec_bytes_with_and_without_compiled_stages(level: str) -> None:
     for seed, shape in enumerate([(2, 37, 24), (3, 260, 16)]):
         kv = kv_like(*shape, dtype=torch.float16, seed=seed)
@@ -77,7 +77,7 @@ def test_native_dequantize_matches_torch(shape: tuple[int, int, int], mode: int)
         assert torch.equal(got.view(torch.int32), want.contiguous().view(torch.int32)), f"levels {levels}"
 
 
-@pytest.mark.parametrize("level", ["default", "hq"])
+@pytest.mark.parametrize("level", ["default", "hq", "compact"])
 def test_codec_decode_with_and_without_compiled_stages(level: str) -> None:
     kv = kv_like(3, 260, 16, dtype=torch.float16, seed=2)
     blob = CacheGenCodec(LEVELS[level]).encode(kv)

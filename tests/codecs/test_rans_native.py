@@ -239,7 +239,7 @@ def _chunks() -> list[torch.Tensor]:
 
 
 @needs_native
-@pytest.mark.parametrize("level", ["default", "hq"])
+@pytest.mark.parametrize("level", ["default", "hq", "compact"])
 def test_containers_identical_with_and_without_native(level):
     ref = CacheGenCodec(LEVELS[level], CpuBackend(native=False))
     nat = CacheGenCodec(LEVELS[level], CpuBackend(native=True))

@@ -53,6 +53,10 @@ def test_bytes_identical_multi_segment() -> None:
     check_same(kv_like(1, 259, 6, dtype=torch.float16, seed=3), "cachegen")
 
 
+def test_bytes_identical_compact_level() -> None:
+    check_same(kv_like(30, 40, 12, dtype=torch.float16, seed=13), "cachegen-compact")
+
+
 def test_bytes_identical_with_protected_rows() -> None:
     """A sink-like value row (2% of the usual magnitude) goes to section 7 on both backends alike."""
     from kvmesh.codecs import container
