@@ -32,7 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import bench.realkv as realkv  # noqa: E402
-from kvmesh.codecs import container, get_codec  # noqa: E402
+from kvmesh.codecs import container  # noqa: E402
 
 METHODS = ["cachegen", "cachegen-hq", "lmcache-cachegen", "int4", "fp8", "int8", "lossless"]
 SECTION_NAMES = {
@@ -45,15 +45,9 @@ SECTION_NAMES = {
 }
 
 
-def make_codec(name: str, backend: str = "cpu") -> object:
-    """get_codec, where a name ending in '+qp' gets SmolLM2's query profile (realkv.query_profile)."""
-    opts = {"key_profile": realkv.query_profile()} if name.endswith(realkv.PROFILED) else {}
-    return get_codec(name.removesuffix(realkv.PROFILED), backend=backend, **opts)
-
-
 def where_bytes_go(name: str, chunks: list[torch.Tensor]) -> dict[str, float]:
     """Mean bytes per chunk by container section (plus 'header': fixed header, section table, CRC)."""
-    codec = make_codec(name)
+    codec = realkv.make_codec(name)
     totals: dict[str, float] = {}
     for chunk in chunks:
         blob = codec.encode(chunk)
@@ -85,7 +79,7 @@ def cpu_speed(name: str, chunks: list[torch.Tensor], native: bool = True, passes
     torch.set_num_threads(1)
     try:
         with native_coder(native):
-            codec = make_codec(name)
+            codec = realkv.make_codec(name)
         raw = sum(c.numel() * c.element_size() for c in chunks)
         blobs = [codec.encode(c) for c in chunks]  # warm-up (table caches)
         enc = dec = float("inf")

@@ -334,14 +334,19 @@ def query_profile(source: str = "calibration", n: int = 8) -> Any:
     return profile
 
 
-def evaluate_codec(name: str, source: str = "botchan", n_windows: int = 8, backend: str = "cpu",
-                   level: str | None = None) -> dict[str, Any]:
-    """:func:`evaluate` for a method registered in ``kvmesh.codecs``; a name ending in ``+qp`` is
-    that method with the model's query profile (:func:`query_profile`)."""
+def make_codec(name: str, backend: str = "cpu", level: str | None = None) -> Any:
+    """get_codec, where a name ending in ``+qp`` is that method with the model's query profile
+    (:func:`query_profile`)."""
     from kvmesh.codecs import get_codec
 
     opts = {"key_profile": query_profile()} if name.endswith(PROFILED) else {}
-    codec = get_codec(name.removesuffix(PROFILED), backend=backend, level=level, **opts)
+    return get_codec(name.removesuffix(PROFILED), backend=backend, level=level, **opts)
+
+
+def evaluate_codec(name: str, source: str = "botchan", n_windows: int = 8, backend: str = "cpu",
+                   level: str | None = None) -> dict[str, Any]:
+    """:func:`evaluate` for a method registered in ``kvmesh.codecs`` (names as :func:`make_codec`)."""
+    codec = make_codec(name, backend, level)
     return evaluate(codec.encode, codec.decode, source, n_windows)
 
 

@@ -1,8 +1,8 @@
 """The compiled rANS coder (`_ransc`, built from _ransc.c by setup.py) behind numpy-typed wrappers.
 
 The extension does the per-element work of the cachegen CPU path over a whole chunk: the elementwise
-quantize and dequantize steps (quant.py), query-aware key rounding (rounding.py), the protected-row sums (codec.py), histogram, center and
-table choice (alone, or fused with the delta-stream choice of delta.py), rANS encode and decode
+quantize and dequantize steps (quant.py), query-aware key rounding (rounding.py), the protected-row
+sums (codec.py), histogram, center and table choice (alone, or fused with the delta-stream choice of delta.py), rANS encode and decode
 (taking and undoing delta streams' differences on the fly). Every result is identical to the
 torch/numpy reference in quant.py, delta.py, rans.py and backends.py. It is optional: where it was not built (no C compiler at install time),
 or where ``KVMESH_NATIVE=0`` is set, CpuBackend runs the numpy reference. Build it with
@@ -23,7 +23,7 @@ import torch
 from kvmesh.codecs.cachegen import rans
 from kvmesh.codecs.cachegen.layout import StreamLayout
 from kvmesh.codecs.cachegen.quant import SEGMENT
-from kvmesh.codecs.cachegen.rounding import QueryProfile
+from kvmesh.codecs.cachegen.rounding import QueryProfile, device_factors
 from kvmesh.codecs.cachegen.tables import NUM_TABLES, alphabet_tables
 from kvmesh.codecs.errors import CodecError
 
@@ -218,11 +218,11 @@ def round_keys(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, step: torch
     profile.check(L, C)
     nseg = -(-T // SEGMENT)
     flat = (lambda t: t.to(torch.float32).expand(L, nseg, 1, C).contiguous().numpy())
-    cols = (np.arange(profile.kv_heads)[None, :, None] * profile.head_dim + profile.order).reshape(L, C)
+    cols = device_factors(profile, torch.device("cpu"))[0].numpy()
     q = np.empty((L, T, C), np.uint8)
     _ransc.round_keys(np.ascontiguousarray(x.numpy(), dtype=np.float32), L, T, C, flat(lo), flat(inv), flat(step),
-                      np.ascontiguousarray(bm1.reshape(L).numpy(), dtype=np.float32),
-                      np.ascontiguousarray(cols, dtype=np.int64), profile.factor, profile.recip, profile.kv_heads, profile.head_dim, q)
+                      np.ascontiguousarray(bm1.reshape(L).numpy(), dtype=np.float32), cols, profile.factor,
+                      profile.recip, profile.kv_heads, profile.head_dim, q)
     return torch.from_numpy(q)
 
 

@@ -187,12 +187,16 @@ def round_keys(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, step: torch
     return out
 
 
+def check_mode(mode: int) -> None:
+    if mode not in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP):
+        raise CodecError("query-aware key rounding needs a per-channel key mode (0 or 3)")
+
+
 def quantize_keys(x: torch.Tensor, side: list[torch.Tensor], levels: torch.Tensor, mode: int, profile: QueryProfile,
                   native: bool = False) -> torch.Tensor:
     """Symbols of keys x fp32 [L, T, C] on the grid of their side tensors (quant.quantize's), rounded
     along the profile: q uint8 [L, T, C]. native: the compiled coder does it (CPU tensors; same symbols)."""
-    if mode not in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP):
-        raise CodecError("query-aware key rounding needs a per-channel key mode (0 or 3)")
+    check_mode(mode)
     L, T, C = x.shape
     profile.check(L, C)
     lo, inv, step, bm1 = quant.grid(side, levels, mode)

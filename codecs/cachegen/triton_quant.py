@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 from kvmesh.codecs.cachegen import quant
-from kvmesh.codecs.errors import CodecError
 
 SEGMENT = tl.constexpr(quant.SEGMENT)
 
@@ -297,12 +296,11 @@ def round_keys(x: torch.Tensor, side: list[torch.Tensor], levels: torch.Tensor, 
                interpret: bool = False, q: torch.Tensor | None = None) -> torch.Tensor:
     """rounding.quantize_keys on the device: keys x [L, T, C] on the grid of their side tensors,
     rounded along the profile (a rounding.QueryProfile); q uint8 [L, T, C] (written into q if given)."""
-    from kvmesh.codecs.cachegen.rounding import device_factors
+    from kvmesh.codecs.cachegen.rounding import check_mode, device_factors
 
     L, T, C = x.shape
     profile.check(L, C)
-    if mode not in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP):
-        raise CodecError("query-aware key rounding needs a per-channel key mode (0 or 3)")
+    check_mode(mode)
     dev = x.device
     nseg = quant.num_segments(T)
     lo, inv, step, bm1 = quant.grid(side, levels, mode)
