@@ -5,6 +5,8 @@
 
 A method name ending in ``+qp`` (``cachegen+qp``) is that codec with SmolLM2's query profile measured
 on a third text (bench/realkv.py ``query_profile``): its keys are rounded along the model's queries.
+``+lp`` (``cachegen+lp``, ``cachegen+qp+lp``) adds SmolLM2's layer predictor fitted on that third text
+(``layer_predictor``): each layer is coded as its residual from a prediction made of the layers before.
 
 Per method and level it prints one markdown row: bytes per 256-token chunk, ratio vs fp16, bits per
 element, NLL change and top-1 agreement (bench/realkv.py's evaluation: 1,024 context tokens replaced
@@ -107,8 +109,8 @@ def speed_table(methods: list[str], chunks: list[torch.Tensor]) -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for m in methods:
         paths = [("compiled", True), ("numpy", False)] if m.startswith("cachegen") else [("-", True)]
-        if m.endswith(realkv.PROFILED):
-            paths = paths[:1]  # the numpy reference of the key rounding is torch ops: a correctness reference only
+        if realkv.PROFILED in m or realkv.PREDICTED in m:
+            paths = paths[:1]  # the references of the key rounding and the prediction are torch ops: correctness only
         speeds = {}
         for label, flag in paths:
             if flag and label == "compiled" and not native.available():

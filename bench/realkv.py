@@ -316,6 +316,7 @@ def evaluate(encode: Callable[[torch.Tensor], bytes], decode: Callable[[bytes], 
 
 
 PROFILED = "+qp"  # method-name suffix: the codec rounds keys along the model's query profile
+PREDICTED = "+lp"  # method-name suffix: the codec predicts each layer from the ones before (layer predictor)
 
 
 def query_profile(source: str = "calibration", n: int = 8) -> Any:
@@ -334,13 +335,38 @@ def query_profile(source: str = "calibration", n: int = 8) -> Any:
     return profile
 
 
+def layer_predictor(level: str = "default", source: str = "calibration", n: int = 8) -> Any:
+    """SmolLM2's layer predictor (kvmesh.codecs.cachegen.predict) fitted for ``level`` on the four
+    context chunks of ``n`` windows of ``source`` (default: the calibration text, neither evaluation
+    text); cached under ``$KVMESH_CACHE_DIR/predictors/``."""
+    from kvmesh.codecs import LayerPredictor
+    from kvmesh.codecs.cachegen.predict import fit
+
+    path = cache_dir() / "predictors" / f"smollm2-{source}-{n}-{level}.npz"
+    if path.is_file():
+        return LayerPredictor.load(path)
+    predictor = fit(chunks(source, 4 * n, n), level=level)
+    predictor.save(path)
+    return predictor
+
+
 def make_codec(name: str, backend: str = "cpu", level: str | None = None) -> Any:
     """get_codec, where a name ending in ``+qp`` is that method with the model's query profile
-    (:func:`query_profile`)."""
+    (:func:`query_profile`) and one ending in ``+lp`` (after or before ``+qp``) with its layer
+    predictor (:func:`layer_predictor`)."""
     from kvmesh.codecs import get_codec
 
-    opts = {"key_profile": query_profile()} if name.endswith(PROFILED) else {}
-    return get_codec(name.removesuffix(PROFILED), backend=backend, level=level, **opts)
+    opts: dict[str, Any] = {}
+    while name.endswith((PROFILED, PREDICTED)):
+        if name.endswith(PROFILED):
+            opts["key_profile"] = query_profile()
+            name = name.removesuffix(PROFILED)
+        else:
+            name = name.removesuffix(PREDICTED)
+            opts["predictor"] = "pending"
+    if opts.get("predictor") == "pending":
+        opts["predictor"] = layer_predictor(level or (name.split("-", 1)[1] if "-" in name else "default"))
+    return get_codec(name, backend=backend, level=level, **opts)
 
 
 def evaluate_codec(name: str, source: str = "botchan", n_windows: int = 8, backend: str = "cpu",

@@ -8,7 +8,12 @@
     # cachegen rounds keys where the serving model's queries look least when given its query profile
     # (kvmesh.engine.query_profile computes one; the container and the decoder do not change)
     codec = get_codec("cachegen", key_profile=QueryProfile.load("smollm2.npz"))
+
+    # and codes each layer as its residual from a prediction made of the layers before it when given
+    # its layer predictor (kvmesh.engine.predictor fits one); decoding those containers needs it too
+    codec = get_codec("cachegen", predictor=LayerPredictor.load("smollm2-layers.npz"))
 """
+from kvmesh.codecs.cachegen.predict import LayerPredictor
 from kvmesh.codecs.cachegen.rounding import QueryProfile
 from kvmesh.codecs.errors import CodecError
 from kvmesh.codecs.registry import (
@@ -32,6 +37,7 @@ __all__ = [
     "inspect",
     "max_encoded_size",
     "method_options",
+    "LayerPredictor",
     "QueryProfile",
     "register",
 ]

@@ -23,5 +23,5 @@ register("lmcache-cachegen", 6, _cpu_only(LMCacheCodec), backends=("cpu",))
 for _level in LEVELS.values():
     register("cachegen" if _level.name == "default" else f"cachegen-{_level.name}", CACHEGEN_ID,
              lambda backend, _n=_level.name, **opts: make_cachegen(_n, backend, **opts), level_id=_level.level_id,
-             level_name=_level.name, base="cachegen", options=("key_profile",),
+             level_name=_level.name, base="cachegen", options=("key_profile", "predictor"),
              aliases=tuple(a for a, n in LEVEL_ALIASES.items() if n == _level.name))

@@ -117,12 +117,14 @@ def inspect(blob: bytes) -> ContainerInfo:
     return ContainerInfo(name, _METHODS[name].level_name, header.dtype, header.shape, len(memoryview(blob).cast("B")))
 
 
-def decode(blob: bytes, device: torch.device | str | None = None) -> torch.Tensor:
-    """Decodes any container with the CPU codec named in its header."""
+def decode(blob: bytes, device: torch.device | str | None = None, **options: object) -> torch.Tensor:
+    """Decodes any container with the CPU codec named in its header; options as get_codec's (a
+    cachegen container coded with cross-layer prediction needs ``predictor=``)."""
     info = inspect(blob)
-    return get_codec(info.method, backend="cpu").decode(blob, device=device)
+    return get_codec(info.method, backend="cpu", **options).decode(blob, device=device)
 
 
-def max_encoded_size(name: str, shape: tuple[int, ...], dtype: torch.dtype, level: str | None = None) -> int:
+def max_encoded_size(name: str, shape: tuple[int, ...], dtype: torch.dtype, level: str | None = None,
+                     **options: object) -> int:
     """An upper bound on the container size of method `name` for any kv of this shape and dtype."""
-    return get_codec(name, backend="cpu", level=level).max_encoded_size(shape, dtype)
+    return get_codec(name, backend="cpu", level=level, **options).max_encoded_size(shape, dtype)

@@ -82,7 +82,8 @@ class InstanceAgent:
             self._metrics_port_explicit = extra is not None
         else:
             self._metrics_port_wanted, self._metrics_port_explicit = metrics_port, True
-        self.codecs = CodecSet(extra_codecs, {"key_profile": config.key_profile()})
+        self.codecs = CodecSet(extra_codecs, {"key_profile": config.key_profile(),
+                                              "predictor": config.layer_predictor()})
         self.metrics = AgentMetrics()
         self.locations: dict[str, StorageBackend] = {}
         self._locks = KeyedLocks()

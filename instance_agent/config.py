@@ -90,6 +90,20 @@ class AgentConfig:
         except CodecError as e:
             raise ConfigError(f"config key 'extra_config.cachegen_key_profile': {e}") from None
 
+    def layer_predictor(self) -> Any:
+        """The LayerPredictor named by extra_config.cachegen_layer_predictor (a .npz path), or None:
+        cachegen then codes each layer against a prediction from the layers before it (~20% fewer
+        bytes; kvmesh.engine.predictor fits one). Chunks coded with it need it to decode."""
+        path = self.extra_config.get("cachegen_layer_predictor")
+        if not path:
+            return None
+        from kvmesh.codecs import CodecError, LayerPredictor
+
+        try:
+            return LayerPredictor.load(os.path.expanduser(str(path)))
+        except CodecError as e:
+            raise ConfigError(f"config key 'extra_config.cachegen_layer_predictor': {e}") from None
+
     @property
     def max_tokens(self) -> int:
         return int(self.extra_config.get("max_tokens", DEFAULT_MAX_TOKENS))

@@ -16,6 +16,7 @@ from kvmesh.codecs.cachegen import delta as _delta
 from kvmesh.codecs.cachegen import native as _native
 from kvmesh.codecs.cachegen import quant, rans
 from kvmesh.codecs.cachegen.layout import StreamLayout, element_stream_ids, from_streams, to_streams
+from kvmesh.codecs.cachegen.predict import LayerPredictor, predict_cpu
 from kvmesh.codecs.cachegen.rounding import QueryProfile, quantize_keys
 from kvmesh.codecs.cachegen.tables import alphabet_tables
 from kvmesh.codecs.errors import CodecError
@@ -39,42 +40,52 @@ class CpuBackend:
                  key_profile: QueryProfile | None = None) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """x fp32 [2, L, T, C] -> (q uint8 [2, L, T, C], [key side tensors, value side tensors]).
         key_profile: the keys' symbols are rounded along it (rounding.py); same grid and side tensors."""
-        lv = torch.from_numpy(levels.astype(np.float32))
-        if not self.native:
-            if key_profile is None:
-                qk, sk = quant.quantize(x[0], lv[0], modes[0])
-            else:
-                sk = quant.quantize_params(x[0], lv[0], modes[0])[0]
-                qk = quantize_keys(x[0], sk, lv[0], modes[0], key_profile)
-            qv, sv = quant.quantize(x[1], lv[1], modes[1])
-            return torch.stack([qk, qv]), [sk, sv]
-        # the per-group part in torch, the elementwise part in one compiled pass (same values)
         x = x.to(torch.float32).contiguous()
-        q = torch.empty(x.shape, dtype=torch.uint8)
-        sides = []
-        for i in (0, 1):
-            side, lo, inv, bm1 = quant.quantize_params(x[i], lv[i], modes[i])
-            per_channel = modes[i] in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP)
-            if i == 0 and key_profile is not None:
-                q[i] = quantize_keys(x[i], side, lv[i], modes[i], key_profile, native=True)
-            else:
-                q[i] = _native.quantize(x[i], lo, inv, bm1, per_channel)
-            sides.append(side)
-        return q, sides
+        qk, sk = self.quantize_half(x[0], levels[0], modes[0], key_profile)
+        qv, sv = self.quantize_half(x[1], levels[1], modes[1])
+        return torch.stack([qk, qv]), [sk, sv]
+
+    def quantize_half(self, x: torch.Tensor, levels: np.ndarray, mode: int, key_profile: QueryProfile | None = None
+                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One of K or V: x fp32 [L, T, C], levels [L] -> (q uint8 [L, T, C], side tensors)."""
+        lv = torch.from_numpy(np.asarray(levels).astype(np.float32))
+        x = x.to(torch.float32).contiguous()
+        if key_profile is not None:
+            side = quant.quantize_params(x, lv, mode)[0]
+            return quantize_keys(x, side, lv, mode, key_profile, native=self.native), side
+        if not self.native:
+            return quant.quantize(x, lv, mode)
+        # the per-group part in torch, the elementwise part in one compiled pass (same values)
+        side, lo, inv, bm1 = quant.quantize_params(x, lv, mode)
+        per_channel = mode in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP)
+        return _native.quantize(x, lo, inv, bm1, per_channel), side
 
     def dequantize(self, q: torch.Tensor, sides: list[list[torch.Tensor]], levels: np.ndarray,
                    modes: tuple[int, int]) -> torch.Tensor:
-        lv = torch.from_numpy(levels.astype(np.float32))
-        if not self.native:
-            k = quant.dequantize(q[0], sides[0], lv[0], modes[0])
-            v = quant.dequantize(q[1], sides[1], lv[1], modes[1])
-            return torch.stack([k, v])
         q = q.contiguous()
         out = torch.empty(q.shape, dtype=torch.float32)
         for i in (0, 1):
-            lo, step = quant.dequantize_params(sides[i], lv[i], modes[i])
-            _native.dequantize(q[i], lo, step, modes[i] in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP), out=out[i])
+            self.dequantize_half(q[i], sides[i], levels[i], modes[i], out=out[i])
         return out
+
+    def dequantize_half(self, q: torch.Tensor, side: list[torch.Tensor], levels: np.ndarray, mode: int,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        """One of K or V: q uint8 [L, T, C] -> fp32 [L, T, C] (into out when given)."""
+        lv = torch.from_numpy(np.asarray(levels).astype(np.float32))
+        if not self.native:
+            y = quant.dequantize(q, side, lv, mode)
+            if out is None:
+                return y
+            out.copy_(y)
+            return out
+        lo, step = quant.dequantize_params(side, lv, mode)
+        return _native.dequantize(q.contiguous(), lo, step, mode in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP),
+                                  out=out)
+
+    def predict(self, x: torch.Tensor, predictor: LayerPredictor, kv: int, layer: int) -> torch.Tensor:
+        """predict.py's prediction of (kv, layer) from its features x fp32 [R, F]: fp32 [R, C]."""
+        w, b = predictor.weights(kv, layer)
+        return predict_cpu(x.contiguous(), w, b, self.native)
 
     def histogram(self, q: torch.Tensor, layout: StreamLayout) -> np.ndarray:
         """int64 [S, 256]: how often each symbol occurs in each stream."""

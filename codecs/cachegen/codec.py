@@ -16,6 +16,10 @@ Container sections (FORMAT.md has the byte-level specification):
   6 words       the rANS words, uint16 little-endian, streams concatenated
   7 protected   (levels that protect sink-like tokens only) a mask over the rest tokens' (K/V, layer,
                 token) rows, then those rows at 8 bits per token; they overwrite the streams' values
+  8 predictor   (only with cross-layer prediction, predict.py) the 8-byte id of the layer predictor the
+                residuals were coded against, then one byte per (K/V, layer): 1 where that layer was
+                coded as its residual from the prediction, 0 where as itself (the writer's choice);
+                section 7 is then present at every level (empty when the level protects nothing)
 
 Protected rows: in a layer, a token whose mean |x| over the channels is below a fraction of the
 median of those means over the chunk's tokens is attention-sink-like (in SmolLM2 the ' the' tokens of layers
@@ -38,6 +42,7 @@ from kvmesh.codecs.cachegen import delta, quant
 from kvmesh.codecs.cachegen.backends import CpuBackend
 from kvmesh.codecs.cachegen.layout import StreamLayout, stream_layout
 from kvmesh.codecs.cachegen.levels import LEVELS, Level
+from kvmesh.codecs.cachegen.predict import ID_BYTES, LayerPredictor, features, residual_levels
 from kvmesh.codecs.cachegen.rounding import QueryProfile
 from kvmesh.codecs.cachegen.tables import NUM_TABLES, TABLE_FAMILY_VERSION
 from kvmesh.codecs.errors import CodecError
@@ -45,6 +50,7 @@ from kvmesh.codecs.errors import CodecError
 CODEC_ID = 2
 N_SECTIONS = 7
 N_SECTIONS_PROTECTED = 8
+N_SECTIONS_PREDICTED = 9
 _PARAMS = struct.Struct("<BBHBB")
 LEAD_LEVELS = 256
 LEAD_MODES = (quant.MODE_TOKEN, quant.MODE_TOKEN)
@@ -140,19 +146,26 @@ def protected_rows(x: torch.Tensor, thresholds: tuple[float, float], native: boo
     return mask
 
 
-def _protect_encode(x: torch.Tensor, thresholds: tuple[float, float], native: bool = False) -> bytes:
+def _protect_encode(x: torch.Tensor, thresholds: tuple[float, float], native: bool = False
+                    ) -> tuple[bytes, torch.Tensor, torch.Tensor | None]:
+    """(section 7, mask bool [2, L, R], the protected rows as the decoder restores them fp32 [n, C] or None)."""
     mask = protected_rows(x, thresholds, native)
     bits = np.packbits(mask.cpu().numpy().reshape(-1), bitorder="little").tobytes()
     rows = x[mask]  # [n, C] in (K/V, layer, token) order
     if rows.shape[0] == 0:
-        return bits
+        return bits, mask, None
     q, side = quant.quantize(rows.unsqueeze(0), torch.full((1,), float(LEAD_LEVELS), device=x.device), quant.MODE_TOKEN)
-    return bits + _tensor_bytes([side[0][0], side[0][1], q])
+    return bits + _tensor_bytes([side[0][0], side[0][1], q]), mask, _protected_values(q, side[0])
 
 
-def _protect_decode(raw: memoryview, out: torch.Tensor) -> None:
-    """Overwrites the protected rows of out fp32 [2, L, R, C] from section 7."""
-    _, L, R, C = out.shape
+def _protected_values(q: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    levels = torch.full((1,), float(LEAD_LEVELS), device=q.device)
+    return quant.dequantize(q, [side], levels, quant.MODE_TOKEN)[0]
+
+
+def _protect_decode(raw: memoryview, shape: tuple[int, ...], dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Section 7 of rest rows shaped [2, L, R, C]: (mask bool [2, L, R], the rows fp32 [n, C] or None)."""
+    _, L, R, C = shape
     nbits = 2 * L * R
     nmask = (nbits + 7) // 8
     if len(raw) < nmask:
@@ -164,13 +177,18 @@ def _protect_decode(raw: memoryview, out: torch.Tensor) -> None:
     n = int(mask_np.sum())
     if len(raw) != protected_bytes(L, R, C, n):
         raise CodecError("corrupt cachegen container: protected section has the wrong size")
+    mask = torch.from_numpy(mask_np.reshape(2, L, R)).to(dev)
     if n == 0:
-        return
+        return mask, None
     side = _tensors_from(raw[nmask:nmask + 4 * n], [((2, 1, n), torch.float16)])
     q = torch.from_numpy(np.frombuffer(raw[nmask + 4 * n:], np.uint8).copy()).reshape(1, n, C)
-    dev = out.device
-    rows = quant.dequantize(q.to(dev), [side[0].to(dev)], torch.full((1,), float(LEAD_LEVELS), device=dev), quant.MODE_TOKEN)
-    out[torch.from_numpy(mask_np.reshape(2, L, R)).to(dev)] = rows[0]
+    return mask, _protected_values(q.to(dev), side[0].to(dev))
+
+
+def _cat_sides(parts: list[list[torch.Tensor]], mode: int) -> list[torch.Tensor]:
+    """Side tensors of single layers joined along their layer axis."""
+    axis = 1 if mode in (quant.MODE_CHANNEL, quant.MODE_TOKEN) else 0
+    return [torch.cat([p[i] for p in parts], dim=axis) for i in range(len(parts[0]))]
 
 
 def _tensor_bytes(tensors: list[torch.Tensor]) -> bytes:
@@ -200,15 +218,20 @@ def _tensors_from(raw: memoryview, spec: list[tuple[tuple[int, ...], torch.dtype
 class CacheGenCodec(Codec):
     codec_id = CODEC_ID
 
-    def __init__(self, level: Level, backend: object | None = None, key_profile: QueryProfile | None = None) -> None:
+    def __init__(self, level: Level, backend: object | None = None, key_profile: QueryProfile | None = None,
+                 predictor: LayerPredictor | None = None) -> None:
         """key_profile: the serving model's query profile (rounding.py). The encoder then rounds keys
         along it: same format and decoder, fewer errors where the model's queries look. Without one,
-        keys round to their nearest level."""
+        keys round to their nearest level.
+        predictor: the serving model's layer predictor (predict.py). Each layer is then coded as its
+        difference from a prediction made from the layers before it: ~20% fewer bytes; decoding such
+        a container needs the same predictor (its id is in the container)."""
         self.level = level
         self.level_id = level.level_id
         self.name = "cachegen" if level.name == "default" else f"cachegen-{level.name}"
         self.backend = backend if backend is not None else CpuBackend()
         self.key_profile = key_profile
+        self.predictor = predictor
 
     # -- encode ----------------------------------------------------------------------------------
     def encode(self, kv: torch.Tensor) -> bytes:
@@ -219,33 +242,105 @@ class CacheGenCodec(Codec):
         if self.key_profile is not None:
             self.key_profile.check(L, C)
         levels = self.level.levels_for(L)
+        if self.predictor is not None:
+            self.predictor.check(L, C)
         modes = (self.level.key_mode, self.level.value_mode)
         lead = min(self.level.lead_tokens, T)
         x = kv.detach().to(self.backend.device, torch.float32)
         lead_q, lead_sides = self.backend.quantize(x[:, :, :lead], np.full((2, L), LEAD_LEVELS), LEAD_MODES)
         lead_sec = _tensor_bytes([*lead_sides[0], *lead_sides[1], lead_q])
         rest = T - lead
-        params = _PARAMS.pack(modes[0], modes[1], quant.SEGMENT, TABLE_FAMILY_VERSION, lead) + (levels - 1).astype(np.uint8).tobytes()
+        protect = None
+        if self.level.protects and rest:
+            protect = _protect_encode(x[:, :, lead:], self.level.protect, bool(getattr(self.backend, "native", False)))
         if rest == 0:
-            sections = [params, lead_sec, b"", b"", b"", pack_uints(np.zeros(0, np.int64)), b""]
+            sections = [b"", lead_sec, b"", b"", b"", pack_uints(np.zeros(0, np.int64)), b""]
         else:
+            if self.predictor is None:
+                q, sides = self.backend.quantize(x[:, :, lead:], levels, modes, key_profile=self.key_profile)
+            else:  # the residuals' level counts are chosen per chunk (predict.residual_levels)
+                q, sides, levels, used = self._quantize_predicted(x[:, :, lead:].contiguous(), levels, modes, protect)
             layout = stream_layout(L, rest, C, levels)
-            q, sides = self.backend.quantize(x[:, :, lead:], levels, modes, key_profile=self.key_profile)
             center, table, flags = self.backend.stream_models(q, layout, self.level.delta)
             words, counts = self.backend.rans_encode(q, center, table, layout, flags)
             meta = pack_meta(center.tobytes() + (table | (flags.astype(np.uint8) << 7)).tobytes())
-            sections = [params, lead_sec, _tensor_bytes(sides[0]), _tensor_bytes(sides[1]), meta,
+            sections = [b"", lead_sec, _tensor_bytes(sides[0]), _tensor_bytes(sides[1]), meta,
                         pack_uints(np.asarray(counts)), np.asarray(words, dtype="<u2").tobytes()]
-        if self.level.protects:
-            sections.append(_protect_encode(x[:, :, lead:], self.level.protect,
-                                            bool(getattr(self.backend, "native", False))) if rest else b"")
+        sections[0] = _PARAMS.pack(modes[0], modes[1], quant.SEGMENT, TABLE_FAMILY_VERSION, lead) + (levels - 1).astype(np.uint8).tobytes()
+        if self.level.protects or self.predictor is not None:
+            sections.append(protect[0] if protect is not None else b"")
+        if self.predictor is not None:
+            sections.append(self.predictor.ident + (used.astype(np.uint8).tobytes() if rest else bytes(2 * L)))
         return container.pack(self.codec_id, self.level_id, kv.dtype, tuple(kv.shape), sections)
+
+    def _quantize_predicted(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int],
+                            protect: tuple[bytes, torch.Tensor, torch.Tensor | None] | None
+                            ) -> tuple[torch.Tensor, list[list[torch.Tensor]], np.ndarray, np.ndarray]:
+        """quantize with cross-layer prediction: layer by layer (K, then V), each the residual from the
+        prediction made of the layers as the decoder will have them (protected rows included), at the
+        level counts that give the residual about the step the KV would get at ``levels``. A layer whose
+        residual would need as many levels as the KV itself is coded as itself. Returns (q, sides, the
+        level counts, bool [2, L]: which layers were predicted)."""
+        _, L, R, C = x.shape
+        dev = x.device
+        dec = torch.empty_like(x)
+        q = torch.empty(x.shape, dtype=torch.uint8, device=dev)
+        parts: tuple[list, list] = ([], [])
+        levels = np.array(levels, dtype=np.int64)
+        used = np.zeros((2, L), dtype=bool)
+        mask, rows = (protect[1], protect[2]) if protect is not None else (None, None)
+        restored = None
+        if rows is not None:
+            restored = torch.zeros_like(x)
+            restored[mask] = rows
+        for layer in range(L):
+            for kv in (0, 1):
+                target = x[kv, layer:layer + 1]
+                pred = None
+                if layer:
+                    pred = self.backend.predict(features(dec, kv, layer), self.predictor, kv, layer)
+                    residual = target - pred
+                    fewer = residual_levels(int(levels[kv, layer]), target, residual, modes[kv])
+                    if fewer < levels[kv, layer]:
+                        target, levels[kv, layer], used[kv, layer] = residual, fewer, True
+                    else:
+                        pred = None
+                lv = levels[kv, layer:layer + 1]
+                prof = self.key_profile.layer(layer) if kv == 0 and self.key_profile is not None else None
+                ql, side = self.backend.quantize_half(target, lv, modes[kv], prof)
+                y = self.backend.dequantize_half(ql, side, lv, modes[kv])[0]
+                if pred is not None:
+                    y = y + pred
+                if restored is not None:
+                    y = torch.where(mask[kv, layer, :, None], restored[kv, layer], y)
+                dec[kv, layer] = y
+                q[kv, layer] = ql[0]
+                parts[kv].append(side)
+        return q, [_cat_sides(parts[kv], modes[kv]) for kv in (0, 1)], levels, used
+
+    def _add_predictions(self, out: torch.Tensor, used: np.ndarray,
+                         protect: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
+        """Decoder side of _quantize_predicted: out fp32 [2, L, R, C] holds the dequantized residuals;
+        adds the predictions of the layers ``used`` marks, in the encoder's order, and restores the
+        protected rows."""
+        mask, rows = protect if protect is not None else (None, None)
+        restored = None
+        if rows is not None:
+            restored = torch.zeros_like(out)
+            restored[mask] = rows
+        for layer in range(out.shape[1]):
+            for kv in (0, 1):
+                if used[kv, layer]:
+                    out[kv, layer] = out[kv, layer] + self.backend.predict(features(out, kv, layer), self.predictor, kv, layer)
+                if restored is not None:
+                    out[kv, layer] = torch.where(mask[kv, layer, :, None], restored[kv, layer], out[kv, layer])
 
     def encode_parts(self, kv: torch.Tensor) -> dict[str, int]:
         """Where the bytes of encode(kv) go, by section (for the benchmark)."""
         blob = self.encode(kv)
         header, sections = container.unpack(blob)
-        names = ("params", "lead_token", "key_side", "value_side", "stream_meta", "stream_lengths", "symbols", "protected")
+        names = ("params", "lead_token", "key_side", "value_side", "stream_meta", "stream_lengths", "symbols", "protected",
+                 "predictor_id")
         parts = {n: len(s) for n, s in zip(names, sections)}
         parts["header"] = len(blob) - sum(parts.values())
         return parts
@@ -253,10 +348,29 @@ class CacheGenCodec(Codec):
     # -- decode ----------------------------------------------------------------------------------
     def decode(self, blob: bytes, device: torch.device | str | None = None) -> torch.Tensor:
         # a protecting level also reads its containers written before protection existed (7 sections)
-        header, sections = self._unpack(blob, (N_SECTIONS, N_SECTIONS_PROTECTED) if self.level.protects else N_SECTIONS)
+        allowed = (N_SECTIONS, N_SECTIONS_PROTECTED) if self.level.protects else (N_SECTIONS,)
+        header, sections = self._unpack(blob, allowed + (N_SECTIONS_PREDICTED,))
         params, lead_raw, kside, vside, meta, lens, words = sections[:N_SECTIONS]
         protected = sections[N_SECTIONS] if len(sections) > N_SECTIONS else None
+        predicted = len(sections) == N_SECTIONS_PREDICTED
         _, L, T, C = header.shape
+        if predicted:
+            raw = bytes(sections[N_SECTIONS_PREDICTED - 1])
+            if len(raw) != ID_BYTES + 2 * L:
+                raise CodecError("corrupt cachegen container: predictor section has the wrong size")
+            ident = raw[:ID_BYTES]
+            used = np.frombuffer(raw[ID_BYTES:], np.uint8).reshape(2, L)
+            if used.max() > 1 or used[:, 0].any():
+                raise CodecError("corrupt cachegen container: bad predicted-layer flags")
+            if self.predictor is None:
+                raise CodecError(f"this container was coded with cross-layer prediction (predictor {ident.hex()}): "
+                                 "decode it with get_codec(..., predictor=<that layer predictor>)")
+            if ident != self.predictor.ident:
+                raise CodecError(f"this container was coded with layer predictor {ident.hex()}, "
+                                 f"not this codec's {self.predictor.ident.hex()}")
+            self.predictor.check(L, C)
+            if not self.level.protects and len(protected):
+                raise CodecError("corrupt cachegen container: protected rows at a level that protects none")
         if len(params) != _PARAMS.size + 2 * L:
             raise CodecError("corrupt cachegen container: params section has the wrong size")
         kmode, vmode, segment, family, lead = _PARAMS.unpack_from(params, 0)
@@ -302,8 +416,13 @@ class CacheGenCodec(Codec):
             w = np.frombuffer(words, dtype="<u2")
             q = self.backend.rans_decode(w, counts.astype(np.int32), center, table, layout, flags)
             rest_out = self.backend.dequantize(q, sides, levels, (kmode, vmode))
-            if protected is not None:
-                _protect_decode(protected, rest_out)
+            protect = None
+            if protected is not None and (self.level.protects or len(protected)):
+                protect = _protect_decode(protected, rest_out.shape, rest_out.device)
+            if predicted:
+                self._add_predictions(rest_out, used.astype(bool), protect)
+            elif protect is not None and protect[1] is not None:
+                rest_out[protect[0]] = protect[1]
             parts.append(rest_out)
         elif protected is not None and len(protected):
             raise CodecError("corrupt cachegen container: protected rows present without tokens")
@@ -323,21 +442,29 @@ class CacheGenCodec(Codec):
         n_sections, protected = N_SECTIONS, 0
         if self.level.protects:
             n_sections, protected = N_SECTIONS_PROTECTED, protected_bytes(L, rest, C, 2 * L * rest) if rest else 0
+        if self.predictor is not None:
+            n_sections, protected = N_SECTIONS_PREDICTED, protected + ID_BYTES + 2 * L
         return (container.container_overhead(n_sections) + _PARAMS.size + 2 * L + lead_bytes(L, lead, C)
                 + sides + 2 * streams + counts + words + protected)
 
 
-def make_codec(level_name: str, backend: str, key_profile: QueryProfile | str | os.PathLike | None = None) -> CacheGenCodec:
-    """key_profile: a QueryProfile or the path of one saved with QueryProfile.save."""
+def make_codec(level_name: str, backend: str, key_profile: QueryProfile | str | os.PathLike | None = None,
+               predictor: LayerPredictor | str | os.PathLike | None = None) -> CacheGenCodec:
+    """key_profile: a QueryProfile or the path of one saved with QueryProfile.save; predictor: a
+    LayerPredictor or the path of one saved with LayerPredictor.save."""
     level = LEVELS[level_name]
     if key_profile is not None and not isinstance(key_profile, QueryProfile):
         if not isinstance(key_profile, (str, os.PathLike)):
             raise CodecError(f"key_profile must be a QueryProfile or a file path, got {type(key_profile).__name__}")
         key_profile = QueryProfile.load(key_profile)
+    if predictor is not None and not isinstance(predictor, LayerPredictor):
+        if not isinstance(predictor, (str, os.PathLike)):
+            raise CodecError(f"predictor must be a LayerPredictor or a file path, got {type(predictor).__name__}")
+        predictor = LayerPredictor.load(predictor)
     if backend == "triton":
         try:
             from kvmesh.codecs.cachegen.triton_backend import TritonBackend
         except ImportError as e:
             raise CodecError(f"the triton backend is not available: {e}") from None
-        return CacheGenCodec(level, TritonBackend(), key_profile)
-    return CacheGenCodec(level, key_profile=key_profile)
+        return CacheGenCodec(level, TritonBackend(), key_profile, predictor)
+    return CacheGenCodec(level, key_profile=key_profile, predictor=predictor)

@@ -226,6 +226,15 @@ def round_keys(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, step: torch
     return torch.from_numpy(q)
 
 
+def predict(x: torch.Tensor, w: np.ndarray, b: np.ndarray) -> torch.Tensor:
+    """predict.predict_reference in one compiled pass: x fp32 [R, F], w fp32 [F, C], b fp32 [C] -> [R, C]."""
+    R, F = x.shape
+    C = w.shape[1]
+    out = np.empty((R, C), np.float32)
+    _ransc.predict(np.ascontiguousarray(x.numpy(), dtype=np.float32), R, F, C, w, b, out)
+    return torch.from_numpy(out)
+
+
 def row_sums(h: torch.Tensor) -> torch.Tensor:
     """float64 [N]: the exact sums over the last axis of |h| for finite fp16 h [..., C] (C <= 8192),
     as codec.protected_rows defines them."""

@@ -101,6 +101,13 @@ class QueryProfile:
         h.update(repr((self.moments.shape, self.damp)).encode())
         return h.hexdigest()[:16]
 
+    def layer(self, index: int) -> QueryProfile:
+        """The profile of one layer (a 1-layer profile, cached): for quantizing layer by layer."""
+        cache = self.__dict__.setdefault("_layer_cache", {})
+        if index not in cache:
+            cache[index] = QueryProfile(self.moments[index:index + 1], self.damp)
+        return cache[index]
+
     def check(self, layers: int, channels: int) -> None:
         if (layers, channels) != (self.layers, self.channels):
             raise CodecError(f"the query profile is for {self.layers} layers x {self.channels} channels "

@@ -16,6 +16,7 @@ from kvmesh.codecs.cachegen import delta, quant, rans
 from kvmesh.codecs.cachegen import triton_quant as tq
 from kvmesh.codecs.cachegen import triton_rans as tr
 from kvmesh.codecs.cachegen.layout import StreamLayout
+from kvmesh.codecs.cachegen.predict import LayerPredictor
 from kvmesh.codecs.cachegen.rounding import QueryProfile
 from kvmesh.codecs.cachegen.tables import NUM_TABLES, alphabet_tables
 from kvmesh.codecs.errors import CodecError
@@ -157,6 +158,28 @@ class TritonBackend:
         if key_profile is not None:
             tq.round_keys(x[0], sk, lv[0], modes[0], key_profile, self.interpret, q=q[0])
         return q, [sk, sv]
+
+    def quantize_half(self, x: torch.Tensor, levels: np.ndarray, mode: int, key_profile: QueryProfile | None = None
+                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One of K or V: x [L, T, C], levels [L] -> (q uint8 [L, T, C], side tensors)."""
+        x = x.to(self.device).contiguous()
+        lv = self._levels_on_device(np.asarray(levels).reshape(1, -1))[0]
+        q, side = tq.quantize(x, lv, mode, self.interpret)
+        if key_profile is not None:
+            tq.round_keys(x, side, lv, mode, key_profile, self.interpret, q=q)
+        return q, side
+
+    def dequantize_half(self, q: torch.Tensor, side: list[torch.Tensor], levels: np.ndarray, mode: int,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        """One of K or V: q uint8 [L, T, C] -> fp32 [L, T, C] (into out when given)."""
+        lv = self._levels_on_device(np.asarray(levels).reshape(1, -1))[0]
+        return tq.dequantize(q.to(self.device).contiguous(), [s.to(self.device) for s in side], lv, mode,
+                             torch.float32, self.interpret, out=out)
+
+    def predict(self, x: torch.Tensor, predictor: LayerPredictor, kv: int, layer: int) -> torch.Tensor:
+        """predict.py's prediction of (kv, layer) from its features x fp32 [R, F] (same values as the CPU's)."""
+        w, b = predictor.device_weights(kv, layer, self.device)
+        return tq.predict(x.to(self.device, torch.float32).contiguous(), w, b, self.interpret)
 
     def dequantize(self, q: torch.Tensor, sides: list[list[torch.Tensor]], levels: np.ndarray,
                    modes: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:

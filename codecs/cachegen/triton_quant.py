@@ -314,3 +314,35 @@ def round_keys(x: torch.Tensor, side: list[torch.Tensor], levels: torch.Tensor, 
         x.contiguous(), q, flat(lo), flat(inv), flat(step), bm1.reshape(L).contiguous(), cols, factor, recip,
         T, C, nseg, H, D=D, DPAD=triton.next_power_of_2(D), BLOCK_T=block_t, **_opts(interpret, 4))
     return q
+
+
+@triton.jit
+def _predict_kernel(x_ptr, w_ptr, b_ptr, out_ptr, R, F, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # predict.py's arithmetic: acc = b; acc = acc + x[:, i] * w[i] for i = 0 .. F-1 (unfused fp32)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rm = rows < R
+    cm = cols < C
+    b = tl.load(b_ptr + cols, mask=cm, other=0.0)
+    acc = tl.broadcast_to(b[None, :], (BLOCK_R, BLOCK_C))  # not 0 + b: that turns -0.0 into +0.0
+    for i in range(0, F):
+        xi = tl.load(x_ptr + rows * F + i, mask=rm, other=0.0)
+        wi = tl.load(w_ptr + i * C + cols, mask=cm, other=0.0)
+        acc = acc + xi[:, None] * wi[None, :]
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], acc, mask=rm[:, None] & cm[None, :])
+
+
+def predict(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, interpret: bool = False) -> torch.Tensor:
+    """predict.predict_reference on the device: x fp32 [R, F], w fp32 [F, C], b fp32 [C] -> [R, C]."""
+    R, F = x.shape
+    C = w.shape[1]
+    out = torch.empty(R, C, dtype=torch.float32, device=x.device)
+    if R == 0:
+        return out
+    # interpreted, few large programs are fast; compiled, small tiles keep the accumulator in registers
+    block_r = min(triton.next_power_of_2(R), 256 if interpret else 32)
+    block_c = min(triton.next_power_of_2(C), 256 if interpret else 64)
+    _predict_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
+        x.contiguous(), w.contiguous(), b.contiguous(), out, R, F, C, BLOCK_R=block_r, BLOCK_C=block_c,
+        **_opts(interpret, 4))
+    return out

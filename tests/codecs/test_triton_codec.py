@@ -119,3 +119,19 @@ def test_bytes_identical_with_a_query_profile(method: str) -> None:
     want = cpu.encode(kv)
     assert want != get_codec(method, backend="cpu").encode(kv)  # the profile changed some key symbols
     assert tri.encode(kv.to(DEVICE)) == want
+
+
+@pytest.mark.parametrize("method", ["cachegen", "cachegen-hq"])
+def test_bytes_identical_with_a_layer_predictor(method: str) -> None:
+    """Cross-layer prediction (predict.py): the device's prediction kernel adds the products in the
+    reference order, unfused, so the residuals, their level counts and the bytes are the CPU's."""
+    from tests.codecs.test_layer_prediction import random_predictor
+
+    predictor = random_predictor(layers=3, channels=24, seed=3)
+    kv = kv_like(3, 70, 24, dtype=torch.float16, seed=12)
+    cpu = get_codec(method, backend="cpu", predictor=predictor)
+    tri = get_codec(method, backend="triton", predictor=predictor)
+    want = cpu.encode(kv)
+    assert want != get_codec(method, backend="cpu").encode(kv)
+    assert tri.encode(kv.to(DEVICE)) == want
+    assert torch.equal(bits(tri.decode(want).cpu()), bits(cpu.decode(want)))

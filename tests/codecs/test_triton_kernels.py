@@ -339,3 +339,18 @@ def test_decode_rejects_bad_counts(backend) -> None:
         backend.rans_decode(words, short, center, table, layout)
     with pytest.raises(CodecError):
         backend.rans_decode(words[:-1], counts, center, table, layout)
+
+
+@pytest.mark.parametrize("rows, features, channels", [(1, 1, 1), (37, 72, 24), (300, 20, 200)])
+def test_prediction_kernel_equals_the_reference(rows: int, features: int, channels: int) -> None:
+    from kvmesh.codecs.cachegen import triton_quant as tq
+    from kvmesh.codecs.cachegen.predict import predict_reference
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, features, generator=g) * 10
+    w = torch.randn(features, channels, generator=g) / 5
+    b = torch.randn(channels, generator=g)
+    b[0] = -0.0
+    want = predict_reference(x, w, b)
+    got = tq.predict(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), interpret=DEVICE.type == "cpu")
+    assert torch.equal(got.cpu().view(torch.int32), want.view(torch.int32))

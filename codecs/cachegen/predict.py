@@ -1,0 +1,208 @@
+"""Cross-layer prediction for cachegen: code each layer's KV as its difference from a linear
+prediction made from the layers already decoded.
+
+A layer's keys and values are projections of one hidden state, which changes little from layer to
+layer, so the decoded KV of layer l-1 (and, for values, the decoded keys of layer l) predicts layer
+l's KV well: on SmolLM2-135M the residual costs ~20% fewer bytes than the KV itself at the same step
+(BENCHMARKS.md, "Cross-layer prediction"). The predictor belongs to a model, like a query profile; it
+is fitted once from that model's KV (``python -m kvmesh.engine.predictor``) and the decoder needs the
+same one: the container stores its 8-byte id.
+
+For layer l >= 1 (FORMAT.md section 3, "Cross-layer prediction"), with K', V' the decoded fp32 rest
+tokens [R, C]:
+    keys:   P = [K'[l-1] | V'[l-1]]          @ Wk[l] + bk[l]     (features 2C)
+    values: P = [K'[l-1] | V'[l-1] | K'[l]]  @ Wv[l] + bv[l]     (features 3C)
+every output element computed as acc = b[j]; acc = acc + x[i] * w[i, j] for i = 0 .. F-1 (IEEE fp32,
+the product rounded, then the sum; nothing fused), so every device computes the same prediction.
+The residual x - P is quantized with the level's mode; the decoded value is dequant(q) + P.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvmesh.codecs.errors import CodecError
+
+_FORMAT = "kvmesh-layer-predictor-1"
+ID_BYTES = 8
+DEFAULT_RIDGE = 1e-4  # fraction of the mean feature energy added to the normal equations' diagonal
+
+
+@dataclass(frozen=True, eq=False)
+class LayerPredictor:
+    """Per layer l >= 1 of a model: fp32 weights and biases of the key and value predictions."""
+
+    key_weights: np.ndarray  # [L-1, 2C, C]
+    key_bias: np.ndarray  # [L-1, C]
+    value_weights: np.ndarray  # [L-1, 3C, C]
+    value_bias: np.ndarray  # [L-1, C]
+    ident: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        arrays = {}
+        for name in ("key_weights", "key_bias", "value_weights", "value_bias"):
+            a = np.ascontiguousarray(getattr(self, name), dtype=np.float32)
+            if not np.isfinite(a).all():
+                raise CodecError(f"layer predictor {name} must be finite")
+            arrays[name] = a
+            object.__setattr__(self, name, a)
+        kw, kb, vw, vb = (arrays[n] for n in ("key_weights", "key_bias", "value_weights", "value_bias"))
+        if kw.ndim != 3 or kw.shape[0] < 1 or kw.shape[1] != 2 * kw.shape[2]:
+            raise CodecError(f"layer predictor key weights must be [layers - 1, 2C, C], got {kw.shape}")
+        n, C = kw.shape[0], kw.shape[2]
+        if kb.shape != (n, C) or vw.shape != (n, 3 * C, C) or vb.shape != (n, C):
+            raise CodecError(f"layer predictor arrays disagree: key weights {kw.shape}, key bias {kb.shape}, "
+                             f"value weights {vw.shape}, value bias {vb.shape}")
+        h = hashlib.sha256(_FORMAT.encode())
+        for a in (kw, kb, vw, vb):
+            h.update(repr(a.shape).encode())
+            h.update(a.astype("<f4").tobytes())
+        object.__setattr__(self, "ident", h.digest()[:ID_BYTES])
+
+    @property
+    def layers(self) -> int:
+        return self.key_weights.shape[0] + 1
+
+    @property
+    def channels(self) -> int:
+        return self.key_weights.shape[2]
+
+    def check(self, layers: int, channels: int) -> None:
+        if (layers, channels) != (self.layers, self.channels):
+            raise CodecError(f"the layer predictor is for {self.layers} layers x {self.channels} channels; "
+                             f"this KV has {layers} layers x {channels} channels")
+
+    def weights(self, kv: int, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        if not 1 <= layer < self.layers:
+            raise ValueError(f"layer {layer} has no prediction")
+        if kv == 0:
+            return self.key_weights[layer - 1], self.key_bias[layer - 1]
+        return self.value_weights[layer - 1], self.value_bias[layer - 1]
+
+    def device_weights(self, kv: int, layer: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.__dict__.setdefault("_device_cache", {})
+        key = (kv, layer, str(device))
+        if key not in cache:
+            w, b = self.weights(kv, layer)
+            cache[key] = (torch.from_numpy(w).to(device), torch.from_numpy(b).to(device))
+        return cache[key]
+
+    # -- files: a numpy .npz without pickles ------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, format=np.array(_FORMAT), key_weights=self.key_weights, key_bias=self.key_bias,
+                     value_weights=self.value_weights, value_bias=self.value_bias)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LayerPredictor:
+        try:
+            with np.load(Path(path), allow_pickle=False) as z:
+                if "format" not in z or str(z["format"]) != _FORMAT:
+                    raise CodecError(f"{path} is not a kvmesh layer predictor ({_FORMAT})")
+                return cls(z["key_weights"], z["key_bias"], z["value_weights"], z["value_bias"])
+        except (OSError, ValueError, KeyError) as e:
+            if isinstance(e, CodecError):
+                raise
+            raise CodecError(f"cannot read layer predictor {path}: {e}") from None
+
+
+def features(dec: torch.Tensor, kv: int, layer: int) -> torch.Tensor:
+    """The prediction's input for (kv, layer >= 1) from decoded fp32 dec [2, L, R, C]: [R, 2C] or [R, 3C]."""
+    parts = [dec[0, layer - 1], dec[1, layer - 1]] + ([dec[0, layer]] if kv == 1 else [])
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def predict_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The prediction's exact arithmetic in torch: x fp32 [R, F], w [F, C], b [C] -> [R, C]."""
+    acc = b.expand(x.shape[0], -1).clone()
+    for i in range(x.shape[1]):
+        acc = acc + x[:, i:i + 1] * w[i]
+    return acc
+
+
+def predict_cpu(x: torch.Tensor, w: np.ndarray, b: np.ndarray, native: bool) -> torch.Tensor:
+    """The same values as predict_reference, in the compiled coder when native."""
+    if not native:
+        return predict_reference(x, torch.from_numpy(w), torch.from_numpy(b))
+    from kvmesh.codecs.cachegen import native as _native
+
+    return _native.predict(x, w, b)
+
+
+def residual_levels(base: int, x: torch.Tensor, r: torch.Tensor, mode: int) -> int:
+    """The level count a writer uses for a residual r of x (both fp32 [1, T, C]) so that r is quantized
+    with about the step x would get at ``base`` levels: B - 1 scaled by how much smaller r's range is
+    (channel modes: the largest channel range; token modes: the median over tokens of the per-token
+    range), keeping its parity (an even B - 1 keeps a level at zero in the symmetric mode), at least
+    1 (2 when even), at most 255. Computed from exact reductions in float64 on the host, so every
+    device chooses the same count; the container stores it like any level count."""
+    from kvmesh.codecs.cachegen import quant
+
+    def spans(t: torch.Tensor) -> np.ndarray:
+        if mode in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP):
+            return (t.amax(dim=1) - t.amin(dim=1)).amax().reshape(1).cpu().double().numpy()
+        if mode == quant.MODE_TOKEN_SYMMETRIC:
+            return t.abs().amax(dim=2).reshape(-1).cpu().double().numpy()
+        return (t.amax(dim=2) - t.amin(dim=2)).reshape(-1).cpu().double().numpy()
+
+    sx, sr = spans(x), spans(r)
+    ok = sx > 0
+    ratio = float(np.median(sr[ok] / sx[ok])) if ok.any() else 1.0
+    bm1 = (base - 1) * min(ratio, 1e6)
+    if (base - 1) % 2 == 0:
+        out = 2 * max(1, int(np.rint(bm1 / 2)))
+        return min(out, 254) + 1
+    return min(max(1, int(np.rint(bm1))), 255) + 1
+
+
+# -- fitting ---------------------------------------------------------------------------------------
+
+def _ridge(x: np.ndarray, y: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares y ~ x @ w + b in float64 with a relative ridge; (w fp32, b fp32)."""
+    x1 = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+    a = x1.T @ x1
+    a[np.diag_indices_from(a)] += ridge * float(np.mean(np.diag(a)))
+    sol = np.linalg.solve(a, x1.T @ y)
+    return sol[:-1].astype(np.float32), sol[-1].astype(np.float32)
+
+
+def _fit_weights(exact: torch.Tensor, inputs: torch.Tensor, ridge: float) -> dict[str, np.ndarray]:
+    """exact, inputs fp32 [2, L, N, C] (the rows of many chunks side by side)."""
+    L = exact.shape[1]
+    out: dict[str, list[np.ndarray]] = {"key_weights": [], "key_bias": [], "value_weights": [], "value_bias": []}
+    for layer in range(1, L):
+        for kv, name in ((0, "key"), (1, "value")):
+            w, b = _ridge(features(inputs, kv, layer).double().numpy(), exact[kv, layer].double().numpy(), ridge)
+            out[f"{name}_weights"].append(w)
+            out[f"{name}_bias"].append(b)
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def fit(chunks: Iterable[torch.Tensor], level: str = "default", ridge: float = DEFAULT_RIDGE) -> LayerPredictor:
+    """Fits a predictor to a model's KV chunks ([2, L, T, C], T >= 2 each; typically 256-token chunks
+    of a few thousand tokens of text). Two passes: a least-squares fit on the exact KV, then a refit on
+    the KV as ``level`` decodes it with that first predictor, so the weights expect the noise they will
+    see. The chunks' first token (stored apart by the codec) is left out."""
+    from kvmesh.codecs.cachegen.codec import make_codec
+
+    chunks = [c.detach().to(torch.float32).cpu() for c in chunks]
+    if not chunks:
+        raise ValueError("fitting a layer predictor needs at least one chunk")
+    shapes = {tuple(c.shape[:2]) + (c.shape[3],) for c in chunks}
+    if len(shapes) != 1 or any(c.dim() != 4 or c.shape[0] != 2 or c.shape[2] < 2 for c in chunks):
+        raise ValueError("fitting needs chunks [2, L, T >= 2, C] of one model")
+    exact = torch.cat([c[:, :, 1:] for c in chunks], dim=2)
+    provisional = LayerPredictor(**_fit_weights(exact, exact, ridge))
+    codec = make_codec(level, "cpu", predictor=provisional)
+    decoded = torch.cat([codec.decode(codec.encode(c)).to(torch.float32)[:, :, 1:] for c in chunks], dim=2)
+    return LayerPredictor(**_fit_weights(exact, decoded, ridge))
