@@ -335,7 +335,7 @@ def query_profile(source: str = "calibration", n: int = 8) -> Any:
     return profile
 
 
-def layer_predictor(level: str = "default", source: str = "calibration", n: int = 8) -> Any:
+def layer_predictor(level: str = "default", source: str = "calibration", n: int = 24) -> Any:
     """SmolLM2's layer predictor (kvmesh.codecs.cachegen.predict) fitted for ``level`` on the four
     context chunks of ``n`` windows of ``source`` (default: the calibration text, neither evaluation
     text); cached under ``$KVMESH_CACHE_DIR/predictors/``."""

@@ -31,6 +31,10 @@ from kvmesh.codecs.errors import CodecError
 _FORMAT = "kvmesh-layer-predictor-1"
 ID_BYTES = 8
 DEFAULT_RIDGE = 1e-4  # fraction of the mean feature energy added to the normal equations' diagonal
+# token modes: the residual's level count follows this quantile of the per-token range ratios. The median
+# (0.5) gives the tokens above it coarser steps than without prediction, and NLL noticed (+0.012 on
+# botchan, 8.23x); 0.6: +0.009, 8.04x; 0.7: +0.003, 7.85x (BENCHMARKS.md "Cross-layer prediction")
+TOKEN_RATIO_QUANTILE = 0.6
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,8 +146,8 @@ def predict_cpu(x: torch.Tensor, w: np.ndarray, b: np.ndarray, native: bool) -> 
 def residual_levels(base: int, x: torch.Tensor, r: torch.Tensor, mode: int) -> int:
     """The level count a writer uses for a residual r of x (both fp32 [1, T, C]) so that r is quantized
     with about the step x would get at ``base`` levels: B - 1 scaled by how much smaller r's range is
-    (channel modes: the largest channel range; token modes: the median over tokens of the per-token
-    range), keeping its parity (an even B - 1 keeps a level at zero in the symmetric mode), at least
+    (channel modes: the largest channel range; token modes: the TOKEN_RATIO_QUANTILE quantile over
+    tokens of the per-token range ratio), keeping its parity (an even B - 1 keeps a level at zero in the symmetric mode), at least
     1 (2 when even), at most 255. Computed from exact reductions in float64 on the host, so every
     device chooses the same count; the container stores it like any level count."""
     from kvmesh.codecs.cachegen import quant
@@ -157,7 +161,7 @@ def residual_levels(base: int, x: torch.Tensor, r: torch.Tensor, mode: int) -> i
 
     sx, sr = spans(x), spans(r)
     ok = sx > 0
-    ratio = float(np.median(sr[ok] / sx[ok])) if ok.any() else 1.0
+    ratio = float(np.quantile(sr[ok] / sx[ok], TOKEN_RATIO_QUANTILE)) if ok.any() else 1.0
     bm1 = (base - 1) * min(ratio, 1e6)
     if (base - 1) % 2 == 0:
         out = 2 * max(1, int(np.rint(bm1 / 2)))
