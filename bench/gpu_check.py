@@ -92,6 +92,16 @@ def synthetic_profile(layers: int, channels: int, seed: int = 0) -> object:
     return QueryProfile(a @ np.swapaxes(a, 2, 3) + 0.05 * np.eye(channels))
 
 
+def synthetic_predictor(layers: int, channels: int, seed: int = 0) -> object:
+    """A layer predictor (predict.LayerPredictor) with small random weights, for kv's shape."""
+    from kvmesh.codecs import LayerPredictor
+
+    g = np.random.default_rng(seed)
+    n, c = layers - 1, channels
+    return LayerPredictor(0.05 * g.standard_normal((n, 2 * c, c)), 0.1 * g.standard_normal((n, c)),
+                          0.05 * g.standard_normal((n, 3 * c, c)), 0.1 * g.standard_normal((n, c)))
+
+
 class Checker:
     def __init__(self, device: torch.device) -> None:
         from kvmesh.codecs import get_codec
@@ -106,15 +116,20 @@ class Checker:
     def codecs_for(self, m: str, kv: torch.Tensor) -> tuple[object, object]:
         """(CPU codec, GPU codec) of method m; 'cachegen+qp': keys rounded along a synthetic query profile
         (one head of all the channels) made for kv's shape."""
-        if not m.endswith("+qp"):
+        if not m.endswith(("+qp", "+lp")):
             return self.cpu[m], self.gpu[m]
         from kvmesh.codecs import get_codec
 
-        p = synthetic_profile(kv.shape[1], kv.shape[3])
-        return (get_codec(m[:-3], backend="cpu", key_profile=p), get_codec(m[:-3], backend="triton", key_profile=p))
+        if m.endswith("+qp"):
+            opts = {"key_profile": synthetic_profile(kv.shape[1], kv.shape[3])}
+        elif kv.shape[1] < 2:
+            return self.cpu[m[:-3]], self.gpu[m[:-3]]  # one layer: nothing to predict
+        else:
+            opts = {"predictor": synthetic_predictor(kv.shape[1], kv.shape[3])}
+        return (get_codec(m[:-3], backend="cpu", **opts), get_codec(m[:-3], backend="triton", **opts))
 
     def check(self, label: str, kv: torch.Tensor, methods: list[str] | None = None) -> None:
-        for m in methods or self.methods + ["cachegen+qp"]:
+        for m in methods or self.methods + ["cachegen+qp", "cachegen+lp"]:
             t0 = time.perf_counter()
             cpu, gpu = self.codecs_for(m, kv)
             want = cpu.encode(kv)
@@ -262,6 +277,14 @@ def throughput(device: torch.device, quick: bool) -> None:
         row("codec.decode (bytes -> GPU tensor: H2D, checks, container)", method,
             timed(lambda: codec.decode(blob), device, max(1, iters // 2)))
         print(f"| (size) | {method} | {len(blob)} bytes | ratio {nbytes / len(blob):.2f} vs fp16 |", flush=True)
+        if method == "cachegen" and layers > 1:
+            pcodec = get_codec(method, backend="triton", predictor=synthetic_predictor(layers, channels))
+            pblob = pcodec.encode(kv)
+            x = torch.randn(tokens, 3 * channels, device=device)
+            row("cross-layer prediction of one layer's values (3C features)", method,
+                timed(lambda: be.predict(x, pcodec.predictor, 1, 1), device, iters))
+            row("codec.encode with a layer predictor (synthetic)", method, timed(lambda: pcodec.encode(kv), device, max(1, iters // 2)))
+            row("codec.decode with a layer predictor (synthetic)", method, timed(lambda: pcodec.decode(pblob), device, max(1, iters // 2)))
 
 
 def main(argv: list[str] | None = None) -> int:
