@@ -247,8 +247,10 @@ class CacheGenCodec(Codec):
         modes = (self.level.key_mode, self.level.value_mode)
         lead = min(self.level.lead_tokens, T)
         x = kv.detach().to(self.backend.device, torch.float32)
-        lead_q, lead_sides = self.backend.quantize(x[:, :, :lead], np.full((2, L), LEAD_LEVELS), LEAD_MODES)
-        lead_sec = _tensor_bytes([*lead_sides[0], *lead_sides[1], lead_q])
+        lead_sec = b""
+        if lead:
+            lead_q, lead_sides = self.backend.quantize(x[:, :, :lead], np.full((2, L), LEAD_LEVELS), LEAD_MODES)
+            lead_sec = _tensor_bytes([*lead_sides[0], *lead_sides[1], lead_q])
         rest = T - lead
         protect = None
         if self.level.protects and rest:

@@ -58,6 +58,8 @@ def _bands(*runs: tuple[int, int]) -> tuple[int, ...]:
 # - protecting the sink-like value rows (mean |v| < 0.35 x the chunk's median) at 8 bits buys more
 #   top-1 per byte than any level change: with it, values at 7 levels beat 9 without it
 #   (bench/quant_lab.py; key rows gain less than the same bytes spent on key levels).
+# - values at 5 levels in layers 25-29 cost -0.1 / +0.2 points of top-1 (botchan / held-out; quant_lab.py
+#   value-layers): the default does that since the cross-layer prediction work (BENCHMARKS.md).
 LEVELS: dict[str, Level] = {
     "default": Level("default", 0, MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SYMMETRIC,
                      key_levels=_bands((10, 20), (15, 28), (5, 14)),
@@ -66,7 +68,7 @@ LEVELS: dict[str, Level] = {
                 key_levels=_bands((30, 64)), value_levels=_bands((30, 33))),
     # the default's keys; values at 5 levels in the layers where 5 instead of 7 moved top-1 by <= 0.2
     # points on both texts (10-14, 25-29; bench/quant_lab.py, BENCHMARKS.md "A compact level"):
-    # ~3% fewer bytes at the default's quality
+    # ~2% fewer bytes than the default (which has 25-29 at 5 too)
     "compact": Level("compact", 2, MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SYMMETRIC,
                      key_levels=_bands((10, 20), (15, 28), (5, 14)),
                      value_levels=_bands((10, 7), (5, 5), (10, 7), (5, 5)), protect=(0.0, 0.35)),
