@@ -131,3 +131,18 @@ def test_fp16_directed_rounding_brackets_values():
     # and they are the nearest such fp16 values: one ulp further in would cross v
     exact = lo.float() == v
     assert bool((hi.float()[exact] == v[exact]).all())
+
+
+def test_a_level_without_lead_tokens_round_trips() -> None:
+    """lead = 0 is a valid container (params byte 5): every token goes through the streams."""
+    import dataclasses
+
+    from kvmesh.codecs.cachegen.codec import CacheGenCodec
+    from kvmesh.codecs.cachegen.levels import LEVELS
+
+    codec = CacheGenCodec(dataclasses.replace(LEVELS["hq"], lead_tokens=0))
+    kv = kv_like(2, 33, 24)
+    blob = codec.encode(kv)
+    assert len(blob) < get_codec("cachegen-hq", backend="cpu").encode(kv).__len__()  # no 8-bit lead token
+    back = codec.decode(blob)
+    assert back.shape == kv.shape and (back.float() - kv.float()).abs().max() < 0.2 * kv.float().abs().max()
