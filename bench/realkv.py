@@ -356,15 +356,15 @@ def make_codec(name: str, backend: str = "cpu", level: str | None = None) -> Any
     predictor (:func:`layer_predictor`)."""
     from kvmesh.codecs import get_codec
 
-    opts: dict[str, Any] = {}
+    suffixes = set()
     while name.endswith((PROFILED, PREDICTED)):
-        if name.endswith(PROFILED):
-            opts["key_profile"] = query_profile()
-            name = name.removesuffix(PROFILED)
-        else:
-            name = name.removesuffix(PREDICTED)
-            opts["predictor"] = "pending"
-    if opts.get("predictor") == "pending":
+        suffix = PROFILED if name.endswith(PROFILED) else PREDICTED
+        suffixes.add(suffix)
+        name = name.removesuffix(suffix)
+    opts: dict[str, Any] = {}
+    if PROFILED in suffixes:
+        opts["key_profile"] = query_profile()
+    if PREDICTED in suffixes:
         opts["predictor"] = layer_predictor(level or (name.split("-", 1)[1] if "-" in name else "default"))
     return get_codec(name, backend=backend, level=level, **opts)
 
