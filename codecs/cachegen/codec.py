@@ -40,7 +40,7 @@ from kvmesh.codecs import container
 from kvmesh.codecs.base import Codec, check_kv
 from kvmesh.codecs.cachegen import delta, quant
 from kvmesh.codecs.cachegen.backends import CpuBackend
-from kvmesh.codecs.cachegen.layout import StreamLayout, stream_layout
+from kvmesh.codecs.cachegen.layout import stream_layout
 from kvmesh.codecs.cachegen.levels import LEVELS, Level
 from kvmesh.codecs.cachegen.predict import ID_BYTES, LayerPredictor, features, residual_levels
 from kvmesh.codecs.cachegen.rounding import QueryProfile
@@ -185,6 +185,15 @@ def _protect_decode(raw: memoryview, shape: tuple[int, ...], dev: torch.device) 
     return mask, _protected_values(q.to(dev), side[0].to(dev))
 
 
+def _restored_rows(mask: torch.Tensor | None, rows: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """The protected rows placed in a tensor shaped like the rest tokens [2, L, R, C] (None: no rows)."""
+    if rows is None:
+        return None
+    restored = torch.zeros_like(like)
+    restored[mask] = rows
+    return restored
+
+
 def _cat_sides(parts: list[list[torch.Tensor]], mode: int) -> list[torch.Tensor]:
     """Side tensors of single layers joined along their layer axis."""
     axis = 1 if mode in (quant.MODE_CHANNEL, quant.MODE_TOKEN) else 0
@@ -224,7 +233,7 @@ class CacheGenCodec(Codec):
         along it: same format and decoder, fewer errors where the model's queries look. Without one,
         keys round to their nearest level.
         predictor: the serving model's layer predictor (predict.py). Each layer is then coded as its
-        difference from a prediction made from the layers before it: ~20% fewer bytes; decoding such
+        difference from a prediction made from the layers before it: ~18% fewer bytes; decoding such
         a container needs the same predictor (its id is in the container)."""
         self.level = level
         self.level_id = level.level_id
@@ -290,11 +299,8 @@ class CacheGenCodec(Codec):
         parts: tuple[list, list] = ([], [])
         levels = np.array(levels, dtype=np.int64)
         used = np.zeros((2, L), dtype=bool)
-        mask, rows = (protect[1], protect[2]) if protect is not None else (None, None)
-        restored = None
-        if rows is not None:
-            restored = torch.zeros_like(x)
-            restored[mask] = rows
+        mask, rows = protect[1:] if protect is not None else (None, None)
+        restored = _restored_rows(mask, rows, x)
         for layer in range(L):
             for kv in (0, 1):
                 target = x[kv, layer:layer + 1]
@@ -326,10 +332,7 @@ class CacheGenCodec(Codec):
         adds the predictions of the layers ``used`` marks, in the encoder's order, and restores the
         protected rows."""
         mask, rows = protect if protect is not None else (None, None)
-        restored = None
-        if rows is not None:
-            restored = torch.zeros_like(out)
-            restored[mask] = rows
+        restored = _restored_rows(mask, rows, out)
         for layer in range(out.shape[1]):
             for kv in (0, 1):
                 if used[kv, layer]:

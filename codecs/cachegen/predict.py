@@ -3,7 +3,7 @@ prediction made from the layers already decoded.
 
 A layer's keys and values are projections of one hidden state, which changes little from layer to
 layer, so the decoded KV of layer l-1 (and, for values, the decoded keys of layer l) predicts layer
-l's KV well: on SmolLM2-135M the residual costs ~20% fewer bytes than the KV itself at the same step
+l's KV well: on SmolLM2-135M the residual costs ~18% fewer bytes than the KV itself at the same step
 (BENCHMARKS.md, "Cross-layer prediction"). The predictor belongs to a model, like a query profile; it
 is fitted once from that model's KV (``python -m kvmesh.engine.predictor``) and the decoder needs the
 same one: the container stores its 8-byte id.
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvmesh.codecs.cachegen import npzfile
 from kvmesh.codecs.errors import CodecError
 
 _FORMAT = "kvmesh-layer-predictor-1"
@@ -98,26 +99,13 @@ class LayerPredictor:
 
     # -- files: a numpy .npz without pickles ------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, format=np.array(_FORMAT), key_weights=self.key_weights, key_bias=self.key_bias,
-                     value_weights=self.value_weights, value_bias=self.value_bias)
-        tmp.replace(path)
-        return path
+        return npzfile.save(path, _FORMAT, key_weights=self.key_weights, key_bias=self.key_bias,
+                            value_weights=self.value_weights, value_bias=self.value_bias)
 
     @classmethod
     def load(cls, path: str | Path) -> LayerPredictor:
-        try:
-            with np.load(Path(path), allow_pickle=False) as z:
-                if "format" not in z or str(z["format"]) != _FORMAT:
-                    raise CodecError(f"{path} is not a kvmesh layer predictor ({_FORMAT})")
-                return cls(z["key_weights"], z["key_bias"], z["value_weights"], z["value_bias"])
-        except (OSError, ValueError, KeyError) as e:
-            if isinstance(e, CodecError):
-                raise
-            raise CodecError(f"cannot read layer predictor {path}: {e}") from None
+        return npzfile.load(path, _FORMAT, "layer predictor",
+                            lambda z: cls(z["key_weights"], z["key_bias"], z["value_weights"], z["value_bias"]))
 
 
 def features(dec: torch.Tensor, kv: int, layer: int) -> torch.Tensor:

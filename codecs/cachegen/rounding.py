@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvmesh.codecs.cachegen import quant
+from kvmesh.codecs.cachegen import npzfile, quant
 from kvmesh.codecs.errors import CodecError
 
 DEFAULT_DAMP = 0.01  # fraction of the mean diagonal added to H: keeps it well conditioned
@@ -115,25 +115,11 @@ class QueryProfile:
 
     # -- files: a numpy .npz without pickles ------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, format=np.array(_FORMAT), moments=self.moments, damp=np.array(self.damp))
-        tmp.replace(path)
-        return path
+        return npzfile.save(path, _FORMAT, moments=self.moments, damp=np.array(self.damp))
 
     @classmethod
     def load(cls, path: str | Path) -> QueryProfile:
-        try:
-            with np.load(Path(path), allow_pickle=False) as z:
-                if "format" not in z or str(z["format"]) != _FORMAT:
-                    raise CodecError(f"{path} is not a kvmesh query profile ({_FORMAT})")
-                return cls(z["moments"], float(z["damp"]))
-        except (OSError, ValueError, KeyError) as e:
-            if isinstance(e, CodecError):
-                raise
-            raise CodecError(f"cannot read query profile {path}: {e}") from None
+        return npzfile.load(path, _FORMAT, "query profile", lambda z: cls(z["moments"], float(z["damp"])))
 
 
 def device_factors(profile: QueryProfile, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

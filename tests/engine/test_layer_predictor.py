@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from kvmesh.codecs import LayerPredictor, get_codec
 from kvmesh.engine.predictor import kv_chunks, layer_predictor, main
