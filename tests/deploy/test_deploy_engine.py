@@ -24,8 +24,15 @@ def test_engine_registers_under_its_env_identity_and_exports_agent_metrics(mesh:
 
     (worker,) = poll("the engine's agent registers", registered, proc_logs=[engine.log])
     assert worker["ip"] == "127.0.0.1" and worker["port"] == engine.agent_port
-    with urllib.request.urlopen(f"http://127.0.0.1:{engine.port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
+
+    def connected_page() -> str | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{engine.port}/metrics", timeout=10) as resp:
+            page = resp.read().decode()
+        return page if "kvmesh_agent_controller_connected 1.0" in page else None
+
+    # The controller lists the worker as soon as RegisterWorker lands; the agent counts itself connected
+    # only once its full KV resync has been accepted too, a moment later.
+    text = poll("the agent reports itself connected", connected_page, proc_logs=[engine.log])
     exported = Exported()
     exported.add_exposition(text)
     # The agent's series and the engine's on one page: what the kvmesh-agent job scrapes on 8000.
@@ -33,4 +40,3 @@ def test_engine_registers_under_its_env_identity_and_exports_agent_metrics(mesh:
                  "kvmesh_agent_chunks_total", "kvmesh_engine_time_to_first_token_seconds_bucket",
                  "kvmesh_engine_prompt_tokens_total"):
         assert name in exported, f"{name} is not on the engine's /metrics"
-    assert "kvmesh_agent_controller_connected 1.0" in text

@@ -94,6 +94,18 @@ def wait_registered(controller: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"{INSTANCE} did not register with the controller within {timeout}s")
 
 
+def wait_agent_connected(engine: str, timeout: float = 60.0) -> None:
+    """The controller lists a worker once RegisterWorker lands; the agent counts itself connected only
+    after its KV resync is accepted too. Tests start from the latter."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{engine}/metrics", timeout=30) as resp:
+            if "kvmesh_agent_controller_connected 1.0" in resp.read().decode():
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"the engine's agent did not report itself connected within {timeout}s")
+
+
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     logs = tmp_path_factory.mktemp("e2e-logs")
@@ -115,6 +127,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             try:
                 wait_http_ok(f"{engine_url}/health", timeout=ENGINE_START_TIMEOUT, proc=engine)
                 wait_registered(controller_url)
+                wait_agent_connected(engine_url)
             except (RuntimeError, TimeoutError) as err:
                 tail = (logs / "engine.log").read_text(errors="replace")[-4000:]
                 raise RuntimeError(f"{err}\nengine log:\n{tail}") from err
