@@ -15,7 +15,8 @@ import torch
 from kvmesh.codecs.cachegen import delta as _delta
 from kvmesh.codecs.cachegen import native as _native
 from kvmesh.codecs.cachegen import quant, rans
-from kvmesh.codecs.cachegen.layout import StreamLayout, element_stream_ids, from_streams, to_streams
+from kvmesh.codecs.cachegen.layout import (StreamLayout, deinterleave, element_stream_ids, from_streams, interleave,
+                                         to_streams)
 from kvmesh.codecs.cachegen.predict import LayerPredictor, predict_cpu
 from kvmesh.codecs.cachegen.rounding import QueryProfile, quantize_keys
 from kvmesh.codecs.cachegen.tables import alphabet_tables
@@ -145,14 +146,16 @@ class CpuBackend:
         if flags is not None and np.any(flags):
             q = _delta.forward(q, layout.levels, flags)
         sym = to_streams(q, layout.nseg).numpy()
-        S = layout.num_streams
+        center = np.asarray(center)
+        r = ((sym.astype(np.int16) - center[:, None].astype(np.int16) + layout.stream_levels[:, None].astype(np.int16))
+             % layout.stream_levels[:, None].astype(np.int16)).astype(np.uint8)
         parts = []
-        for b, rows in layout.groups:
+        for b, rows in layout.coded_groups:
             tabs = alphabet_tables(b)
-            r = (sym[rows].astype(np.int16) - center[rows, None].astype(np.int16) + b) % b
-            words, cnt = rans.encode(r.astype(np.uint8), layout.lengths[rows], table[rows], tabs.freq, tabs.cum)
+            words, cnt = rans.encode(interleave(r, layout, rows), layout.coded_lengths[rows],
+                                     np.asarray(table)[layout.members[rows]], tabs.freq, tabs.cum)
             parts.append((rows, words, cnt))
-        out, counts = rans.merge_groups(S, parts)
+        out, counts = rans.merge_groups(layout.num_coded, parts)
         return out, counts.astype(np.int32)
 
     def rans_decode(self, words: np.ndarray, counts: np.ndarray, center: np.ndarray, table: np.ndarray,
@@ -167,24 +170,27 @@ class CpuBackend:
 
     def _rans_decode_numpy(self, words: np.ndarray, counts: np.ndarray, center: np.ndarray, table: np.ndarray,
                            layout: StreamLayout) -> torch.Tensor:
-        S = layout.num_streams
+        S = layout.num_coded
         counts = counts.astype(np.int64)
         if counts.shape != (S,) or int(counts.sum()) != words.size:
             raise CodecError(f"corrupt rANS data: {counts.size} word counts adding up to {int(counts.sum())} "
                              f"for {S} streams and {words.size} words")
         starts = np.zeros(S, np.int64)
         np.cumsum(counts[:-1], out=starts[1:])
-        sym = np.zeros((S, quant.SEGMENT), np.uint8)
-        for b, rows in layout.groups:
+        r = np.zeros((layout.num_streams, quant.SEGMENT), np.uint8)
+        table = np.asarray(table)
+        for b, rows in layout.coded_groups:
             tabs = alphabet_tables(b)
             cnt = counts[rows]
-            if len(layout.groups) == 1:
+            if len(layout.coded_groups) == 1:
                 w = words
             else:
                 local = np.zeros(rows.size, np.int64)
                 np.cumsum(cnt[:-1], out=local[1:])
                 w = words[np.repeat(starts[rows] - local, cnt) + np.arange(int(cnt.sum()))]
-            r = rans.decode(w, cnt, layout.lengths[rows], table[rows], tabs.freq, tabs.cum,
-                            tabs.slot_to_symbol, quant.SEGMENT)
-            sym[rows] = ((r.astype(np.int16) + center[rows, None]) % b).astype(np.uint8)
+            coded = rans.decode(w, cnt, layout.coded_lengths[rows], table[layout.members[rows]], tabs.freq, tabs.cum,
+                                tabs.slot_to_symbol, quant.SEGMENT * layout.group)
+            deinterleave(coded, layout, rows, r)
+        b = layout.stream_levels[:, None].astype(np.int16)
+        sym = ((r.astype(np.int16) + np.asarray(center)[:, None]) % b).astype(np.uint8)
         return from_streams(torch.from_numpy(sym), layout.layers, layout.tokens, layout.channels, layout.nseg)

@@ -40,7 +40,7 @@ from kvmesh.codecs import container
 from kvmesh.codecs.base import Codec, check_kv
 from kvmesh.codecs.cachegen import delta, quant
 from kvmesh.codecs.cachegen.backends import CpuBackend
-from kvmesh.codecs.cachegen.layout import stream_layout
+from kvmesh.codecs.cachegen.layout import channel_group, stream_layout
 from kvmesh.codecs.cachegen.levels import LEVELS, Level
 from kvmesh.codecs.cachegen.predict import ID_BYTES, LayerPredictor, features, residual_levels
 from kvmesh.codecs.cachegen.rounding import QueryProfile
@@ -271,13 +271,14 @@ class CacheGenCodec(Codec):
                 q, sides = self.backend.quantize(x[:, :, lead:], levels, modes, key_profile=self.key_profile)
             else:  # the residuals' level counts are chosen per chunk (predict.residual_levels)
                 q, sides, levels, used = self._quantize_predicted(x[:, :, lead:].contiguous(), levels, modes, protect)
-            layout = stream_layout(L, rest, C, levels)
+            layout = stream_layout(L, rest, C, levels, channel_group(C))
             center, table, flags = self.backend.stream_models(q, layout, self.level.delta)
             words, counts = self.backend.rans_encode(q, center, table, layout, flags)
             meta = pack_meta(center.tobytes() + (table | (flags.astype(np.uint8) << 7)).tobytes())
             sections = [b"", lead_sec, _tensor_bytes(sides[0]), _tensor_bytes(sides[1]), meta,
                         pack_uints(np.asarray(counts)), np.asarray(words, dtype="<u2").tobytes()]
-        sections[0] = _PARAMS.pack(modes[0], modes[1], quant.SEGMENT, TABLE_FAMILY_VERSION, lead) + (levels - 1).astype(np.uint8).tobytes()
+        family = TABLE_FAMILY_VERSION | (channel_group(C).bit_length() - 1) << 4
+        sections[0] = _PARAMS.pack(modes[0], modes[1], quant.SEGMENT, family, lead) + (levels - 1).astype(np.uint8).tobytes()
         if self.level.protects or self.predictor is not None:
             sections.append(protect[0] if protect is not None else b"")
         if self.predictor is not None:
@@ -381,9 +382,11 @@ class CacheGenCodec(Codec):
         kmode, vmode, segment, family, lead = _PARAMS.unpack_from(params, 0)
         if kmode not in quant.MODES or vmode not in quant.MODES or lead > T:
             raise CodecError(f"corrupt cachegen container: bad parameters (modes {kmode}, {vmode}, lead {lead})")
-        if segment != quant.SEGMENT or family != TABLE_FAMILY_VERSION:
-            raise CodecError(f"cachegen container uses segment {segment} / table family {family}; "
-                             f"this build reads {quant.SEGMENT} / {TABLE_FAMILY_VERSION}")
+        group = 1 << (family >> 4)
+        if segment != quant.SEGMENT or family & 0xF != TABLE_FAMILY_VERSION or C % group:
+            raise CodecError(f"cachegen container uses segment {segment} / table family {family & 0xF} / "
+                             f"{group} channels per stream; this build reads {quant.SEGMENT} / "
+                             f"{TABLE_FAMILY_VERSION} / a power of two dividing {C}")
         levels = np.frombuffer(params[_PARAMS.size :], np.uint8).astype(np.int64).reshape(2, L) + 1
         if levels.min() < 2:
             raise CodecError("corrupt cachegen container: a layer has fewer than 2 levels")
@@ -407,7 +410,7 @@ class CacheGenCodec(Codec):
             for raw, mode in ((kside, kmode), (vside, vmode)):
                 if len(raw) != side_bytes(mode, L, rest, C):
                     raise CodecError("corrupt cachegen container: side information has the wrong size")
-            layout = stream_layout(L, rest, C, levels)
+            layout = stream_layout(L, rest, C, levels, group)
             S = layout.num_streams
             sides = [[t.to(dev) for t in _tensors_from(raw, quant.side_spec(mode, L, rest, C))]
                      for raw, mode in ((kside, kmode), (vside, vmode))]
@@ -415,8 +418,9 @@ class CacheGenCodec(Codec):
             center, flags, table = m[:S], m[S:] >= delta.DELTA_FLAG, m[S:] & delta.TABLE_MASK
             if np.any(center.astype(np.int64) >= layout.stream_levels) or np.any(table >= NUM_TABLES):
                 raise CodecError("corrupt cachegen container: stream center or table index out of range")
-            counts = unpack_uints(lens, S)
-            if np.any(counts < 2) or np.any(counts > layout.lengths + 2) or 2 * int(counts.sum()) != len(words):
+            counts = unpack_uints(lens, layout.num_coded)
+            if (np.any(counts < 2) or np.any(counts > layout.coded_lengths + 2)
+                    or 2 * int(counts.sum()) != len(words)):
                 raise CodecError("corrupt cachegen container: stream word counts do not match the stored words")
             w = np.frombuffer(words, dtype="<u2")
             q = self.backend.rans_decode(w, counts.astype(np.int32), center, table, layout, flags)
@@ -441,8 +445,11 @@ class CacheGenCodec(Codec):
         lead = min(self.level.lead_tokens, T)
         rest = T - lead
         streams = 2 * L * C * quant.num_segments(rest)
-        words = 2 * (2 * L * C * rest + 2 * streams)  # rANS emits at most one word per symbol
-        counts = _COUNTS.size + (streams * 9 + 7) // 8  # counts - base <= 258 - 2 needs 9 bits
+        group = channel_group(C)
+        coded = streams // group
+        words = 2 * (2 * L * C * rest + 2 * coded)  # rANS emits at most one word per symbol
+        # a count minus the base is at most G * SEGMENT (+ 2 - 2)
+        counts = _COUNTS.size + (coded * (group * quant.SEGMENT).bit_length() + 7) // 8
         sides = side_bytes(self.level.key_mode, L, rest, C) + side_bytes(self.level.value_mode, L, rest, C) if rest else 0
         n_sections, protected = N_SECTIONS, 0
         if self.level.protects:

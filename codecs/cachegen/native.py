@@ -264,9 +264,9 @@ def encode(q: np.ndarray, center: np.ndarray, table: np.ndarray, layout: StreamL
     enc, off = enc_tables(_alphabets(layout))
     cap = 2 * layout.layers * layout.channels * layout.tokens + 2 * S
     words = np.empty(cap, np.uint16)
-    counts = np.empty(S, np.int32)
+    counts = np.empty(layout.num_coded, np.int32)
     try:
-        n = _ransc.encode(_u8(q), layout.layers, layout.tokens, layout.channels,
+        n = _ransc.encode(_u8(q), layout.layers, layout.tokens, layout.channels, layout.group,
                           np.ascontiguousarray(layout.stream_levels, dtype=np.int64), _u8(center), _u8(table),
                           enc, off, words, counts, _flags(flags, S))
     except ValueError as e:
@@ -288,12 +288,12 @@ def decode(words: np.ndarray, counts: np.ndarray, center: np.ndarray, table: np.
            layout: StreamLayout, flags: np.ndarray | None = None) -> np.ndarray:
     """q uint8 [2, L, T, C] from the streams, as CpuBackend.rans_decode; CodecError on a corrupt stream.
     The flagged streams (bool [S]) hold delta symbols: q is restored from them as they decode."""
-    S = layout.num_streams
-    if counts.shape != (S,) or center.shape != (S,) or table.shape != (S,):
-        raise CodecError(f"rANS decode needs {S} word counts, centers and tables")
+    S, G = layout.num_streams, layout.group
+    if counts.shape != (S // G,) or center.shape != (S,) or table.shape != (S,):
+        raise CodecError(f"rANS decode needs {S // G} word counts and {S} centers and tables")
     counts = np.asarray(counts)
-    if S and (int(counts.min()) < 2 or int(counts.max()) > rans.MAX_ALPHABET + 2):
-        raise CodecError("corrupt rANS data: a stream's word count lies outside [2, 258]")
+    if S and (int(counts.min()) < 2 or int(counts.max()) > G * SEGMENT + 2):
+        raise CodecError(f"corrupt rANS data: a stream's word count lies outside [2, {G * SEGMENT + 2}]")
     words = np.asarray(words)
     if words.dtype != np.uint16 and words.size and (int(words.min()) < 0 or int(words.max()) > 0xFFFF):
         raise CodecError("rANS words must be 16-bit")
@@ -301,10 +301,10 @@ def decode(words: np.ndarray, counts: np.ndarray, center: np.ndarray, table: np.
     q = np.empty((2, layout.layers, layout.tokens, layout.channels), np.uint8)
     # padding after the words: a corrupt stream reads past its own words without a bounds check
     # per symbol (as rans.decode does) and fails the final check
-    padded = np.zeros(words.size + SEGMENT + 2, np.uint16)
+    padded = np.zeros(words.size + G * SEGMENT + 2, np.uint16)
     padded[: words.size] = words
     err = _ransc.decode(padded, words.size, np.ascontiguousarray(counts, dtype=np.int32),
-                        layout.layers, layout.tokens, layout.channels,
+                        layout.layers, layout.tokens, layout.channels, G,
                         np.ascontiguousarray(layout.stream_levels, dtype=np.int64), _u8(center), _u8(table),
                         dec, off, q, _flags(flags, S))
     if err is not None:

@@ -12,6 +12,10 @@ The bit-exact format (fixed for the CPU and Triton paths alike):
   ``x = f * (x >> 12) + slot - c``; if ``x < L`` read the next word: ``x = x << 16 | w[pos]``.
   A valid stream ends with ``x == L`` having read exactly all of its words.
 
+A stream may interleave P per-symbol tables: with ``table_idx`` of shape (S, P), symbol ``i`` of stream
+``k`` is coded with table ``table_idx[k, i % P]`` (cachegen puts P adjacent channels in one stream, token
+by token, so that P channels share one state's start and flush). A 1-D ``table_idx`` is P = 1.
+
 Streams are independent, so every function here runs all streams at once: one Python-level step per
 symbol position, each step a handful of numpy operations over thousands of streams. Positions past a
 stream's length use an identity entry (encode: ``f = M, c = 0``; decode: a table whose slots map to
@@ -81,10 +85,13 @@ def _check_cum(freq: np.ndarray, cum: np.ndarray) -> np.ndarray:
 
 
 def _check_streams(lengths: np.ndarray, table_idx: np.ndarray, nt: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths int64 [S], table_idx int64 [S, P])."""
     lengths = np.asarray(lengths)
     table_idx = np.asarray(table_idx)
-    if lengths.ndim != 1 or table_idx.shape != lengths.shape:
-        raise CodecError(f"rANS lengths {lengths.shape} and table_idx {table_idx.shape} must be equal 1-D shapes")
+    if table_idx.ndim == 1:
+        table_idx = table_idx[:, None]
+    if lengths.ndim != 1 or table_idx.ndim != 2 or table_idx.shape[0] != lengths.shape[0] or table_idx.shape[1] < 1:
+        raise CodecError(f"rANS lengths {lengths.shape} and table_idx {table_idx.shape} must be [S] and [S] or [S, P]")
     if lengths.size and (lengths.min() < 0 or lengths.max() > n):
         raise CodecError(f"rANS stream lengths must lie in [0, {n}]")
     if table_idx.size and (table_idx.min() < 0 or table_idx.max() >= nt):
@@ -99,7 +106,8 @@ def encode(
     freq: np.ndarray,
     cum: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Encodes stream k = symbols[k, :lengths[k]] with table table_idx[k].
+    """Encodes stream k = symbols[k, :lengths[k]], symbol i with table table_idx[k] ([S]) or
+    table_idx[k, i % P] ([S, P]).
 
     Returns (all words uint16, concatenated in stream order; words per stream int32).
     """
@@ -131,7 +139,8 @@ def encode(
     pair.imag[:-1] = c64[:, :a].ravel()
     pair[-1] = complex(M, 0)
     pad = nt * a
-    base = table_idx * a
+    bases = np.ascontiguousarray((table_idx * a).T)  # [P, S]
+    period = bases.shape[0]
 
     sym_t = np.ascontiguousarray(symbols.T)  # step-major: each step reads one contiguous row
     x = np.full(s, float(L))
@@ -148,7 +157,7 @@ def encode(
     # A zero-frequency symbol divides by zero: the state turns inf/NaN and is caught after the loop.
     with np.errstate(divide="ignore", invalid="ignore"):
         for i in range(n - 1, -1, -1):
-            np.add(base, sym_t[i], out=idx)
+            np.add(bases[i % period], sym_t[i], out=idx)
             if ragged:
                 np.copyto(idx, pad, where=lengths <= i)
             np.take(pair, idx, out=fc, mode="clip")
@@ -175,7 +184,7 @@ def encode(
 
     if not np.all(np.isfinite(x)):
         k = int(np.flatnonzero(~np.isfinite(x))[0])
-        raise CodecError(f"rANS stream {k} holds a symbol whose frequency in table {int(table_idx[k])} is 0")
+        raise CodecError(f"rANS stream {k} holds a symbol whose frequency in its table is 0")
     xi = x.astype(np.int64)
     counts = done + 2
     ends = np.cumsum(counts)
@@ -298,7 +307,8 @@ def decode(
     end = ptr + sw
     x = (wpad[ptr] << 16) | wpad[ptr + 1]
     ptr += 2
-    tbase = table_idx * M
+    tbases = np.ascontiguousarray((table_idx * M).T)  # [P, S]
+    period = tbases.shape[0]
     ragged = bool(np.any(lengths != n))
     ident = nt * M
 
@@ -308,7 +318,7 @@ def decode(
     m = np.empty(s, dtype=np.bool_)
     for i in range(n):
         np.bitwise_and(x, M - 1, out=slot)
-        slot += tbase
+        slot += tbases[i % period]
         if ragged:
             np.copyto(slot, ident + (x & (M - 1)), where=lengths <= i)
         np.take(lut, slot, out=p, mode="clip")

@@ -66,6 +66,13 @@ class _LayoutLanes:
         base = (b * T + seg * quant.SEGMENT) * C + c
         stream = (b * C + c) * nseg + seg
         self.lanes = tr.Lanes(base.reshape(-1).to(device), stream.reshape(-1).to(device), C)
+        # The coders' lanes: coded stream j = ((b * nseg + seg) * (C / G) + grp), its channels grp*G .. grp*G + G - 1.
+        G = layout.group
+        grp = torch.arange(C // G, dtype=torch.int64).view(1, 1, -1)
+        self.coded = tr.Lanes(((b * T + seg * quant.SEGMENT) * C + grp * G).reshape(-1).to(device),
+                              ((b * (C // G) + grp) * nseg + seg).reshape(-1).to(device), C,
+                              lane_model=((b * C + grp * G) * nseg + seg).reshape(-1).to(device), group=G,
+                              model_step=nseg)
         # The same lanes split by alphabet size, for kernels whose work grows with the alphabet.
         lane_alpha = torch.from_numpy(np.asarray(layout.levels, dtype=np.int64).reshape(-1)).view(-1, 1, 1)
         lane_alpha = lane_alpha.expand(2 * L, nseg, C).reshape(-1)
@@ -125,7 +132,7 @@ class TritonBackend:
         return t
 
     def _layout(self, layout: StreamLayout) -> _LayoutLanes:
-        key = (layout.layers, layout.tokens, layout.channels, layout.levels.tobytes())
+        key = (layout.layers, layout.tokens, layout.channels, layout.group, layout.levels.tobytes())
         lanes = self._lanes.get(key)
         if lanes is None:
             if len(self._lanes) > 32:
@@ -279,7 +286,7 @@ class TritonBackend:
         q = q.to(self.device).contiguous()
         c = self._dev(center, torch.uint8)
         enc_off, _ = ll.table_offsets(self._dev(table, torch.int64))
-        return tr.rans_encode(q, ll.lanes, ll.lengths, c, ll.alpha, enc_off, ll.tabs.enc, ll.nmax,
+        return tr.rans_encode(q, ll.coded, ll.lengths, c, ll.alpha, enc_off, ll.tabs.enc, ll.nmax,
                               interpret=self.interpret)
 
     def rans_decode(self, words: np.ndarray | torch.Tensor, counts: np.ndarray | torch.Tensor,
@@ -291,7 +298,7 @@ class TritonBackend:
                       torch.uint16)
         cnt = self._dev(counts, torch.int32)
         # The kernel trusts each stream's [offset, offset + count) to lie inside the words.
-        if cnt.numel() != layout.num_streams or (cnt.numel() and (
+        if cnt.numel() != layout.num_coded or (cnt.numel() and (
                 int(cnt.min()) < 2 or int(cnt.to(torch.int64).sum()) != w.numel())):
             raise CodecError("corrupt cachegen container: stream word counts do not match the stored words")
         q, status = self.rans_decode_device(w, cnt, center, table, layout)
@@ -299,20 +306,20 @@ class TritonBackend:
         if bad:
             k = int(torch.nonzero(status == 0)[0, 0])
             raise CodecError(f"corrupt cachegen container: rANS stream {k} fails its end-state check "
-                             f"({bad} of {layout.num_streams} streams)")
+                             f"({bad} of {layout.num_coded} streams)")
         if flags is not None and np.any(flags):
             q = delta.inverse(q, layout.levels, flags)
         return q
 
     def rans_decode_device(self, words: torch.Tensor, counts: torch.Tensor, center: np.ndarray | torch.Tensor,
                            table: np.ndarray | torch.Tensor, layout: StreamLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q uint8 [2, L, T, C], status int8 [S], 1 = stream valid) without synchronising.
+        """(q uint8 [2, L, T, C], status int8 [coded streams], 1 = stream valid) without synchronising.
 
         counts must already be validated (each >= 2, summing to the number of words)."""
         ll = self._layout(layout)
         c = self._dev(center, torch.uint8)
         _, dec_off = ll.table_offsets(self._dev(table, torch.int64))
         out = torch.empty(2, layout.layers, layout.tokens, layout.channels, dtype=torch.uint8, device=self.device)
-        status = tr.rans_decode(words, counts, out, ll.lanes, ll.lengths, c, ll.alpha, dec_off, ll.tabs.dec, ll.nmax,
+        status = tr.rans_decode(words, counts, out, ll.coded, ll.lengths, c, ll.alpha, dec_off, ll.tabs.dec, ll.nmax,
                                 interpret=self.interpret)
         return out, status

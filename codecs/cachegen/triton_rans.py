@@ -32,40 +32,43 @@ RANS_L = tl.constexpr(1 << 16)
 
 
 @triton.jit
-def _rans_encode_kernel(sym_ptr, lane_base_ptr, lane_stream_ptr, len_ptr, center_ptr, alpha_ptr, tab_off_ptr,
-                        enc_tab_ptr, scratch_ptr, count_ptr, n_lanes, sym_step,
-                        NMAX: tl.constexpr, BLOCK: tl.constexpr):
+def _rans_encode_kernel(sym_ptr, lane_base_ptr, lane_stream_ptr, lane_model_ptr, len_ptr, center_ptr, alpha_ptr,
+                        tab_off_ptr, enc_tab_ptr, scratch_ptr, count_ptr, n_lanes, sym_step, model_step,
+                        NMAX: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr):
     lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = lane < n_lanes
     base = tl.load(lane_base_ptr + lane, mask=valid, other=0)
     k = tl.load(lane_stream_ptr + lane, mask=valid, other=0)
-    n = tl.load(len_ptr + k, mask=valid, other=0)
-    center = tl.load(center_ptr + k, mask=valid, other=0).to(tl.int32)
-    alpha = tl.load(alpha_ptr + k, mask=valid, other=1)
-    toff = tl.load(tab_off_ptr + k, mask=valid, other=0)
-    row = k.to(tl.int64) * (NMAX + 2)
+    km = tl.load(lane_model_ptr + lane, mask=valid, other=0)
+    n = tl.load(len_ptr + km, mask=valid, other=0)
+    alpha = tl.load(alpha_ptr + km, mask=valid, other=1)
+    row = k.to(tl.int64) * (NMAX * G + 2)
     x = tl.full([BLOCK], RANS_L, tl.uint32)
-    ptr = tl.full([BLOCK], NMAX + 1, tl.int32)
+    ptr = tl.full([BLOCK], NMAX * G + 1, tl.int32)
     for j in range(NMAX):
         i = NMAX - 1 - j
         act = valid & (i < n)
-        s = tl.load(sym_ptr + base + i * sym_step, mask=act, other=0).to(tl.int32)
-        r = s - center
-        r = tl.where(r < 0, r + alpha, r)
-        # Inactive positions get f = 4096, c = 0: the identity update, and never a renormalisation.
-        e = tl.load(enc_tab_ptr + toff + r, mask=act, other=4096)
-        f = (e & 8191).to(tl.uint32)
-        c = (e >> 13).to(tl.uint32)
-        # x >= f << 20, written so that f = 4096 cannot overflow 32 bits.
-        emit = (x >> 20) >= f
-        tl.store(scratch_ptr + row + ptr, (x & 0xFFFF).to(tl.uint16), mask=emit)
-        ptr = ptr - emit.to(tl.int32)
-        x = tl.where(emit, x >> 16, x)
-        q = x // f
-        x = (q << 12) + (x - q * f) + c
+        for uu in tl.static_range(G):
+            u = G - 1 - uu  # symbol i * G + u of the coded stream: token i of member channel u
+            center = tl.load(center_ptr + km + u * model_step, mask=act, other=0).to(tl.int32)
+            toff = tl.load(tab_off_ptr + km + u * model_step, mask=act, other=0)
+            s = tl.load(sym_ptr + base + i * sym_step + u, mask=act, other=0).to(tl.int32)
+            r = s - center
+            r = tl.where(r < 0, r + alpha, r)
+            # Inactive positions get f = 4096, c = 0: the identity update, and never a renormalisation.
+            e = tl.load(enc_tab_ptr + toff + r, mask=act, other=4096)
+            f = (e & 8191).to(tl.uint32)
+            c = (e >> 13).to(tl.uint32)
+            # x >= f << 20, written so that f = 4096 cannot overflow 32 bits.
+            emit = (x >> 20) >= f
+            tl.store(scratch_ptr + row + ptr, (x & 0xFFFF).to(tl.uint16), mask=emit)
+            ptr = ptr - emit.to(tl.int32)
+            x = tl.where(emit, x >> 16, x)
+            q = x // f
+            x = (q << 12) + (x - q * f) + c
     tl.store(scratch_ptr + row + ptr, (x & 0xFFFF).to(tl.uint16), mask=valid)
     tl.store(scratch_ptr + row + ptr - 1, (x >> 16).to(tl.uint16), mask=valid)
-    tl.store(count_ptr + k, NMAX + 3 - ptr, mask=valid)
+    tl.store(count_ptr + k, NMAX * G + 3 - ptr, mask=valid)
 
 
 @triton.jit
@@ -83,17 +86,16 @@ def _compact_kernel(scratch_ptr, count_ptr, offset_ptr, out_ptr, n_streams,
 
 
 @triton.jit
-def _rans_decode_kernel(words_ptr, offset_ptr, count_ptr, out_ptr, lane_base_ptr, lane_stream_ptr, len_ptr,
-                        center_ptr, alpha_ptr, dtab_off_ptr, dec_tab_ptr, status_ptr, n_lanes, sym_step,
-                        NMAX: tl.constexpr, BLOCK: tl.constexpr):
+def _rans_decode_kernel(words_ptr, offset_ptr, count_ptr, out_ptr, lane_base_ptr, lane_stream_ptr, lane_model_ptr,
+                        len_ptr, center_ptr, alpha_ptr, dtab_off_ptr, dec_tab_ptr, status_ptr, n_lanes, sym_step,
+                        model_step, NMAX: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr):
     lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = lane < n_lanes
     base = tl.load(lane_base_ptr + lane, mask=valid, other=0)
     k = tl.load(lane_stream_ptr + lane, mask=valid, other=0)
-    n = tl.load(len_ptr + k, mask=valid, other=0)
-    center = tl.load(center_ptr + k, mask=valid, other=0).to(tl.int32)
-    alpha = tl.load(alpha_ptr + k, mask=valid, other=1)
-    doff = tl.load(dtab_off_ptr + k, mask=valid, other=0)
+    km = tl.load(lane_model_ptr + lane, mask=valid, other=0)
+    n = tl.load(len_ptr + km, mask=valid, other=0)
+    alpha = tl.load(alpha_ptr + km, mask=valid, other=1)
     start = tl.load(offset_ptr + k, mask=valid, other=0)
     cnt = tl.load(count_ptr + k, mask=valid, other=0)
     end = start + cnt
@@ -104,21 +106,24 @@ def _rans_decode_kernel(words_ptr, offset_ptr, count_ptr, out_ptr, lane_base_ptr
     ptr = start + 2
     for i in range(NMAX):
         act = valid & (i < n)
-        slot = (x & 4095).to(tl.int32)
-        d = tl.load(dec_tab_ptr + doff + slot, mask=act, other=0).to(tl.uint32, bitcast=True)
-        sym = (d & 255).to(tl.int32)
-        f = ((d >> 8) & 4095) + 1
-        xn = f * (x >> 12) + (d >> 20)
-        need = act & (xn < RANS_L)
-        can = need & (ptr < end)
-        bad = bad | (need & (ptr >= end))
-        w = tl.load(words_ptr + ptr, mask=can, other=0).to(tl.uint32)
-        xn = tl.where(need, (xn << 16) | w, xn)
-        ptr = ptr + need.to(tl.int64)
-        x = tl.where(act, xn, x)
-        s = sym + center
-        s = tl.where(s >= alpha, s - alpha, s)
-        tl.store(out_ptr + base + i * sym_step, s.to(tl.uint8), mask=act)
+        for u in tl.static_range(G):
+            center = tl.load(center_ptr + km + u * model_step, mask=act, other=0).to(tl.int32)
+            doff = tl.load(dtab_off_ptr + km + u * model_step, mask=act, other=0)
+            slot = (x & 4095).to(tl.int32)
+            d = tl.load(dec_tab_ptr + doff + slot, mask=act, other=0).to(tl.uint32, bitcast=True)
+            sym = (d & 255).to(tl.int32)
+            f = ((d >> 8) & 4095) + 1
+            xn = f * (x >> 12) + (d >> 20)
+            need = act & (xn < RANS_L)
+            can = need & (ptr < end)
+            bad = bad | (need & (ptr >= end))
+            w = tl.load(words_ptr + ptr, mask=can, other=0).to(tl.uint32)
+            xn = tl.where(need, (xn << 16) | w, xn)
+            ptr = ptr + need.to(tl.int64)
+            x = tl.where(act, xn, x)
+            s = sym + center
+            s = tl.where(s >= alpha, s - alpha, s)
+            tl.store(out_ptr + base + i * sym_step + u, s.to(tl.uint8), mask=act)
     ok = (~bad) & (x == RANS_L) & (ptr == end)
     tl.store(status_ptr + k, ok.to(tl.int8), mask=valid)
 
@@ -271,12 +276,21 @@ def _block(n_lanes: int, cap: int) -> int:
 
 
 class Lanes:
-    """Where each lane's symbols live: lane_base int64, lane_stream int32, sym_step, on one device."""
+    """Where each lane's symbols live: lane_base int64, lane_stream int32, sym_step, on one device.
 
-    def __init__(self, lane_base: torch.Tensor, lane_stream: torch.Tensor, sym_step: int) -> None:
+    For the coders a lane is a coded stream of ``group`` adjacent channels (symbol u of a token at
+    lane_base + token * sym_step + u): lane_stream indexes the coded streams' counts, lane_model the
+    model stream (center, table, alphabet, length) of its first channel, the others following at
+    model_step. The statistics kernels take lanes of one channel each (lane_stream = model stream)."""
+
+    def __init__(self, lane_base: torch.Tensor, lane_stream: torch.Tensor, sym_step: int,
+                 lane_model: torch.Tensor | None = None, group: int = 1, model_step: int = 0) -> None:
         self.lane_base = lane_base.to(torch.int64).contiguous()
         self.lane_stream = lane_stream.to(torch.int32).contiguous()
         self.sym_step = int(sym_step)
+        self.lane_model = self.lane_stream if lane_model is None else lane_model.to(torch.int32).contiguous()
+        self.group = int(group)
+        self.model_step = int(model_step)
 
     @property
     def n(self) -> int:
@@ -286,17 +300,20 @@ class Lanes:
 def rans_encode(sym: torch.Tensor, lanes: Lanes, lengths: torch.Tensor, center: torch.Tensor, alpha: torch.Tensor,
                 tab_off: torch.Tensor, enc_tab: torch.Tensor, nmax: int, interpret: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes every stream; returns (words uint16 [total], counts int32 [S]) on sym's device."""
-    s_count = lengths.numel()
+    """Codes every coded stream (one per lane); lengths, center, alpha and tab_off are per model
+    stream. Returns (words uint16 [total], counts int32 [lanes]) on sym's device."""
+    s_count = lanes.n
     dev = sym.device
-    scratch = torch.empty(s_count * (nmax + 2), dtype=torch.uint16, device=dev)
+    width = nmax * lanes.group
+    scratch = torch.empty(s_count * (width + 2), dtype=torch.uint16, device=dev)
     counts = torch.zeros(s_count, dtype=torch.int32, device=dev)
     if s_count:
         block = _block(lanes.n, 4096 if interpret else 128)
         grid = (triton.cdiv(lanes.n, block),)
-        _rans_encode_kernel[grid](sym, lanes.lane_base, lanes.lane_stream, lengths, center, alpha, tab_off, enc_tab,
-                                  scratch, counts, lanes.n, lanes.sym_step, NMAX=nmax, BLOCK=block)
-    return compact(scratch, counts, nmax, interpret), counts
+        _rans_encode_kernel[grid](sym, lanes.lane_base, lanes.lane_stream, lanes.lane_model, lengths, center, alpha,
+                                  tab_off, enc_tab, scratch, counts, lanes.n, lanes.sym_step, lanes.model_step,
+                                  NMAX=nmax, G=lanes.group, BLOCK=block)
+    return compact(scratch, counts, width, interpret), counts
 
 
 def compact(scratch: torch.Tensor, counts: torch.Tensor, nmax: int, interpret: bool = False) -> torch.Tensor:
@@ -317,15 +334,17 @@ def compact(scratch: torch.Tensor, counts: torch.Tensor, nmax: int, interpret: b
 def rans_decode(words: torch.Tensor, counts: torch.Tensor, out: torch.Tensor, lanes: Lanes, lengths: torch.Tensor,
                 center: torch.Tensor, alpha: torch.Tensor, dtab_off: torch.Tensor, dec_tab: torch.Tensor, nmax: int,
                 interpret: bool = False) -> torch.Tensor:
-    """Decodes into out (uint8, lane addressing as in encode); returns status int8 [S] (1 = stream valid)."""
-    s_count = lengths.numel()
+    """Decodes into out (uint8, lane addressing as in encode); returns status int8 [coded streams]
+    (1 = stream valid)."""
+    s_count = lanes.n
     status = torch.zeros(s_count, dtype=torch.int8, device=out.device)
     if s_count:
         offsets = torch.cumsum(counts.to(torch.int64), 0) - counts.to(torch.int64)
         block = _block(lanes.n, 4096 if interpret else 128)
         grid = (triton.cdiv(lanes.n, block),)
-        _rans_decode_kernel[grid](words, offsets, counts, out, lanes.lane_base, lanes.lane_stream, lengths, center,
-                                  alpha, dtab_off, dec_tab, status, lanes.n, lanes.sym_step, NMAX=nmax, BLOCK=block)
+        _rans_decode_kernel[grid](words, offsets, counts, out, lanes.lane_base, lanes.lane_stream, lanes.lane_model,
+                                  lengths, center, alpha, dtab_off, dec_tab, status, lanes.n, lanes.sym_step,
+                                  lanes.model_step, NMAX=nmax, G=lanes.group, BLOCK=block)
     return status
 
 

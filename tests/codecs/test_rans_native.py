@@ -58,11 +58,11 @@ def _symbols(rng: np.random.Generator, levels: np.ndarray, tokens: int, channels
     return torch.from_numpy(q)
 
 
-def _case(seed: int, layers: int, tokens: int, channels: int, levels: np.ndarray | None = None):
+def _case(seed: int, layers: int, tokens: int, channels: int, levels: np.ndarray | None = None, group: int = 1):
     rng = np.random.default_rng(seed)
     if levels is None:
         levels = rng.integers(2, 257, (2, layers))
-    layout = stream_layout(layers, tokens, channels, levels)
+    layout = stream_layout(layers, tokens, channels, levels, group)
     return rng, layout, _symbols(rng, levels, tokens, channels)
 
 
@@ -76,6 +76,12 @@ CASES += [
     ("three-segments", dict(seed=11, layers=4, tokens=513, channels=8)),
     ("one-channel", dict(seed=12, layers=3, tokens=257, channels=1)),
     ("small-alphabets", dict(seed=13, layers=6, tokens=200, channels=7, levels=np.array([[2, 3, 4, 2, 3, 4]] * 2))),
+    # several channels per coded stream (layout.py): 4 lanes of G, a tail of fewer lanes, G = 8
+    ("group-2", dict(seed=14, layers=3, tokens=300, channels=6, group=2)),
+    ("group-4", dict(seed=15, layers=4, tokens=257, channels=24, group=4)),
+    ("group-4-tail", dict(seed=16, layers=2, tokens=45, channels=12, group=4)),
+    ("group-8", dict(seed=17, layers=2, tokens=513, channels=40, group=8)),
+    ("group-4-one-token", dict(seed=18, layers=3, tokens=1, channels=4, group=4)),
 ]
 
 
@@ -91,14 +97,17 @@ def test_stages_match_numpy(name, kw):
     assert np.array_equal(c2, center) and np.array_equal(t2, table)
 
     # the chosen tables cluster on a few indices: code with random ones too, so every table is used
-    for tab in (table, rng.integers(0, 64, layout.num_streams).astype(np.uint8)):
-        words, counts = ref.rans_encode(q, center, tab, layout)
-        w2, c2n = nat.rans_encode(q, center, tab, layout)
+    # delta streams too: every second one
+    flags = np.arange(layout.num_streams) % 2 == 1
+    for tab, fl in ((table, None), (rng.integers(0, 64, layout.num_streams).astype(np.uint8), flags)):
+        words, counts = ref.rans_encode(q, center, tab, layout, fl)
+        w2, c2n = nat.rans_encode(q, center, tab, layout, fl)
         assert w2.dtype == np.uint16 and np.array_equal(w2, words)
         assert np.array_equal(np.asarray(c2n, np.int64), np.asarray(counts, np.int64))
-        out = nat.rans_decode(words, counts.astype(np.int32), center, tab, layout)
+        assert len(counts) == layout.num_coded
+        out = nat.rans_decode(words, counts.astype(np.int32), center, tab, layout, fl)
         assert torch.equal(out, q)
-        assert torch.equal(ref.rans_decode(words, counts.astype(np.int32), center, tab, layout), q)
+        assert torch.equal(ref.rans_decode(words, counts.astype(np.int32), center, tab, layout, fl), q)
 
 
 @needs_native
@@ -150,7 +159,8 @@ def _corruptions(rng: np.random.Generator, words: np.ndarray, counts: np.ndarray
 @needs_native
 @pytest.mark.parametrize("seed", range(4))
 def test_corrupt_streams_raise_in_both(seed):
-    rng, layout, q = _case(seed=10 + seed, layers=3, tokens=90 + 170 * seed, channels=6)
+    rng, layout, q = _case(seed=10 + seed, layers=3, tokens=90 + 170 * seed, channels=(6, 6, 12, 10)[seed],
+                           group=(1, 2, 4, 2)[seed])
     ref, nat = CpuBackend(native=False), CpuBackend(native=True)
     center, table = ref.choose_tables(ref.histogram(q, layout), layout)
     words, counts = ref.rans_encode(q, center, table, layout)
@@ -182,10 +192,11 @@ def test_random_inputs_never_crash():
     for trial in range(200):
         layers, tokens, channels = int(rng.integers(1, 3)), int(rng.integers(1, 300)), int(rng.integers(1, 6))
         levels = rng.integers(2, 257, (2, layers))
-        layout = stream_layout(layers, tokens, channels, levels)
-        S = layout.num_streams
-        counts = rng.integers(0, 260, S).astype(np.int32) if trial % 3 == 0 else \
-            np.minimum(layout.lengths + 2, rng.integers(2, 12, S)).astype(np.int32)
+        group = (1, 2, 4)[trial % 3] if channels % 4 == 0 else 1
+        layout = stream_layout(layers, tokens, channels, levels, group)
+        S, SC = layout.num_streams, layout.num_coded
+        counts = rng.integers(0, 260 * group, SC).astype(np.int32) if trial % 3 == 0 else \
+            np.minimum(layout.coded_lengths + 2, rng.integers(2, 12, SC)).astype(np.int32)
         size = int(counts.sum()) + (int(rng.integers(-2, 3)) if trial % 5 == 0 else 0)
         words = rng.integers(0, 1 << 16, max(size, 0))
         center = rng.integers(0, 256 if trial % 4 == 0 else 2, S).astype(np.uint8)
@@ -200,15 +211,16 @@ def test_random_inputs_never_crash():
 def test_streams_that_read_past_all_words_raise():
     """Zero words make every stream want a new word at every symbol: the last streams read far past
     the stored words (into the wrapper's padding) and must fail, as in the reference."""
-    layout = stream_layout(2, 256, 5, np.array([[7, 7], [200, 3]]))
-    S = layout.num_streams
-    counts = np.full(S, 2, np.int32)
-    words = np.zeros(2 * S, np.uint16)
-    center = np.zeros(S, np.uint8)
-    table = np.zeros(S, np.uint8)
-    for backend in (CpuBackend(native=False), CpuBackend(native=True)):
-        with pytest.raises(CodecError):
-            backend.rans_decode(words, counts, center, table, layout)
+    for channels, group in ((5, 1), (8, 4)):
+        layout = stream_layout(2, 256, channels, np.array([[7, 7], [200, 3]]), group)
+        S, SC = layout.num_streams, layout.num_coded
+        counts = np.full(SC, 2, np.int32)
+        words = np.zeros(2 * SC, np.uint16)
+        center = np.zeros(S, np.uint8)
+        table = np.zeros(S, np.uint8)
+        for backend in (CpuBackend(native=False), CpuBackend(native=True)):
+            with pytest.raises(CodecError):
+                backend.rans_decode(words, counts, center, table, layout)
 
 
 @needs_native

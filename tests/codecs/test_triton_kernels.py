@@ -16,7 +16,7 @@ import torch
 from kvmesh.codecs import CodecError
 from kvmesh.codecs.cachegen import quant, rans
 from kvmesh.codecs.cachegen.backends import CpuBackend
-from kvmesh.codecs.cachegen.layout import stream_layout, to_streams
+from kvmesh.codecs.cachegen.layout import channel_group, stream_layout, to_streams
 from kvmesh.codecs.cachegen.tables import alphabet_tables
 
 
@@ -254,7 +254,8 @@ def make_q(rng: np.random.Generator, layers: int, tokens: int, channels: int, le
 def test_stats_and_coding_match_cpu_backend(backend, layers, tokens, channels, kl, vl) -> None:
     rng = np.random.default_rng(tokens)
     levels = np.array([kl, vl], dtype=np.int64)
-    layout = stream_layout(layers, tokens, channels, levels)
+    # the codec's channels per coded stream (1 for 1 and 7 channels, 4 for 24)
+    layout = stream_layout(layers, tokens, channels, levels, channel_group(channels))
     q = make_q(rng, layers, tokens, channels, levels)
     cpu = CpuBackend()
 
@@ -309,8 +310,8 @@ def test_multi_segment_stream_layout(backend) -> None:
     """Chunks longer than one segment: the last segment is short, lanes map across segments."""
     rng = np.random.default_rng(7)
     levels = np.array([[16], [17]], dtype=np.int64)
-    layout = stream_layout(1, 259, 3, levels)
-    q = make_q(rng, 1, 259, 3, levels)
+    layout = stream_layout(1, 259, 6, levels, 2)
+    q = make_q(rng, 1, 259, 6, levels)
     cpu = CpuBackend()
     center, table = cpu.choose_tables(cpu.histogram(q, layout), layout)
     c2, t2 = backend.stats(q.to(DEVICE), layout)
