@@ -219,7 +219,7 @@ def timed(fn: Callable[[], object], device: torch.device, iters: int) -> float:
 def throughput(device: torch.device, quick: bool) -> None:
     from kvmesh.codecs import get_codec
     from kvmesh.codecs.cachegen import delta
-    from kvmesh.codecs.cachegen.layout import stream_layout
+    from kvmesh.codecs.cachegen.layout import channel_group, stream_layout
 
     shape = (2, 40, 24) if quick else (30, 8192, 192)
     layers, tokens, channels = shape[-3:]
@@ -240,7 +240,7 @@ def throughput(device: torch.device, quick: bool) -> None:
         lv = codec.level
         levels = lv.levels_for(layers)
         modes = (lv.key_mode, lv.value_mode)
-        layout = stream_layout(layers, tokens, channels, levels)
+        layout = stream_layout(layers, tokens, channels, levels, channel_group(channels))
         q, sides = be.quantize(kv, levels, modes)
         center, table, flags = be.stream_models_device(q, layout, lv.delta)
         qs = delta.forward(q, levels, flags)  # the symbols the streams carry (delta streams: differences)

@@ -42,7 +42,8 @@ DEFAULT = LEVELS["default"].levels_for(30)
 
 def coded_bytes(q: torch.Tensor, levels: np.ndarray) -> float:
     """Bytes cachegen spends on symbols of q uint8 [L, T, C] (one of K/V) coded with ``levels`` [L]:
-    integer table cost of the chosen tables, plus per stream 2 meta bytes, 9 length bits, 4 flush bytes."""
+    integer table cost of the chosen tables, plus per channel stream 2 meta bytes and a quarter of a coded
+    stream's 11 length bits and 4 flush bytes (4 channels share one rANS state)."""
     L, T, C = q.shape
     lv = np.stack([levels, levels])
     layout = stream_layout(L, T, C, lv)
@@ -55,7 +56,7 @@ def coded_bytes(q: torch.Tensor, levels: np.ndarray) -> float:
         hr = np.take_along_axis(hist[rows], shift, axis=1)
         bits += float((hr * tabs.cost[table[rows].astype(np.int64)]).sum()) / 256.0
     streams = layout.num_streams
-    return (bits / 8 + streams * (2 + 9 / 8 + 4)) / 2
+    return (bits / 8 + streams * (2 + (11 / 8 + 4) / 4)) / 2
 
 
 def _side_bytes(side: list[torch.Tensor]) -> int:

@@ -12,8 +12,8 @@ Container sections (FORMAT.md has the byte-level specification):
   4 stream meta center symbol per stream, then table index per stream (uint8 each, the whole section
                 zlib-compressed when that is shorter; bit 7 of a table byte marks a
                 delta stream: one that carries the differences of consecutive symbols, delta.py)
-  5 lengths     words per stream, bit-packed
-  6 words       the rANS words, uint16 little-endian, streams concatenated
+  5 lengths     words per coded stream (4 adjacent channels sharing one rANS state, layout.py), bit-packed
+  6 words       the rANS words, uint16 little-endian, coded streams concatenated
   7 protected   (levels that protect sink-like tokens only) a mask over the rest tokens' (K/V, layer,
                 token) rows, then those rows at 8 bits per token; they overwrite the streams' values
   8 predictor   (only with cross-layer prediction, predict.py) the 8-byte id of the layer predictor the
