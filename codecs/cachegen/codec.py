@@ -40,7 +40,7 @@ from kvmesh.codecs import container
 from kvmesh.codecs.base import Codec, check_kv
 from kvmesh.codecs.cachegen import delta, quant
 from kvmesh.codecs.cachegen.backends import CpuBackend
-from kvmesh.codecs.cachegen.layout import channel_group, stream_layout
+from kvmesh.codecs.cachegen.layout import MAX_CODED_GROUP, channel_group, stream_layout
 from kvmesh.codecs.cachegen.levels import LEVELS, Level
 from kvmesh.codecs.cachegen.predict import ID_BYTES, LayerPredictor, features, residual_levels
 from kvmesh.codecs.cachegen.rounding import QueryProfile
@@ -383,10 +383,10 @@ class CacheGenCodec(Codec):
         if kmode not in quant.MODES or vmode not in quant.MODES or lead > T:
             raise CodecError(f"corrupt cachegen container: bad parameters (modes {kmode}, {vmode}, lead {lead})")
         group = 1 << (family >> 4)
-        if segment != quant.SEGMENT or family & 0xF != TABLE_FAMILY_VERSION or C % group:
+        if segment != quant.SEGMENT or family & 0xF != TABLE_FAMILY_VERSION or group > MAX_CODED_GROUP or C % group:
             raise CodecError(f"cachegen container uses segment {segment} / table family {family & 0xF} / "
                              f"{group} channels per stream; this build reads {quant.SEGMENT} / "
-                             f"{TABLE_FAMILY_VERSION} / a power of two dividing {C}")
+                             f"{TABLE_FAMILY_VERSION} / a power of two <= {MAX_CODED_GROUP} dividing {C}")
         levels = np.frombuffer(params[_PARAMS.size :], np.uint8).astype(np.int64).reshape(2, L) + 1
         if levels.min() < 2:
             raise CodecError("corrupt cachegen container: a layer has fewer than 2 levels")

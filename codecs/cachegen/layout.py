@@ -66,7 +66,8 @@ class StreamLayout:
         return int(self.levels.max())
 
 
-MAX_GROUP = 4
+MAX_GROUP = 4  # the G writers use (at most)
+MAX_CODED_GROUP = 8  # the G readers accept (FORMAT.md §2; _ransc.c's MAX_GROUP)
 
 
 def channel_group(channels: int) -> int:

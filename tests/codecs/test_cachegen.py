@@ -146,3 +146,53 @@ def test_a_level_without_lead_tokens_round_trips() -> None:
     assert len(blob) < get_codec("cachegen-hq", backend="cpu").encode(kv).__len__()  # no 8-bit lead token
     back = codec.decode(blob)
     assert back.shape == kv.shape and (back.float() - kv.float()).abs().max() < 0.2 * kv.float().abs().max()
+
+
+# ---- coded streams: G adjacent channels share one rANS state (layout.py, FORMAT.md §4) ------------
+
+def _family_byte(blob: bytes) -> int:
+    from kvmesh.codecs import container
+    return bytes(container.unpack(blob)[1][0])[4]
+
+
+def _with_family(blob: bytes, family: int) -> bytes:
+    from kvmesh.codecs import container
+    header, sections = container.unpack(blob)
+    params = bytearray(sections[0])
+    params[4] = family
+    parts = [bytes(params)] + [bytes(s) for s in sections[1:]]
+    return container.pack(header.codec_id, header.level_id, header.dtype, header.shape, parts)
+
+
+@pytest.mark.parametrize("channels,group", [(24, 4), (6, 2), (7, 1)])
+def test_channels_share_a_state_in_groups_of_up_to_4(channels, group):
+    kv = kv_like(layers=2, tokens=40, channels=channels)
+    blob = get_codec("cachegen", backend="cpu").encode(kv)
+    assert _family_byte(blob) == 1 | (group.bit_length() - 1) << 4
+    check_bounds("cachegen", kv)
+
+
+def test_containers_with_one_channel_per_stream_still_decode(monkeypatch):
+    """Containers written before coded streams (family byte 1: G = 1) decode to the same tensor:
+    the symbols and their models are the same, only how they are cut into rANS states differs."""
+    import kvmesh.codecs.cachegen.codec as cm
+    kv = kv_like(layers=3, tokens=300, channels=16)
+    codec = get_codec("cachegen", backend="cpu")
+    new = codec.encode(kv)
+    monkeypatch.setattr(cm, "channel_group", lambda channels: 1)
+    old = codec.encode(kv)
+    monkeypatch.undo()
+    assert _family_byte(old) == 1 and _family_byte(new) == 0x21
+    # 3 of every 4 states' start, flush and word count spared: 96 * 3 * 2 coded streams fewer
+    assert len(old) - len(new) >= 2 * 3 * 16 * 2 // 4 * 3
+    assert torch.equal(codec.decode(old), codec.decode(new))
+
+
+@pytest.mark.parametrize("family,why", [(0x31, "channels per stream"), (0x41, "channels per stream"),
+                                        (0x22, "table family")])
+def test_bad_family_byte_is_rejected(family, why):
+    """G = 8 does not divide 4 channels; G = 16 divides 32, but readers take G <= 8."""
+    kv = kv_like(layers=1, tokens=10, channels=4 if family != 0x41 else 32)
+    blob = get_codec("cachegen", backend="cpu").encode(kv)
+    with pytest.raises(CodecError, match=why):
+        get_codec("cachegen", backend="cpu").decode(_with_family(blob, family))

@@ -9,6 +9,8 @@ and containers coded against a predictor.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -188,8 +190,12 @@ def test_forged_predictor_sections_are_rejected() -> None:
     flags[8], flags[9] = 0, 2
     with pytest.raises(CodecError, match="flags"):
         codec.decode(forge(sections[:8] + [bytes(flags)]))
-    with pytest.raises(CodecError, match="protects none"):  # hq protects nothing: section 7 must be empty
-        codec.decode(forge(sections[:7] + [b"\x01"] + sections[8:]))
+    # at a level that protects nothing, section 7 must be empty
+    bare = CacheGenCodec(dataclasses.replace(LEVELS["hq"], protect=(0.0, 0.0)), predictor=p)
+    header, sections = container.unpack(bare.encode(kv))
+    assert len(sections[7]) == 0
+    with pytest.raises(CodecError, match="protects none"):
+        bare.decode(forge(sections[:7] + [b"\x01"] + sections[8:]))
 
 
 def test_a_useless_predictor_costs_nothing_but_its_section() -> None:

@@ -38,10 +38,9 @@ def repack(blob: bytes, sections: list[bytes]) -> bytes:
     return container.pack(header.codec_id, header.level_id, header.dtype, header.shape, sections)
 
 
-def test_default_level_protects_values_only():
-    level = LEVELS["default"]
-    assert level.protects and level.protect[0] == 0.0 and level.protect[1] > 0
-    assert not LEVELS["hq"].protects
+def test_every_level_protects_values_only():
+    for level in LEVELS.values():
+        assert level.protects and level.protect[0] == 0.0 and level.protect[1] > 0, level.name
 
 
 def test_selection_picks_the_sink_like_row():
@@ -145,11 +144,12 @@ def test_non_finite_protected_bounds_raise():
 
 def test_section_7_on_a_level_without_protection_is_rejected():
     kv = planted()
-    hq = get_codec("cachegen-hq", backend="cpu")
-    blob = hq.encode(kv)
+    bare = CacheGenCodec(dataclasses.replace(LEVELS["hq"], protect=(0.0, 0.0)))
+    blob = bare.encode(kv)
+    assert len(sections_of(blob)) == N_SECTIONS
     forged = repack(blob, sections_of(blob) + [b"\x00" * 8])
     with pytest.raises(CodecError, match="sections"):
-        hq.decode(forged)
+        bare.decode(forged)
 
 
 def test_crc_still_guards_section_7():
