@@ -139,7 +139,7 @@ class CpuBackend:
 
     def rans_encode(self, q: torch.Tensor, center: np.ndarray, table: np.ndarray,
                     layout: StreamLayout, flags: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Codes residual r = (q - center) mod B of every stream; (words uint16, words per stream).
+        """Codes residual r = (q - center) mod B of every stream; (words uint16, words per coded stream).
         Streams flagged in flags (bool [S]) are delta streams: they code delta.forward's symbols."""
         if self.native:
             return _native.encode(self._u8(q), np.asarray(center), np.asarray(table), layout, flags)
