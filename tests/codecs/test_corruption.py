@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import struct
 import zlib
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,3 +193,61 @@ def test_a_meta_stream_inflating_past_its_size_is_cut_off():
     bomb = zlib.compress(b"\0" * 10_000_000, 9)  # ~10 kB claiming 10 MB
     with pytest.raises(CodecError, match="wrong size"):
         unpack_meta(bomb, 20_000)
+
+
+# -- sections 1-3, the lead token and the side tensors: zlib of their byte-split form when shorter ------
+
+def _with_section(blob: bytes, i: int, data: bytes) -> bytes:
+    header, sections = container.unpack(blob)
+    sections = [bytes(s) for s in sections]
+    sections[i] = data
+    return container.pack(header.codec_id, header.level_id, header.dtype, header.shape, sections)
+
+
+def _raw_side(blob: bytes, i: int) -> bytes:
+    """Section i (1-3) as stored before it could be compressed."""
+    from kvmesh.codecs.cachegen.codec import _PARAMS, lead_bytes, side_bytes, unpack_side
+
+    header, sections = container.unpack(blob)
+    _, L, T, C = header.shape
+    kmode, vmode, _, _, lead = _PARAMS.unpack_from(sections[0], 0)
+    n = lead_bytes(L, lead, C) if i == 1 else side_bytes((kmode, vmode)[i - 2], L, T - lead, C)
+    return bytes(unpack_side(sections[i], n, "test"))
+
+
+def test_side_sections_are_compressed_and_raw_ones_still_read():
+    """The real-KV chunk's fp16 bounds shrink; a container holding them raw (as written before)
+    decodes to the same tensor."""
+    from safetensors.torch import load_file
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "data" / "realkv_chunks.safetensors"
+    kv = load_file(str(path))["chunk_1"] if path.exists() else kv_like(layers=3, tokens=120, channels=32, seed=4)
+    codec = get_codec("cachegen", backend="cpu")
+    blob = codec.encode(kv)
+    stored = container.unpack(blob)[1]
+    old = blob
+    for i in (1, 2, 3):
+        raw = _raw_side(blob, i)
+        assert len(stored[i]) < len(raw), f"section {i} is not compressed"
+        a = np.frombuffer(raw, np.uint8)
+        assert zlib.decompress(bytes(stored[i])) == np.concatenate([a[0::2], a[1::2]]).tobytes()
+        old = _with_section(old, i, raw)
+    assert len(old) > len(blob)
+    assert torch.equal(codec.decode(old), codec.decode(blob))
+
+
+@pytest.mark.parametrize("section", [1, 2, 3])
+@pytest.mark.parametrize("forge", ["garbage", "short", "long", "too_long_section", "empty"])
+def test_forged_side_sections_raise(section: int, forge: str):
+    codec = get_codec("cachegen", backend="cpu")
+    blob = codec.encode(kv_like(layers=3, tokens=60, channels=64, seed=8))
+    raw = _raw_side(blob, section)
+    data = {
+        "garbage": bytes(range(40)),
+        "short": zlib.compress(raw[:-2], 9),
+        "long": zlib.compress(raw + b"\0" * 100000, 9),
+        "too_long_section": raw + b"\0",
+        "empty": b"",
+    }[forge]
+    with pytest.raises(CodecError, match="lead token|side information"):
+        codec.decode(_with_section(blob, section, data))
