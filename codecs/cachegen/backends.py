@@ -19,7 +19,7 @@ from kvmesh.codecs.cachegen.layout import (StreamLayout, deinterleave, element_s
                                          to_streams)
 from kvmesh.codecs.cachegen.predict import LayerPredictor, predict_cpu
 from kvmesh.codecs.cachegen.rounding import QueryProfile, quantize_keys
-from kvmesh.codecs.cachegen.tables import alphabet_tables
+from kvmesh.codecs.cachegen.tables import alphabet_tables, merged_tables
 from kvmesh.codecs.errors import CodecError
 
 
@@ -149,14 +149,11 @@ class CpuBackend:
         center = np.asarray(center)
         r = ((sym.astype(np.int16) - center[:, None].astype(np.int16) + layout.stream_levels[:, None].astype(np.int16))
              % layout.stream_levels[:, None].astype(np.int16)).astype(np.uint8)
-        parts = []
-        for b, rows in layout.coded_groups:
-            tabs = alphabet_tables(b)
-            words, cnt = rans.encode(interleave(r, layout, rows), layout.coded_lengths[rows],
-                                     np.asarray(table)[layout.members[rows]], tabs.freq, tabs.cum)
-            parts.append((rows, words, cnt))
-        out, counts = rans.merge_groups(layout.num_coded, parts)
-        return out, counts.astype(np.int32)
+        # one call for every alphabet: the numpy loop's cost is per symbol position, not per stream
+        freq, cum, _, first = merged_tables(tuple(b for b, _ in layout.groups))
+        tab = np.asarray(table, np.int64) + np.vectorize(first.get, otypes=[np.int64])(layout.stream_levels)
+        words, counts = rans.encode(interleave(r, layout), layout.coded_lengths, tab[layout.members], freq, cum)
+        return words, counts.astype(np.int32)
 
     def rans_decode(self, words: np.ndarray, counts: np.ndarray, center: np.ndarray, table: np.ndarray,
                     layout: StreamLayout, flags: np.ndarray | None = None) -> torch.Tensor:
@@ -175,22 +172,12 @@ class CpuBackend:
         if counts.shape != (S,) or int(counts.sum()) != words.size:
             raise CodecError(f"corrupt rANS data: {counts.size} word counts adding up to {int(counts.sum())} "
                              f"for {S} streams and {words.size} words")
-        starts = np.zeros(S, np.int64)
-        np.cumsum(counts[:-1], out=starts[1:])
         r = np.zeros((layout.num_streams, quant.SEGMENT), np.uint8)
-        table = np.asarray(table)
-        for b, rows in layout.coded_groups:
-            tabs = alphabet_tables(b)
-            cnt = counts[rows]
-            if len(layout.coded_groups) == 1:
-                w = words
-            else:
-                local = np.zeros(rows.size, np.int64)
-                np.cumsum(cnt[:-1], out=local[1:])
-                w = words[np.repeat(starts[rows] - local, cnt) + np.arange(int(cnt.sum()))]
-            coded = rans.decode(w, cnt, layout.coded_lengths[rows], table[layout.members[rows]], tabs.freq, tabs.cum,
-                                tabs.slot_to_symbol, quant.SEGMENT * layout.group)
-            deinterleave(coded, layout, rows, r)
+        freq, cum, slot_to_symbol, first = merged_tables(tuple(b for b, _ in layout.groups))
+        tab = np.asarray(table, np.int64) + np.vectorize(first.get, otypes=[np.int64])(layout.stream_levels)
+        coded = rans.decode(words, counts, layout.coded_lengths, tab[layout.members], freq, cum, slot_to_symbol,
+                            quant.SEGMENT * layout.group)
+        deinterleave(coded, layout, np.arange(S), r)
         b = layout.stream_levels[:, None].astype(np.int16)
         sym = ((r.astype(np.int16) + np.asarray(center)[:, None]) % b).astype(np.uint8)
         return from_streams(torch.from_numpy(sym), layout.layers, layout.tokens, layout.channels, layout.nseg)
