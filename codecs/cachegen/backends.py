@@ -23,6 +23,14 @@ from kvmesh.codecs.cachegen.tables import alphabet_tables, merged_tables
 from kvmesh.codecs.errors import CodecError
 
 
+def _merged_table_index(table: np.ndarray, layout: StreamLayout, first: dict[int, int]) -> np.ndarray:
+    """int64 [S / G, G]: each coded stream's members' table indices into tables.merged_tables."""
+    offset = np.zeros(layout.num_streams, np.int64)
+    for b, rows in layout.groups:
+        offset[rows] = first[b]
+    return (np.asarray(table, np.int64) + offset)[layout.members]
+
+
 class CpuBackend:
     name = "cpu"
     device = torch.device("cpu")
@@ -150,9 +158,9 @@ class CpuBackend:
         r = ((sym.astype(np.int16) - center[:, None].astype(np.int16) + layout.stream_levels[:, None].astype(np.int16))
              % layout.stream_levels[:, None].astype(np.int16)).astype(np.uint8)
         # one call for every alphabet: the numpy loop's cost is per symbol position, not per stream
-        freq, cum, _, first = merged_tables(tuple(b for b, _ in layout.groups))
-        tab = np.asarray(table, np.int64) + np.vectorize(first.get, otypes=[np.int64])(layout.stream_levels)
-        words, counts = rans.encode(interleave(r, layout), layout.coded_lengths, tab[layout.members], freq, cum)
+        freq, cum, _, first = merged_tables(layout.alphabets)
+        tab = _merged_table_index(table, layout, first)
+        words, counts = rans.encode(interleave(r, layout), layout.coded_lengths, tab, freq, cum)
         return words, counts.astype(np.int32)
 
     def rans_decode(self, words: np.ndarray, counts: np.ndarray, center: np.ndarray, table: np.ndarray,
@@ -172,12 +180,10 @@ class CpuBackend:
         if counts.shape != (S,) or int(counts.sum()) != words.size:
             raise CodecError(f"corrupt rANS data: {counts.size} word counts adding up to {int(counts.sum())} "
                              f"for {S} streams and {words.size} words")
-        r = np.zeros((layout.num_streams, quant.SEGMENT), np.uint8)
-        freq, cum, slot_to_symbol, first = merged_tables(tuple(b for b, _ in layout.groups))
-        tab = np.asarray(table, np.int64) + np.vectorize(first.get, otypes=[np.int64])(layout.stream_levels)
-        coded = rans.decode(words, counts, layout.coded_lengths, tab[layout.members], freq, cum, slot_to_symbol,
-                            quant.SEGMENT * layout.group)
-        deinterleave(coded, layout, np.arange(S), r)
+        freq, cum, slot_to_symbol, first = merged_tables(layout.alphabets)
+        coded = rans.decode(words, counts, layout.coded_lengths, _merged_table_index(table, layout, first), freq, cum,
+                            slot_to_symbol, quant.SEGMENT * layout.group)
+        r = deinterleave(coded, layout)
         b = layout.stream_levels[:, None].astype(np.int16)
         sym = ((r.astype(np.int16) + np.asarray(center)[:, None]) % b).astype(np.uint8)
         return from_streams(torch.from_numpy(sym), layout.layers, layout.tokens, layout.channels, layout.nseg)

@@ -55,11 +55,10 @@ class StreamLayout:
         """int32 [S / G]: symbols per coded stream."""
         return (self.lengths[self.members[:, 0]] * self.group).astype(np.int32)
 
-    @functools.cached_property
-    def coded_groups(self) -> tuple[tuple[int, np.ndarray], ...]:
-        """(B, coded stream indices with that B), B ascending."""
-        first = self.stream_levels[self.members[:, 0]]
-        return tuple((b, np.flatnonzero(first == b)) for b, _ in self.groups)
+    @property
+    def alphabets(self) -> tuple[int, ...]:
+        """The alphabet sizes B present, ascending."""
+        return tuple(b for b, _ in self.groups)
 
     @property
     def max_levels(self) -> int:
@@ -99,17 +98,17 @@ def to_streams(q: torch.Tensor, nseg: int) -> torch.Tensor:
     return q.reshape(2, L, nseg, SEGMENT, C).permute(0, 1, 4, 2, 3).reshape(-1, SEGMENT)
 
 
-def interleave(sym: np.ndarray, layout: StreamLayout, rows: np.ndarray | None = None) -> np.ndarray:
-    """Model-stream symbols [S, SEGMENT] -> coded-stream symbols [len(rows), SEGMENT * G] (rows: coded
-    streams, default all): channel-minor within each token."""
-    m = layout.members if rows is None else layout.members[rows]
-    return np.ascontiguousarray(sym[m].transpose(0, 2, 1)).reshape(m.shape[0], -1)
+def interleave(sym: np.ndarray, layout: StreamLayout) -> np.ndarray:
+    """Model-stream symbols [S, SEGMENT] -> coded-stream symbols [S / G, SEGMENT * G], channel-minor
+    within each token."""
+    return np.ascontiguousarray(sym[layout.members].transpose(0, 2, 1)).reshape(layout.num_coded, -1)
 
 
-def deinterleave(coded: np.ndarray, layout: StreamLayout, rows: np.ndarray, out: np.ndarray) -> None:
-    """Inverse of interleave: scatters coded streams `rows` into out [S, SEGMENT]."""
-    G = layout.group
-    out[layout.members[rows]] = coded.reshape(rows.size, -1, G).transpose(0, 2, 1)
+def deinterleave(coded: np.ndarray, layout: StreamLayout) -> np.ndarray:
+    """Inverse of interleave: [S / G, SEGMENT * G] -> [S, SEGMENT]."""
+    out = np.empty((layout.num_streams, coded.shape[1] // layout.group), coded.dtype)
+    out[layout.members] = coded.reshape(layout.num_coded, -1, layout.group).transpose(0, 2, 1)
+    return out
 
 
 def from_streams(s: torch.Tensor, layers: int, tokens: int, channels: int, nseg: int) -> torch.Tensor:

@@ -136,10 +136,6 @@ def cost_tables(alphabets: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     return _concat(_cost_block, alphabets)
 
 
-def _alphabets(layout: StreamLayout) -> tuple[int, ...]:
-    return tuple(b for b, _ in layout.groups)
-
-
 def _u8(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.uint8)
 
@@ -158,7 +154,7 @@ def choose_tables(hist: np.ndarray, layout: StreamLayout, with_cost: bool = Fals
     """(center uint8 [S], table uint8 [S]) exactly as CpuBackend.choose_tables' numpy path; with
     with_cost, also each stream's least cost (int64 [S], 1/256 bit)."""
     S = layout.num_streams
-    cost, off = cost_tables(_alphabets(layout))
+    cost, off = cost_tables(layout.alphabets)
     center = np.empty(S, np.uint8)
     table = np.empty(S, np.uint8)
     least = [np.empty(S, np.int64)] if with_cost else []
@@ -172,7 +168,7 @@ def models(q: np.ndarray, layout: StreamLayout, halves: tuple[bool, bool]) -> tu
     """(center uint8 [S], table uint8 [S], delta flag bool [S]) as delta.stream_models computes them,
     in one pass over q uint8 [2, L, T, C] with no [S, 256] histogram. halves: (K, V) may use delta streams."""
     S = layout.num_streams
-    cost, off = cost_tables(_alphabets(layout))
+    cost, off = cost_tables(layout.alphabets)
     center = np.empty(S, np.uint8)
     table = np.empty(S, np.uint8)
     flags = np.empty(S, np.uint8)
@@ -261,7 +257,7 @@ def encode(q: np.ndarray, center: np.ndarray, table: np.ndarray, layout: StreamL
     S = layout.num_streams
     if center.shape != (S,) or table.shape != (S,):
         raise CodecError(f"center and table must hold {S} entries, got {center.shape} and {table.shape}")
-    enc, off = enc_tables(_alphabets(layout))
+    enc, off = enc_tables(layout.alphabets)
     cap = 2 * layout.layers * layout.channels * layout.tokens + 2 * S
     words = np.empty(cap, np.uint16)
     counts = np.empty(layout.num_coded, np.int32)
@@ -297,7 +293,7 @@ def decode(words: np.ndarray, counts: np.ndarray, center: np.ndarray, table: np.
     words = np.asarray(words)
     if words.dtype != np.uint16 and words.size and (int(words.min()) < 0 or int(words.max()) > 0xFFFF):
         raise CodecError("rANS words must be 16-bit")
-    dec, off = dec_tables(_alphabets(layout))
+    dec, off = dec_tables(layout.alphabets)
     q = np.empty((2, layout.layers, layout.tokens, layout.channels), np.uint8)
     # padding after the words: a corrupt stream reads past its own words without a bounds check
     # per symbol (as rans.decode does) and fails the final check

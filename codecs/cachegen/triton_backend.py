@@ -83,7 +83,7 @@ class _LayoutLanes:
             self.group_lanes.append((int(g), max(32, 1 << (int(g) - 1).bit_length()), lanes))
         self.lengths = torch.from_numpy(layout.lengths.astype(np.int32)).to(device)
         self.alpha = torch.from_numpy(layout.stream_levels.astype(np.int32)).to(device)
-        self.alphabets = tuple(int(g) for g, _ in layout.groups)
+        self.alphabets = layout.alphabets
         tabs = _tables(self.alphabets, str(device))
         enc_off = np.zeros(layout.num_streams, np.int64)
         dec_off = np.zeros(layout.num_streams, np.int64)
