@@ -64,11 +64,19 @@ LEVELS: dict[str, Level] = {
     "default": Level("default", 0, MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SYMMETRIC,
                      key_levels=_bands((10, 20), (15, 28), (5, 14)),
                      value_levels=_bands((25, 7), (5, 5)), protect=(0.0, 0.35)),
-    # hq protects the sink-like value rows too (since the coded-streams work): top-1 98.8 / 98.9% on
-    # botchan / held-out with both model files, from 99.0 / 98.3%, for ~1% more bytes; more key or
-    # value levels (96 / 49) bought nothing measurable there (BENCHMARKS.md "Coded streams")
+    # hq protects the sink-like value rows too (since the coded-streams work). Its counts per layer
+    # spend the bits where SmolLM2's output moves: each (K/V, layer)'s share of the continuation's KL,
+    # measured at the former uniform K 64 / V 33 on the calibration text, spans 500x (K 10, 18, 23 and
+    # V 0, 18 lead); bits follow 1/2 log2 of it, 15% more steps overall, no layer under half its former
+    # steps (bench/layer_sensitivity.py --damp 1 --scale 1.15 --floor 32,17). That halves the KL at
+    # equal bits; top-1 over 16 windows went from 98.9 / 98.7% to 99.1 / 99.2% (botchan / held-out,
+    # both model files; BENCHMARKS.md "Layer allocation"). Other depths sample the table (see above).
     "hq": Level("hq", 1, MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SYMMETRIC,
-                key_levels=_bands((30, 64)), value_levels=_bands((30, 33)), protect=(0.0, 0.35)),
+                key_levels=(32, 46, 59, 104, 71, 95, 85, 193, 160, 112, 256, 32, 51, 52, 104,
+                            79, 47, 195, 256, 63, 176, 97, 73, 247, 128, 44, 75, 43, 70, 45),
+                value_levels=(77, 29, 35, 17, 21, 21, 21, 39, 71, 25, 19, 19, 35, 23, 43,
+                              47, 31, 71, 97, 29, 51, 41, 27, 79, 51, 21, 25, 19, 31, 23),
+                protect=(0.0, 0.35)),
     # the default's keys; values at 5 levels in the layers where 5 instead of 7 moved top-1 by <= 0.2
     # points on both texts (10-14, 25-29; bench/quant_lab.py, BENCHMARKS.md "A compact level"):
     # ~2% fewer bytes than the default (which has 25-29 at 5 too)

@@ -1,0 +1,120 @@
+"""Layer sensitivity: how much each (K/V, layer) of a cachegen level moves the model's output, and the
+level counts that spend the same bits where they matter.
+
+For each window of the real-KV setup (bench/realkv.py) the context's four chunks go through the codec
+once; then, for each (K/V, layer) in turn, only that layer's K or V is replaced by the decoded one (the
+rest exact) and the continuation's mean KL(original || decoded) over its 256 tokens is measured. KL is
+the smooth measure behind top-1 flips (near-ties that a perturbation of the logits tips over), so it
+ranks settings with far less noise than top-1 on a few thousand tokens; the per-layer parts add up to
+the whole codec's KL within a few percent.
+
+At high rate a layer's KL falls as its step squared, a_l * 4^-b_l, so the bits that minimize the sum at
+a fixed total are b_l = mean + 1/2 log2(a_l / geomean(a)) (reverse water-filling); ``--damp`` scales
+that shift (1 = the optimum; less hedges against noise in the a_l) and ``--scale`` multiplies every
+step count B - 1 (log2 of it in bits per element on top). A per-token symmetric half keeps B - 1 even,
+so that zero stays a level. cachegen-hq's counts came from this at the former uniform hq (K 64, V 33)
+with ``--damp 1 --scale 1.15 --floor 32,17`` (the floor: no layer gets fewer than half the former
+steps, so that a layer another model needs is not starved by SmolLM2's table).
+
+    python bench/layer_sensitivity.py [--method cachegen-hq+qp+lp] [--source calibration] [--windows 8] [--damp 1] [--scale 1] [--floor 32,17]
+
+Measure it on the calibration text, so that both evaluation texts stay unseen. Slow: 61 forward passes
+per window (~90 s per window on 2 cores). Results and their use are in BENCHMARKS.md ("Layer allocation").
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import bench.realkv as rk  # noqa: E402
+from kvmesh.codecs.cachegen import quant  # noqa: E402
+from kvmesh.codecs.cachegen.levels import LEVELS, REFERENCE_LAYERS  # noqa: E402
+
+
+def sensitivity(method: str, source: str, n_windows: int) -> tuple[np.ndarray, float]:
+    """(float [2, layers]: mean KL with only that (K/V, layer) decoded, the mean KL with all decoded)."""
+    codec = rk.make_codec(method, "cpu")
+    parts: np.ndarray | None = None
+    whole = 0.0
+    for i, window in enumerate(rk.windows(source, n_windows)):
+        t0 = time.perf_counter()
+        rec = rk._window_record(window)
+        ctx = rec["kv"][:, :, :rk.CONTEXT_TOKENS].float()
+        decoded = torch.cat([codec.decode(codec.encode(ctx[:, :, s:s + rk.CHUNK_TOKENS].half().contiguous())).float()
+                             for s in range(0, rk.CONTEXT_TOKENS, rk.CHUNK_TOKENS)], dim=2)
+        cont = rec["tokens"][rk.CONTEXT_TOKENS:rk.CONTEXT_TOKENS + rk.CONTINUATION_TOKENS]
+        ref = torch.log_softmax(rk._continue(ctx, cont), dim=-1)
+        p = ref.exp()
+
+        def kl(kv: torch.Tensor) -> float:
+            out = torch.log_softmax(rk._continue(kv, cont), dim=-1)
+            return float((p * (ref - out)).sum(dim=-1).mean())
+
+        if parts is None:
+            parts = np.zeros((2, ctx.shape[1]))
+        whole += kl(decoded) / n_windows
+        for kv in (0, 1):
+            for layer in range(ctx.shape[1]):
+                mixed = ctx.clone()
+                mixed[kv, layer] = decoded[kv, layer]
+                parts[kv, layer] += kl(mixed) / n_windows
+        print(f"window {i + 1}/{n_windows}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    assert parts is not None
+    return parts, whole
+
+
+def allocate(parts: np.ndarray, levels: np.ndarray, modes: tuple[int, int], damp: float = 1.0,
+             scale: float = 1.0, floor: tuple[int, int] = (4, 5)) -> np.ndarray:
+    """int [2, layers]: level counts B with B - 1 = (``levels`` - 1) * scale * 2^(damp/2 log2(a / geomean(a)))
+    rounded, floor[kv] <= B <= 256; B - 1 even where the half's mode is per-token symmetric."""
+    a = np.maximum(parts, 1e-12)
+    steps = (levels - 1) * scale * 2.0 ** (0.5 * damp * np.log2(a / np.exp(np.log(a).mean())))
+    out = np.round(steps) + 1
+    for kv in (0, 1):
+        if modes[kv] == quant.MODE_TOKEN_SYMMETRIC:
+            out[kv] = 2 * np.round(steps[kv] / 2) + 1
+        out[kv] = np.clip(out[kv], floor[kv], 255 if modes[kv] == quant.MODE_TOKEN_SYMMETRIC else 256)
+    return out.astype(np.int64)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--method", default="cachegen-hq+qp+lp", help="a bench/realkv.py method name")
+    parser.add_argument("--source", default="calibration", choices=list(rk.SOURCES))
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--damp", type=float, default=1.0)
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--floor", default="4,5", help="the fewest levels a K, V layer gets")
+    parser.add_argument("--save", help="write the measured KL parts to this .npz")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, min(rk.MAX_THREADS, torch.get_num_threads())))
+    parts, whole = sensitivity(args.method, args.source, args.windows)
+    if args.save:
+        np.savez(args.save, parts=parts, whole=whole)
+    level = args.method.split("+")[0].removeprefix("cachegen").removeprefix("-") or "default"
+    base = LEVELS[level].levels_for(parts.shape[1])
+    new = allocate(parts, base, (LEVELS[level].key_mode, LEVELS[level].value_mode), args.damp, args.scale,
+                   tuple(int(v) for v in args.floor.split(",")))
+    print(f"\n{args.windows} windows of {args.source}, {args.method}: KL with everything decoded {whole * 1e3:.3f}e-3, "
+          f"sum of the per-layer parts {parts.sum() * 1e3:.3f}e-3")
+    print(f"predicted KL at the allocation below: x{float((parts * ((base - 1) / (new - 1)) ** 2).sum() / parts.sum()):.2f} "
+          f"(damp {args.damp}, scale {args.scale}, mean bits shift {float(np.log2((new - 1) / (base - 1)).mean()):+.3f})\n")
+    print("| layer | K KL (1e-6) | V KL (1e-6) | K levels | V levels |\n| ---: | ---: | ---: | ---: | ---: |")
+    for layer in range(parts.shape[1]):
+        print(f"| {layer} | {parts[0, layer] * 1e6:.1f} | {parts[1, layer] * 1e6:.1f} | "
+              f"{base[0, layer]} -> {new[0, layer]} | {base[1, layer]} -> {new[1, layer]} |")
+    if parts.shape[1] == REFERENCE_LAYERS:
+        print(f"\nkey_levels={tuple(int(v) for v in new[0])}\nvalue_levels={tuple(int(v) for v in new[1])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
