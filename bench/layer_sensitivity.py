@@ -1,5 +1,7 @@
-"""Layer sensitivity: how much each (K/V, layer) of a cachegen level moves the model's output, and the
-level counts that spend the same bits where they matter.
+"""Layer sensitivity: each (K/V, layer)'s share of a cachegen level's output error, and a schedule from it.
+
+It measures how much each (K/V, layer) of a level moves the model's output, and prints the level counts
+that spend the same bits where they matter.
 
 For each window of the real-KV setup (bench/realkv.py) the context's four chunks go through the codec
 once; then, for each (K/V, layer) in turn, only that layer's K or V is replaced by the decoded one (the
@@ -12,11 +14,11 @@ At high rate a layer's KL falls as its step squared, a_l * 4^-b_l, so the bits t
 a fixed total are b_l = mean + 1/2 log2(a_l / geomean(a)) (reverse water-filling); ``--damp`` scales
 that shift (1 = the optimum; less hedges against noise in the a_l) and ``--scale`` multiplies every
 step count B - 1 (log2 of it in bits per element on top). A per-token symmetric half keeps B - 1 even,
-so that zero stays a level. cachegen-hq's counts came from this at the former uniform hq (K 64, V 33)
-with ``--damp 1 --scale 1.15 --floor 32,17`` (the floor: no layer gets fewer than half the former
+so that zero stays a level. cachegen-hq's counts came from this at the former uniform hq (K 64, V 33:
+``--uniform 64,33``) with ``--damp 1 --scale 1.15 --floor 32,17`` (the floor: no layer gets fewer than half the former
 steps, so that a layer another model needs is not starved by SmolLM2's table).
 
-    python bench/layer_sensitivity.py [--method cachegen-hq+qp+lp] [--source calibration] [--windows 8] [--damp 1] [--scale 1] [--floor 32,17]
+    python bench/layer_sensitivity.py [--method cachegen-hq+qp+lp] [--source calibration] [--windows 8] [--damp 1] [--scale 1] [--floor 32,17] [--uniform 64,33]
 
 Measure it on the calibration text, so that both evaluation texts stay unseen. Slow: 61 forward passes
 per window (~90 s per window on 2 cores). Results and their use are in BENCHMARKS.md ("Layer allocation").
@@ -24,6 +26,7 @@ per window (~90 s per window on 2 cores). Results and their use are in BENCHMARK
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -93,13 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--damp", type=float, default=1.0)
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--floor", default="4,5", help="the fewest levels a K, V layer gets")
+    parser.add_argument("--uniform", help="K,V: measure at these level counts in every layer instead of the "
+                        "level's own (cachegen-hq's table came from --uniform 64,33)")
     parser.add_argument("--save", help="write the measured KL parts to this .npz")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(rk.MAX_THREADS, torch.get_num_threads())))
+    level = args.method.split("+")[0].removeprefix("cachegen").removeprefix("-") or "default"
+    if args.uniform:
+        k, v = (int(n) for n in args.uniform.split(","))
+        LEVELS[level] = dataclasses.replace(LEVELS[level], key_levels=(k,) * REFERENCE_LAYERS,
+                                            value_levels=(v,) * REFERENCE_LAYERS)
     parts, whole = sensitivity(args.method, args.source, args.windows)
     if args.save:
         np.savez(args.save, parts=parts, whole=whole)
-    level = args.method.split("+")[0].removeprefix("cachegen").removeprefix("-") or "default"
     base = LEVELS[level].levels_for(parts.shape[1])
     new = allocate(parts, base, (LEVELS[level].key_mode, LEVELS[level].value_mode), args.damp, args.scale,
                    tuple(int(v) for v in args.floor.split(",")))
