@@ -64,8 +64,8 @@ LEVELS: dict[str, Level] = {
     # the default's counts per layer come from the continuation's KL per (K/V, layer) as hq's do (see
     # below), measured at the former bands (K 20 / 28 / 14 in layers 0-9 / 10-24 / 25-29, V 7, 5 in
     # 25-29) on the calibration text: bench/layer_sensitivity.py --method cachegen+qp+lp --damp 0.75
-    # --scale 0.9 --floor 10,5. With both model files: 8.49x / 95.1% top-1 -> 8.76x / 95.7% on botchan
-    # and 8.33x / 95.3% -> 8.62x / 95.2% on held-out prose (BENCHMARKS.md "Layer allocation").
+    # --scale 0.9 --floor 10,5. With both model files: 8.49x / 95.1% top-1 -> ~8.6x / ~96% on botchan and
+    # 8.33x / 95.3% -> ~8.5x / ~95.9% on held-out prose (BENCHMARKS.md "Layer allocation").
     "default": Level("default", 0, MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SYMMETRIC,
                      key_levels=(10, 14, 15, 20, 16, 21, 19, 27, 28, 22, 31, 10, 11, 11, 19,
                                  15, 10, 32, 52, 13, 32, 20, 16, 39, 24, 10, 14, 10, 13, 10),
