@@ -61,17 +61,9 @@ def _bands(*runs: tuple[int, int]) -> tuple[int, ...]:
 # - values at 5 levels in layers 25-29 cost -0.1 / +0.2 points of top-1 (botchan / held-out; quant_lab.py
 #   value-layers): the default does that since the cross-layer prediction work (BENCHMARKS.md).
 LEVELS: dict[str, Level] = {
-    # the default's counts per layer come from the continuation's KL per (K/V, layer) as hq's do (see
-    # below), measured at the former bands (K 20 / 28 / 14 in layers 0-9 / 10-24 / 25-29, V 7, 5 in
-    # 25-29) on the calibration text: bench/layer_sensitivity.py --method cachegen+qp+lp --damp 0.75
-    # --scale 0.9 --floor 10,5. With both model files: 8.49x / 95.1% top-1 -> ~8.6x / ~96% on botchan and
-    # 8.33x / 95.3% -> ~8.5x / ~95.9% on held-out prose (BENCHMARKS.md "Layer allocation").
     "default": Level("default", 0, MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SYMMETRIC,
-                     key_levels=(10, 14, 15, 20, 16, 21, 19, 27, 28, 22, 31, 10, 11, 11, 19,
-                                 15, 10, 32, 52, 13, 32, 20, 16, 39, 24, 10, 14, 10, 13, 10),
-                     value_levels=(13, 7, 9, 5, 5, 5, 5, 7, 11, 5, 7, 7, 7, 5, 7,
-                                   9, 7, 13, 17, 7, 9, 9, 7, 15, 9, 5, 7, 5, 7, 5),
-                     protect=(0.0, 0.35)),
+                     key_levels=_bands((10, 20), (15, 28), (5, 14)),
+                     value_levels=_bands((25, 7), (5, 5)), protect=(0.0, 0.35)),
     # hq protects the sink-like value rows too (since the coded-streams work). Its counts per layer
     # spend the bits where SmolLM2's output moves: each (K/V, layer)'s share of the continuation's KL,
     # measured at the former uniform K 64 / V 33 on the calibration text, spans 500x (K 10, 18, 23 and
@@ -85,9 +77,9 @@ LEVELS: dict[str, Level] = {
                 value_levels=(77, 29, 35, 17, 21, 21, 21, 39, 71, 25, 19, 19, 35, 23, 43,
                               47, 31, 71, 97, 29, 51, 41, 27, 79, 51, 21, 25, 19, 31, 23),
                 protect=(0.0, 0.35)),
-    # the former default's keys; values at 5 levels in the layers where 5 instead of 7 moved top-1 by
-    # <= 0.2 points on both texts (10-14, 25-29; bench/quant_lab.py, BENCHMARKS.md "A compact level"):
-    # ~2% fewer bytes than the former default (which had 25-29 at 5 too)
+    # the default's keys; values at 5 levels in the layers where 5 instead of 7 moved top-1 by <= 0.2
+    # points on both texts (10-14, 25-29; bench/quant_lab.py, BENCHMARKS.md "A compact level"):
+    # ~2% fewer bytes than the default (which has 25-29 at 5 too)
     "compact": Level("compact", 2, MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SYMMETRIC,
                      key_levels=_bands((10, 20), (15, 28), (5, 14)),
                      value_levels=_bands((10, 7), (5, 5), (10, 7), (5, 5)), protect=(0.0, 0.35)),
