@@ -68,9 +68,9 @@ LEVELS: dict[str, Level] = {
     # spend the bits where SmolLM2's output moves: each (K/V, layer)'s share of the continuation's KL,
     # measured at the former uniform K 64 / V 33 on the calibration text, spans 500x (K 10, 18, 23 and
     # V 0, 18 lead); bits follow 1/2 log2 of it, 15% more steps overall, no layer under half its former
-    # steps (bench/layer_sensitivity.py --damp 1 --scale 1.15 --floor 32,17). That halves the KL at
-    # equal bits; top-1 over 16 windows went from 98.9 / 98.7% to 99.1 / 99.2% (botchan / held-out,
-    # both model files; BENCHMARKS.md "Layer allocation"). Other depths sample the table (see above).
+    # steps (bench/layer_sensitivity.py --uniform 64,33 --damp 1 --scale 1.15 --floor 32,17). That
+    # halves the KL at equal bits; top-1 over 16 windows went from 98.9 / 98.7% to 99.3 / 99.1% (botchan /
+    # held-out, both model files; BENCHMARKS.md "Layer allocation"). Other depths sample the table (see above).
     "hq": Level("hq", 1, MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SYMMETRIC,
                 key_levels=(32, 46, 59, 104, 71, 95, 85, 193, 160, 112, 256, 32, 51, 52, 104,
                             79, 47, 195, 256, 63, 176, 97, 73, 247, 128, 44, 75, 43, 70, 45),
