@@ -14,6 +14,7 @@ ROOTS = {
     "kvmesh.instance_agent": "instance_agent",
     "kvmesh.codecs": "codecs",
     "kvmesh.engine": "engine",
+    "kvmesh.core": "core",
 }
 
 

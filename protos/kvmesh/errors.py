@@ -54,9 +54,39 @@ class DeadlineExceeded(KVMeshError):
     http_status = 504
 
 
+class TooBusy(KVMeshError):
+    """Admission refused because a bound is reached (in-flight events, queues): retry later.
+
+    HTTP answers 429 with ``Retry-After: <retry_after>``; gRPC answers RESOURCE_EXHAUSTED.
+    """
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 429
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Unauthenticated(KVMeshError):
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+
+
+class PermissionDenied(KVMeshError):
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    http_status = 403
+
+
+class AlreadyExists(KVMeshError):
+    grpc_code = grpc.StatusCode.ALREADY_EXISTS
+    http_status = 409
+
+
 _BY_GRPC_CODE: dict[grpc.StatusCode, type[KVMeshError]] = {
     cls.grpc_code: cls
-    for cls in (InvalidArgument, NotFound, Conflict, Unavailable, DataCorrupt, ResourceExhausted, DeadlineExceeded)
+    for cls in (InvalidArgument, NotFound, Conflict, Unavailable, DataCorrupt, ResourceExhausted, DeadlineExceeded,
+                Unauthenticated, PermissionDenied, AlreadyExists)
 }
 
 # HTTP statuses for gRPC codes that arrive from a peer rather than from our own errors.
