@@ -19,6 +19,18 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tool_path(name: str) -> str | None:
+    """A command-line tool: the repository's ``.tools/bin`` (scripts/setup.sh puts Debian's redis-server,
+    prometheus and promtool there), beside the running Python, or on PATH; None when absent."""
+    import shutil
+
+    return (shutil.which(name, path=str(REPO / ".tools" / "bin"))
+            or shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name))
+
+
 def free_port() -> int:
     """A TCP port free on loopback right now (for processes that cannot take port 0)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

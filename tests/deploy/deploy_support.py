@@ -12,8 +12,10 @@ DEPLOY = REPO / "deploy"
 
 
 def tool(name: str) -> str:
-    """Path of a command-line tool (on PATH or beside the running Python), or skip saying so."""
-    path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    """Path of a command-line tool (the repository's .tools/bin, beside the running Python, or on PATH),
+    or skip saying so."""
+    path = (shutil.which(name, path=str(REPO / ".tools" / "bin"))
+            or shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name))
     if path is None:
         pytest.skip(f"{name} is not installed (scripts/setup.sh installs it)")
     return path
