@@ -19,9 +19,6 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def tool_path(name: str) -> str | None:
     """A command-line tool: the repository's ``.tools/bin`` (scripts/setup.sh puts Debian's redis-server,
     prometheus and promtool there), beside the running Python, or on PATH; None when absent."""
