@@ -1,5 +1,5 @@
-"""The README's main job, ``bash scripts/quickstart.sh``: starts both services, walks the seed's
-flow, leaves them running, and ``stop`` ends them. Runs with free ports and a temporary run folder;
+"""The README's main job, ``bash scripts/quickstart.sh``: starts both services, compresses and
+decompresses a prompt's KV cache between completions, leaves them running, and ``stop`` ends them. Runs with free ports and a temporary run folder;
 setup is skipped (the suite already runs inside the environment scripts/setup.sh made)."""
 from __future__ import annotations
 
