@@ -47,6 +47,11 @@ else
   note "created with $("$VENV/bin/python" --version)"
 fi
 PY=$VENV/bin/python
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+  echo "setup: kvmesh needs Python 3.10 or newer; .venv has $("$PY" --version 2>&1)." >&2
+  echo "setup: remove .venv and run again with PYTHON=python3.11 (or another 3.10+ interpreter)" >&2
+  exit 1
+fi
 
 # ---------------------------------------------------------------------------------------------------
 has_nvidia_gpu() {
