@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The main job: set everything up, start the controller and the embedded engine as the seed does,
-# walk the seed's steps 4-7 (printing each request and answer), and leave both running for your
-# own curl calls.
+# The quick start: set everything up (scripts/setup.sh), start the controller and the embedded CPU
+# engine, walk through a completion, compressing the prompt's KV cache, decompressing it and two more
+# completions (printing each request as curl and its answer), and leave both services running for
+# your own calls.
 #
-#   bash scripts/quickstart.sh          # set up, start, run the seed's flow
+#   bash scripts/quickstart.sh          # set up, start, walk through
 #   bash scripts/quickstart.sh stop     # stop the services
 #   bash scripts/quickstart.sh status   # are they running?
 #
-# Logs and pid files go to .kvmesh-run/ (KVMESH_RUN_DIR). Ports: KVMESH_CONTROLLER_PORT (9000),
-# KVMESH_MONITOR_PORT (9001), KVMESH_ENGINE_PORT (8000); the agent's own ports come from the config
-# (LMCACHE_CONFIG_FILE, default example.yaml) and its LMCACHE_<KEY> overrides.
-# KVMESH_SKIP_SETUP=1 skips scripts/setup.sh (an environment already set up).
+# Logs, pid files and the bearer token (`token`, mode 0600, made once) go to .kvmesh-run/
+# (KVMESH_RUN_DIR); the engine's converted model to .kvmesh-run/cache (KVMESH_CACHE_DIR). Ports:
+# KVMESH_CONTROLLER_PORT (9000), KVMESH_MONITOR_PORT (9001), KVMESH_ENGINE_PORT (8000); the agent's own
+# ports come from the config (LMCACHE_CONFIG_FILE, default example.yaml) and its LMCACHE_<KEY>
+# overrides. KVMESH_SKIP_SETUP=1 skips scripts/setup.sh (an environment already set up).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -22,6 +24,8 @@ ENGINE_PORT=${KVMESH_ENGINE_PORT:-8000}
 CONFIG=${LMCACHE_CONFIG_FILE:-$REPO/example.yaml}
 START_TIMEOUT=${KVMESH_START_TIMEOUT:-600}
 SERVICES="engine controller"
+# Nothing outside the repository: the model's converted copy goes beside the run files.
+export KVMESH_CACHE_DIR=${KVMESH_CACHE_DIR:-$REPO/.kvmesh-run/cache}
 
 alive() {  # alive NAME: the service's pid file names a running process
   local pidfile="$RUN_DIR/$1.pid"
@@ -88,44 +92,57 @@ case "${1:-start}" in
   *) echo "usage: bash scripts/quickstart.sh [start|stop|status]" >&2; exit 2 ;;
 esac
 
+START=$SECONDS
 if [ "${KVMESH_SKIP_SETUP:-0}" != 1 ]; then
+  echo "quickstart: [1/4] setting up (scripts/setup.sh; the first time ~5-10 min, then seconds)"
   bash scripts/setup.sh
+else
+  echo "quickstart: [1/4] setting up: skipped (KVMESH_SKIP_SETUP=1)"
 fi
 . .venv/bin/activate
 
 mkdir -p "$RUN_DIR"
 stop_all  # a previous run's services would hold the ports
 
-echo "quickstart: starting kvmesh-controller on localhost:$CONTROLLER_PORT (gRPC $MONITOR_PORT)"
+# The bearer token every request must carry (made once; only its owner may read it).
+TOKEN_FILE=$RUN_DIR/token
+if [ ! -s "$TOKEN_FILE" ]; then
+  (umask 077 && python -c 'import secrets; print(secrets.token_urlsafe(32))' >"$TOKEN_FILE")
+fi
+chmod 600 "$TOKEN_FILE"
+export KVMESH_AUTH_TOKEN_FILE=$TOKEN_FILE
+
+echo "quickstart: [2/4] starting kvmesh-controller on localhost:$CONTROLLER_PORT (gRPC $MONITOR_PORT)"
 start_bg controller kvmesh-controller --host localhost --port "$CONTROLLER_PORT" --monitor-port "$MONITOR_PORT"
 wait_http controller "http://localhost:$CONTROLLER_PORT/metrics"
 
-echo "quickstart: starting kvmesh-serve on localhost:$ENGINE_PORT with LMCACHE_CONFIG_FILE=$CONFIG" \
-     "(the first start converts the model once, ~1 min)"
+echo "quickstart: [3/4] starting kvmesh-serve on localhost:$ENGINE_PORT with LMCACHE_CONFIG_FILE=$CONFIG" \
+     "(the first start converts the model once, ~15-60 s)"
 engine_env=("LMCACHE_CONFIG_FILE=$CONFIG")
 if [ -n "${KVMESH_MONITOR_PORT:-}" ]; then  # the agent must register where the controller listens
   engine_env+=("LMCACHE_CONTROLLER_PULL_URL=localhost:$MONITOR_PORT")
 fi
 start_bg engine env "${engine_env[@]}" kvmesh-serve --port "$ENGINE_PORT"
 wait_http engine "http://localhost:$ENGINE_PORT/health"
-echo "quickstart: both services are up"
-echo
+echo "quickstart: [4/4] both services are up; compressing and decompressing a prompt's KV cache"
 
 if ! python scripts/seed_flow.py --engine "http://localhost:$ENGINE_PORT" \
        --controller "http://localhost:$CONTROLLER_PORT"; then
-  echo "quickstart: the seed's flow failed; the services are still running (logs in $RUN_DIR)" >&2
+  echo "quickstart: the walk-through failed; the services are still running (logs in $RUN_DIR)" >&2
   echo "stop them with: bash scripts/quickstart.sh stop" >&2
   exit 1
 fi
 
+TOKEN_SHOWN=$TOKEN_FILE
+case $TOKEN_FILE in "$REPO"/*) TOKEN_SHOWN=${TOKEN_FILE#"$REPO"/} ;; esac
 cat <<EOF
 
-The controller (http://localhost:$CONTROLLER_PORT, gRPC localhost:$MONITOR_PORT) and the engine
-(http://localhost:$ENGINE_PORT) keep running for your own calls, e.g.:
-  curl -X POST http://localhost:$ENGINE_PORT/v1/completions -H "Content-Type: application/json" \\
+quickstart: done in $((SECONDS - START)) s. The controller (http://localhost:$CONTROLLER_PORT, gRPC localhost:$MONITOR_PORT)
+and the engine (http://localhost:$ENGINE_PORT) keep running for your own calls, e.g.:
+  curl -X POST http://localhost:$ENGINE_PORT/v1/completions -H "Authorization: Bearer \$(cat $TOKEN_SHOWN)" \\
+    -H "Content-Type: application/json" \\
     -d '{"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "prompt": "What is a KV cache?", "max_tokens": 20}'
-  curl http://localhost:$ENGINE_PORT/metrics
-  . .venv/bin/activate && kvmesh --controller localhost:$MONITOR_PORT workers
+  KVMESH_AUTH_TOKEN_FILE=$TOKEN_SHOWN .venv/bin/kvmesh --controller localhost:$MONITOR_PORT events
 Logs: $RUN_DIR/controller.log, $RUN_DIR/engine.log
 Stop them with: bash scripts/quickstart.sh stop
 EOF

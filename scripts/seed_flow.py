@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
-"""Walks the seed's steps 4-7 against a running controller and serving engine, printing each
-request (as the curl command that does the same) and its answer.
+"""The quick start's walk through kvmesh, against a running controller and serving engine, printing
+each request (as the curl command that does the same) and its answer.
 
     python scripts/seed_flow.py [--engine http://localhost:8000] [--controller http://localhost:9000]
 
-4. a completion, 5. tokenize the prompt, 6. compress the prompt's KV (then follow the event to
-COMPLETED and show it) and complete the prompt again while its KV is compressed, 7. decompress (and
-follow it), then complete once more. Completions are greedy (``temperature`` 0) so that the three
+1. a completion, 2. the prompt's tokens, 3. compress the prompt's KV cache (following the event until
+it completes) and complete the prompt again while its KV cache is compressed, 4. decompress it (and
+follow that), then complete once more. Completions are greedy (``temperature`` 0) so that the three
 answers can be compared. Exits non-zero, saying why, at the first step that fails.
 
-Only the standard library: it runs with any python3.
+With ``KVMESH_AUTH_TOKEN_FILE`` set (or ``--token-file``), every request carries
+``Authorization: Bearer <token>``. Only the standard library: it runs with any python3.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -29,12 +31,66 @@ class FlowError(RuntimeError):
     pass
 
 
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``: byte counts as people read them."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def read_token(path: str | None) -> str | None:
+    """The bearer token in ``path`` (None without a path); a missing or empty file is a FlowError."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    except OSError as err:
+        raise FlowError(f"cannot read the token file {path}: {err.strerror or err}") from None
+    if not token:
+        raise FlowError(f"the token file {path} is empty")
+    return token
+
+
+def _shown_path(path: str | None) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter commands to copy)."""
+    if not path:
+        return ""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def describe(event: dict[str, Any]) -> str:
+    """One line for an ended event: what it did to how many bytes; "N x smaller" only for a compress.
+
+    The HTTP gateway writes 64-bit counts as JSON strings (protobuf's JSON mapping): int() them."""
+    op, status = event.get("operation", "?"), event.get("status", "?")
+    before, after = int(event.get("bytes_before") or 0), int(event.get("bytes_after") or 0)
+    line = f"{op} {status}: {event.get('chunks_done')}/{event.get('chunks_total')} chunks, "
+    line += f"{human_bytes(before)} -> {human_bytes(after)}"
+    if op == "COMPRESS" and after:
+        line += f", {before / after:.1f}x smaller"
+    elif op == "DECOMPRESS":
+        line += ", back to full size"
+    return line
+
+
 class Flow:
-    def __init__(self, engine: str, controller: str, timeout: float, quiet: bool = False) -> None:
+    def __init__(self, engine: str, controller: str, timeout: float, quiet: bool = False,
+                 token_file: str | None = None) -> None:
         self.engine = engine.rstrip("/")
         self.controller = controller.rstrip("/")
         self.timeout = timeout
         self.quiet = quiet
+        self.token = read_token(token_file)
+        # As the printed curl commands say it: the file, not the secret.
+        self.auth_curl = (f' -H "Authorization: Bearer $(cat {shlex.quote(_shown_path(token_file))})"'
+                          if token_file else "")
+        self.headers = {"Content-Type": "application/json"}
+        if self.token:
+            self.headers["Authorization"] = f"Bearer {self.token}"
 
     def say(self, text: str = "") -> None:
         if not self.quiet:
@@ -44,11 +100,11 @@ class Flow:
         """One HTTP call with a JSON body; prints it as curl and prints the answer."""
         data = json.dumps(body).encode() if body is not None else None
         if show:
-            curl = f"curl -X {method} {url}"
+            curl = f"curl -X {method} {url}{self.auth_curl}"
             if body is not None:
                 curl += f" -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body))}"
             self.say(f"$ {curl}")
-        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(url, data=data, method=method, headers=self.headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 text = resp.read().decode()
@@ -80,8 +136,8 @@ class Flow:
         """Polls check_finish until the event ends, then prints and returns the full event."""
         url = f"{self.controller}/check_finish"
         body = {"event_id": event_id}
-        self.say(f"$ curl -X POST {url} -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body))}"
-                 "   # polled until the event ends")
+        self.say(f"$ curl -X POST {url}{self.auth_curl} -H 'Content-Type: application/json' "
+                 f"-d {shlex.quote(json.dumps(body))}   # asked again until the event ends")
         deadline = time.monotonic() + self.timeout
         last = None
         while True:
@@ -98,10 +154,7 @@ class Flow:
         event = self.call("GET", f"{self.controller}/events/{event_id}")["event"]
         if event.get("status") != "COMPLETED":
             raise FlowError(f"event {event_id} ended {event.get('status')}: {event.get('error')}")
-        before, after = int(event.get("bytes_before", 0)), int(event.get("bytes_after", 0))
-        self.say(f"# {event.get('operation')} {event.get('status')}: {event.get('chunks_done')}/"
-                 f"{event.get('chunks_total')} chunks, {before} -> {after} bytes"
-                 + (f" (ratio {before / after:.2f})" if after else ""))
+        self.say("# " + describe(event))
         return event
 
     def complete(self, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -110,7 +163,7 @@ class Flow:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    flow = Flow(args.engine, args.controller, args.timeout, args.quiet)
+    flow = Flow(args.engine, args.controller, args.timeout, args.quiet, args.token_file)
     prompt = args.prompt
     if args.prompt_file:
         with open(args.prompt_file, encoding="utf-8") as fh:
@@ -119,26 +172,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flow.wait_instance(args.instance_id)
     summary: dict[str, Any] = {"model": model}
 
-    flow.say("\n## Step 4: a completion, to check that serving works")
+    flow.say("\n## 1. A completion, to check that serving works")
     first = flow.complete(model, prompt, args.max_tokens)
     summary["first"] = first
 
-    flow.say("\n## Step 5: tokenize the prompt")
+    flow.say("\n## 2. The prompt's tokens")
     tok = flow.call("POST", f"{flow.engine}/tokenize", {"model": model, "prompt": prompt})
     tokens = tok["tokens"]
     summary["tokens"] = tokens
 
     op = {"instance_id": args.instance_id, "method": args.method, "location": args.location, "tokens": tokens}
-    flow.say(f"\n## Step 6: compress the prompt's KV with {args.method}")
+    flow.say(f"\n## 3. Compress the prompt's KV cache ({args.method}, in the engine's {args.location})")
     answer = flow.call("POST", f"{flow.controller}/compress", op)
     if answer["num_tokens"] != len(tokens):
         raise FlowError(f"compress scheduled {answer['num_tokens']} tokens, expected the prompt's {len(tokens)}: "
-                        "the engine did not store the prompt's chunks")
+                        "the engine did not store the prompt's KV cache")
     summary["compress"] = flow.follow(answer["event_id"])
-    flow.say("\n# the same prompt while its KV is compressed (decoded on the way into the model):")
+    flow.say("\n# the same prompt while its KV cache is compressed (decoded on the way into the model):")
     summary["while_compressed"] = flow.complete(model, prompt, args.max_tokens)
 
-    flow.say(f"\n## Step 7: decompress it with {args.method}")
+    flow.say("\n## 4. Decompress it")
     answer = flow.call("POST", f"{flow.controller}/decompress", op)
     if answer["num_tokens"] != len(tokens):
         raise FlowError(f"decompress scheduled {answer['num_tokens']} tokens, expected {len(tokens)}")
@@ -149,12 +202,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     texts = [summary[k]["choices"][0]["text"] for k in ("first", "while_compressed", "after")]
     cached = [summary[k]["usage"]["prompt_tokens_details"]["cached_tokens"] for k in ("while_compressed", "after")]
     flow.say("\n## Summary")
-    flow.say(f"first completion:          {texts[0]!r}")
-    flow.say(f"while compressed:          {texts[1]!r} ({cached[0]} prompt tokens from the cache)")
-    flow.say(f"after decompress:          {texts[2]!r} ({cached[1]} prompt tokens from the cache)")
-    flow.say("same text as the first:    " + ", ".join(("yes" if t == texts[0] else "no") for t in texts[1:]))
-    flow.say(f"\nFollow an event live with the kvmesh client (gRPC on the controller's monitor port), e.g.:\n"
-             f"  kvmesh compress --method {args.method} --tokens '{json.dumps(tokens)}' --wait")
+    flow.say(f"first completion:   {texts[0]!r}")
+    flow.say(f"while compressed:   {texts[1]!r} ({cached[0]} of {len(tokens)} prompt tokens from the compressed cache)")
+    flow.say(f"after decompress:   {texts[2]!r} ({cached[1]} of {len(tokens)} prompt tokens from the cache)")
+    flow.say(f"compress:           {describe(summary['compress'])}")
+    flow.say(f"decompress:         {describe(summary['decompress'])}")
+    same = all(t == texts[0] for t in texts[1:])
+    flow.say("same text all three times: " + ("yes" if same else "NO (the compressed cache changed the answer)"))
     return summary
 
 
@@ -171,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=10)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for each call or event")
     p.add_argument("--json-summary", default=None, help="also write every answer to this JSON file")
+    p.add_argument("--token-file", default=os.environ.get("KVMESH_AUTH_TOKEN_FILE") or None,
+                   help="send the bearer token in this file (default: $KVMESH_AUTH_TOKEN_FILE)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:

@@ -1,5 +1,5 @@
-"""The README's main job, ``bash scripts/quickstart.sh``: starts both services, walks the seed's
-flow, leaves them running, and ``stop`` ends them. Runs with free ports and a temporary run folder;
+"""The README's main job, ``bash scripts/quickstart.sh``: starts both services, compresses and
+decompresses a prompt's KV cache between completions, leaves them running, and ``stop`` ends them. Runs with free ports and a temporary run folder;
 setup is skipped (the suite already runs inside the environment scripts/setup.sh made)."""
 from __future__ import annotations
 
@@ -24,8 +24,18 @@ def test_quickstart_runs_the_flow_and_leaves_services_running(tmp_path) -> None:
     try:
         proc = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        assert "## Step 7" in proc.stdout and "DECOMPRESS COMPLETED" in proc.stdout
-        assert "bash scripts/quickstart.sh stop" in proc.stdout
+        out = proc.stdout
+        for n in range(1, 5):
+            assert f"quickstart: [{n}/4]" in out
+        assert "## 4. Decompress" in out and "DECOMPRESS COMPLETED" in out
+        assert "same text all three times: yes" in out
+        assert "bash scripts/quickstart.sh stop" in out
+        # The bearer token: made once, readable by its owner only, and named (not shown) in the commands.
+        token_file = tmp_path / "run" / "token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = token_file.read_text().strip()
+        assert len(token) >= 32 and token not in out
+        assert f'Authorization: Bearer $(cat {token_file})' in out
         # Still serving after the script returned.
         engine = f"http://localhost:{ports['KVMESH_ENGINE_PORT']}"
         with urllib.request.urlopen(f"{engine}/v1/models", timeout=10) as resp:

@@ -102,7 +102,7 @@ def test_seed_flow_script(mesh: Mesh, tmp_path) -> None:  # noqa: ANN001
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    for step in ("Step 4", "Step 5", "Step 6", "Step 7"):
+    for step in ("1. A completion", "2. The prompt's tokens", "3. Compress", "4. Decompress"):
         assert f"## {step}" in out
     assert f"curl -X POST {mesh.controller}/compress" in out
     assert "COMPRESS COMPLETED" in out and "DECOMPRESS COMPLETED" in out
