@@ -133,7 +133,7 @@ class UnsupportedHttpRule(ValueError):
     """A ``google.api.http`` option uses a feature the gateway does not implement."""
 
 
-_SIMPLE_VARIABLE = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")
+_SIMPLE_VARIABLE = re.compile(r"\{[a-zA-Z_][a-zA-Z0-9_]*\}")
 
 
 def check_http_rule(name: str, rule: http_pb2.HttpRule, request: descriptor.Descriptor) -> None:
@@ -164,13 +164,14 @@ def check_http_rule(name: str, rule: http_pb2.HttpRule, request: descriptor.Desc
         last = template.rsplit("/", 1)[-1]
         if ":" in _SIMPLE_VARIABLE.sub("", last):
             problems.append(f"custom verb in {template!r}")
-        for segment in template.split("/")[1:]:
-            if "{" in segment or "}" in segment or "*" in segment:
-                var = _SIMPLE_VARIABLE.fullmatch(segment)
-                if var is None:
-                    problems.append(f"path segment {segment!r} (only whole-segment {{field}} variables)")
-                elif var.group(1) not in request.fields_by_name:
-                    problems.append(f"path variable {var.group(1)!r} is not a field of {request.full_name}")
+        for var in re.findall(r"\{([^}]*)\}", template):
+            if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", var):
+                problems.append(f"path variable {{{var}}} (only whole-segment {{field}} variables)")
+            elif var not in request.fields_by_name:
+                problems.append(f"path variable {var!r} is not a field of {request.full_name}")
+        for segment in re.sub(r"\{[^}]*\}", "{}", template).split("/")[1:]:
+            if segment != "{}" and any(c in segment for c in "{}*"):
+                problems.append(f"path segment {segment!r} (only literals and whole-segment {{field}} variables)")
     if problems:
         raise UnsupportedHttpRule(f"{name}: the google.api.http option uses what the gateway does not implement: "
                                   + "; ".join(problems))
