@@ -44,12 +44,15 @@ def parse_args(argv: Sequence[str] | None = None) -> ControllerSettings:
     p.add_argument("--max-total-body-bytes", type=int, default=d.max_total_body_bytes,
                    help="request body bytes held at once over all HTTP connections; beyond, 429 with "
                         "Retry-After (default: %(default)s)")
+    p.add_argument("--http-body-timeout", type=float, default=d.http_body_timeout,
+                   help="seconds an HTTP request body may take to arrive; slower ones get 408 (default: %(default)s)")
     p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
                    help="refuse HTTP request headers over this many bytes (default: %(default)s)")
     p.add_argument("--auth-token-file", default=d.auth_token_file,
                    help="file holding the shared bearer token; every HTTP route but /healthz then needs "
                         "'Authorization: Bearer <token>' (default: $KVMESH_AUTH_TOKEN_FILE, else no token)")
-    p.add_argument("--tls-cert", default=d.tls_cert, help="serve the HTTP gateway over HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-cert", default=d.tls_cert,
+                   help="serve the HTTP gateway over HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", default=d.tls_key, help="private key (PEM) of --tls-cert")
     p.add_argument("--tls-ca", default=d.tls_ca,
                    help="CA certificate (PEM): HTTPS clients must present a certificate it signed (mutual TLS)")

@@ -32,7 +32,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kvmesh.core.auth import bearer_ok
-from kvmesh.errors import InvalidArgument, KVMeshError, TooBusy
+from kvmesh.errors import InvalidArgument, KVMeshError, ResourceExhausted, TooBusy
 
 from .http_body import BodyBudget, Reservation, declared_length, parse_json_object, read_body
 from .metrics import CONTENT_TYPE_LATEST, ControllerMetrics
@@ -188,6 +188,8 @@ class GatewayLimits:
     max_tokens: int = 1 << 20
     # Bodies up to this are decoded on the loop (microseconds); bigger ones in a worker thread.
     inline_parse_bytes: int = 8 * 1024
+    # Seconds a whole request body may take to arrive.
+    body_timeout: float = 60.0
     parse_threads: int = 2
 
 
@@ -350,17 +352,24 @@ class Gateway:
             resp = await rpc.handler(msg)  # type: ignore[misc]
         except KVMeshError as err:
             return error_response(err)
-        return Response(_encode(message_to_json(resp)), media_type=JSON)  # type: ignore[arg-type]
+        return Response(await self._to_json(resp), media_type=JSON)  # type: ignore[arg-type]
+
+    async def _to_json(self, msg: message.Message) -> bytes:
+        """The response body; a big message is printed in a worker thread, off the loop."""
+        if msg.ByteSize() <= self.limits.inline_parse_bytes:
+            return _encode(message_to_json(msg))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: _encode(message_to_json(msg)))
 
     async def _request_message(self, rpc: Rpc, request: Request, reservation: Reservation) -> message.Message:
         """The request message from body, path and query; a KVMeshError (4xx) when malformed."""
         assert rpc.route is not None
         variables = {k: str(v) for k, v in request.path_params.items()}
         if rpc.route.body != "*":
-            return _build(rpc, self._query_fields(rpc, request), variables)
+            return _build(rpc, self._query_fields(rpc, request), variables, self.limits.max_tokens)
         body = await self._read(request, reservation)
         if len(body) <= self.limits.inline_parse_bytes:
-            return _build(rpc, _loads_small(body), variables)
+            return _build(rpc, _loads_small(body), variables, self.limits.max_tokens)
         # Big: decode (counting tokens first) and convert in a worker thread, off the loop.
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, _parse_big, rpc, body, variables, self.limits.max_tokens)
@@ -372,7 +381,8 @@ class Gateway:
         if (ctype is not None or has_body) and not _is_json(ctype):
             raise _UnsupportedMediaType(f"Content-Type {ctype or '(none)'!r} is not accepted; request bodies must "
                                         f"be JSON: send 'Content-Type: {JSON}'")
-        return await read_body(request.stream(), declared, self.limits.max_body_bytes, reservation)
+        return await read_body(request.stream(), declared, self.limits.max_body_bytes, reservation,
+                               self.limits.body_timeout)
 
     @staticmethod
     def _query_fields(rpc: Rpc, request: Request) -> dict[str, object]:
@@ -448,11 +458,12 @@ def _loads_small(body: bytes) -> dict[str, object]:
 def _parse_big(rpc: Rpc, body: bytes, variables: dict[str, str], max_tokens: int) -> message.Message:
     """In a worker thread: decode (refusing too many tokens early), then convert."""
     fields = parse_json_object(body, max_tokens if "tokens" in rpc.request_cls.DESCRIPTOR.fields_by_name else None)
-    return _build(rpc, fields, variables)
+    return _build(rpc, fields, variables, max_tokens)
 
 
-def _build(rpc: Rpc, fields: dict[str, object], variables: dict[str, str]) -> message.Message:
-    """Merge path variables into ``fields`` and convert them to the RPC's request message."""
+def _build(rpc: Rpc, fields: dict[str, object], variables: dict[str, str], max_tokens: int) -> message.Message:
+    """Merge path variables into ``fields`` and convert them to the RPC's request message (the token
+    count is checked first: converting a list costs far more than counting it)."""
     for name, value in variables.items():
         if name in fields and fields[name] != value:
             raise InvalidArgument(f"{name} is {value!r} in the path but {fields[name]!r} in the body")
@@ -463,6 +474,9 @@ def _build(rpc: Rpc, fields: dict[str, object], variables: dict[str, str]) -> me
     if unknown:
         valid = ", ".join(f.name for f in desc.fields) or "none"
         raise InvalidArgument(f"unknown field(s) {', '.join(map(repr, unknown))} for {rpc.name}; valid fields: {valid}")
+    tokens = fields.get("tokens")
+    if "tokens" in desc.fields_by_name and isinstance(tokens, list) and len(tokens) > max_tokens:
+        raise ResourceExhausted(f"{len(tokens)} tokens is over the limit of {max_tokens} (--max-tokens)")
     msg = rpc.request_cls()
     try:
         json_format.ParseDict(fields, msg, ignore_unknown_fields=False)

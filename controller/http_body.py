@@ -12,12 +12,13 @@ milliseconds instead of holding it for a whole ``json.loads`` (1 s for 20 MB), a
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from kvmesh.errors import InvalidArgument, ResourceExhausted, TooBusy
+from kvmesh.errors import DeadlineExceeded, InvalidArgument, KVMeshError, ResourceExhausted, TooBusy
 
 # Arrays and objects deeper than this are refused (json.loads would recurse up to ~1,000 levels and
 # then raise RecursionError); no kvmesh message nests more than a few levels.
@@ -29,6 +30,13 @@ _DECODER = json.JSONDecoder()
 
 class BodyTooLarge(ResourceExhausted):
     """The body is over the per-request limit (HTTP 413)."""
+
+
+class BodyTimeout(KVMeshError):
+    """The body did not arrive in time (HTTP 408): a slow sender must not hold memory and a slot."""
+
+    grpc_code = DeadlineExceeded.grpc_code
+    http_status = 408
 
 
 class BodyBudget:
@@ -79,28 +87,30 @@ def declared_length(value: str | None) -> int | None:
 
 
 async def read_body(chunks: AsyncIterator[bytes], declared: int | None, limit: int,
-                    reservation: Reservation) -> bytes:
+                    reservation: Reservation, timeout: float) -> bytes:
     """The whole body, refused with BodyTooLarge as soon as it is known to be over ``limit``.
 
-    A declared length is checked (and reserved from the shared budget) before anything is read;
-    a chunked body is counted and reserved piece by piece.
+    A declared length over the limit is refused before anything is read; what arrives is counted
+    and reserved from the shared budget piece by piece (what is really held, so a client that only
+    announces a big body holds nothing), and the whole body must arrive within ``timeout`` seconds.
     """
-    if declared is not None:
-        if declared > limit:
-            raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes "
-                               "(--max-body-bytes)")
-        reservation.take(declared)
+    if declared is not None and declared > limit:
+        raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes "
+                           "(--max-body-bytes)")
     parts: list[bytes] = []
     size = 0
-    async for piece in chunks:
-        if not piece:
-            continue
-        size += len(piece)
-        if size > limit:
-            raise BodyTooLarge(f"request body is over the limit of {limit} bytes (--max-body-bytes)")
-        if declared is None:
-            reservation.take(len(piece))
-        parts.append(piece)
+    try:
+        async with asyncio.timeout(timeout):
+            async for piece in chunks:
+                if not piece:
+                    continue
+                size += len(piece)
+                if size > limit:
+                    raise BodyTooLarge(f"request body is over the limit of {limit} bytes (--max-body-bytes)")
+                reservation.take(len(piece))
+                parts.append(piece)
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {timeout:g} s ({size} bytes came)") from None
     return b"".join(parts)
 
 

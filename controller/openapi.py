@@ -138,6 +138,14 @@ def _operation(rpc: Rpc, schemas: _Schemas) -> dict[str, Any]:
     return op
 
 
+def _plain_get(op_id: str, summary: str, media: str, schema: dict[str, Any], secured: bool = True) -> dict[str, Any]:
+    """A GET operation of the gateway's own (non-RPC) routes."""
+    return {"operationId": op_id, "summary": summary, "security": [{"bearer": []}] if secured else [],
+            "responses": {"200": {"description": summary, "content": {media: {"schema": schema}}},
+                          "default": {"description": "an error", "content": {"application/json": {
+                              "schema": {"$ref": "#/components/schemas/Error"}}}}}}
+
+
 def openapi_document(rpcs: Sequence[Rpc], title: str = "kvmesh controller", version: str = "1") -> dict[str, Any]:
     """The OpenAPI 3.0 document of the routed RPCs plus /metrics, /healthz and /openapi.json."""
     schemas = _Schemas()
@@ -146,19 +154,12 @@ def openapi_document(rpcs: Sequence[Rpc], title: str = "kvmesh controller", vers
         if rpc.route is None:
             continue
         paths.setdefault(rpc.route.template, {})[rpc.route.verb.lower()] = _operation(rpc, schemas)
-    plain = {"default": {"description": "an error",
-                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}}
-    paths["/metrics"] = {"get": {"operationId": "Metrics", "summary": "Prometheus exposition", "security": [{"bearer": []}],
-                                 "responses": {"200": {"description": "metrics", "content": {"text/plain": {
-                                     "schema": {"type": "string"}}}}, **plain}}}
-    paths["/healthz"] = {"get": {"operationId": "Healthz", "summary": "liveness (no token needed)", "security": [],
-                                 "responses": {"200": {"description": "alive", "content": {"application/json": {
-                                     "schema": {"type": "object", "required": ["status"],
-                                                "properties": {"status": {"type": "string", "enum": ["ok"]}}}}}},
-                                     **plain}}}
-    paths["/openapi.json"] = {"get": {"operationId": "OpenApi", "summary": "this document", "security": [{"bearer": []}],
-                                      "responses": {"200": {"description": "OpenAPI 3.0", "content": {
-                                          "application/json": {"schema": {"type": "object"}}}}, **plain}}}
+    paths["/metrics"] = {"get": _plain_get("Metrics", "Prometheus exposition", "text/plain", {"type": "string"})}
+    paths["/healthz"] = {"get": _plain_get(
+        "Healthz", "liveness (no token needed)", "application/json",
+        {"type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["ok"]}}},
+        secured=False)}
+    paths["/openapi.json"] = {"get": _plain_get("OpenApi", "this document", "application/json", {"type": "object"})}
     return {
         "openapi": "3.0.3",
         "info": {"title": title, "version": version,

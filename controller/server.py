@@ -43,7 +43,8 @@ class ControllerServer:
         # TokenFileError (a ValueError) when the file is configured but unusable.
         self.auth_token = load_token(s.auth_token_file)
         limits = GatewayLimits(max_header_bytes=s.max_header_bytes, max_body_bytes=s.max_body_bytes,
-                               max_total_body_bytes=s.max_total_body_bytes, max_tokens=s.max_tokens)
+                               max_total_body_bytes=s.max_total_body_bytes, max_tokens=s.max_tokens,
+                               body_timeout=s.http_body_timeout)
         self.gateway = Gateway(self.rpcs, self.metrics, limits, token=self.auth_token)
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()

@@ -30,6 +30,8 @@ class ControllerSettings:
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int = 64 * 1024 * 1024
     max_total_body_bytes: int = 256 * 1024 * 1024
+    # Seconds a whole HTTP request body may take to arrive (408 after).
+    http_body_timeout: float = 60.0
     # The shared bearer token's file (None: $KVMESH_AUTH_TOKEN_FILE, else no token).
     auth_token_file: str | None = None
     # HTTPS for the gateway: certificate and key (PEM); with a CA, clients must present a certificate.
@@ -40,7 +42,8 @@ class ControllerSettings:
     shutdown_grace: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("health_check_interval", "worker_timeout", "event_ttl", "agent_timeout", "event_timeout"):
+        for name in ("health_check_interval", "worker_timeout", "event_ttl", "agent_timeout", "event_timeout",
+                     "http_body_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("missed_heartbeats", "max_tokens", "max_events", "max_header_bytes", "max_body_bytes",

@@ -28,6 +28,23 @@ def head(method: str, path: str, *lines: str) -> bytes:
             + "".join(f"{line}\r\n" for line in lines) + "\r\n").encode("latin-1")
 
 
+def read_answer(sock: socket.socket) -> bytes:
+    """One HTTP answer (headers and its Content-Length body) from a socket left open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        assert piece, data
+        data += piece
+    headers, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in headers.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        piece = sock.recv(65536)
+        assert piece, data
+        body += piece
+    return headers + b"\r\n\r\n" + body
+
+
 @pytest.mark.parametrize("name, data", [
     ("non-ASCII digit length", "POST /lookup HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                                "Content-Length: \u00b2\r\n\r\n{}".encode()),
@@ -62,7 +79,7 @@ def test_declared_length_over_limit_is_413_before_the_body(controller: Controlle
     # Only the headers are sent: the answer comes without waiting for 10 GB.
     with socket.create_connection(("127.0.0.1", controller.http_port), timeout=10) as s:
         s.sendall(head("POST", "/compress", "Content-Type: application/json", "Content-Length: 10000000000"))
-        answer = s.recv(65536)
+        answer = read_answer(s)
     assert answer.startswith(b"HTTP/1.1 413") and b"10000000000 bytes is over the limit" in answer
 
 
@@ -101,6 +118,8 @@ def test_big_bodies_parse_in_a_thread_with_the_same_answers(controller: Controll
     assert r.status == 200, r.body
     r = controller.post("/lookup", raw=json.dumps({"tokens": tokens + [1, 2]}).encode() + pad.encode())
     assert_error(r, 413, "more than 1000 tokens", "--max-tokens")
+    r = controller.post("/lookup", raw=json.dumps({"tokens": list(range(1001))}).encode())  # small: exact count
+    assert_error(r, 413, "1001 tokens is over the limit of 1000", "--max-tokens")
     r = controller.post("/lookup", raw=json.dumps({"tokens": [1, "x"]}).encode() + pad.encode())
     assert_error(r, 400, "tokens")
     r = controller.post("/lookup", raw=json.dumps({"tokenz": [1]}).encode() + pad.encode())
@@ -121,30 +140,43 @@ def test_parse_json_object_matches_json_loads() -> None:
         parse_json_object(deep)
 
 
-def test_total_body_budget_answers_429(tmp_path: object) -> None:
+def test_total_body_budget_answers_429() -> None:
     with ControllerThread(max_body_bytes=256 * 1024, max_total_body_bytes=300 * 1024) as c:
         assert c.server is not None
         slow = socket.create_connection(("127.0.0.1", c.http_port), timeout=10)
         try:
-            # A slow upload holds 200 kB of the 300 kB budget from the moment its headers arrive.
-            slow.sendall(head("POST", "/lookup", "Content-Type: application/json", "Content-Length: 200000")
-                         + b'{"tokens": [')
+            # A slow upload has sent (and the gateway holds) 200 kB of its 250 kB, out of a 300 kB budget.
+            start = b'{"tokens": [' + b"1," * 100_000
+            slow.sendall(head("POST", "/lookup", "Content-Type: application/json", "Content-Length: 250000") + start)
             deadline = time.monotonic() + 10
-            while c.sync(lambda: c.server.gateway.budget.used) == 0:
-                assert time.monotonic() < deadline, "the slow upload was never admitted"
+            while c.sync(lambda: c.server.gateway.budget.used) < len(start):
+                assert time.monotonic() < deadline, "the slow upload never arrived"
                 time.sleep(0.01)
             r = c.post("/lookup", raw=b'{"tokens": [' + b"1," * 99_999 + b"1]}")
             assert_error(r, 429, "cap of 307200 bytes", "--max-total-body-bytes")
             assert r.headers["retry-after"] == "1"
             # Small requests still pass; the slow one, once complete, is answered and frees its share.
             assert c.post("/lookup", {"tokens": [1]}).status == 200
-            rest = b"1," * 50_000
-            slow.sendall(rest + b"1" + b" " * (200_000 - len(b'{"tokens": [') - len(rest) - 3) + b"]}")
-            assert slow.recv(65536).startswith(b"HTTP/1.1 200")
+            slow.sendall(b"1" + b" " * (250_000 - len(start) - 3) + b"]}")
+            assert read_answer(slow).startswith(b"HTTP/1.1 200")
         finally:
             slow.close()
         assert c.sync(lambda: c.server.gateway.budget.used) == 0
         assert c.post("/lookup", raw=b'{"tokens": [' + b"1," * 99_999 + b"1]}").status == 200
+
+
+def test_a_body_that_never_completes_gets_408() -> None:
+    with ControllerThread(http_body_timeout=0.5) as c:
+        assert c.server is not None
+        with socket.create_connection(("127.0.0.1", c.http_port), timeout=10) as s:
+            s.sendall(head("POST", "/lookup", "Content-Type: application/json", "Content-Length: 1000")
+                      + b'{"tokens": [1,')
+            started = time.monotonic()
+            answer = read_answer(s)
+            waited = time.monotonic() - started
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in answer, answer[:300]
+        assert waited < 5
+        assert c.sync(lambda: c.server.gateway.budget.used) == 0
 
 
 def test_too_busy_is_429_with_retry_after() -> None:

@@ -34,7 +34,8 @@ def test_every_declared_rule_is_supported() -> None:
      "pattern 'custom'"),
     (http_pb2.HttpRule(get="/events/{event_id=ev/*}"), GET_EVENT, "path variable {event_id=ev/*}"),
     (http_pb2.HttpRule(get="/events/**"), GET_EVENT, "path segment '**'"),
-    (http_pb2.HttpRule(get="/events/{nope}"), GET_EVENT, "'nope' is not a field of kvmesh.api.controller.v1.GetEventRequest"),
+    (http_pb2.HttpRule(get="/events/{nope}"), GET_EVENT,
+     "'nope' is not a field of kvmesh.api.controller.v1.GetEventRequest"),
     (http_pb2.HttpRule(get="events"), GET_EVENT, "does not start with '/'"),
     (http_pb2.HttpRule(get="/events/ev-{event_id}"), GET_EVENT, "path segment 'ev-{}'"),
 ])
