@@ -36,8 +36,10 @@ def bind(host: str, port: int) -> socket.socket:
     if not infos:
         raise OSError(f"cannot resolve {host!r}")
     infos.sort(key=lambda info: info[0] != socket.AF_INET)
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, addr = infos[0]
+    # proto must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY on accepted sockets only then, and
+    # without it every answer written in two pieces waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
