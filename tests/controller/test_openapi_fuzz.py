@@ -9,6 +9,7 @@ must be refused with a 4xx (negative cases include a missing or wrong token).
 from __future__ import annotations
 
 import json
+import socket
 import secrets
 import urllib.request
 from collections.abc import Iterator
@@ -94,3 +95,35 @@ def test_fuzz_every_operation(live: ControllerThread, mode: GenerationMode) -> N
     # Only liveness has no input at all, not even the token, to make invalid.
     assert without_negatives == ([] if mode == GenerationMode.POSITIVE else ["GET /healthz"])
 
+
+
+def test_populated_answers_conform(live: ControllerThread) -> None:
+    """Answers with data in them (a registered worker, a real event) match the document too: the
+    fuzzer, with no agents, mostly sees empty lists and errors."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    live.register("fuzzed", 0, port=closed_port)
+    schema = schemathesis.openapi.from_dict(fetch_document(live))
+    base_url = f"http://127.0.0.1:{live.http_port}"
+
+    def call(op_id: str, **kw: Any) -> Any:
+        case = schema.find_operation_by_id(op_id).Case(media_type="application/json", **kw)
+        response = case.call_and_validate(base_url=base_url, headers=AUTH, checks=CHECKS, timeout=30)
+        assert response.status_code == 200, (op_id, response.text)
+        return response
+
+    body = call("Compress", body={"instance_id": "fuzzed", "method": "lossless", "location": "LocalCPUBackend"}).json()
+    event_id = body["event_id"]
+    assert body["num_tokens"] == 0
+    assert call("CheckFinish", body={"event_id": event_id}).json()["status"] == "COMPLETED"
+    assert call("GetEvent", path_parameters={"event_id": event_id}).json()["event"]["event_id"] == event_id
+    lines = call("WatchEvent", path_parameters={"event_id": event_id}).text.splitlines()
+    assert json.loads(lines[-1])["event"]["status"] == "COMPLETED"
+    assert call("ListEvents", query={"limit": 5}).json()["events"]
+    infos = call("QueryWorkerInfo", body={"instance_id": "fuzzed"}).json()["worker_infos"]
+    assert infos[0]["port"] == closed_port
+    assert call("QueryInstance", body={"ip": "127.0.0.1"}).json()["res"] == "fuzzed"
+    health = call("Health", body={"instance_id": "fuzzed"}).json()
+    assert health["healthy"] is False and health["error_codes"] == {"0": -1001}
+    assert "kvmesh_" in call("Metrics").text
