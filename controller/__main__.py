@@ -44,6 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ControllerSettings:
     p.add_argument("--max-total-body-bytes", type=int, default=d.max_total_body_bytes,
                    help="request body bytes held at once over all HTTP connections; beyond, 429 with "
                         "Retry-After (default: %(default)s)")
+    p.add_argument("--http-max-connections", type=int, default=d.http_max_connections,
+                   help="open HTTP connections, watch streams included; beyond, 503 (default: %(default)s)")
     p.add_argument("--http-body-timeout", type=float, default=d.http_body_timeout,
                    help="seconds an HTTP request body may take to arrive; slower ones get 408 (default: %(default)s)")
     p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,

@@ -55,7 +55,8 @@ class UvicornServer:
     """``await start()`` then ``await stop()``; ``port`` is the bound one."""
 
     def __init__(self, app: ASGIApp, host: str, port: int, *, max_header_bytes: int = 64 * 1024,
-                 tls: TlsFiles | None = None, shutdown_grace: float = 5.0, keep_alive: float = 75.0) -> None:
+                 tls: TlsFiles | None = None, shutdown_grace: float = 5.0, keep_alive: float = 75.0,
+                 max_connections: int | None = None) -> None:
         self._host = host
         self.port = port
         self.tls = tls
@@ -66,7 +67,8 @@ class UvicornServer:
         self._config = uvicorn.Config(
             app, host=host, port=port, http="h11", ws="none", lifespan="off", log_config=None, access_log=False,
             proxy_headers=False, server_header=False, h11_max_incomplete_event_size=max_header_bytes,
-            timeout_keep_alive=int(keep_alive), timeout_graceful_shutdown=int(max(1, shutdown_grace)), **kwargs)
+            timeout_keep_alive=int(keep_alive), timeout_graceful_shutdown=int(max(1, shutdown_grace)),
+            limit_concurrency=max_connections, **kwargs)
         self._server: uvicorn.Server | None = None
         self._sock: socket.socket | None = None
         self._tick: asyncio.Task[None] | None = None

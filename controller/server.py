@@ -50,7 +50,7 @@ class ControllerServer:
         self._health = health.aio.HealthServicer()
         tls = TlsFiles(s.tls_cert, s.tls_key, s.tls_ca) if s.tls_cert and s.tls_key else None
         self._http = UvicornServer(self.gateway.app, s.host, s.port, max_header_bytes=s.max_header_bytes, tls=tls,
-                                   shutdown_grace=s.shutdown_grace)
+                                   shutdown_grace=s.shutdown_grace, max_connections=s.http_max_connections)
         self._sweeper: asyncio.Task[None] | None = None
         self.grpc_port = 0
 

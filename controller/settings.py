@@ -30,6 +30,8 @@ class ControllerSettings:
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int = 64 * 1024 * 1024
     max_total_body_bytes: int = 256 * 1024 * 1024
+    # Open HTTP connections (watch streams included); beyond, uvicorn answers 503 at once.
+    http_max_connections: int = 4096
     # Seconds a whole HTTP request body may take to arrive (408 after).
     http_body_timeout: float = 60.0
     # The shared bearer token's file (None: $KVMESH_AUTH_TOKEN_FILE, else no token).
@@ -47,7 +49,7 @@ class ControllerSettings:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("missed_heartbeats", "max_tokens", "max_events", "max_header_bytes", "max_body_bytes",
-                     "max_total_body_bytes"):
+                     "max_total_body_bytes", "http_max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if bool(self.tls_cert) != bool(self.tls_key):

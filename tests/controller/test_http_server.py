@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -45,3 +46,20 @@ def test_controller_http_port_is_the_bound_one_and_stop_frees_it() -> None:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))  # free again
+
+
+def test_connections_over_the_cap_get_503() -> None:
+    with ControllerThread(http_max_connections=3) as c:
+        idle = [socket.create_connection(("127.0.0.1", c.http_port), timeout=5) for _ in range(3)]
+        try:
+            deadline = time.monotonic() + 10
+            while c.http("GET", "/healthz").status != 503:  # the server has accepted all three
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        finally:
+            for s in idle:
+                s.close()
+        deadline = time.monotonic() + 10
+        while c.http("GET", "/healthz").status != 200:
+            assert time.monotonic() < deadline, "the cap was never freed"
+            time.sleep(0.01)
