@@ -61,8 +61,10 @@ class _Schemas:
         schema: dict[str, Any] = {"type": "object", "properties": props, "additionalProperties": not request}
         if not request:
             # The gateway prints every field without presence (proto3 scalars, repeated, maps).
-            schema["required"] = [f.name for f in desc.fields
-                                  if f.containing_oneof is None and f.message_type is None or f.is_repeated]
+            required = [f.name for f in desc.fields
+                        if f.containing_oneof is None and f.message_type is None or f.is_repeated]
+            if required:  # OpenAPI 3.0 wants at least one name in a "required" list
+                schema["required"] = required
         return schema
 
     def field(self, f: descriptor.FieldDescriptor, request: bool) -> dict[str, Any]:
