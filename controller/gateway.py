@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kvmesh.core.auth import bearer_ok
 from kvmesh.errors import InvalidArgument, KVMeshError, ResourceExhausted, TooBusy
 
-from .http_body import BodyBudget, Reservation, declared_length, parse_json_object, read_body
+from .http_body import BodyBudget, BodyTimeout, Reservation, declared_length, parse_json_object, read_body
 from .metrics import CONTENT_TYPE_LATEST, ControllerMetrics
 from .openapi import openapi_document
 from .rpc_table import SERVICE, Rpc
@@ -46,6 +46,8 @@ _DYNAMIC_VALUE_TYPES = frozenset({"google.protobuf.Struct", "google.protobuf.Lis
 _MAX_EXACT = 1 << 53
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
+# Unread body bytes drained after an early error answer (beyond: the connection is closed).
+_DRAIN_BYTES = 16 * 1024 * 1024
 # Routes open without the token: liveness only.
 OPEN_PATHS = frozenset({"/healthz"})
 
@@ -343,7 +345,10 @@ class Gateway:
             msg = await self._request_message(rpc, request, reservation)
         except KVMeshError as err:
             self._metrics.requests_total.labels(rpc=rpc.name, code=err.grpc_code.name).inc()
-            return error_response(err)
+            response = error_response(err)
+            if getattr(err, "close_connection", False):
+                response.headers["Connection"] = "close"
+            return response
         finally:
             reservation.close()
         try:
@@ -378,11 +383,19 @@ class Gateway:
         declared = declared_length(request.headers.get("content-length"))
         ctype = request.headers.get("content-type")
         has_body = declared != 0 and (declared is not None or "transfer-encoding" in request.headers)
-        if (ctype is not None or has_body) and not _is_json(ctype):
-            raise _UnsupportedMediaType(f"Content-Type {ctype or '(none)'!r} is not accepted; request bodies must "
-                                        f"be JSON: send 'Content-Type: {JSON}'")
-        return await read_body(request.stream(), declared, self.limits.max_body_bytes, reservation,
-                               self.limits.body_timeout)
+        try:
+            if (ctype is not None or has_body) and not _is_json(ctype):
+                raise _UnsupportedMediaType(f"Content-Type {ctype or '(none)'!r} is not accepted; request bodies "
+                                            f"must be JSON: send 'Content-Type: {JSON}'")
+            return await read_body(request.stream(), declared, self.limits.max_body_bytes, reservation,
+                                   self.limits.body_timeout)
+        except KVMeshError as err:
+            # The rest of the body is still coming. uvicorn reads and drops it after the answer, so that
+            # the client can read the answer; past a few MB (or of unknown size, or too slow) the
+            # connection is closed instead.
+            if has_body and (declared is None or declared > _DRAIN_BYTES or isinstance(err, BodyTimeout)):
+                err.close_connection = True  # type: ignore[attr-defined]
+            raise
 
     @staticmethod
     def _query_fields(rpc: Rpc, request: Request) -> dict[str, object]:

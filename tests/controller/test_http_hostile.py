@@ -79,9 +79,27 @@ def test_chunked_body_is_read_and_bounded(controller: ControllerThread) -> None:
 def test_declared_length_over_limit_is_413_before_the_body(controller: ControllerThread) -> None:
     # Only the headers are sent: the answer comes without waiting for 10 GB.
     with socket.create_connection(("127.0.0.1", controller.http_port), timeout=10) as s:
-        s.sendall(head("POST", "/compress", "Content-Type: application/json", "Content-Length: 10000000000"))
+        s.sendall(head("POST", "/compress", "Content-Type: application/json", "Content-Length: 10000000000")
+                  .replace(b"Connection: close\r\n", b""))
         answer = read_answer(s)
+        assert s.recv(100) == b""  # too much to drain: the connection is closed after the answer
     assert answer.startswith(b"HTTP/1.1 413") and b"10000000000 bytes is over the limit" in answer
+    assert b"connection: close" in answer.lower()
+
+
+def test_a_modest_overflow_is_drained_and_the_connection_kept(controller: ControllerThread) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", controller.http_port, timeout=10)
+    try:
+        body = b'{"tokens": [' + b"1," * 200_000 + b"1]}"  # 400 kB, the limit is 256 kB
+        conn.request("POST", "/lookup", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 413 and b"over the limit" in resp.read()
+        conn.request("POST", "/lookup", body=b'{"tokens": [1]}', headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()  # the same connection serves the next request
+        assert resp.status == 200, resp.read()
+        resp.read()
+    finally:
+        conn.close()
 
 
 @pytest.mark.parametrize("size", ["small", "big"])
@@ -171,10 +189,11 @@ def test_a_body_that_never_completes_gets_408() -> None:
         assert c.server is not None
         with socket.create_connection(("127.0.0.1", c.http_port), timeout=10) as s:
             s.sendall(head("POST", "/lookup", "Content-Type: application/json", "Content-Length: 1000")
-                      + b'{"tokens": [1,')
+                      .replace(b"Connection: close\r\n", b"") + b'{"tokens": [1,')
             started = time.monotonic()
             answer = read_answer(s)
             waited = time.monotonic() - started
+            assert s.recv(100) == b""  # and the slow sender is disconnected
         assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in answer, answer[:300]
         assert waited < 5
         assert c.sync(lambda: c.server.gateway.budget.used) == 0
