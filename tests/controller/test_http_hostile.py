@@ -55,6 +55,13 @@ def read_answer(sock: socket.socket) -> bytes:
                                   "Content-Length: 2") + b"{}"),
     ("length and chunked", head("POST", "/lookup", "Content-Type: application/json", "Transfer-Encoding: chunked",
                                 "Content-Length: 2") + b"2\r\n{}\r\n0\r\n\r\n"),
+    ("gzip then chunked", head("POST", "/lookup", "Content-Type: application/json",
+                               "Transfer-Encoding: gzip, chunked") + b"2\r\n{}\r\n0\r\n\r\n"),
+    ("xchunked", head("POST", "/lookup", "Content-Type: application/json", "Transfer-Encoding: xchunked")
+     + b"2\r\n{}\r\n0\r\n\r\n"),
+    ("space before colon", head("POST", "/lookup", "Content-Type: application/json", "Content-Length : 2") + b"{}"),
+    ("obsolete line folding", head("POST", "/lookup", "Content-Type: application/json", "Content-Length: 2",
+                                   " 0") + b"{}"),
     ("negative length", head("POST", "/lookup", "Content-Type: application/json", "Content-Length: -1")),
     ("no Host in HTTP/1.1", b"GET /events HTTP/1.1\r\nConnection: close\r\n\r\n"),
 ])
