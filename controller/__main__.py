@@ -8,6 +8,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from kvmesh.core.auth import TokenFileError
+
 from .server import ControllerServer
 from .settings import ControllerSettings
 
@@ -37,6 +39,25 @@ def parse_args(argv: Sequence[str] | None = None) -> ControllerSettings:
                    help="deadline of unary calls to agents, seconds (default: %(default)s)")
     p.add_argument("--event-timeout", type=float, default=d.event_timeout,
                    help="deadline of a streamed agent operation, seconds (default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help="refuse HTTP request bodies over this many bytes (413) (default: %(default)s)")
+    p.add_argument("--max-total-body-bytes", type=int, default=d.max_total_body_bytes,
+                   help="request body bytes held at once over all HTTP connections; beyond, 429 with "
+                        "Retry-After (default: %(default)s)")
+    p.add_argument("--http-max-connections", type=int, default=d.http_max_connections,
+                   help="open HTTP connections, watch streams included; beyond, 503 (default: %(default)s)")
+    p.add_argument("--http-body-timeout", type=float, default=d.http_body_timeout,
+                   help="seconds an HTTP request body may take to arrive; slower ones get 408 (default: %(default)s)")
+    p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
+                   help="refuse HTTP request headers over this many bytes (default: %(default)s)")
+    p.add_argument("--auth-token-file", default=d.auth_token_file,
+                   help="file holding the shared bearer token; every HTTP route but /healthz then needs "
+                        "'Authorization: Bearer <token>' (default: $KVMESH_AUTH_TOKEN_FILE, else no token)")
+    p.add_argument("--tls-cert", default=d.tls_cert,
+                   help="serve the HTTP gateway over HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-key", default=d.tls_key, help="private key (PEM) of --tls-cert")
+    p.add_argument("--tls-ca", default=d.tls_ca,
+                   help="CA certificate (PEM): HTTPS clients must present a certificate it signed (mutual TLS)")
     p.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -64,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     try:
         asyncio.run(serve(settings))
-    except OSError as err:
+    except (OSError, TokenFileError) as err:
         logger.error("cannot start the controller: %s", err)
         return 1
     return 0

@@ -1,4 +1,4 @@
-"""The controller process's servers: gRPC (with health and reflection) and the HTTP gateway.
+"""The controller process's servers: gRPC (with health and reflection) and the HTTP gateway (uvicorn).
 
 ``ControllerServer`` owns one ``ControllerService`` and serves it on both transports; tests run it
 in-process on port 0, ``kvmesh-controller`` runs it until SIGTERM/SIGINT.
@@ -13,9 +13,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .gateway import Gateway
+from kvmesh.core.auth import load_token
+
+from .gateway import Gateway, GatewayLimits
 from .grpc_service import generic_handler
-from .httpd import HttpServer
+from .http_server import TlsFiles, UvicornServer
 from .metrics import ControllerMetrics
 from .rpc_table import SERVICE, build
 from .service import ControllerService
@@ -37,12 +39,18 @@ class ControllerServer:
         self.metrics = ControllerMetrics()
         self.service = ControllerService(self.settings, self.metrics)
         self.rpcs = build(self.service.handlers(), self.metrics)
-        self.gateway = Gateway(self.rpcs, self.metrics)
+        s = self.settings
+        # TokenFileError (a ValueError) when the file is configured but unusable.
+        self.auth_token = load_token(s.auth_token_file)
+        limits = GatewayLimits(max_header_bytes=s.max_header_bytes, max_body_bytes=s.max_body_bytes,
+                               max_total_body_bytes=s.max_total_body_bytes, max_tokens=s.max_tokens,
+                               body_timeout=s.http_body_timeout)
+        self.gateway = Gateway(self.rpcs, self.metrics, limits, token=self.auth_token)
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
-        self._http = HttpServer(self.gateway.handle, self.settings.host, self.settings.port,
-                                max_header_bytes=self.settings.max_header_bytes,
-                                max_body_bytes=self.settings.max_body_bytes)
+        tls = TlsFiles(s.tls_cert, s.tls_key, s.tls_ca) if s.tls_cert and s.tls_key else None
+        self._http = UvicornServer(self.gateway.app, s.host, s.port, max_header_bytes=s.max_header_bytes, tls=tls,
+                                   shutdown_grace=s.shutdown_grace, max_connections=s.http_max_connections)
         self._sweeper: asyncio.Task[None] | None = None
         self.grpc_port = 0
 
@@ -60,11 +68,17 @@ class ControllerServer:
             raise OSError(f"cannot bind gRPC to {self.settings.host}:{self.settings.monitor_port}")
         await server.start()
         self._grpc = server
-        await self._http.start()
+        try:
+            await self._http.start()
+        except BaseException:
+            await server.stop(None)
+            self._grpc = None
+            raise
         self._sweeper = asyncio.create_task(self._sweep_loop())
         for name in ("", SERVICE.full_name):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        logger.info("controller serving HTTP on %s:%s and gRPC on %s:%s", self.settings.host, self.http_port,
+        logger.info("controller serving HTTP%s on %s:%s and gRPC on %s:%s", "S" if self._http.tls else "",
+                    self.settings.host, self.http_port,
                     self.settings.host, self.grpc_port)
 
     async def _sweep_loop(self) -> None:
@@ -88,4 +102,5 @@ class ControllerServer:
             await self._grpc.stop(self.settings.shutdown_grace)
             self._grpc = None
         await self._http.stop()
+        self.gateway.close()
         logger.info("controller stopped")

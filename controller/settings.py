@@ -26,19 +26,36 @@ class ControllerSettings:
     agent_timeout: float = 30.0
     # Deadline of a whole streamed agent operation (compress, decompress, move).
     event_timeout: float = 3600.0
-    # HTTP request limits.
+    # HTTP request limits: headers, one body, and all bodies held at once over every connection.
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int = 64 * 1024 * 1024
+    max_total_body_bytes: int = 256 * 1024 * 1024
+    # Open HTTP connections (watch streams included); beyond, uvicorn answers 503 at once.
+    http_max_connections: int = 4096
+    # Seconds a whole HTTP request body may take to arrive (408 after).
+    http_body_timeout: float = 60.0
+    # The shared bearer token's file (None: $KVMESH_AUTH_TOKEN_FILE, else no token).
+    auth_token_file: str | None = None
+    # HTTPS for the gateway: certificate and key (PEM); with a CA, clients must present a certificate.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
     # Grace period for in-flight RPCs at shutdown.
     shutdown_grace: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("health_check_interval", "worker_timeout", "event_ttl", "agent_timeout", "event_timeout"):
+        for name in ("health_check_interval", "worker_timeout", "event_ttl", "agent_timeout", "event_timeout",
+                     "http_body_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("missed_heartbeats", "max_tokens", "max_events", "max_header_bytes", "max_body_bytes"):
+        for name in ("missed_heartbeats", "max_tokens", "max_events", "max_header_bytes", "max_body_bytes",
+                     "max_total_body_bytes", "http_max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both (PEM files) or neither")
+        if self.tls_ca and not self.tls_cert:
+            raise ValueError("tls_ca (client certificates) needs tls_cert and tls_key too")
         for name in ("port", "monitor_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")

