@@ -63,14 +63,28 @@ def _integral(value: object) -> object:
     return value
 
 
+_INT64_TYPES = frozenset({descriptor.FieldDescriptor.TYPE_INT64, descriptor.FieldDescriptor.TYPE_UINT64,
+                          descriptor.FieldDescriptor.TYPE_SINT64, descriptor.FieldDescriptor.TYPE_FIXED64,
+                          descriptor.FieldDescriptor.TYPE_SFIXED64})
+
+
 def _fix_numbers(desc: descriptor.Descriptor, obj: dict[str, object]) -> None:
-    """Walk ``obj`` (MessageToDict of a ``desc`` message) and fix numbers in dynamic values.
+    """Walk ``obj`` (MessageToDict of a ``desc`` message): 64-bit integers as JSON numbers, and whole
+    numbers in dynamic values as integers.
 
     ``google.protobuf.Value`` holds every number as a double, which json_format prints as ``12.0``;
     LMCache's clients expect ``12`` in ``layout_info``.
     """
     for field in desc.fields:
-        if field.message_type is None or field.name not in obj:
+        if field.name not in obj:
+            continue
+        if field.type in _INT64_TYPES:
+            # proto3's JSON mapping writes 64-bit integers as strings; people and LMCache's clients read
+            # byte counts as numbers (exact in JSON up to 2**53 for JavaScript readers, always in Python).
+            value = obj[field.name]
+            obj[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)  # type: ignore[arg-type]
+            continue
+        if field.message_type is None:
             continue
         value = obj[field.name]
         mt = field.message_type

@@ -87,10 +87,10 @@ class _Schemas:
         if t in _INT64 or t in _UINT64:
             lo, hi = (0, (1 << 64) - 1) if t in _UINT64 else (-(1 << 63), (1 << 63) - 1)
             pattern = r"^[0-9]+$" if t in _UINT64 else r"^-?[0-9]+$"
-            as_string = {"type": "string", "format": "int64", "pattern": pattern}
+            as_number = {"type": "integer", "format": "int64", "minimum": lo, "maximum": hi}
             if not request:
-                return as_string
-            return {"oneOf": [{"type": "integer", "format": "int64", "minimum": lo, "maximum": hi}, as_string]}
+                return as_number  # the gateway prints 64-bit integers as JSON numbers
+            return {"oneOf": [as_number, {"type": "string", "format": "int64", "pattern": pattern}]}
         if t in (FD.TYPE_DOUBLE, FD.TYPE_FLOAT):
             return {"type": "number"}
         if t == FD.TYPE_BOOL:
