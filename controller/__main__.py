@@ -8,6 +8,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from kvmesh.core.security import SecuritySettings
+
 from .server import ControllerServer
 from .settings import ControllerSettings
 
@@ -38,11 +40,13 @@ def parse_args(argv: Sequence[str] | None = None) -> ControllerSettings:
     p.add_argument("--event-timeout", type=float, default=d.event_timeout,
                    help="deadline of a streamed agent operation, seconds (default: %(default)s)")
     p.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    SecuritySettings.add_arguments(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    values = {k: v for k, v in vars(args).items() if k != "log_level"}
+    own = {"log_level", "auth_token_file", "tls_cert", "tls_key", "tls_ca", "insecure"}
+    values = {k: v for k, v in vars(args).items() if k not in own}
     try:
-        return ControllerSettings(**values)
+        return ControllerSettings(**values, security=SecuritySettings.from_args(args))
     except ValueError as err:
         p.error(str(err))
         raise  # unreachable: p.error exits

@@ -9,9 +9,7 @@ import asyncio
 import contextlib
 import logging
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from kvmesh.core.grpc_server import HealthService, MeshServer
 
 from .gateway import Gateway
 from .grpc_service import generic_handler
@@ -38,8 +36,8 @@ class ControllerServer:
         self.service = ControllerService(self.settings, self.metrics)
         self.rpcs = build(self.service.handlers(), self.metrics)
         self.gateway = Gateway(self.rpcs, self.metrics)
-        self._grpc: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._grpc: MeshServer | None = None
+        self._health = HealthService()
         self._http = HttpServer(self.gateway.handle, self.settings.host, self.settings.port,
                                 max_header_bytes=self.settings.max_header_bytes,
                                 max_body_bytes=self.settings.max_body_bytes)
@@ -51,19 +49,14 @@ class ControllerServer:
         return self._http.port
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=_GRPC_OPTIONS)
-        server.add_generic_rpc_handlers((generic_handler(self.rpcs),))
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection((SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.grpc_port = server.add_insecure_port(f"{self.settings.host}:{self.settings.monitor_port}")
-        if self.grpc_port == 0:
-            raise OSError(f"cannot bind gRPC to {self.settings.host}:{self.settings.monitor_port}")
-        await server.start()
+        server = MeshServer(self.settings.security, options=_GRPC_OPTIONS, health_servicer=self._health)
+        server.add_generic_handler(SERVICE.full_name, generic_handler(self.rpcs))
+        self.grpc_port = server.bind(self.settings.host, self.settings.monitor_port, "the controller's gRPC")
+        await server.start(serving=False)
         self._grpc = server
         await self._http.start()
         self._sweeper = asyncio.create_task(self._sweep_loop())
-        for name in ("", SERVICE.full_name):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await server.set_serving()
         logger.info("controller serving HTTP on %s:%s and gRPC on %s:%s", self.settings.host, self.http_port,
                     self.settings.host, self.grpc_port)
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvmesh.core.security import NO_SECURITY, SecuritySettings
+
 
 @dataclass(frozen=True)
 class ControllerSettings:
@@ -31,6 +33,9 @@ class ControllerSettings:
     max_body_bytes: int = 64 * 1024 * 1024
     # Grace period for in-flight RPCs at shutdown.
     shutdown_grace: float = 5.0
+    # The shared bearer token and TLS files of both planes (kvmesh.core.security); the default has no
+    # token, which allows loopback only. kvmesh-controller loads it from its flags and the environment.
+    security: SecuritySettings = NO_SECURITY
 
     def __post_init__(self) -> None:
         for name in ("health_check_interval", "worker_timeout", "event_ttl", "agent_timeout", "event_timeout"):

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import sys
 
+from kvmesh.core.security import SecuritySettings
 from kvmesh.errors import KVMeshError
 
 from .config import AgentConfig, load_config
@@ -23,7 +25,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="port of /metrics (default 9101 + worker id; 0 a free port; negative disables)")
     p.add_argument("--host", default=None, help="address to bind and register (default: p2p_host or localhost)")
     p.add_argument("--log-level", default=os.environ.get("KVMESH_LOG_LEVEL", "INFO"))
+    SecuritySettings.add_arguments(p)
     return p
+
+
+# Flags that override the yaml's extra_config security keys.
+_SECURITY_FLAGS = {"auth_token_file": "auth_token_file", "tls_cert": "tls_cert_file", "tls_key": "tls_key_file",
+                   "tls_ca": "tls_ca_file", "insecure": "insecure"}
+
+
+def _with_security_flags(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:
+    """``config`` with the security flags given on the command line put over its extra_config."""
+    given = {key: getattr(args, flag) for flag, key in _SECURITY_FLAGS.items() if getattr(args, flag)}
+    if not given:
+        return config
+    return dataclasses.replace(config, extra_config={**config.extra_config, **given})
 
 
 async def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
@@ -48,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(args.config)
+        config = _with_security_flags(load_config(args.config), args)
         return asyncio.run(_serve(args, config))
     except KVMeshError as err:
         logger.error("cannot start: %s", err.message)

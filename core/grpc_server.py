@@ -1,0 +1,200 @@
+"""The one gRPC server bootstrap of the controller and the agents.
+
+``MeshServer`` is a ``grpc.aio`` server with:
+- the standard health service (``Check``, ``Watch`` and ``List``), open to every caller so that
+  probes and load balancers need no secret;
+- server reflection for every service added, which needs the token like any other service when one
+  is set (``grpcurl -H 'authorization: Bearer <token>' ... list``);
+- one interceptor (``MeshInterceptor``) that refuses calls without ``authorization: Bearer <token>``
+  with UNAUTHENTICATED, runs each call with its request id in a contextvar (answered in the trailing
+  metadata), and turns a stray exception into INTERNAL with a generic message (never the exception's
+  text, which could hold a secret) after logging it;
+- TLS (mutual with a CA) when the settings give certificate files, plaintext otherwise; and no bind
+  beyond loopback without a token unless ``insecure`` was chosen.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvmesh.errors import KVMeshError
+
+from . import requestid
+from .auth import METADATA_KEY, bearer_ok
+from .security import NO_SECURITY, SecuritySettings
+
+logger = logging.getLogger(__name__)
+
+HEALTH_SERVICE = health.SERVICE_NAME  # grpc.health.v1.Health
+REFLECTION_SERVICE = reflection.SERVICE_NAME
+# Services any caller may reach without the token.
+OPEN_SERVICES = frozenset({HEALTH_SERVICE})
+UNAUTHENTICATED_DETAIL = ("missing or wrong bearer token: send the metadata 'authorization: Bearer <token>' "
+                          "with the token of the file named by KVMESH_AUTH_TOKEN_FILE / --auth-token-file")
+
+
+class HealthService(health.aio.HealthServicer):
+    """The standard health servicer (``Check``, ``Watch``, ``List`` of every status set)."""
+
+
+def _service_of(method: str) -> str:
+    """``pkg.Service`` of ``/pkg.Service/Method``."""
+    return method.lstrip("/").partition("/")[0]
+
+
+def _metadata_value(metadata: Sequence[Any] | None, key: str) -> str | bytes | None:
+    for item in metadata or ():
+        k, v = item[0], item[1]
+        if k == key:
+            return v  # type: ignore[no-any-return]
+    return None
+
+
+def _rebuild(handler: grpc.RpcMethodHandler, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+             ) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour wrapped, same streaming kind and (de)serializers."""
+    des, ser = handler.request_deserializer, handler.response_serializer
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream), des, ser)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), des, ser)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream), des, ser)
+    return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), des, ser)
+
+
+async def _fail(context: grpc.aio.ServicerContext, method: str, rid: str, err: Exception) -> None:
+    """Abort with the domain error's status, or INTERNAL for a bug (logged, its text kept out)."""
+    if isinstance(err, KVMeshError):
+        await context.abort(err.grpc_code, err.message)
+    logger.error("%s failed (request %s): %s", method, rid, type(err).__name__, exc_info=err)
+    await context.abort(grpc.StatusCode.INTERNAL,
+                        f"{method} failed inside the server (a bug; request id {rid} is in its log)")
+
+
+def _calls(method: str, rid: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """``behavior`` run with request id ``rid`` current and stray exceptions mapped to statuses."""
+    passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
+
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            _, token = requestid.set_request_id(rid)
+            context.set_trailing_metadata(((requestid.METADATA_KEY, rid),))
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except passthrough:
+                raise
+            except Exception as err:
+                await _fail(context, method, rid, err)
+            finally:
+                requestid.reset(token)
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        _, token = requestid.set_request_id(rid)
+        context.set_trailing_metadata(((requestid.METADATA_KEY, rid),))
+        try:
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+        except passthrough:
+            raise
+        except Exception as err:
+            await _fail(context, method, rid, err)
+        finally:
+            requestid.reset(token)
+    return unary
+
+
+def _denied(_behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAIL)
+    return deny
+
+
+class MeshInterceptor(grpc.aio.ServerInterceptor):
+    """Token check (all but ``OPEN_SERVICES``), request id, stray exceptions -> INTERNAL."""
+
+    def __init__(self, token: str | None, open_services: frozenset[str] = OPEN_SERVICES) -> None:
+        self._token = token
+        self._open = open_services
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
+                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None  # UNIMPLEMENTED, as without the interceptor
+        metadata = details.invocation_metadata
+        if (self._token is not None and _service_of(details.method) not in self._open
+                and not bearer_ok(_metadata_value(metadata, METADATA_KEY), self._token)):
+            return _rebuild(handler, _denied)
+        rid = requestid.usable(_metadata_value(metadata, requestid.METADATA_KEY)) or requestid.new_request_id()
+        return _rebuild(handler, lambda behavior: _calls(details.method, rid, behavior))
+
+
+class MeshServer:
+    """A gRPC server of the mesh: ``add_*`` services, ``bind`` ports, ``await start()``, ``await stop()``."""
+
+    def __init__(self, security: SecuritySettings = NO_SECURITY, *, options: Sequence[tuple[str, Any]] = (),
+                 health_servicer: HealthService | None = None) -> None:
+        self.security = security
+        self.health = health_servicer or HealthService()
+        self.server = grpc.aio.server(options=list(options), interceptors=[MeshInterceptor(security.token)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.services: list[str] = []
+        self.ports: list[int] = []
+        self._started = False
+
+    def add_service(self, name: str, register: Callable[[grpc.aio.Server], None]) -> None:
+        """Add service ``name`` with ``register(server)`` (e.g. a generated ``add_XServicer_to_server``)."""
+        register(self.server)
+        self.services.append(name)
+
+    def add_generic_handler(self, name: str, handler: grpc.GenericRpcHandler) -> None:
+        self.add_service(name, lambda server: server.add_generic_rpc_handlers((handler,)))
+
+    def bind(self, host: str, port: int, what: str = "gRPC") -> int:
+        """Listen on ``host:port`` (TLS when configured); the bound port. ``BindRefused`` beyond loopback
+        with no token (unless insecure), ``OSError`` when the port cannot be bound."""
+        self.security.check_bind(host, what)
+        address = f"{host}:{port}"
+        creds = self.security.server_credentials()
+        try:
+            bound = self.server.add_secure_port(address, creds) if creds is not None else \
+                self.server.add_insecure_port(address)
+        except RuntimeError as err:  # recent grpc raises on a failed bind, older ones return 0
+            raise OSError(f"cannot bind {what} to {address}: {err}") from err
+        if bound == 0:
+            raise OSError(f"cannot bind {what} to {address} (in use?)")
+        self.ports.append(bound)
+        return bound
+
+    async def start(self, *, serving: bool = True) -> None:
+        """Enable reflection for every service, start, and (by default) report SERVING."""
+        reflection.enable_server_reflection((*self.services, HEALTH_SERVICE, REFLECTION_SERVICE), self.server)
+        await self.server.start()
+        self._started = True
+        if serving:
+            await self.set_serving()
+
+    async def set_serving(self) -> None:
+        """Report SERVING for the server as a whole ("") and for each service."""
+        for name in ("", *self.services):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING to health watchers, then stop with ``grace`` seconds for in-flight calls."""
+        if self._started:
+            await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self._started = False
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self.server.wait_for_termination(timeout)
