@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvmesh.errors import KVMeshError
+from .errors import KVMeshError
 
 from . import requestid
 from .auth import METADATA_KEY, bearer_ok
