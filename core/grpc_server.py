@@ -40,8 +40,22 @@ UNAUTHENTICATED_DETAIL = ("missing or wrong bearer token: send the metadata 'aut
                           "with the token of the file named by KVMESH_AUTH_TOKEN_FILE / --auth-token-file")
 
 
+MAX_LISTED_SERVICES = 1000
+
+
 class HealthService(health.aio.HealthServicer):
-    """The standard health servicer (``Check``, ``Watch``, ``List`` of every status set)."""
+    """The standard health servicer with ``List`` too (grpcio's answers UNIMPLEMENTED for it, with an
+    ERROR traceback in the log, though reflection advertises it)."""
+
+    async def List(self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+                   ) -> health_pb2.HealthListResponse:
+        """Every status set so far ("" is the server as a whole), as the health proto's List asks."""
+        statuses = dict(self._server_status)
+        if len(statuses) > MAX_LISTED_SERVICES:  # the proto allows refusing an unbounded answer
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{len(statuses)} services, over the {MAX_LISTED_SERVICES} List answers")
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in statuses.items()})
 
 
 def _service_of(method: str) -> str:
@@ -74,6 +88,8 @@ async def _fail(context: grpc.aio.ServicerContext, method: str, rid: str, err: E
     """Abort with the domain error's status, or INTERNAL for a bug (logged, its text kept out)."""
     if isinstance(err, KVMeshError):
         await context.abort(err.grpc_code, err.message)
+    if isinstance(err, NotImplementedError):  # a generated servicer's default method
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server")
     logger.error("%s failed (request %s): %s", method, rid, type(err).__name__, exc_info=err)
     await context.abort(grpc.StatusCode.INTERNAL,
                         f"{method} failed inside the server (a bug; request id {rid} is in its log)")
