@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
@@ -12,7 +11,7 @@ import sys
 from kvmesh.core.security import SecuritySettings
 from kvmesh.errors import KVMeshError
 
-from .config import AgentConfig, load_config
+from .config import AgentConfig, load_config, with_security_flags
 
 logger = logging.getLogger("kvmesh.instance_agent")
 
@@ -27,19 +26,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=os.environ.get("KVMESH_LOG_LEVEL", "INFO"))
     SecuritySettings.add_arguments(p)
     return p
-
-
-# Flags that override the yaml's extra_config security keys.
-_SECURITY_FLAGS = {"auth_token_file": "auth_token_file", "tls_cert": "tls_cert_file", "tls_key": "tls_key_file",
-                   "tls_ca": "tls_ca_file", "insecure": "insecure"}
-
-
-def _with_security_flags(config: AgentConfig, args: argparse.Namespace) -> AgentConfig:
-    """``config`` with the security flags given on the command line put over its extra_config."""
-    given = {key: getattr(args, flag) for flag, key in _SECURITY_FLAGS.items() if getattr(args, flag)}
-    if not given:
-        return config
-    return dataclasses.replace(config, extra_config={**config.extra_config, **given})
 
 
 async def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
@@ -64,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = _with_security_flags(load_config(args.config), args)
+        config = with_security_flags(load_config(args.config), args)
         return asyncio.run(_serve(args, config))
     except KVMeshError as err:
         logger.error("cannot start: %s", err.message)

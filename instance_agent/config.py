@@ -7,6 +7,7 @@ rather than dropped silently; a value of the wrong type is a ``ConfigError`` nam
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import uuid
@@ -288,6 +289,20 @@ def _security(extra_config: Mapping[str, Any]) -> SecuritySettings:
     except ValueError as err:
         raise ConfigError(f"security settings (extra_config auth_token_file/tls_*_file or KVMESH_* "
                           f"variables): {err}") from None
+
+
+# Command-line flags (SecuritySettings.add_arguments) -> the extra_config keys they override.
+SECURITY_FLAGS = {"auth_token_file": "auth_token_file", "tls_cert": "tls_cert_file", "tls_key": "tls_key_file",
+                  "tls_ca": "tls_ca_file", "insecure": "insecure"}
+
+
+def with_security_flags(config: AgentConfig, args: Any) -> AgentConfig:
+    """``config`` with the security flags given on a command line (kvmesh-agent, kvmesh-serve) put over
+    its extra_config keys; the flags not given leave the yaml's (or the environment's) values."""
+    given = {key: getattr(args, flag) for flag, key in SECURITY_FLAGS.items() if getattr(args, flag, None)}
+    if not given:
+        return config
+    return dataclasses.replace(config, extra_config={**config.extra_config, **given})
 
 
 def config_from_dict(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,
