@@ -95,14 +95,20 @@ async def _fail(context: grpc.aio.ServicerContext, method: str, rid: str, err: E
                         f"{method} failed inside the server (a bug; request id {rid} is in its log)")
 
 
-def _calls(method: str, rid: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-    """``behavior`` run with request id ``rid`` current and stray exceptions mapped to statuses."""
+def _calls(method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """``behavior`` run with the call's request id current (answered in the trailing metadata) and
+    stray exceptions mapped to statuses. Built once per method, not per call."""
     passthrough = (grpc.aio.AbortError, asyncio.CancelledError)
+
+    def request_id(context: grpc.aio.ServicerContext) -> str:
+        rid = requestid.usable(_metadata_value(context.invocation_metadata(), requestid.METADATA_KEY)) \
+            or requestid.new_request_id()
+        context.set_trailing_metadata(((requestid.METADATA_KEY, rid),))
+        return rid
 
     if inspect.isasyncgenfunction(behavior):
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            _, token = requestid.set_request_id(rid)
-            context.set_trailing_metadata(((requestid.METADATA_KEY, rid),))
+            rid, reset_token = requestid.set_request_id(request_id(context))
             try:
                 async for item in behavior(request, context):
                     yield item
@@ -111,12 +117,11 @@ def _calls(method: str, rid: str, behavior: Callable[..., Any]) -> Callable[...,
             except Exception as err:
                 await _fail(context, method, rid, err)
             finally:
-                requestid.reset(token)
+                requestid.reset(reset_token)
         return stream
 
     async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        _, token = requestid.set_request_id(rid)
-        context.set_trailing_metadata(((requestid.METADATA_KEY, rid),))
+        rid, reset_token = requestid.set_request_id(request_id(context))
         try:
             result = behavior(request, context)
             return await result if inspect.isawaitable(result) else result
@@ -125,34 +130,61 @@ def _calls(method: str, rid: str, behavior: Callable[..., Any]) -> Callable[...,
         except Exception as err:
             await _fail(context, method, rid, err)
         finally:
-            requestid.reset(token)
+            requestid.reset(reset_token)
     return unary
 
 
-def _denied(_behavior: Callable[..., Any]) -> Callable[..., Any]:
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAIL)
-    return deny
+async def _deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAIL)
+
+
+def _ignore(_data: bytes) -> None:
+    """The request deserializer of a refused call: its bytes are never parsed."""
+    return None
+
+
+def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of ``handler``'s kind that refuses the call without parsing its request."""
+    ser = handler.response_serializer
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(_deny, _ignore, ser)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(_deny, _ignore, ser)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(_deny, _ignore, ser)
+    return grpc.unary_unary_rpc_method_handler(_deny, _ignore, ser)
 
 
 class MeshInterceptor(grpc.aio.ServerInterceptor):
-    """Token check (all but ``OPEN_SERVICES``), request id, stray exceptions -> INTERNAL."""
+    """Token check (all but ``OPEN_SERVICES``), request id, stray exceptions -> INTERNAL.
+
+    The handlers of each method (wrapped, and refusing) are built on its first call and reused: the
+    per-call work is the token comparison. A refused call's request is never parsed."""
 
     def __init__(self, token: str | None, open_services: frozenset[str] = OPEN_SERVICES) -> None:
         self._token = token
         self._open = open_services
+        # method -> (wrapped handler, refusing handler or None when open). One entry per registered
+        # method (unknown methods are not cached), so bounded by the services served.
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler | None]] = {}
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(details)
-        if handler is None:
-            return None  # UNIMPLEMENTED, as without the interceptor
-        metadata = details.invocation_metadata
-        if (self._token is not None and _service_of(details.method) not in self._open
-                and not bearer_ok(_metadata_value(metadata, METADATA_KEY), self._token)):
-            return _rebuild(handler, _denied)
-        rid = requestid.usable(_metadata_value(metadata, requestid.METADATA_KEY)) or requestid.new_request_id()
-        return _rebuild(handler, lambda behavior: _calls(details.method, rid, behavior))
+        method = details.method
+        found = self._handlers.get(method)
+        if found is None:
+            handler = await continuation(details)
+            if handler is None:
+                return None  # UNIMPLEMENTED, as without the interceptor
+            guarded = self._token is not None and _service_of(method) not in self._open
+            found = (_rebuild(handler, lambda behavior: _calls(method, behavior)),
+                     _denied(handler) if guarded else None)
+            self._handlers[method] = found
+        wrapped, denied = found
+        if denied is not None and not bearer_ok(_metadata_value(details.invocation_metadata, METADATA_KEY),
+                                                self._token):
+            return denied
+        return wrapped
 
 
 class MeshServer:

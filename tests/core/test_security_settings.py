@@ -128,3 +128,15 @@ def test_bearer_ok() -> None:
     assert not bearer_ok(None, TOKEN) and not bearer_ok(TOKEN, TOKEN) and not bearer_ok("Bearer x", TOKEN)
     assert not bearer_ok(f"Basic {TOKEN}", TOKEN)
     assert bearer_ok(None, None)
+
+
+def test_the_old_import_paths_still_work() -> None:
+    import kvmesh.core.errors
+    import kvmesh.core.keys
+    import kvmesh.errors
+    import kvmesh.instance_agent.keys
+
+    for name in ("KVMeshError", "NotFound", "TooBusy", "Unauthenticated", "from_grpc_error", "HTTP_STATUS_BY_GRPC_CODE"):
+        assert getattr(kvmesh.errors, name) is getattr(kvmesh.core.errors, name), name
+    for name in ("chunk_spans", "validate_tokens", "ChunkSpan", "chain_key", "ROOT_KEY"):
+        assert getattr(kvmesh.instance_agent.keys, name) is getattr(kvmesh.core.keys, name), name
