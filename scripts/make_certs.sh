@@ -15,6 +15,11 @@
 # Refuses to overwrite an existing OUT_DIR/ca.key (remove the folder to start again).
 set -euo pipefail
 
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "make_certs.sh: the openssl command is missing (Debian/Ubuntu: apt-get install openssl)" >&2
+  exit 2
+fi
+
 out="${1:-.kvmesh-certs}"
 shift || true
 days="${KVMESH_CERT_DAYS:-825}"
