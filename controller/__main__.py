@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from kvmesh.core.requestid import configure_logging
 from kvmesh.core.security import SecuritySettings
 
 from .server import ControllerServer
@@ -42,7 +43,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ControllerSettings:
     p.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     SecuritySettings.add_arguments(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
     own = {"log_level", "auth_token_file", "tls_cert", "tls_key", "tls_ca", "insecure"}
     values = {k: v for k, v in vars(args).items() if k not in own}
     try:

@@ -24,10 +24,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .errors import KVMeshError
-
 from . import requestid
 from .auth import METADATA_KEY, bearer_ok
+from .errors import KVMeshError
 from .security import NO_SECURITY, SecuritySettings
 
 logger = logging.getLogger(__name__)
@@ -38,8 +37,6 @@ REFLECTION_SERVICE = reflection.SERVICE_NAME
 OPEN_SERVICES = frozenset({HEALTH_SERVICE})
 UNAUTHENTICATED_DETAIL = ("missing or wrong bearer token: send the metadata 'authorization: Bearer <token>' "
                           "with the token of the file named by KVMESH_AUTH_TOKEN_FILE / --auth-token-file")
-
-
 MAX_LISTED_SERVICES = 1000
 
 
@@ -50,7 +47,7 @@ class HealthService(health.aio.HealthServicer):
     async def List(self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
                    ) -> health_pb2.HealthListResponse:
         """Every status set so far ("" is the server as a whole), as the health proto's List asks."""
-        statuses = dict(self._server_status)
+        statuses = dict(self._server_status)  # grpcio's own table of what set() recorded
         if len(statuses) > MAX_LISTED_SERVICES:  # the proto allows refusing an unbounded answer
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{len(statuses)} services, over the {MAX_LISTED_SERVICES} List answers")

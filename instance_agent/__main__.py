@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from kvmesh.core.requestid import configure_logging
 from kvmesh.core.security import SecuritySettings
 from kvmesh.errors import KVMeshError
 
@@ -47,8 +48,7 @@ async def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, stream=sys.stderr)
     try:
         config = with_security_flags(load_config(args.config), args)
         return asyncio.run(_serve(args, config))
