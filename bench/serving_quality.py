@@ -24,12 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvmesh.api.agent.v1 import agent_pb2, agent_pb2_grpc  # noqa: E402
+from kvmesh.core.channels import channel as mesh_channel  # noqa: E402
 from kvmesh.engine.completion import CompletionRunner  # noqa: E402
 from kvmesh.engine.model import load_model  # noqa: E402
 from kvmesh.engine.sampling import SamplingParams  # noqa: E402
@@ -80,7 +80,7 @@ def main() -> int:
     with EmbeddedAgent(config, worker_id=0, metrics_port=-1) as agent:
         cached_runner = CompletionRunner(model, tokenizer, agent, kv_dtype=torch.float16, max_model_len=8192)
         fresh_runner = CompletionRunner(model, tokenizer, None, kv_dtype=torch.float16, max_model_len=8192)
-        channel = grpc.insecure_channel(f"localhost:{agent.grpc_port}")
+        channel = mesh_channel(f"localhost:{agent.grpc_port}", config.security)
         stub = agent_pb2_grpc.InstanceAgentStub(channel)
         fresh_runner.complete(fresh_runner.tokenize("warm up"), SamplingParams(max_tokens=2, temperature=0.0))
         for question in QUESTIONS[: args.questions]:

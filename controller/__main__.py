@@ -8,7 +8,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from kvmesh.core.auth import TokenFileError
+from kvmesh.core.requestid import configure_logging
+from kvmesh.core.security import SecuritySettings
 
 from .server import ControllerServer
 from .settings import ControllerSettings
@@ -50,20 +51,14 @@ def parse_args(argv: Sequence[str] | None = None) -> ControllerSettings:
                    help="seconds an HTTP request body may take to arrive; slower ones get 408 (default: %(default)s)")
     p.add_argument("--max-header-bytes", type=int, default=d.max_header_bytes,
                    help="refuse HTTP request headers over this many bytes (default: %(default)s)")
-    p.add_argument("--auth-token-file", default=d.auth_token_file,
-                   help="file holding the shared bearer token; every HTTP route but /healthz then needs "
-                        "'Authorization: Bearer <token>' (default: $KVMESH_AUTH_TOKEN_FILE, else no token)")
-    p.add_argument("--tls-cert", default=d.tls_cert,
-                   help="serve the HTTP gateway over HTTPS with this certificate (PEM)")
-    p.add_argument("--tls-key", default=d.tls_key, help="private key (PEM) of --tls-cert")
-    p.add_argument("--tls-ca", default=d.tls_ca,
-                   help="CA certificate (PEM): HTTPS clients must present a certificate it signed (mutual TLS)")
     p.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    SecuritySettings.add_arguments(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    values = {k: v for k, v in vars(args).items() if k != "log_level"}
+    configure_logging(args.log_level)
+    own = {"log_level", "auth_token_file", "tls_cert", "tls_key", "tls_ca", "insecure"}
+    values = {k: v for k, v in vars(args).items() if k not in own}
     try:
-        return ControllerSettings(**values)
+        return ControllerSettings(**values, security=SecuritySettings.from_args(args))
     except ValueError as err:
         p.error(str(err))
         raise  # unreachable: p.error exits

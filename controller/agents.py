@@ -6,6 +6,8 @@ import logging
 import grpc
 
 from kvmesh.api.agent.v1 import agent_pb2_grpc
+from kvmesh.core.channels import aio_channel
+from kvmesh.core.security import NO_SECURITY, SecuritySettings
 
 logger = logging.getLogger(__name__)
 
@@ -19,15 +21,16 @@ _CHANNEL_OPTIONS = [
 
 
 class AgentPool:
-    """InstanceAgent stubs by ``host:port``."""
+    """InstanceAgent stubs by ``host:port`` (TLS and the token as ``security`` says)."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: SecuritySettings = NO_SECURITY) -> None:
+        self.security = security
         self._channels: dict[str, tuple[grpc.aio.Channel, agent_pb2_grpc.InstanceAgentStub]] = {}
 
     def stub(self, target: str) -> agent_pb2_grpc.InstanceAgentStub:
         found = self._channels.get(target)
         if found is None:
-            channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+            channel = aio_channel(target, self.security, options=_CHANNEL_OPTIONS)
             found = (channel, agent_pb2_grpc.InstanceAgentStub(channel))
             self._channels[target] = found
         return found[1]

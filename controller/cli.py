@@ -22,6 +22,8 @@ from google.protobuf import message as pb_message
 from kvmesh.api.common.v1 import common_pb2
 from kvmesh.api.controller.v1 import controller_pb2 as pb
 from kvmesh.api.controller.v1 import controller_pb2_grpc
+from kvmesh.core.channels import channel as mesh_channel
+from kvmesh.core.security import SecuritySettings
 
 from .gateway import message_to_json
 
@@ -320,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--controller", default="localhost:9001", help="controller gRPC address (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds (default: %(default)s)")
+    SecuritySettings.add_arguments(p, server=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def tokens(sp: argparse.ArgumentParser) -> None:
@@ -388,7 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with grpc.insecure_channel(args.controller) as channel:
+    try:
+        security = SecuritySettings.from_args(args)
+    except ValueError as err:  # an unreadable token or TLS file
+        print(json.dumps({"error": {"code": "USAGE", "message": str(err)}}), file=sys.stderr)
+        return 2
+    with mesh_channel(args.controller, security) as channel:
         stub = controller_pb2_grpc.ControllerStub(channel)
         try:
             return _run(args, stub)

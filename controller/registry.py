@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvmesh.errors import InvalidArgument, NotFound
-from kvmesh.instance_agent.keys import chunk_spans
+from kvmesh.core.keys import chunk_spans
 
 logger = logging.getLogger(__name__)
 

@@ -9,11 +9,7 @@ import asyncio
 import contextlib
 import logging
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
-from kvmesh.core.auth import load_token
+from kvmesh.core.grpc_server import HealthService, MeshServer
 
 from .gateway import Gateway, GatewayLimits
 from .grpc_service import generic_handler
@@ -40,15 +36,15 @@ class ControllerServer:
         self.service = ControllerService(self.settings, self.metrics)
         self.rpcs = build(self.service.handlers(), self.metrics)
         s = self.settings
-        # TokenFileError (a ValueError) when the file is configured but unusable.
-        self.auth_token = load_token(s.auth_token_file)
+        sec = s.security
+        self.auth_token = sec.token
         limits = GatewayLimits(max_header_bytes=s.max_header_bytes, max_body_bytes=s.max_body_bytes,
                                max_total_body_bytes=s.max_total_body_bytes, max_tokens=s.max_tokens,
                                body_timeout=s.http_body_timeout)
         self.gateway = Gateway(self.rpcs, self.metrics, limits, token=self.auth_token)
-        self._grpc: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
-        tls = TlsFiles(s.tls_cert, s.tls_key, s.tls_ca) if s.tls_cert and s.tls_key else None
+        self._grpc: MeshServer | None = None
+        self._health = HealthService()
+        tls = TlsFiles(sec.tls_cert, sec.tls_key, sec.tls_ca) if sec.tls_cert and sec.tls_key else None
         self._http = UvicornServer(self.gateway.app, s.host, s.port, max_header_bytes=s.max_header_bytes, tls=tls,
                                    shutdown_grace=s.shutdown_grace, max_connections=s.http_max_connections)
         self._sweeper: asyncio.Task[None] | None = None
@@ -59,14 +55,10 @@ class ControllerServer:
         return self._http.port
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=_GRPC_OPTIONS)
-        server.add_generic_rpc_handlers((generic_handler(self.rpcs),))
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection((SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        self.grpc_port = server.add_insecure_port(f"{self.settings.host}:{self.settings.monitor_port}")
-        if self.grpc_port == 0:
-            raise OSError(f"cannot bind gRPC to {self.settings.host}:{self.settings.monitor_port}")
-        await server.start()
+        server = MeshServer(self.settings.security, options=_GRPC_OPTIONS, health_servicer=self._health)
+        server.add_generic_handler(SERVICE.full_name, generic_handler(self.rpcs))
+        self.grpc_port = server.bind(self.settings.host, self.settings.monitor_port, "the controller's gRPC")
+        await server.start(serving=False)
         self._grpc = server
         try:
             await self._http.start()
@@ -75,8 +67,7 @@ class ControllerServer:
             self._grpc = None
             raise
         self._sweeper = asyncio.create_task(self._sweep_loop())
-        for name in ("", SERVICE.full_name):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await server.set_serving()
         logger.info("controller serving HTTP%s on %s:%s and gRPC on %s:%s", "S" if self._http.tls else "",
                     self.settings.host, self.http_port,
                     self.settings.host, self.grpc_port)

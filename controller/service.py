@@ -18,7 +18,7 @@ from kvmesh.api.common.v1 import common_pb2
 from kvmesh.api.controller.v1 import controller_pb2 as pb
 from kvmesh.errors import (Conflict, InvalidArgument, KVMeshError, NotFound, ResourceExhausted, Unavailable,
                            from_grpc_error)
-from kvmesh.instance_agent.keys import validate_tokens
+from kvmesh.core.keys import validate_tokens
 
 from .agents import AgentPool
 from .events import EventTable, new_event_id
@@ -52,7 +52,7 @@ class ControllerService:
         self.metrics = metrics
         self.registry = Registry(worker_timeout=settings.worker_timeout, missed_heartbeats=settings.missed_heartbeats)
         self.events = EventTable(metrics, ttl_seconds=settings.event_ttl, max_events=settings.max_events)
-        self.agents = AgentPool()
+        self.agents = AgentPool(settings.security)
         # (instance, worker) -> event id -> the task driving that worker's part of the event.
         self._worker_tasks: dict[tuple[str, int], dict[str, asyncio.Task[None]]] = {}
         self._event_tasks: set[asyncio.Task[None]] = set()

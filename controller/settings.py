@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvmesh.core.security import NO_SECURITY, SecuritySettings
+
 
 @dataclass(frozen=True)
 class ControllerSettings:
@@ -34,14 +36,11 @@ class ControllerSettings:
     http_max_connections: int = 4096
     # Seconds a whole HTTP request body may take to arrive (408 after).
     http_body_timeout: float = 60.0
-    # The shared bearer token's file (None: $KVMESH_AUTH_TOKEN_FILE, else no token).
-    auth_token_file: str | None = None
-    # HTTPS for the gateway: certificate and key (PEM); with a CA, clients must present a certificate.
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
     # Grace period for in-flight RPCs at shutdown.
     shutdown_grace: float = 5.0
+    # The shared bearer token and TLS files of both planes, gRPC and HTTP(S) (kvmesh.core.security); the
+    # default has no token, which allows loopback only. kvmesh-controller loads it from its flags and the environment.
+    security: SecuritySettings = NO_SECURITY
 
     def __post_init__(self) -> None:
         for name in ("health_check_interval", "worker_timeout", "event_ttl", "agent_timeout", "event_timeout",
@@ -52,10 +51,6 @@ class ControllerSettings:
                      "max_total_body_bytes", "http_max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("tls_cert and tls_key go together: give both (PEM files) or neither")
-        if self.tls_ca and not self.tls_cert:
-            raise ValueError("tls_ca (client certificates) needs tls_cert and tls_key too")
         for name in ("port", "monitor_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")

@@ -79,8 +79,24 @@ def is_loopback(host: str) -> bool:
     return h in LOOPBACK_HOSTS or h.startswith("127.")
 
 
-def check_bind_allowed(host: str, token: str | None, *, insecure: bool = False, what: str = "this server") -> None:
-    """Refuse to listen beyond loopback without a token (unless ``insecure`` is set explicitly)."""
+class BindRefused(PermissionError):
+    """Listening beyond loopback without a token was asked for: an ``OSError``, so every process's
+    ``main`` reports it as a failed start (exit 1) with the message saying how to make a token."""
+
+
+def bind_refusal(host: str, token: str | None, *, insecure: bool = False, what: str = "this server") -> str | None:
+    """Why ``host`` may not be bound (no token, not loopback, no explicit ``insecure``), or None."""
     if token is None and not insecure and not is_loopback(host):
-        raise SystemExit(f"refusing to serve {what} on {host!r} without an auth token: with no token only "
-                         f"loopback is allowed. {HOW_TO_MAKE_ONE}; or pass --insecure to accept the risk.")
+        return (f"refusing to serve {what} on {host!r} without an auth token: with no token only "
+                f"loopback is allowed. {HOW_TO_MAKE_ONE}; or pass --insecure to accept the risk.")
+    return None
+
+
+def check_bind_allowed(host: str, token: str | None, *, insecure: bool = False, what: str = "this server") -> None:
+    """Refuse to listen beyond loopback without a token (unless ``insecure`` is set explicitly).
+
+    Raises ``BindRefused`` (a ``PermissionError``) carrying the how-to message.
+    """
+    why = bind_refusal(host, token, insecure=insecure, what=what)
+    if why is not None:
+        raise BindRefused(why)

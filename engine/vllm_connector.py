@@ -256,10 +256,12 @@ class KVMeshConnector(KVConnectorBase_V1):
         import grpc
 
         from kvmesh.api.agent.v1 import agent_pb2, agent_pb2_grpc
+        from kvmesh.core.channels import channel
 
         if self._lookup_stub is None:
             target = f"{self._config.host}:{self._config.worker_port(0)}"
-            self._lookup_stub = agent_pb2_grpc.InstanceAgentStub(grpc.insecure_channel(target))
+            # The token and TLS files of the config's extra_config (or KVMESH_AUTH_TOKEN_FILE, KVMESH_TLS_*).
+            self._lookup_stub = agent_pb2_grpc.InstanceAgentStub(channel(target, self._config.security))
         try:
             resp = self._lookup_stub.Lookup(agent_pb2.LookupRequest(tokens=tokens, location=self._location or ""),
                                             timeout=10)

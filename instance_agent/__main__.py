@@ -8,9 +8,11 @@ import os
 import signal
 import sys
 
+from kvmesh.core.requestid import configure_logging
+from kvmesh.core.security import SecuritySettings
 from kvmesh.errors import KVMeshError
 
-from .config import AgentConfig, load_config
+from .config import AgentConfig, load_config, with_security_flags
 
 logger = logging.getLogger("kvmesh.instance_agent")
 
@@ -23,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="port of /metrics (default 9101 + worker id; 0 a free port; negative disables)")
     p.add_argument("--host", default=None, help="address to bind and register (default: p2p_host or localhost)")
     p.add_argument("--log-level", default=os.environ.get("KVMESH_LOG_LEVEL", "INFO"))
+    SecuritySettings.add_arguments(p)
     return p
 
 
@@ -45,10 +48,9 @@ async def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, stream=sys.stderr)
     try:
-        config = load_config(args.config)
+        config = with_security_flags(load_config(args.config), args)
         return asyncio.run(_serve(args, config))
     except KVMeshError as err:
         logger.error("cannot start: %s", err.message)

@@ -7,6 +7,7 @@ rather than dropped silently; a value of the wrong type is a ``ConfigError`` nam
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import uuid
@@ -18,6 +19,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from kvmesh.core.security import SecuritySettings
 from kvmesh.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -63,11 +65,15 @@ class AgentConfig:
     # Keys of the file that kvmesh does not know (warned about at load).
     unknown_keys: list[str] = field(default_factory=list)
     source: str | None = None
+    # The token and TLS files (extra_config auth_token_file, tls_cert_file, tls_key_file, tls_ca_file,
+    # insecure; else KVMESH_AUTH_TOKEN_FILE and KVMESH_TLS_*): loaded once, when the config is made.
+    security: SecuritySettings = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.lmcache_instance_id:
             self.lmcache_instance_id = f"lmcache_instance_{uuid.uuid4().hex[:12]}"
         _validate(self)
+        self.security = _security(self.extra_config)
 
     @property
     def max_local_cpu_bytes(self) -> int:
@@ -274,6 +280,29 @@ def _validate(cfg: AgentConfig) -> None:
                           "'enable_controller' is true")
     if cfg.max_tokens <= 0:
         raise ConfigError(f"config key 'extra_config.max_tokens' must be positive, got {cfg.max_tokens}")
+
+
+def _security(extra_config: Mapping[str, Any]) -> SecuritySettings:
+    """The security settings of ``extra_config`` and the environment; a bad file is a ConfigError."""
+    try:
+        return SecuritySettings.from_mapping(extra_config)
+    except ValueError as err:
+        raise ConfigError(f"security settings (extra_config auth_token_file/tls_*_file or KVMESH_* "
+                          f"variables): {err}") from None
+
+
+# Command-line flags (SecuritySettings.add_arguments) -> the extra_config keys they override.
+SECURITY_FLAGS = {"auth_token_file": "auth_token_file", "tls_cert": "tls_cert_file", "tls_key": "tls_key_file",
+                  "tls_ca": "tls_ca_file", "insecure": "insecure"}
+
+
+def with_security_flags(config: AgentConfig, args: Any) -> AgentConfig:
+    """``config`` with the security flags given on a command line (kvmesh-agent, kvmesh-serve) put over
+    its extra_config keys; the flags not given leave the yaml's (or the environment's) values."""
+    given = {key: getattr(args, flag) for flag, key in SECURITY_FLAGS.items() if getattr(args, flag, None)}
+    if not given:
+        return config
+    return dataclasses.replace(config, extra_config={**config.extra_config, **given})
 
 
 def config_from_dict(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from kvmesh.api.controller.v1 import controller_pb2, controller_pb2_grpc
+from kvmesh.core.channels import aio_channel
 
 from .storage import ADMIT
 
@@ -45,7 +46,7 @@ class ControllerLink:
         self.registrations = 0
         self._pending: list[controller_pb2.KVEvent] = []
         self._wake = asyncio.Event()
-        self._channel = grpc.aio.insecure_channel(self.target, options=GRPC_OPTIONS)
+        self._channel = aio_channel(self.target, agent.config.security, options=GRPC_OPTIONS)
         self._stub = controller_pb2_grpc.ControllerStub(self._channel)
         self._task: asyncio.Task[None] | None = None
 

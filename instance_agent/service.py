@@ -13,10 +13,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from kvmesh.api.agent.v1 import agent_pb2, agent_pb2_grpc
+from kvmesh.core.grpc_server import MeshServer
 from kvmesh.errors import InvalidArgument, KVMeshError
 
 from .tensors import from_proto, to_proto
@@ -139,37 +138,24 @@ class InstanceAgentServicer(agent_pb2_grpc.InstanceAgentServicer):
         return self.agent.stats()
 
 
-def _bind(server: grpc.aio.Server, host: str, port: int, what: str) -> int:
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError as err:  # grpc raises on a failed bind in recent versions, returns 0 in older
-        raise OSError(f"cannot bind the agent's {what} port {host}:{port}: {err}") from err
-    if bound == 0:
-        raise OSError(f"cannot bind the agent's {what} port {host}:{port} (in use?)")
-    return bound
+async def build_server(agent: InstanceAgent) -> tuple[MeshServer, int, int | None]:
+    """A started server for ``agent``: (server, gRPC port, peer port or None).
 
-
-async def build_server(agent: InstanceAgent) -> tuple[grpc.aio.Server, int, int | None]:
-    """A started server for ``agent``: (server, gRPC port, peer port or None)."""
+    The mesh bootstrap (kvmesh.core.grpc_server) adds health, reflection, the token check and TLS
+    from ``agent.config.security``; a bind beyond loopback with no token is refused.
+    """
     from .agent import GRPC_OPTIONS
 
     # No SO_REUSEPORT: a second agent on a taken port must fail, not share its traffic.
-    server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
-    agent_pb2_grpc.add_InstanceAgentServicer_to_server(InstanceAgentServicer(agent), server)
-    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    server = MeshServer(agent.config.security, options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
+    server.add_service(SERVICE_NAME, lambda s: agent_pb2_grpc.add_InstanceAgentServicer_to_server(
+        InstanceAgentServicer(agent), s))
     host = agent.host
-    port = _bind(server, host, agent.grpc_port_wanted, "gRPC")
+    port = server.bind(host, agent.grpc_port_wanted, "the agent's gRPC port")
     p2p_port = None
     wanted_p2p = agent.config.p2p_port(agent.worker_id) if agent.config.enable_p2p else None
     if wanted_p2p is not None:
         # Peers reach the same service on the p2p port: ReceiveChunks is how chunks travel.
-        p2p_port = _bind(server, host, wanted_p2p, "peer")
+        p2p_port = server.bind(host, wanted_p2p, "the agent's peer port")
     await server.start()
-    for name in ("", SERVICE_NAME):
-        status = health_pb2.HealthCheckResponse.SERVING
-        result = health_servicer.set(name, status)
-        if inspect.isawaitable(result):
-            await result
     return server, port, p2p_port

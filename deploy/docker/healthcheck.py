@@ -5,6 +5,10 @@ Targets come from ``KVMESH_HEALTHCHECK`` (comma-separated ``grpc://host:port`` f
 health service, ``http://host:port/path`` for a 2xx answer), or else from the role the entrypoint
 noted (``$TMPDIR/kvmesh-role``) with that process's default ports. Docker runs it inside the
 container; Kubernetes uses its own probes instead (see deploy/kubernetes).
+
+The gRPC health service needs no token, but a server with TLS needs TLS: the channel comes from
+kvmesh's one factory with the process's own settings (``KVMESH_TLS_CERT_FILE``, ``KVMESH_TLS_KEY_FILE``,
+``KVMESH_TLS_CA_FILE``; the client certificate is shown when the server asks for one).
 """
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from kvmesh.core.channels import channel
+from kvmesh.core.security import SecuritySettings
 
 DEFAULT_TARGETS = {
     "controller": "grpc://127.0.0.1:9001",
@@ -42,8 +49,12 @@ def check(target: str) -> str | None:
     if target.startswith("grpc://"):
         address = target[len("grpc://"):]
         try:
-            with grpc.insecure_channel(address) as channel:
-                resp = health_pb2_grpc.HealthStub(channel).Check(
+            security = SecuritySettings.load()
+        except ValueError as err:  # an unreadable token or TLS file named by the environment
+            return f"{target}: {err}"
+        try:
+            with channel(address, security) as ch:
+                resp = health_pb2_grpc.HealthStub(ch).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT_S)
         except grpc.RpcError as err:
             return f"{target}: {err.code().name}"

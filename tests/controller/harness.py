@@ -19,6 +19,7 @@ from kvmesh.api.controller.v1 import controller_pb2 as pb
 from kvmesh.api.controller.v1 import controller_pb2_grpc
 from kvmesh.controller.server import ControllerServer
 from kvmesh.controller.settings import ControllerSettings
+from kvmesh.core.channels import channel
 
 
 @dataclass
@@ -49,7 +50,8 @@ class ControllerThread:
     def start(self) -> None:
         self._thread.start()
         self.server = self.call(self._make())
-        self._channel = grpc.insecure_channel(self.grpc_target)
+        # The stub carries the controller's token (and TLS) when it has them.
+        self._channel = channel(self.grpc_target, self.settings.security)
 
     async def _make(self) -> ControllerServer:
         server = ControllerServer(self.settings)

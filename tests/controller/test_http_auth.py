@@ -20,6 +20,7 @@ import pytest
 from kvmesh.controller.__main__ import main as controller_main
 from kvmesh.controller.settings import ControllerSettings
 from kvmesh.core.auth import TokenFileError
+from kvmesh.core.security import SecuritySettings
 
 from .harness import ControllerThread
 
@@ -32,7 +33,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerThre
     token_file = tmp_path_factory.mktemp("auth") / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
-    with ControllerThread(auth_token_file=str(token_file)) as c:
+    with ControllerThread(security=SecuritySettings.load(token_file=token_file)) as c:
         yield c
 
 
@@ -95,17 +96,18 @@ def test_an_unusable_token_file_is_a_clear_error(tmp_path: Path) -> None:
     short = tmp_path / "short"
     short.write_text("abc")
     with pytest.raises(TokenFileError, match="too short"):
-        ControllerThread(auth_token_file=str(short)).start()
-    code = controller_main(["--host", "127.0.0.1", "--port", "0", "--monitor-port", "0",
-                            "--auth-token-file", str(tmp_path / "missing")])
-    assert code == 1
+        SecuritySettings.load(token_file=short)
+    with pytest.raises(SystemExit) as stopped:  # a usage error: argparse's exit status 2, with the message
+        controller_main(["--host", "127.0.0.1", "--port", "0", "--monitor-port", "0",
+                         "--auth-token-file", str(tmp_path / "missing")])
+    assert stopped.value.code == 2
 
 
-def test_tls_settings_go_together() -> None:
-    with pytest.raises(ValueError, match="tls_cert and tls_key"):
-        ControllerSettings(tls_cert="a.pem")
-    with pytest.raises(ValueError, match="tls_ca"):
-        ControllerSettings(tls_ca="ca.pem")
+def test_tls_settings_go_together(pki: Path) -> None:
+    with pytest.raises(ValueError, match="key"):
+        SecuritySettings.load(tls_cert=str(pki / "server.pem"))
+    with pytest.raises(ValueError):
+        SecuritySettings.load(tls_ca=str(pki / "ca.pem"), tls_key=str(pki / "server.key"))
 
 
 # -- HTTPS -------------------------------------------------------------------------------------
@@ -155,8 +157,8 @@ def client_context(pki: Path, cert: str | None = None) -> ssl.SSLContext:
 def test_https_serves_with_a_token(pki: Path, tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    with ControllerThread(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
-                          auth_token_file=str(token_file)) as c:
+    with ControllerThread(security=SecuritySettings.load(
+            tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"), token_file=token_file)) as c:
         ctx = client_context(pki)
         assert https_get(c.http_port, "/healthz", ctx) == (200, b'{"status":"ok"}')
         assert https_get(c.http_port, "/events", ctx)[0] == 401
@@ -176,8 +178,8 @@ def test_https_serves_with_a_token(pki: Path, tmp_path: Path) -> None:
 
 
 def test_mutual_tls_needs_a_client_certificate_from_the_ca(pki: Path) -> None:
-    with ControllerThread(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
-                          tls_ca=str(pki / "ca.pem")) as c:
+    with ControllerThread(security=SecuritySettings.load(
+            tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"), tls_ca=str(pki / "ca.pem"))) as c:
         assert https_get(c.http_port, "/healthz", client_context(pki, "client"))[0] == 200
         for cert in (None, "stranger"):
             with pytest.raises((ssl.SSLError, ConnectionError)):

@@ -62,5 +62,5 @@ def test_a_bad_token_file_stops_the_start_with_a_message(tmp_path: Path) -> None
     proc = subprocess.run([console_script("kvmesh-controller"), "--host", "127.0.0.1", "--port", "0",
                            "--monitor-port", "0", "--auth-token-file", str(empty)],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a usage error, told before anything starts
     assert "auth token" in proc.stderr and "empty" in proc.stderr and "secrets.token_urlsafe" in proc.stderr

@@ -24,6 +24,7 @@ from schemathesis.checks import (content_type_conformance, negative_data_rejecti
                                  response_headers_conformance, response_schema_conformance, status_code_conformance)
 
 from kvmesh.controller.openapi import openapi_document
+from kvmesh.core.security import SecuritySettings
 
 from .harness import ControllerThread
 
@@ -38,7 +39,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControllerThread]:
     token_file = tmp_path_factory.mktemp("fuzz") / "token"
     token_file.write_text(TOKEN)
-    with ControllerThread(auth_token_file=str(token_file), max_tokens=4096) as c:
+    with ControllerThread(security=SecuritySettings.load(token_file=token_file), max_tokens=4096) as c:
         yield c
 
 
