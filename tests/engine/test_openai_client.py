@@ -10,7 +10,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -184,7 +183,7 @@ def test_oversized_body_is_413(engine: str) -> None:
     assert status == 200
 
 
-def test_stream_of_completions_with_logprobs(engine: str, tmp_path: Path) -> None:
+def test_stream_of_completions_with_logprobs(engine: str) -> None:
     body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 1}
     _, whole, _ = post(f"{engine}/v1/completions", body)
     req = urllib.request.Request(f"{engine}/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
@@ -207,3 +206,43 @@ def test_oversized_body_without_a_length_is_413(engine: str) -> None:
     with httpx.Client(trust_env=False, timeout=60) as http:
         resp = http.post(f"{engine}/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
     assert resp.status_code == 413 and str(MAX_BODY) in resp.json()["error"]["message"]
+
+
+# Odd values for request fields: wrong types, out of range, huge, nested. The output budget is drawn
+# from values that are invalid or tiny, so a body that happens to be valid still answers fast.
+ODD = [None, True, -1, 0, 1, 2**70, 1.5, float("nan"), "", "x", "10", [], [1, "a"], [[[[[]]]]], {}, {"a": {"b": 1}},
+       [-5], [10**9], [{"role": "user"}], [{"role": "user", "content": [{"type": "text"}]}]]
+BUDGET = [0, -1, "3", 1.5, True, 1, 2, 10**12, [1]]
+FIELDS = ["prompt", "messages", "tokens", "model", "n", "temperature", "top_p", "top_k", "seed", "stop", "stream",
+          "stream_options", "logprobs", "top_logprobs", "echo", "best_of", "ignore_eos", "tools",
+          "response_format", "presence_penalty", "logit_bias", "add_generation_prompt", "return_token_strs"]
+VALID = {"/v1/completions": {"prompt": "Hi", "max_tokens": 1},
+         "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+         "/tokenize": {"prompt": "Hi"}, "/detokenize": {"tokens": [1]}}
+
+
+def test_no_body_is_answered_with_a_server_error(engine: str) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    def field(name: str) -> st.SearchStrategy[Any]:
+        return st.sampled_from(BUDGET if name.startswith("max_") else ODD)
+
+    changes = st.lists(st.sampled_from([*FIELDS, "max_tokens", "max_completion_tokens"]), max_size=2, unique=True
+                       ).flatmap(lambda names: st.fixed_dictionaries({n: field(n) for n in names}))
+    seen: set[int] = set()
+
+    @settings(max_examples=80, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(route=st.sampled_from(sorted(VALID)), changes=changes)
+    def check(route: str, changes: dict[str, Any]) -> None:
+        body = {**VALID[route], **changes}
+        with httpx.Client(trust_env=False, timeout=120) as http:
+            resp = http.post(engine + route, content=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert resp.status_code < 500, (route, body, resp.text)
+        if resp.status_code != 200:
+            assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+        seen.add(resp.status_code)
+
+    check()
+    assert {200, 400} <= seen
