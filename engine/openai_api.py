@@ -356,12 +356,12 @@ class EngineAPI:
             return json_model(DetokenizeResponse(prompt=text))
 
         @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERROR_RESPONSES)
-        async def completions(req: CompletionRequest) -> Response:
-            return await self.completions(req)
+        async def completions(req: CompletionRequest, request: Request) -> Response:
+            return await self.completions(req, request.receive)
 
         @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERROR_RESPONSES)
-        async def chat_completions(req: ChatCompletionRequest) -> Response:
-            return await self.chat(req)
+        async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+            return await self.chat(req, request.receive)
 
         paths = frozenset(getattr(r, "path", "") for r in app.routes)
         app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
@@ -442,7 +442,7 @@ class EngineAPI:
 
     # --- /v1/completions ---
 
-    async def completions(self, req: CompletionRequest) -> Response:
+    async def completions(self, req: CompletionRequest, receive: Receive | None = None) -> Response:
         started = time.perf_counter()
         self._check_model(req.model)
         if isinstance(req.prompt, str):
@@ -476,7 +476,7 @@ class EngineAPI:
 
             return self._stream(prompt, params, started, events)
 
-        result = await self._generate(prompt, params, started)
+        result = await self._generate(prompt, params, started, receive)
         return Response(CompletionResponse(
             id=request_id, created=created, model=self.model_name, usage=self._usage(result),
             choices=[CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
@@ -485,7 +485,7 @@ class EngineAPI:
 
     # --- /v1/chat/completions ---
 
-    async def chat(self, req: ChatCompletionRequest) -> Response:
+    async def chat(self, req: ChatCompletionRequest, receive: Receive | None = None) -> Response:
         started = time.perf_counter()
         self._check_model(req.model)
         with self._text_admission.slot():
@@ -522,7 +522,7 @@ class EngineAPI:
 
             return self._stream(prompt, params, started, events)
 
-        result = await self._generate(prompt, params, started)
+        result = await self._generate(prompt, params, started, receive)
         return Response(ChatCompletionResponse(
             id=request_id, created=created, model=self.model_name, usage=self._usage(result),
             choices=[ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
@@ -531,9 +531,23 @@ class EngineAPI:
 
     # --- running the model ---
 
-    async def _generate(self, prompt: list[int], params: SamplingParams, started: float) -> Completion:
+    async def _generate(self, prompt: list[int], params: SamplingParams, started: float,
+                        receive: Receive | None) -> Completion:
+        """The whole completion; a client that disconnects meanwhile stops it (its slot frees at once)."""
+        cancelled = threading.Event()
         with self._model_admission.slot():
-            result = await self._on(self._model_worker, self.runner.complete, prompt, params)
+            job = asyncio.ensure_future(self._on(self._model_worker, self.runner.complete, prompt, params, None,
+                                                 cancelled))
+            watcher = asyncio.ensure_future(_disconnected(receive)) if receive is not None else None
+            try:
+                await asyncio.wait({job} | ({watcher} if watcher else set()), return_when=asyncio.FIRST_COMPLETED)
+                if not job.done():
+                    cancelled.set()  # nobody is waiting for this answer any more
+                result = await job
+            finally:
+                cancelled.set()
+                if watcher is not None:
+                    watcher.cancel()
         self._account(result, started)
         return result
 
@@ -606,6 +620,12 @@ class EngineAPI:
             if not job.done():
                 cancelled.set()
                 job.add_done_callback(_log_failure)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (the request body is already read: only the end can come)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _log_failure(job: asyncio.Future[Any]) -> None:

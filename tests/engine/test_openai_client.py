@@ -155,7 +155,7 @@ def test_errors_are_the_clients_exceptions(client: openai.OpenAI) -> None:
 
 
 def test_a_full_queue_answers_429_at_once_and_frees_when_the_stream_ends(engine: str) -> None:
-    body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 4000, "ignore_eos": True,
+    body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 8000, "ignore_eos": True,
             "temperature": 0, "stream": True}
     req = urllib.request.Request(f"{engine}/v1/completions", data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})
@@ -167,13 +167,28 @@ def test_a_full_queue_answers_429_at_once_and_frees_when_the_stream_ends(engine:
         assert answer["error"]["type"] == "TooManyRequestsError" and "busy" in answer["error"]["message"]
         assert headers["Retry-After"] == "1"
     # The client left: the server stops that generation and frees the slot.
-    deadline = time.monotonic() + 60
+    wait_served(engine)
+
+
+def wait_served(engine: str, within: float = 60.0) -> None:
+    """A 1-token completion answers 200 within ``within`` s (429s while the one slot is still taken)."""
+    deadline = time.monotonic() + within
     while True:
         status, answer, _ = post(f"{engine}/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
         if status == 200 or time.monotonic() > deadline:
             break
+        assert status == 429, answer
         time.sleep(0.1)
     assert status == 200, answer
+
+
+def test_a_client_that_leaves_stops_its_generation(engine: str) -> None:
+    # 8000 tokens take minutes here; abandoned after a second, the slot frees at the next token.
+    body = {"model": MODEL, "prompt": "Count: one, two,", "max_tokens": 8000, "ignore_eos": True, "temperature": 0}
+    with httpx.Client(trust_env=False, timeout=httpx.Timeout(60, read=1.0)) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(f"{engine}/v1/completions", json=body)
+    wait_served(engine)
 
 
 def test_oversized_body_is_413(engine: str) -> None:
