@@ -76,6 +76,7 @@ T = TypeVar("T")
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # an 8k-token prompt is < 100 kB as text or as token ids
 DEFAULT_MAX_PENDING = 32  # requests waiting for (or on) each worker before 429
+BIG_ANSWER_TOKENS = 4096  # output tokens beyond which an answer is serialised off the loop
 STREAM_QUEUE = 64  # pieces of streamed text between the model thread and the HTTP response
 OPEN_PATHS = frozenset({"/health"})  # liveness stays open when a token is configured
 
@@ -477,11 +478,11 @@ class EngineAPI:
             return self._stream(prompt, params, started, events)
 
         result = await self._generate(prompt, params, started, receive)
-        return Response(CompletionResponse(
+        return await self._answer(result, lambda: CompletionResponse(
             id=request_id, created=created, model=self.model_name, usage=self._usage(result),
             choices=[CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
                                       logprobs=_completion_logprobs(c.logprobs) if c.logprobs is not None else None)
-                     for c in result.choices]).model_dump_json(), media_type="application/json")
+                     for c in result.choices]))
 
     # --- /v1/chat/completions ---
 
@@ -523,11 +524,22 @@ class EngineAPI:
             return self._stream(prompt, params, started, events)
 
         result = await self._generate(prompt, params, started, receive)
-        return Response(ChatCompletionResponse(
+        return await self._answer(result, lambda: ChatCompletionResponse(
             id=request_id, created=created, model=self.model_name, usage=self._usage(result),
             choices=[ChatChoice(index=c.index, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
                                 logprobs=_chat_logprobs(c.logprobs) if c.logprobs is not None else None)
-                     for c in result.choices]).model_dump_json(), media_type="application/json")
+                     for c in result.choices]))
+
+    @staticmethod
+    async def _answer(result: Completion, build: Callable[[], BaseModel]) -> Response:
+        """The JSON answer; one that may be big (logprobs: 16 choices of thousands of tokens with 20
+        alternatives each is megabytes) is built off the event loop."""
+        def render() -> bytes:
+            return build().model_dump_json().encode()
+
+        big = result.completion_tokens > BIG_ANSWER_TOKENS or any(c.logprobs for c in result.choices)
+        body = await asyncio.to_thread(render) if big else render()
+        return Response(body, media_type="application/json")
 
     # --- running the model ---
 

@@ -261,3 +261,4 @@ def test_no_body_is_answered_with_a_server_error(engine: str) -> None:
 
     check()
     assert {200, 400} <= seen
+
