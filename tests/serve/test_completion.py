@@ -87,3 +87,27 @@ def test_eos_and_length_limits(smollm2: tuple[Any, Any]) -> None:
     capped = CompletionRunner(model, tokenizer, None, kv_dtype=torch.float16, max_model_len=len(prompt) + 3)
     out = capped.complete(prompt, SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
     assert len(out.output_tokens) == 3 and out.finish_reason == "length"
+
+
+def test_n_choices_share_one_prefill_and_carry_logprobs(smollm2: tuple[Any, Any], agent: EmbeddedAgent) -> None:
+    model, tokenizer = smollm2
+    runner = CompletionRunner(model, tokenizer, agent, kv_dtype=torch.float32, max_model_len=8192)
+    prompt = runner.tokenize("The three primary colours are red, yellow and")
+    single = runner.complete(prompt, GREEDY)
+    # Greedy choices are all the same: each decodes from its own copy of the prompt's cache.
+    three = runner.complete(prompt, SamplingParams(max_tokens=8, temperature=0.0, n=3, logprobs=2))
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert all(c.output_tokens == single.output_tokens for c in three.choices)
+    assert three.completion_tokens == 3 * len(single.output_tokens)
+    for choice in three.choices:
+        entries = choice.logprobs
+        assert [e.token_id for e in entries] == choice.output_tokens
+        assert all(len(e.top) == 2 and e.top[0][0] == e.token_id and e.top[0][2] == e.logprob <= 0 for e in entries)
+        assert [e.text_offset for e in entries] == sorted(e.text_offset for e in entries)
+        assert "".join(e.token for e in entries).startswith(choice.text[: entries[-1].text_offset])
+    # Seeded sampling: the choices differ from one another, and the same seed repeats them all.
+    seeded = SamplingParams(max_tokens=8, temperature=1.5, n=3, seed=11)
+    first, again = runner.complete(prompt, seeded), runner.complete(prompt, seeded)
+    assert [c.output_tokens for c in first.choices] == [c.output_tokens for c in again.choices]
+    assert len({tuple(c.output_tokens) for c in first.choices}) > 1
+    assert single.choices[0].logprobs is None

@@ -48,3 +48,15 @@ def test_stop_strings() -> None:
     assert held_back("the end of th", ("the end.", "three")) == 2
     assert held_back("the end", ("the end.",)) == 7
     assert held_back("abc", ("xyz",)) == 0
+
+
+def test_token_logprobs_are_the_raw_log_softmax() -> None:
+    from kvmesh.engine.sampling import token_logprobs
+
+    logp = torch.log_softmax(LOGITS, dim=-1)
+    chosen, top = token_logprobs(LOGITS, 4, 3)
+    assert abs(chosen - float(logp[4])) < 1e-6
+    assert [t for t, _ in top] == [1, 2, 4] and all(abs(v - float(logp[t])) < 1e-6 for t, v in top)
+    assert token_logprobs(LOGITS, 1, 0) == (float(logp[1]), [])
+    # A token of zero probability still gives a number JSON can carry.
+    assert token_logprobs(torch.tensor([0.0, float("-inf")]), 1, 1)[0] == -9999.0
