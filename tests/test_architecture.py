@@ -68,11 +68,7 @@ def _verdict(report: str, name: str) -> str:
 
 
 CONTRACTS = _contracts()
-XFAIL = {"engine-not-controller": pytest.mark.xfail(
-    strict=True, reason="engine imports controller.httpd until the FastAPI engine lands")}
-
-
-@pytest.mark.parametrize("contract", [pytest.param(c, marks=XFAIL.get(c, ())) for c in CONTRACTS])
+@pytest.mark.parametrize("contract", list(CONTRACTS))
 def test_import_contract_is_kept(lint_report: str, contract: str) -> None:
     name = CONTRACTS[contract]
     assert _verdict(lint_report, name) == "KEPT", f"{name}: BROKEN\n{lint_report}"
