@@ -23,7 +23,8 @@ from .conftest import CPU, DISK, make_config, make_kv, stub_for
 
 async def start_controller(port: int = 0) -> ControllerServer:
     server = ControllerServer(ControllerSettings(host="127.0.0.1", port=0, monitor_port=port,
-                                                 health_check_interval=0.1, shutdown_grace=0.5))
+                                                 health_check_interval=0.1, shutdown_grace=0.5,
+                                                 event_db=":memory:", min_chunk_size=4))
     await server.start()
     return server
 
@@ -131,7 +132,8 @@ async def test_heartbeat_answered_unregistered_triggers_reregistration(agents, c
         await eventually(lookup(ctl_stub, tokens), lambda r: r == {("test_instance", CPU): 8})
         before = agent._link.registrations
         # The controller forgets the worker (as after a restart that kept its port open).
-        await ctl_stub.DeregisterWorker(cpb.DeregisterWorkerRequest(instance_id="test_instance", worker_id=0))
+        await ctl_stub.DeregisterWorker(cpb.DeregisterWorkerRequest(instance_id="test_instance", worker_id=0,
+                                                                    secret=agent._link.secret))
         await eventually(lambda: _more_registrations(agent, before))
         await eventually(lookup(ctl_stub, tokens), lambda r: r == {("test_instance", CPU): 8})
 
