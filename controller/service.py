@@ -625,7 +625,7 @@ class ControllerService:
             store = await asyncio.to_thread(EventStore, path)
             self.event_store = store
             self.events.attach_store(store)
-        except sqlite3.Error as err:
+        except (sqlite3.Error, OSError) as err:
             raise OSError(f"cannot open the event database {str(path)!r}: {err} (choose another with --event-db, "
                           "or --event-db :memory: to keep events in memory only)") from None
 
