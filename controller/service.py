@@ -83,10 +83,18 @@ class ControllerService:
     def _tokens(self, tokens: Sequence[int]) -> list[int]:
         if len(tokens) > self.settings.max_tokens:
             raise ResourceExhausted(f"{len(tokens)} tokens is over the limit of {self.settings.max_tokens} (--max-tokens)")
-        try:
-            return validate_tokens(list(tokens))
-        except ValueError as err:
-            raise InvalidArgument(str(err)) from None
+        if isinstance(tokens, (list, tuple)):
+            try:
+                return validate_tokens(list(tokens))
+            except ValueError as err:
+                raise InvalidArgument(str(err)) from None
+        # A message's repeated int64 field: integers below 2^63 already, only the sign to check
+        # (in C: min() over a list, not a Python loop per token, which cost 1 ms per 1,000 tokens).
+        out = list(tokens)
+        if out and min(out) < 0:
+            i = next(i for i, t in enumerate(out) if t < 0)
+            raise InvalidArgument(f"tokens[{i}] is {out[i]}: tokens must be in [0, 2^63)")
+        return out
 
     def _live_workers(self, instance_id: str) -> list[Worker]:
         if not instance_id:
@@ -297,9 +305,8 @@ class ControllerService:
                 self.events.worker_finished(event_id, w.worker_id, error=error)
                 return 0, error
             finally:
-                cancel = getattr(stream, "cancel", None)
-                if cancel is not None:
-                    cancel()  # a stream left early (a refused report) stops on the agent too
+                if final is None and hasattr(stream, "cancel"):
+                    stream.cancel()  # a stream left early (a refused report) stops on the agent too
             if final is None:
                 error = f"agent stream from {where} ended without its final message"
                 self.events.worker_finished(event_id, w.worker_id, error=error)
