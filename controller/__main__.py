@@ -50,6 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ControllerSettings:
                    help="refuse agents registering a smaller chunk_size (default: %(default)s)")
     p.add_argument("--max-chunk-size", type=int, default=d.max_chunk_size,
                    help="refuse agents registering a larger chunk_size (default: %(default)s)")
+    p.add_argument("--max-workers", type=int, default=d.max_workers,
+                   help="most workers registered at once (default: %(default)s)")
     p.add_argument("--chunk-timeout", type=float, default=d.chunk_timeout,
                    help="seconds a streamed agent operation may take per chunk, on top of --agent-timeout "
                         "(default: %(default)s)")

@@ -188,9 +188,9 @@ class EventTable:
     def _check_room(self, extra: int = 0) -> None:
         if len(self._in_flight) + self._reserved + extra >= self._max_in_flight:
             self._metrics.admission_refused_total.labels(reason="events_in_flight").inc()
-            raise TooBusy(f"{len(self._in_flight)} events are in flight, the most this controller runs at once "
-                          f"(--max-in-flight {self._max_in_flight}); retry after the Retry-After delay",
-                          retry_after=1.0)
+            raise TooBusy(f"{len(self._in_flight) + self._reserved} events are in flight or being admitted, the most "
+                          f"this controller runs at once (--max-in-flight {self._max_in_flight}); retry after the "
+                          "Retry-After delay", retry_after=1.0)
 
     def reserve(self) -> None:
         """Hold a place for an event about to be created (``create(reserved=True)`` takes it, ``release`` frees it).

@@ -33,6 +33,9 @@ DOWN = "down"
 ADMIT = 1
 EVICT = 2
 _HEX = frozenset("0123456789abcdef")
+# Bounds of what one registration may declare.
+MAX_NAME_CHARS = 256
+MAX_CHOICES = 64
 
 
 class SpanKeys:
@@ -134,7 +137,7 @@ class Registry:
 
     def __init__(self, worker_timeout: float = 300.0, missed_heartbeats: int = 3, *, min_chunk_size: int = 1,
                  max_chunk_size: int = 1 << 16, max_events_per_report: int = 50_000,
-                 max_index_entries: int = 1 << 20, max_token_end: int = 1 << 30) -> None:
+                 max_index_entries: int = 1 << 20, max_token_end: int = 1 << 30, max_workers: int = 4096) -> None:
         if worker_timeout <= 0 or missed_heartbeats < 1:
             raise ValueError("worker timeout must be positive and missed heartbeats at least 1")
         self.worker_timeout = worker_timeout
@@ -144,15 +147,24 @@ class Registry:
         self.max_events_per_report = max_events_per_report
         self.max_index_entries = max_index_entries
         self.max_token_end = max_token_end
+        self.max_workers = max_workers
         self._workers: dict[tuple[str, int], Worker] = {}
         # Seconds during which the controller could not serve heartbeats (its loop stalled).
         self._stall_credit = 0.0
 
     # --- agents' calls ---------------------------------------------------------------------------
     def _validate_registration(self, instance_id: str, worker_id: int, ip: str, port: int, chunk_size: int,
-                               heartbeat_interval: float) -> None:
+                               heartbeat_interval: float, peer_init_url: str, methods: Sequence[str],
+                               locations: Sequence[str]) -> None:
         if not instance_id:
             raise InvalidArgument("instance_id is required")
+        for name, value in (("instance_id", instance_id), ("ip", ip), ("peer_init_url", peer_init_url)):
+            if len(value) > MAX_NAME_CHARS:
+                raise InvalidArgument(f"{name} is {len(value)} characters, over the limit of {MAX_NAME_CHARS}")
+        for name, values in (("methods", methods), ("locations", locations)):
+            if len(values) > MAX_CHOICES or any(not v or len(v) > MAX_NAME_CHARS for v in values):
+                raise InvalidArgument(f"{name} must be at most {MAX_CHOICES} non-empty names of at most "
+                                      f"{MAX_NAME_CHARS} characters each, got {len(values)}")
         if worker_id < 0:
             raise InvalidArgument(f"worker_id must be >= 0, got {worker_id}")
         if not ip or not 0 < port < 65536:
@@ -172,8 +184,12 @@ class Registry:
         its heartbeats; the same endpoint may register again (an agent restarted in place), and an
         agent presenting the current secret keeps it.
         """
-        self._validate_registration(instance_id, worker_id, ip, port, chunk_size, heartbeat_interval)
+        self._validate_registration(instance_id, worker_id, ip, port, chunk_size, heartbeat_interval,
+                                    peer_init_url, methods, locations)
         old = self._workers.get((instance_id, worker_id))
+        if old is None and len(self._workers) >= self.max_workers:
+            raise ResourceExhausted(f"{len(self._workers)} workers are registered, the most this controller keeps "
+                                    f"(--max-workers); deregister some, or wait for silent ones to be dropped")
         renewal = old is not None and bool(secret) and hmac.compare_digest(secret.encode(), old.secret.encode())
         if old is not None and old.state == UP and not renewal and old.endpoint != (ip, port):
             raise AlreadyExists(

@@ -58,7 +58,8 @@ class ControllerService:
             worker_timeout=settings.worker_timeout, missed_heartbeats=settings.missed_heartbeats,
             min_chunk_size=settings.min_chunk_size, max_chunk_size=settings.max_chunk_size,
             max_events_per_report=settings.max_kv_events_per_report,
-            max_index_entries=settings.max_index_entries_per_worker, max_token_end=settings.max_tokens)
+            max_index_entries=settings.max_index_entries_per_worker, max_token_end=settings.max_tokens,
+            max_workers=settings.max_workers)
         self.events = EventTable(metrics, ttl_seconds=settings.event_ttl, max_events=settings.max_events,
                                  max_in_flight=settings.max_in_flight, watch_queue_size=settings.watch_queue_size,
                                  max_watchers=settings.max_watchers)

@@ -63,6 +63,8 @@ class ControllerSettings:
     # per worker (beyond it the worker's index is partial and admission asks the agent).
     max_kv_events_per_report: int = 50_000
     max_index_entries_per_worker: int = 1 << 20
+    # Workers registered at once (new registrations beyond it are refused).
+    max_workers: int = 4096
     # A chunk's progress may claim at most this many stored bytes per token (before or after).
     max_bytes_per_token: int = 4 << 20
     # HTTP request limits.
@@ -78,7 +80,7 @@ class ControllerSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("missed_heartbeats", "max_tokens", "max_events", "max_header_bytes", "max_body_bytes",
                      "max_in_flight", "watch_queue_size", "max_watchers", "min_chunk_size", "max_kv_events_per_report",
-                     "max_index_entries_per_worker", "max_bytes_per_token"):
+                     "max_index_entries_per_worker", "max_bytes_per_token", "max_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_chunk_size < self.min_chunk_size:

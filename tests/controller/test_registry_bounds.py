@@ -110,3 +110,19 @@ def test_lookup_hashes_only_as_deep_as_the_longest_match() -> None:
     # Eight workers, one chunk size: four chunks hashed (three matched, the fourth missed), not 8 x 10,000.
     spans, _ = keys._by_size[16]  # noqa: SLF001
     assert len(spans) == 4
+
+
+def test_registrations_are_bounded() -> None:
+    with ControllerThread(max_workers=2) as c:
+        c.register("a", 0)
+        c.register("a", 1)
+        c.register("a", 1)  # the same worker again: not a new one
+        with pytest.raises(grpc.RpcError) as err:
+            c.register("b", 0)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-workers" in err.value.details()
+        for kwargs, needle in (({"instance_id": "x" * 300}, "instance_id is 300"),
+                               ({"methods": ("m",) * 65}, "methods must be"),
+                               ({"locations": ("",)}, "locations must be")):
+            with pytest.raises(grpc.RpcError) as err:
+                c.register(**{"instance_id": "a", "worker_id": 0, **kwargs})  # type: ignore[arg-type]
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
