@@ -41,8 +41,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ControllerSettings:
                    help="most event watches open at once (default: %(default)s)")
     p.add_argument("--event-db", default=d.event_db,
                    help="SQLite file events persist in, so they survive a restart (default: "
-                        "controller-events-<monitor port>.sqlite3 under the state dir; ':memory:' keeps them "
-                        "in memory only)")
+                        "controller-events-<monitor port>.sqlite3 under the state dir, memory only with "
+                        "--monitor-port 0; ':memory:' keeps them in memory only)")
     p.add_argument("--state-dir", default=d.state_dir,
                    help="folder of the default event database (default: $KVMESH_STATE_DIR, else "
                         "~/.local/state/kvmesh)")
@@ -54,11 +54,11 @@ def parse_args(argv: Sequence[str] | None = None) -> ControllerSettings:
                    help="most workers registered at once (default: %(default)s)")
     p.add_argument("--chunk-timeout", type=float, default=d.chunk_timeout,
                    help="seconds a streamed agent operation may take per chunk, on top of --agent-timeout "
-                        "(default: %(default)s)")
+                        "and at most --event-timeout in all (default: %(default)s)")
     p.add_argument("--agent-timeout", type=float, default=d.agent_timeout,
                    help="deadline of unary calls to agents, seconds (default: %(default)s)")
     p.add_argument("--event-timeout", type=float, default=d.event_timeout,
-                   help="most a streamed agent operation may take, seconds (default: %(default)s)")
+                   help="deadline of a streamed agent operation, seconds (default: %(default)s)")
     p.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

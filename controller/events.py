@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 import uuid
@@ -47,6 +48,37 @@ _ID_PREFIX = {
 # Chunk errors kept per worker (the count is exact; the list is the first ones).
 MAX_CHUNK_ERRORS = 16
 RESTARTED = "controller restarted while the event ran"
+
+
+# ``--event-db`` values that keep events in memory only (nothing survives a restart).
+EVENT_DB_DISABLED = frozenset({":memory:", "off", "none"})
+ENV_STATE_DIR = "KVMESH_STATE_DIR"
+
+
+def default_state_dir() -> Path:
+    """``$KVMESH_STATE_DIR``, else ``$XDG_STATE_HOME/kvmesh``, else ``~/.local/state/kvmesh``."""
+    explicit = os.environ.get(ENV_STATE_DIR, "").strip()
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_STATE_HOME", "").strip()
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "kvmesh"
+
+
+def event_db_path(event_db: str, state_dir: str, grpc_port: int) -> Path | None:
+    """The SQLite file a controller's events persist in; None: memory only.
+
+    The default name carries the gRPC port, the controller's identity on its host: a controller
+    restarted with the same flags finds its events, and two controllers never share a file. With
+    port 0 (a free port each start) there is no stable name, so the default is memory only.
+    """
+    if event_db.strip().lower() in EVENT_DB_DISABLED:
+        return None
+    if event_db:
+        return Path(event_db)
+    if grpc_port == 0:
+        return None
+    state = Path(state_dir) if state_dir else default_state_dir()
+    return state / f"controller-events-{grpc_port}.sqlite3"
 
 
 def new_event_id(prefix: str) -> str:
@@ -453,10 +485,12 @@ class EventTable:
         self._dirty[event_id] = None
         if self._dirty_signal is not None:
             self._dirty_signal.set()
+        if self._flusher is None:
+            self.start_flusher()
 
     def attach_store(self, store: EventStore) -> int:
         """Load the store's events (in-flight ones end FAILED: they ran in an earlier process), then
-        write every later change to it. Call on the event loop, before serving; how many loaded."""
+        write every later change to it (``start_flusher``); how many loaded. Call before serving."""
         loaded = store.load()
         now = time.time()
         self._store = store
@@ -484,10 +518,20 @@ class EventTable:
         self._dirty_signal = asyncio.Event()
         if self._dirty:
             self._dirty_signal.set()
-        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="kvmesh-event-flush")
+        self.start_flusher()
         logger.info("event store %s: %d events loaded (%d were in flight: now FAILED)", store.path,
                     len(self._entries), restarted)
         return len(self._entries)
+
+    def start_flusher(self) -> None:
+        """Start the task that writes changes, once there is a store and a running event loop."""
+        if self._store is None or self._flusher is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not on a loop yet: the first change or the sweeper starts it
+        self._flusher = loop.create_task(self._flush_loop(), name="kvmesh-event-flush")
 
     def _rows(self, ids: Iterable[str]) -> list[tuple[str, float, float, bytes]]:
         rows = []

@@ -23,7 +23,7 @@ from kvmesh.errors import (Conflict, InvalidArgument, KVMeshError, NotFound, Res
 from kvmesh.instance_agent.keys import validate_tokens
 
 from .agents import AgentPool
-from .events import EventStore, EventTable, new_event_id
+from .events import EventStore, EventTable, event_db_path, new_event_id
 from .metrics import ControllerMetrics
 from .registry import DOWN, Registry, SpanKeys, Worker
 from .settings import ControllerSettings
@@ -64,6 +64,7 @@ class ControllerService:
                                  max_in_flight=settings.max_in_flight, watch_queue_size=settings.watch_queue_size,
                                  max_watchers=settings.max_watchers)
         self.event_store: EventStore | None = None
+        self._open_store()
         self.agents = AgentPool()
         # (instance, worker) -> event id -> the task driving that worker's part of the event.
         self._worker_tasks: dict[tuple[str, int], dict[str, asyncio.Task[None]]] = {}
@@ -607,6 +608,7 @@ class ControllerService:
         interval = self.settings.health_check_interval
         # Lateness under this is ordinary scheduling jitter, not a stall.
         tolerance = min(0.05, interval / 2)
+        self.events.start_flusher()
         last = time.monotonic()
         while True:
             await asyncio.sleep(interval)
@@ -624,18 +626,20 @@ class ControllerService:
                 logger.exception("liveness sweep failed")
             last = time.monotonic()
 
-    async def open_store(self, grpc_port: int) -> None:
-        """Attach the SQLite event store (``--event-db``) and load what it holds, before serving."""
-        path = self.settings.event_db_path(grpc_port)
+    def _open_store(self) -> None:
+        """Attach the SQLite event store (``--event-db``) and load what it holds: at construction, so
+        an earlier run's events answer from the first request on."""
+        s = self.settings
+        path = event_db_path(s.event_db, s.state_dir, s.monitor_port)
         if path is None:
             return
         try:
-            store = await asyncio.to_thread(EventStore, path)
-            self.event_store = store
+            store = EventStore(path)
             self.events.attach_store(store)
         except (sqlite3.Error, OSError) as err:
             raise OSError(f"cannot open the event database {str(path)!r}: {err} (choose another with --event-db, "
                           "or --event-db :memory: to keep events in memory only)") from None
+        self.event_store = store
 
     async def close(self) -> None:
         """Cancel in-flight events (CANCELLED), write the event store, and close the agent channels."""

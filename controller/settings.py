@@ -1,22 +1,7 @@
 """The controller's settings (the command line fills them; tests build them directly)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
-
-# ``--event-db`` values that keep events in memory only (nothing survives a restart).
-EVENT_DB_DISABLED = frozenset({":memory:", "off", "none"})
-ENV_STATE_DIR = "KVMESH_STATE_DIR"
-
-
-def default_state_dir() -> Path:
-    """``$KVMESH_STATE_DIR``, else ``$XDG_STATE_HOME/kvmesh``, else ``~/.local/state/kvmesh``."""
-    explicit = os.environ.get(ENV_STATE_DIR, "").strip()
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_STATE_HOME", "").strip()
-    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "kvmesh"
 
 
 @dataclass(frozen=True)
@@ -45,16 +30,13 @@ class ControllerSettings:
     watch_queue_size: int = 256
     max_watchers: int = 1000
     # Where events persist (SQLite, WAL): "" = controller-events-<gRPC port>.sqlite3 under the
-    # state dir; ":memory:" (or "off") = memory only, nothing survives a restart.
+    # state dir (memory only when the gRPC port is 0: no stable name); ":memory:" = memory only.
     event_db: str = ""
-    # Folder of the default event database ("" = $KVMESH_STATE_DIR or ~/.local/state/kvmesh).
+    # Folder of the default event database ("" = $KVMESH_STATE_DIR, else ~/.local/state/kvmesh).
     state_dir: str = ""
-    # Deadline of unary calls to agents (lookup, health, clear, pin, ...).
-    agent_timeout: float = 30.0
-    # Deadline of a streamed agent operation (compress, decompress, move): agent_timeout plus
-    # chunk_timeout per chunk asked for, and never over event_timeout.
+    # A streamed agent operation (compress, decompress, move) gets agent_timeout plus this per chunk
+    # asked for, never more than event_timeout.
     chunk_timeout: float = 30.0
-    event_timeout: float = 3600.0
     # Registrations with a chunk_size outside this range are refused (tiny chunks make every
     # lookup hash the tokens thousands of times; huge ones are not KV chunks).
     min_chunk_size: int = 16
@@ -67,6 +49,10 @@ class ControllerSettings:
     max_workers: int = 4096
     # A chunk's progress may claim at most this many stored bytes per token (before or after).
     max_bytes_per_token: int = 4 << 20
+    # Deadline of unary calls to agents (lookup, health, clear, pin, ...).
+    agent_timeout: float = 30.0
+    # Deadline of a whole streamed agent operation (compress, decompress, move).
+    event_timeout: float = 3600.0
     # HTTP request limits.
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int = 64 * 1024 * 1024
@@ -74,26 +60,24 @@ class ControllerSettings:
     shutdown_grace: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("health_check_interval", "worker_timeout", "event_ttl", "agent_timeout", "event_timeout",
-                     "chunk_timeout"):
+        for name in ("health_check_interval", "worker_timeout", "event_ttl", "agent_timeout", "event_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("missed_heartbeats", "max_tokens", "max_events", "max_header_bytes", "max_body_bytes",
-                     "max_in_flight", "watch_queue_size", "max_watchers", "min_chunk_size", "max_kv_events_per_report",
+        for name in ("missed_heartbeats", "max_tokens", "max_events", "max_header_bytes", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("port", "monitor_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
+        self._check_state_bounds()
+
+    def _check_state_bounds(self) -> None:
+        """The event table's, registry's and index's bounds (kept apart from the transport settings)."""
+        if self.chunk_timeout <= 0:
+            raise ValueError(f"chunk_timeout must be positive, got {self.chunk_timeout}")
+        for name in ("max_in_flight", "watch_queue_size", "max_watchers", "min_chunk_size", "max_kv_events_per_report",
                      "max_index_entries_per_worker", "max_bytes_per_token", "max_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_chunk_size < self.min_chunk_size:
             raise ValueError(f"max_chunk_size ({self.max_chunk_size}) must be >= min_chunk_size ({self.min_chunk_size})")
-        for name in ("port", "monitor_port"):
-            if not 0 <= getattr(self, name) < 65536:
-                raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
-
-    def event_db_path(self, grpc_port: int) -> Path | None:
-        """The SQLite file events persist in (None: memory only), for a controller on ``grpc_port``."""
-        if self.event_db.strip().lower() in EVENT_DB_DISABLED:
-            return None
-        if self.event_db:
-            return Path(self.event_db)
-        state = Path(self.state_dir) if self.state_dir else default_state_dir()
-        return state / f"controller-events-{grpc_port}.sqlite3"

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from kvmesh.api.common.v1 import common_pb2
-from kvmesh.controller.events import RESTARTED, EventStore, EventTable
+from kvmesh.controller.events import RESTARTED, EventStore, EventTable, event_db_path
 from kvmesh.controller.metrics import ControllerMetrics
-from kvmesh.controller.settings import ControllerSettings
 
 from .harness import ControllerThread
 
@@ -67,9 +66,11 @@ async def test_store_is_bounded_like_the_table(tmp_path: Path) -> None:
 
 def test_default_path_is_under_the_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVMESH_STATE_DIR", str(tmp_path / "state"))
-    assert ControllerSettings().event_db_path(9001) == tmp_path / "state" / "controller-events-9001.sqlite3"
-    assert ControllerSettings(event_db=":memory:").event_db_path(9001) is None
-    assert ControllerSettings(event_db=str(tmp_path / "x.db")).event_db_path(1) == tmp_path / "x.db"
+    assert event_db_path("", "", 9001) == tmp_path / "state" / "controller-events-9001.sqlite3"
+    assert event_db_path("", str(tmp_path / "s2"), 9001) == tmp_path / "s2" / "controller-events-9001.sqlite3"
+    assert event_db_path("", "", 0) is None  # a free port each start: no stable name
+    assert event_db_path(":memory:", "", 9001) is None
+    assert event_db_path(str(tmp_path / "x.db"), "", 1) == tmp_path / "x.db"
 
 
 def test_in_process_controller_keeps_events_across_a_restart(tmp_path: Path) -> None:

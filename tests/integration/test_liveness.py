@@ -15,6 +15,8 @@ HEARTBEAT = 0.2  # down after 3 x 0.2 s of silence
 def test_a_blocked_loop_does_not_turn_a_live_worker_down(controller: ControllerThread, start_agent) -> None:  # noqa: ANN001
     agent, _client = start_agent("steady", heartbeat=HEARTBEAT)
     service = controller.server.service  # type: ignore[union-attr]
+    # Registered, and its index resent: the link is done registering.
+    wait_until(lambda: agent.agent.controller_connected, timeout=10, what="agent connected")
     registrations = agent.agent._link.registrations  # noqa: SLF001
     state = lambda: controller.sync(lambda: service.registry.get("steady", 0).state)  # noqa: E731
     wait_until(lambda: state() == UP, timeout=10, what="worker up")
