@@ -14,6 +14,10 @@ RESOURCE_EXHAUSTED), the share of admissions answered from the index, and the co
 CPU time per request (user + system, from /proc: a figure that holds on a loaded machine, where
 latencies do not).
 
+``--rate R`` runs open loop instead: the clients together send R requests/s (each client at R/N,
+evenly spaced), which shows the latency of a controller that is not saturated; the default closed
+loop shows the most it serves, where latency is the connections over the throughput.
+
 ``--profile-controller FILE`` runs the controller under cProfile and writes its profile to FILE.
 
 With ``KVMESH_AUTH_TOKEN_FILE`` (or ``--auth-token-file``) set, every process and call uses the token.
@@ -102,7 +106,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def run_phase(phase: Phase, clients: int, seconds: float, make: Callable[[int], Awaitable[Callable[[], Awaitable[str]]]]) -> Phase:
+async def run_phase(phase: Phase, clients: int, seconds: float, make: Callable[[int], Awaitable[Callable[[], Awaitable[str]]]],
+                    rate: float = 0.0) -> Phase:
     """``make(i)`` gives client i's request coroutine factory; each answers "ok", "refused" or "error"."""
     calls = [await make(i) for i in range(clients)]
     # Warm each connection up outside the measurement.
@@ -110,8 +115,16 @@ async def run_phase(phase: Phase, clients: int, seconds: float, make: Callable[[
         await call()
     stop = time.perf_counter() + seconds
 
-    async def loop(call: Callable[[], Awaitable[str]]) -> None:
+    period = clients / rate if rate > 0 else 0.0
+
+    async def loop(call: Callable[[], Awaitable[str]], offset: float) -> None:
+        next_at = time.perf_counter() + offset
         while time.perf_counter() < stop:
+            if period:
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                next_at += period
             t0 = time.perf_counter()
             outcome = await call()
             dt = time.perf_counter() - t0
@@ -123,7 +136,7 @@ async def run_phase(phase: Phase, clients: int, seconds: float, make: Callable[[
                 phase.errors += 1
 
     start = time.perf_counter()
-    await asyncio.gather(*(loop(c) for c in calls))
+    await asyncio.gather(*(loop(c, i * period / clients) for i, c in enumerate(calls)))
     phase.seconds = time.perf_counter() - start
     return phase
 
@@ -191,7 +204,8 @@ async def bench(args: argparse.Namespace, grpc_target: str, http_base: str, toke
             before = (metric(http_base, "kvmesh_admission_lookups_total", 'source="index"', headers),
                       metric(http_base, "kvmesh_admission_lookups_total", 'source="agent"', headers))
             cpu0 = cpu_seconds(controller_pid)
-            phase = await run_phase(Phase(f"{name} ({args.connections} conn)"), args.connections, args.seconds, make)
+            label = f"{name} ({args.connections} conn{f', {args.rate:g}/s offered' if args.rate else ''})"
+            phase = await run_phase(Phase(label), args.connections, args.seconds, make, args.rate)
             cpu = cpu_seconds(controller_pid) - cpu0
             share = ""
             if admission:
@@ -216,6 +230,8 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--auth-token-file", default=None)
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="open loop: requests/s offered over all connections (default: closed loop)")
     p.add_argument("--only", default="", help="run only the phases whose name contains one of these "
                    "comma-separated words (e.g. 'grpc compress')")
     p.add_argument("--profile-controller", default=None, metavar="FILE",
