@@ -246,7 +246,8 @@ class Registry:
             return None
         return self._workers.pop((instance_id, worker_id), None)
 
-    def _check_kv_events(self, worker: Worker, events: Sequence[tuple[int, str, str, int]]) -> list[tuple[int, str, bytes, int]]:
+    def _check_kv_events(self, worker: Worker,
+                         events: Sequence[tuple[int, str, str, int]]) -> list[tuple[int, str, bytes, int]]:
         if len(events) > self.max_events_per_report:
             raise ResourceExhausted(f"a report of {len(events)} KV events is over the limit of "
                                     f"{self.max_events_per_report} per report; send them in batches")

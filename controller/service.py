@@ -277,7 +277,8 @@ class ControllerService:
             return f"final chunks_total {final.chunks_total} is below the {len(seen)} chunks it reported"
         return ""
 
-    def _stream_part(self, event_id: str, num_tokens: int, call: StreamCall) -> Callable[[Worker], Awaitable[tuple[int, str]]]:
+    def _stream_part(self, event_id: str, num_tokens: int,
+                     call: StreamCall) -> Callable[[Worker], Awaitable[tuple[int, str]]]:
         async def part(w: Worker) -> tuple[int, str]:
             final: agent_pb2.ProgressResponse | None = None
             where = f"worker {w.worker_id} of instance {w.instance_id!r} at {w.target}"

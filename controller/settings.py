@@ -80,4 +80,5 @@ class ControllerSettings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_chunk_size < self.min_chunk_size:
-            raise ValueError(f"max_chunk_size ({self.max_chunk_size}) must be >= min_chunk_size ({self.min_chunk_size})")
+            raise ValueError(f"max_chunk_size ({self.max_chunk_size}) must be >= min_chunk_size "
+                             f"({self.min_chunk_size})")
