@@ -230,6 +230,9 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--auth-token-file", default=None)
+    p.add_argument("--event-db", default="",
+                   help="the controller's --event-db (default: a SQLite file in a temporary folder; "
+                        "':memory:' measures without the store)")
     p.add_argument("--rate", type=float, default=0.0,
                    help="open loop: requests/s offered over all connections (default: closed loop)")
     p.add_argument("--only", default="", help="run only the phases whose name contains one of these "
@@ -249,7 +252,7 @@ def main() -> int:
         else:
             launcher = [console_script("kvmesh-controller")]
         controller_args = [*launcher, "--host", "127.0.0.1", "--port", str(http_port),
-                           "--monitor-port", str(grpc_port), "--event-db", str(tmp / "events.sqlite3"),
+                           "--monitor-port", str(grpc_port), "--event-db", args.event_db or str(tmp / "events.sqlite3"),
                            "--log-level", "WARNING"]
         cfg = {"chunk_size": args.chunk_size, "local_cpu": True, "max_local_cpu_size": 1.0, "enable_controller": True,
                "lmcache_instance_id": INSTANCE, "controller_pull_url": f"127.0.0.1:{grpc_port}",

@@ -27,6 +27,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kvmesh.api.common.v1 import common_pb2
 from kvmesh.errors import NotFound, TooBusy
@@ -127,6 +128,8 @@ class _Entry:
     watchers: set[_Watcher] = field(default_factory=set)
     # Per worker: index into event.workers.
     worker_index: dict[int, int] = field(default_factory=dict)
+    # The event's (chunks, bytes before, bytes after) counters, looked up once.
+    counters: tuple[Any, Any, Any] | None = None
 
 
 class EventStore:
@@ -166,15 +169,18 @@ class EventStore:
     def submit(self, fn: Callable[..., object], *args: object) -> asyncio.Future[object]:
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def write(self, rows: list[tuple[str, float, float, bytes]], max_ended: int, expired_before: float) -> None:
-        """Upsert ``rows`` and drop ended rows past the bounds, in one transaction (store thread)."""
+    def write(self, rows: list[tuple[str, float, float, bytes]], max_ended: int, expired_before: float,
+              trim: bool = True) -> None:
+        """Upsert ``rows`` and (with ``trim``) drop ended rows past the bounds, in one transaction
+        (store thread). Trimming by count walks the ended rows, so callers do it now and then."""
         with self._conn:
             self._conn.execute("BEGIN")
             self._conn.executemany("INSERT OR REPLACE INTO events (event_id, created_time, finished_time, data)"
                                    " VALUES (?, ?, ?, ?)", rows)
             self._conn.execute("DELETE FROM events WHERE finished_time > 0 AND finished_time < ?", (expired_before,))
-            self._conn.execute("DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE finished_time > 0"
-                               " ORDER BY finished_time DESC LIMIT -1 OFFSET ?)", (max_ended,))
+            if trim:
+                self._conn.execute("DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE finished_time > 0"
+                                   " ORDER BY finished_time DESC LIMIT -1 OFFSET ?)", (max_ended,))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -208,6 +214,7 @@ class EventTable:
         self._dirty_signal: asyncio.Event | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._flush_delay = flush_delay
+        self._last_trim = 0.0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -329,10 +336,15 @@ class EventTable:
             ev.bytes_before += progress.bytes_before
             ev.bytes_after += progress.bytes_after
             ev.compression_ratio = ev.bytes_before / ev.bytes_after if ev.bytes_after else 0.0
-            labels = {"operation": operation_name(ev.operation), "method": ev.method, "location": ev.location}
-            self._metrics.chunks_total.labels(**labels).inc()
-            self._metrics.bytes_before_total.labels(**labels).inc(progress.bytes_before)
-            self._metrics.bytes_after_total.labels(**labels).inc(progress.bytes_after)
+            if entry.counters is None:
+                labels = {"operation": operation_name(ev.operation), "method": ev.method, "location": ev.location}
+                m = self._metrics
+                entry.counters = (m.chunks_total.labels(**labels), m.bytes_before_total.labels(**labels),
+                                  m.bytes_after_total.labels(**labels))
+            chunks, before, after = entry.counters
+            chunks.inc()
+            before.inc(progress.bytes_before)
+            after.inc(progress.bytes_after)
         self._publish(entry, progress)
 
     def worker_finished(self, event_id: str, worker_id: int, *, error: str = "",
@@ -542,14 +554,22 @@ class EventTable:
                 rows.append((eid, ev.created_time, ev.finished_time, ev.SerializeToString()))
         return rows
 
-    async def flush(self) -> None:
-        """Write the changed events now (on the store's thread)."""
-        if self._store is None or not self._dirty:
+    async def flush(self, trim: bool | None = None) -> None:
+        """Write the changed events now (on the store's thread); ``trim`` the count bound too (None:
+        when a second has passed since it last was)."""
+        if self._store is None or (not self._dirty and not trim):
             return
         ids, self._dirty = self._dirty, {}
         rows = self._rows(ids)
+        now = time.monotonic()
+        # The count bound is trimmed about once a second (the file holds at most a second's worth of
+        # events over it); the time bound, an indexed range, on every write.
+        if trim is None:
+            trim = now - self._last_trim >= 1.0
+        if trim:
+            self._last_trim = now
         try:
-            await self._store.submit(self._store.write, rows, self._max, time.time() - self._ttl)
+            await self._store.submit(self._store.write, rows, self._max, time.time() - self._ttl, trim)
         except (sqlite3.Error, OSError):
             # Keep them to write again; the set is bounded by the table itself.
             for eid in ids:
@@ -583,7 +603,7 @@ class EventTable:
         if store is None:
             return
         try:
-            await self.flush()
+            await self.flush(trim=True)
         except (sqlite3.Error, OSError) as err:
             logger.error("writing events to %s at shutdown failed: %s", store.path, err)
         self._store = None

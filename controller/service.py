@@ -296,8 +296,7 @@ class ControllerService:
                         self.events.worker_finished(event_id, w.worker_id, error=error)
                         return 0, error
                     seen.add(msg.progress.chunk_index)
-                    progress = common_pb2.ChunkProgress()
-                    progress.CopyFrom(msg.progress)
+                    progress = msg.progress  # the received message is ours to stamp
                     progress.worker_id = w.worker_id
                     self.events.chunk_done(event_id, progress)
             except grpc.aio.AioRpcError as err:
