@@ -143,7 +143,8 @@ class EventStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # A state folder it creates is the controller's own (0700); an existing one is left as it is.
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvmesh-event-store")
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10.0)
         self._conn.execute("PRAGMA journal_mode=WAL")
