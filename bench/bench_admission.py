@@ -213,8 +213,11 @@ async def bench(args: argparse.Namespace, grpc_target: str, http_base: str, toke
                 agent = metric(http_base, "kvmesh_admission_lookups_total", 'source="agent"', headers) - before[1]
                 share = f"{100 * index / max(1.0, index + agent):.0f}%"
             rows.append(phase.row(share, cpu))
-            # Let the events of a compress phase drain before the next phase.
-            await asyncio.sleep(1.0)
+            # Admission runs ahead of the agent: let the events of a phase drain before the next one.
+            deadline = time.monotonic() + 300
+            while (metric(http_base, "kvmesh_events_in_flight", 'operation="compress"', headers) > 0
+                   and time.monotonic() < deadline):
+                await asyncio.sleep(0.2)
     finally:
         for ch in channels:
             await ch.close()
