@@ -36,6 +36,28 @@ def parse_args(argv: Sequence[str] | None = None) -> ControllerSettings:
                    help="seconds an ended event is kept (default: %(default)s)")
     p.add_argument("--max-events", type=int, default=d.max_events,
                    help="most events kept (default: %(default)s)")
+    p.add_argument("--max-in-flight", type=int, default=d.max_in_flight,
+                   help="most events pending or running at once; more answer 429 (default: %(default)s)")
+    p.add_argument("--watch-queue-size", type=int, default=d.watch_queue_size,
+                   help="updates a watcher may fall behind before it is dropped (default: %(default)s)")
+    p.add_argument("--max-watchers", type=int, default=d.max_watchers,
+                   help="most event watches open at once (default: %(default)s)")
+    p.add_argument("--event-db", default=d.event_db,
+                   help="SQLite file events persist in, so they survive a restart (default: "
+                        "controller-events-<monitor port>.sqlite3 under the state dir, memory only with "
+                        "--monitor-port 0; ':memory:' keeps them in memory only)")
+    p.add_argument("--state-dir", default=d.state_dir,
+                   help="folder of the default event database (default: $KVMESH_STATE_DIR, else "
+                        "~/.local/state/kvmesh)")
+    p.add_argument("--min-chunk-size", type=int, default=d.min_chunk_size,
+                   help="refuse agents registering a smaller chunk_size (default: %(default)s)")
+    p.add_argument("--max-chunk-size", type=int, default=d.max_chunk_size,
+                   help="refuse agents registering a larger chunk_size (default: %(default)s)")
+    p.add_argument("--max-workers", type=int, default=d.max_workers,
+                   help="most workers registered at once (default: %(default)s)")
+    p.add_argument("--chunk-timeout", type=float, default=d.chunk_timeout,
+                   help="seconds a streamed agent operation may take per chunk, on top of --agent-timeout "
+                        "and at most --event-timeout in all (default: %(default)s)")
     p.add_argument("--agent-timeout", type=float, default=d.agent_timeout,
                    help="deadline of unary calls to agents, seconds (default: %(default)s)")
     p.add_argument("--event-timeout", type=float, default=d.event_timeout,

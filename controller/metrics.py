@@ -46,6 +46,18 @@ class ControllerMetrics:
         self.compression_ratio = Gauge(
             "kvmesh_compression_ratio", "Bytes before / after of the last completed compress.",
             ["method", "location"], registry=r)
+        self.admission_refused_total = Counter(
+            "kvmesh_admission_refused_total", "Operations refused because a bound was reached (HTTP 429).",
+            ["reason"], registry=r)
+        self.watchers_dropped_total = Counter(
+            "kvmesh_watchers_dropped_total", "Event watchers dropped for falling too far behind.", registry=r)
+        self.admission_lookups_total = Counter(
+            "kvmesh_admission_lookups_total",
+            "Stored-prefix lookups of operations, by source: the controller's index or an agent round trip.",
+            ["source"], registry=r)
+        self.loop_lag_seconds = Gauge(
+            "kvmesh_loop_lag_seconds", "How late the controller's liveness sweep last ran (event-loop stall).",
+            registry=r)
         # Both states always present so dashboards see 0 rather than no series.
         self.workers.labels(state="up").set(0)
         self.workers.labels(state="down").set(0)

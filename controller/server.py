@@ -73,12 +73,8 @@ class ControllerServer:
                     self.settings.host, self.grpc_port)
 
     async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.health_check_interval)
-            try:
-                self.service.sweep()
-            except Exception:  # the loop must outlive a bug in one sweep
-                logger.exception("liveness sweep failed")
+        # The service's sweeper measures the loop's stalls, so that they never count as worker silence.
+        await self.service.run_sweeper()
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight RPCs finish within the grace period, cancel events."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
@@ -21,9 +23,9 @@ from kvmesh.errors import (Conflict, InvalidArgument, KVMeshError, NotFound, Res
 from kvmesh.core.keys import validate_tokens
 
 from .agents import AgentPool
-from .events import EventTable, new_event_id
+from .events import EventStore, EventTable, event_db_path, new_event_id
 from .metrics import ControllerMetrics
-from .registry import DOWN, Registry, Worker
+from .registry import DOWN, Registry, SpanKeys, Worker
 from .settings import ControllerSettings
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,8 @@ _AGENT_REFUSALS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.N
                              grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 StreamCall = Callable[[Worker], AsyncIterator[agent_pb2.ProgressResponse]]
+# Token lists longer than this are hashed into chunk keys off the event loop.
+_HASH_IN_THREAD_TOKENS = 16_384
 
 
 def _rpc_error_text(err: grpc.aio.AioRpcError) -> str:
@@ -50,8 +54,17 @@ class ControllerService:
     def __init__(self, settings: ControllerSettings, metrics: ControllerMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.registry = Registry(worker_timeout=settings.worker_timeout, missed_heartbeats=settings.missed_heartbeats)
-        self.events = EventTable(metrics, ttl_seconds=settings.event_ttl, max_events=settings.max_events)
+        self.registry = Registry(
+            worker_timeout=settings.worker_timeout, missed_heartbeats=settings.missed_heartbeats,
+            min_chunk_size=settings.min_chunk_size, max_chunk_size=settings.max_chunk_size,
+            max_events_per_report=settings.max_kv_events_per_report,
+            max_index_entries=settings.max_index_entries_per_worker, max_token_end=settings.max_tokens,
+            max_workers=settings.max_workers)
+        self.events = EventTable(metrics, ttl_seconds=settings.event_ttl, max_events=settings.max_events,
+                                 max_in_flight=settings.max_in_flight, watch_queue_size=settings.watch_queue_size,
+                                 max_watchers=settings.max_watchers)
+        self.event_store: EventStore | None = None
+        self._open_store()
         self.agents = AgentPool(settings.security)
         # (instance, worker) -> event id -> the task driving that worker's part of the event.
         self._worker_tasks: dict[tuple[str, int], dict[str, asyncio.Task[None]]] = {}
@@ -72,10 +85,18 @@ class ControllerService:
     def _tokens(self, tokens: Sequence[int]) -> list[int]:
         if len(tokens) > self.settings.max_tokens:
             raise ResourceExhausted(f"{len(tokens)} tokens is over the limit of {self.settings.max_tokens} (--max-tokens)")
-        try:
-            return validate_tokens(list(tokens))
-        except ValueError as err:
-            raise InvalidArgument(str(err)) from None
+        if isinstance(tokens, (list, tuple)):
+            try:
+                return validate_tokens(list(tokens))
+            except ValueError as err:
+                raise InvalidArgument(str(err)) from None
+        # A message's repeated int64 field: integers below 2^63 already, only the sign to check
+        # (in C: min() over a list, not a Python loop per token, which cost 1 ms per 1,000 tokens).
+        out = list(tokens)
+        if out and min(out) < 0:
+            i = next(i for i, t in enumerate(out) if t < 0)
+            raise InvalidArgument(f"tokens[{i}] is {out[i]}: tokens must be in [0, 2^63)")
+        return out
 
     def _live_workers(self, instance_id: str) -> list[Worker]:
         if not instance_id:
@@ -109,8 +130,43 @@ class ControllerService:
                 raise type(from_grpc_error(err))(message) from None
             raise Unavailable(message) from None
 
+    async def _span_keys(self, tokens: Sequence[int], chunk_sizes: Sequence[int]) -> SpanKeys:
+        """The chunk keys of ``tokens``: hashed lazily on the loop when short, in a thread when long."""
+        keys = SpanKeys(tokens)
+        if len(tokens) > _HASH_IN_THREAD_TOKENS:
+            await asyncio.to_thread(keys.precompute, sorted(set(chunk_sizes)))
+        return keys
+
+    async def _indexed_prefix(self, workers: Sequence[Worker], location: str,
+                              tokens: list[int]) -> dict[int, tuple[int, int]] | None:
+        """What each worker holds, from the controller's own index, when that answer is sure.
+
+        Sure means: every worker's index is complete (its full resync arrived whole) and holds every
+        token asked for. A shorter match may only mean that admits are still on their way, so the
+        agents are asked then. (An eviction on its way can make this answer long; the event's
+        progress then reports what the agent really found.)
+        """
+        if not tokens or not all(w.index_complete for w in workers):
+            return None
+        keys = await self._span_keys(tokens, [w.chunk_size for w in workers])
+        held: dict[int, tuple[int, int]] = {}
+        for w in workers:
+            if not w.index_complete:  # changed while hashing in a thread
+                return None
+            n, chunks = w.prefix(keys, location)
+            if n != len(tokens):
+                return None
+            held[w.worker_id] = (n, chunks)
+        return held
+
     async def _held_prefix(self, workers: Sequence[Worker], location: str, tokens: list[int]) -> dict[int, tuple[int, int]]:
-        """worker id -> (prefix tokens, chunks) that each worker holds in ``location``, from the agents."""
+        """worker id -> (prefix tokens, chunks) that each worker holds in ``location``: from the
+        controller's index when it is authoritative, else from the agents (a Lookup round trip)."""
+        fast = await self._indexed_prefix(workers, location, tokens)
+        if fast is not None:
+            self.metrics.admission_lookups_total.labels(source="index").inc()
+            return fast
+        self.metrics.admission_lookups_total.labels(source="agent").inc()
         req = agent_pb2.LookupRequest(tokens=tokens, location=location)
 
         async def one(w: Worker) -> tuple[int, tuple[int, int]]:
@@ -180,17 +236,67 @@ class ControllerService:
         else:
             self.events.finish(event_id, common_pb2.COMPLETED)
 
-    def _stream_part(self, event_id: str, call: StreamCall) -> Callable[[Worker], Awaitable[tuple[int, str]]]:
+    def _stream_timeout(self, worker: Worker, num_tokens: int) -> float:
+        """Deadline of a streamed agent call: a base plus a budget per chunk asked for, capped."""
+        chunks = -(-num_tokens // worker.chunk_size)
+        return min(self.settings.event_timeout, self.settings.agent_timeout + chunks * self.settings.chunk_timeout)
+
+    def _progress_problem(self, p: common_pb2.ChunkProgress, worker: Worker, num_tokens: int,
+                          seen: set[int]) -> str:
+        """Why one chunk's progress cannot be true of what the event asked for ("" when it can)."""
+        cs = worker.chunk_size
+        asked = -(-num_tokens // cs)
+        if not 0 <= p.chunk_index < asked:
+            return f"chunk_index {p.chunk_index} is outside the {asked} chunks asked for"
+        if p.chunk_index in seen:
+            return f"chunk {p.chunk_index} reported twice"
+        start, end = p.chunk_index * cs, min((p.chunk_index + 1) * cs, num_tokens)
+        if (p.token_start, p.token_end) != (start, end):
+            return (f"chunk {p.chunk_index} claims tokens [{p.token_start}, {p.token_end}), "
+                    f"but holds [{start}, {end})")
+        limit = (end - start) * self.settings.max_bytes_per_token
+        for name in ("bytes_before", "bytes_after"):
+            value = getattr(p, name)
+            if not 0 <= value <= limit:
+                return f"chunk {p.chunk_index} claims {name} {value}, outside 0..{limit} for {end - start} tokens"
+        if not p.error and not p.skipped and (p.bytes_before == 0 or p.bytes_after == 0):
+            return f"chunk {p.chunk_index} is reported done with no bytes ({p.bytes_before} -> {p.bytes_after})"
+        if not math.isfinite(p.codec_seconds) or p.codec_seconds < 0:
+            return f"chunk {p.chunk_index} claims codec_seconds {p.codec_seconds}"
+        return ""
+
+    @staticmethod
+    def _final_problem(final: agent_pb2.ProgressResponse, worker: Worker, num_tokens: int, seen: set[int]) -> str:
+        asked = -(-num_tokens // worker.chunk_size)
+        if not 0 <= final.num_tokens <= num_tokens:
+            return f"final num_tokens {final.num_tokens} is outside 0..{num_tokens} asked for"
+        if not 0 <= final.chunks_total <= asked or not 0 <= final.chunks_done <= final.chunks_total:
+            return (f"final chunks {final.chunks_done}/{final.chunks_total} do not fit the {asked} chunks "
+                    "asked for")
+        if final.chunks_total < len(seen):
+            return f"final chunks_total {final.chunks_total} is below the {len(seen)} chunks it reported"
+        return ""
+
+    def _stream_part(self, event_id: str, num_tokens: int,
+                     call: StreamCall) -> Callable[[Worker], Awaitable[tuple[int, str]]]:
         async def part(w: Worker) -> tuple[int, str]:
             final: agent_pb2.ProgressResponse | None = None
             where = f"worker {w.worker_id} of instance {w.instance_id!r} at {w.target}"
+            seen: set[int] = set()
+            stream = call(w)
             try:
-                async for msg in call(w):
+                async for msg in stream:
                     if msg.final:
                         final = msg
                         break
-                    progress = common_pb2.ChunkProgress()
-                    progress.CopyFrom(msg.progress)
+                    problem = self._progress_problem(msg.progress, w, num_tokens, seen)
+                    if problem:
+                        error = f"{where} reported impossible progress, refused: {problem}"
+                        logger.warning("event %s: %s", event_id, error)
+                        self.events.worker_finished(event_id, w.worker_id, error=error)
+                        return 0, error
+                    seen.add(msg.progress.chunk_index)
+                    progress = msg.progress  # the received message is ours to stamp
                     progress.worker_id = w.worker_id
                     self.events.chunk_done(event_id, progress)
             except grpc.aio.AioRpcError as err:
@@ -200,12 +306,19 @@ class ControllerService:
                     error = f"agent stream from {where} broke mid-event: {_rpc_error_text(err)}"
                 self.events.worker_finished(event_id, w.worker_id, error=error)
                 return 0, error
+            finally:
+                if final is None and hasattr(stream, "cancel"):
+                    stream.cancel()  # a stream left early (a refused report) stops on the agent too
             if final is None:
                 error = f"agent stream from {where} ended without its final message"
                 self.events.worker_finished(event_id, w.worker_id, error=error)
                 return 0, error
-            self.events.worker_finished(event_id, w.worker_id, error=final.error, chunks_total=final.chunks_total,
-                                        bytes_before=final.bytes_before, bytes_after=final.bytes_after)
+            problem = self._final_problem(final, w, num_tokens, seen)
+            if problem:
+                error = f"{where} reported impossible progress, refused: {problem}"
+                self.events.worker_finished(event_id, w.worker_id, error=error)
+                return 0, error
+            self.events.worker_finished(event_id, w.worker_id, error=final.error, chunks_total=final.chunks_total)
             return final.num_tokens, final.error
         return part
 
@@ -232,15 +345,23 @@ class ControllerService:
             self._check_choice("method", method, workers, "methods")
         self._check_choice("location", location, workers, "locations")
         tokens = self._tokens(tokens_in)
-        if tokens:
-            held = await self._held_prefix(workers, location, tokens)
-        else:
-            held = {w.worker_id: (0, 0) for w in workers}
-        num_tokens = min(n for n, _ in held.values())
-        ev = self.events.create(operation, instance_id=instance_id, method=method, location=location,
-                                num_tokens=num_tokens, worker_ids=[w.worker_id for w in workers],
-                                chunks_total=sum(c for _, c in held.values()),
-                                target_instance_id=target[0], target_location=target[1])
+        # A place among the events in flight first: a full controller answers 429 at once.
+        self.events.reserve()
+        reserved = True
+        try:
+            if tokens:
+                held = await self._held_prefix(workers, location, tokens)
+            else:
+                held = {w.worker_id: (0, 0) for w in workers}
+            num_tokens = min(n for n, _ in held.values())
+            reserved = False
+            ev = self.events.create(operation, instance_id=instance_id, method=method, location=location,
+                                    num_tokens=num_tokens, worker_ids=[w.worker_id for w in workers],
+                                    chunks_total=sum(c for _, c in held.values()),
+                                    target_instance_id=target[0], target_location=target[1], reserved=True)
+        finally:
+            if reserved:
+                self.events.release()
         if not tokens and not empty_means_all:
             # Nothing asked for (LMCache's default of []): done at once, no agent call needed.
             self.events.start(ev.event_id)
@@ -255,8 +376,8 @@ class ControllerService:
         def part_for(event_id: str, tokens: list[int]) -> Callable[[Worker], Awaitable[tuple[int, str]]]:
             agent_req = agent_pb2.CompressRequest(event_id=event_id, method=req.method, location=req.location,
                                                   tokens=tokens)
-            return self._stream_part(event_id, lambda w: self.agents.stub(w.target).Compress(
-                agent_req, timeout=self.settings.event_timeout))
+            return self._stream_part(event_id, len(tokens), lambda w: self.agents.stub(w.target).Compress(
+                agent_req, timeout=self._stream_timeout(w, len(tokens))))
         eid, n = await self._start_chunk_op(common_pb2.COMPRESS, req.instance_id, req.location, req.tokens,
                                             method=req.method, check_method=True, part_for=part_for)
         return pb.CompressResponse(event_id=eid, num_tokens=n)
@@ -265,8 +386,8 @@ class ControllerService:
         def part_for(event_id: str, tokens: list[int]) -> Callable[[Worker], Awaitable[tuple[int, str]]]:
             agent_req = agent_pb2.DecompressRequest(event_id=event_id, method=req.method, location=req.location,
                                                     tokens=tokens)
-            return self._stream_part(event_id, lambda w: self.agents.stub(w.target).Decompress(
-                agent_req, timeout=self.settings.event_timeout))
+            return self._stream_part(event_id, len(tokens), lambda w: self.agents.stub(w.target).Decompress(
+                agent_req, timeout=self._stream_timeout(w, len(tokens))))
         # An empty method accepts whatever each chunk was compressed with.
         eid, n = await self._start_chunk_op(common_pb2.DECOMPRESS, req.instance_id, req.location, req.tokens,
                                             method=req.method, check_method=bool(req.method), part_for=part_for)
@@ -320,8 +441,8 @@ class ControllerService:
                 agent_req = agent_pb2.MoveRequest(event_id=event_id, location=src_location, tokens=tokens,
                                                   target_url=targets[w.worker_id].target,
                                                   target_location=dst_location, copy=req.copy)
-                return self.agents.stub(w.target).Move(agent_req, timeout=self.settings.event_timeout)
-            return self._stream_part(event_id, call)
+                return self.agents.stub(w.target).Move(agent_req, timeout=self._stream_timeout(w, len(tokens)))
+            return self._stream_part(event_id, len(tokens), call)
         eid, n = await self._start_chunk_op(common_pb2.MOVE, src_instance, src_location, req.tokens,
                                             part_for=part_for, target=(dst_instance, dst_location))
         return pb.MoveResponse(event_id=eid, num_tokens=n)
@@ -330,7 +451,8 @@ class ControllerService:
     async def lookup(self, req: pb.LookupRequest) -> pb.LookupResponse:
         tokens = self._tokens(req.tokens)
         resp = pb.LookupResponse(event_id=new_event_id("Lookup"))
-        for instance_id, location, n in self.registry.lookup(tokens):
+        keys = await self._span_keys(tokens, self.registry.chunk_sizes())
+        for instance_id, location, n in self.registry.lookup(keys):
             resp.matches.add(instance_id=instance_id, location=location, num_tokens=n)
             if instance_id not in resp.layout_info:
                 # Matches come longest first, so the first per instance is LMCache's answer.
@@ -364,9 +486,9 @@ class ControllerService:
     async def check_finish(self, req: pb.CheckFinishRequest) -> pb.CheckFinishResponse:
         if not req.event_id:
             raise InvalidArgument("event_id is required")
-        ev = self.events.get(req.event_id)
+        ev = self.events.peek(req.event_id)
         return pb.CheckFinishResponse(status=ev.status, chunks_done=ev.chunks_done, chunks_total=ev.chunks_total,
-                                      error=ev.error)
+                                      error=ev.error, chunks_failed=ev.chunks_failed)
 
     async def query_worker_info(self, req: pb.QueryWorkerInfoRequest) -> pb.QueryWorkerInfoResponse:
         if not req.instance_id:
@@ -427,19 +549,20 @@ class ControllerService:
         worker = self.registry.register(
             instance_id=req.instance_id, worker_id=req.worker_id, ip=req.ip, port=req.port,
             peer_init_url=req.peer_init_url, methods=req.methods, locations=req.locations,
-            chunk_size=req.chunk_size, heartbeat_interval=req.heartbeat_interval_seconds)
+            chunk_size=req.chunk_size, heartbeat_interval=req.heartbeat_interval_seconds, secret=req.secret)
         if old is not None and old.target != worker.target:
             await self.agents.forget(old.target)
         self._update_worker_gauge()
-        return pb.RegisterWorkerResponse(worker_timeout_seconds=self.registry.down_after(worker))
+        return pb.RegisterWorkerResponse(worker_timeout_seconds=self.registry.down_after(worker),
+                                         secret=worker.secret)
 
     async def heartbeat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
-        worker = self.registry.heartbeat(req.instance_id, req.worker_id)
+        worker = self.registry.heartbeat(req.instance_id, req.worker_id, req.secret)
         self._update_worker_gauge()
         return pb.HeartbeatResponse(registered=worker is not None)
 
     async def deregister_worker(self, req: pb.DeregisterWorkerRequest) -> pb.DeregisterWorkerResponse:
-        worker = self.registry.deregister(req.instance_id, req.worker_id)
+        worker = self.registry.deregister(req.instance_id, req.worker_id, req.secret)
         if worker is not None:
             self._fail_worker_events(worker, f"worker {worker.worker_id} of instance {worker.instance_id!r} "
                                              "deregistered mid-event")
@@ -450,7 +573,7 @@ class ControllerService:
     async def report_kv_events(self, req: pb.ReportKVEventsRequest) -> pb.ReportKVEventsResponse:
         self.registry.report_kv_events(req.instance_id, req.worker_id,
                                        [(e.type, e.location, e.chunk_key, e.token_end) for e in req.events],
-                                       req.full_resync)
+                                       req.full_resync, secret=req.secret, more=req.more)
         return pb.ReportKVEventsResponse()
 
     # --- liveness and shutdown -------------------------------------------------------------------------
@@ -465,7 +588,7 @@ class ControllerService:
         """Mark silent workers down (failing their in-flight events) and prune the event table."""
         newly_down, dropped = self.registry.sweep()
         for w in newly_down:
-            silent = time.time() - w.last_heartbeat_time
+            silent = self.registry.silence(w)
             self._fail_worker_events(w, f"worker {w.worker_id} of instance {w.instance_id!r} at {w.target} "
                                         f"missed its heartbeats (silent {silent:.1f}s): marked down")
         for w in dropped:
@@ -474,8 +597,52 @@ class ControllerService:
             self._update_worker_gauge()
         self.events.prune()
 
+    async def run_sweeper(self) -> None:
+        """Sweep every ``health_check_interval``, crediting the registry with the loop's stalls.
+
+        The sweeper measures its own lateness: when it wakes late, the event loop was blocked or
+        congested and could not serve heartbeats either, so that time is no worker's silence. A
+        heartbeat queued during the stall is served right after it, before the next sweep can
+        judge. A stalled loop thus never turns a live worker down.
+        """
+        interval = self.settings.health_check_interval
+        # Lateness under this is ordinary scheduling jitter, not a stall.
+        tolerance = min(0.05, interval / 2)
+        self.events.start_flusher()
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            lag = max(0.0, now - last - interval)
+            self.metrics.loop_lag_seconds.set(lag)
+            if lag > tolerance:
+                self.registry.credit_stall(lag)
+                if lag > 1.0:
+                    logger.warning("the controller's event loop stalled for %.1fs; not counted as worker silence",
+                                   lag)
+            try:
+                self.sweep()
+            except Exception:  # the loop must outlive a bug in one sweep
+                logger.exception("liveness sweep failed")
+            last = time.monotonic()
+
+    def _open_store(self) -> None:
+        """Attach the SQLite event store (``--event-db``) and load what it holds: at construction, so
+        an earlier run's events answer from the first request on."""
+        s = self.settings
+        path = event_db_path(s.event_db, s.state_dir, s.monitor_port)
+        if path is None:
+            return
+        try:
+            store = EventStore(path)
+            self.events.attach_store(store)
+        except (sqlite3.Error, OSError) as err:
+            raise OSError(f"cannot open the event database {str(path)!r}: {err} (choose another with --event-db, "
+                          "or --event-db :memory: to keep events in memory only)") from None
+        self.event_store = store
+
     async def close(self) -> None:
-        """Cancel in-flight events (CANCELLED) and close the agent channels."""
+        """Cancel in-flight events (CANCELLED), write the event store, and close the agent channels."""
         for event_id in self.events.in_flight():
             self.events.finish(event_id, common_pb2.CANCELLED, "controller shut down before the event ended")
         for tasks in list(self._worker_tasks.values()):
@@ -486,4 +653,5 @@ class ControllerService:
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.events.close_store()
         await self.agents.close()

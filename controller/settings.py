@@ -24,6 +24,33 @@ class ControllerSettings:
     # Ended events are kept this long, and at most this many events overall.
     event_ttl: float = 3600.0
     max_events: int = 10000
+    # Events pending or running at once; over it compress/decompress/move/clear/pin/unpin answer
+    # TooBusy (HTTP 429 with Retry-After, gRPC RESOURCE_EXHAUSTED). Never more than max_events.
+    max_in_flight: int = 1000
+    # Updates a watcher may fall behind by before it is dropped (its stream ends with an error),
+    # and watch streams open at once over all events.
+    watch_queue_size: int = 256
+    max_watchers: int = 1000
+    # Where events persist (SQLite, WAL): "" = controller-events-<gRPC port>.sqlite3 under the
+    # state dir (memory only when the gRPC port is 0: no stable name); ":memory:" = memory only.
+    event_db: str = ""
+    # Folder of the default event database ("" = $KVMESH_STATE_DIR, else ~/.local/state/kvmesh).
+    state_dir: str = ""
+    # A streamed agent operation (compress, decompress, move) gets agent_timeout plus this per chunk
+    # asked for, never more than event_timeout.
+    chunk_timeout: float = 30.0
+    # Registrations with a chunk_size outside this range are refused (tiny chunks make every
+    # lookup hash the tokens thousands of times; huge ones are not KV chunks).
+    min_chunk_size: int = 16
+    max_chunk_size: int = 65536
+    # Bounds of the lookup index: admit/evict events in one ReportKVEvents, and chunk keys held
+    # per worker (beyond it the worker's index is partial and admission asks the agent).
+    max_kv_events_per_report: int = 50_000
+    max_index_entries_per_worker: int = 1 << 20
+    # Workers registered at once (new registrations beyond it are refused).
+    max_workers: int = 4096
+    # A chunk's progress may claim at most this many stored bytes per token (before or after).
+    max_bytes_per_token: int = 4 << 20
     # Deadline of unary calls to agents (lookup, health, clear, pin, ...).
     agent_timeout: float = 30.0
     # Deadline of a whole streamed agent operation (compress, decompress, move).
@@ -54,3 +81,16 @@ class ControllerSettings:
         for name in ("port", "monitor_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
+        self._check_state_bounds()
+
+    def _check_state_bounds(self) -> None:
+        """The event table's, registry's and index's bounds (kept apart from the transport settings)."""
+        if self.chunk_timeout <= 0:
+            raise ValueError(f"chunk_timeout must be positive, got {self.chunk_timeout}")
+        for name in ("max_in_flight", "watch_queue_size", "max_watchers", "min_chunk_size", "max_kv_events_per_report",
+                     "max_index_entries_per_worker", "max_bytes_per_token", "max_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_chunk_size < self.min_chunk_size:
+            raise ValueError(f"max_chunk_size ({self.max_chunk_size}) must be >= min_chunk_size "
+                             f"({self.min_chunk_size})")

@@ -3,8 +3,13 @@
 One task owns the link. It never blocks the agent: every call has a deadline, failures back off
 exponentially, and storage events wait in a queue. Whenever the link (re)connects — at start, after
 the controller answered ``registered = false`` (it restarted), or after it was unreachable — the
-agent registers again and resends its whole index (``full_resync``), which also covers events that
-could not be delivered meanwhile.
+agent registers again and resends its whole index (``full_resync``, in batches of at most
+``MAX_EVENTS_PER_REPORT``), which also covers events that could not be delivered meanwhile.
+
+RegisterWorker returns a secret that proves later calls come from this agent: heartbeats, reports
+and deregistration carry it, and a re-registration presents it to keep it. A controller that is
+slow to answer (a deadline passes) is not a controller that is gone: the link keeps its
+registration and retries, and registers again only after ``SLOW_CONTROLLER_S`` of such failures.
 """
 from __future__ import annotations
 
@@ -27,7 +32,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 10.0
+# The controller's default --max-kv-events-per-report; a full resync is sent in batches of it.
 MAX_EVENTS_PER_REPORT = 50_000
+# Deadlines missed in a row for this long: the controller counts as unreachable, register again.
+SLOW_CONTROLLER_S = 30.0
 
 
 class ControllerLink:
@@ -44,6 +52,9 @@ class ControllerLink:
         self._collecting = False
         self._failing = False
         self.registrations = 0
+        # This registration's secret (never logged); kept across re-registrations to renew it.
+        self.secret = ""
+        self._slow_since: float | None = None
         self._pending: list[controller_pb2.KVEvent] = []
         self._wake = asyncio.Event()
         self._channel = aio_channel(self.target, agent.config.security, options=GRPC_OPTIONS)
@@ -72,8 +83,8 @@ class ControllerLink:
         if self.registered:
             try:
                 await self._stub.DeregisterWorker(controller_pb2.DeregisterWorkerRequest(
-                    instance_id=self.agent.config.lmcache_instance_id, worker_id=self.agent.worker_id),
-                    timeout=2.0)
+                    instance_id=self.agent.config.lmcache_instance_id, worker_id=self.agent.worker_id,
+                    secret=self.secret), timeout=2.0)
             except grpc.RpcError as err:
                 logger.info("deregistering from %s failed (%s); the controller will time the worker out",
                             self.target, err.code())
@@ -82,6 +93,7 @@ class ControllerLink:
 
     def _set_registered(self, value: bool) -> None:
         self.registered = value
+        self._slow_since = None
         if not value:
             self._collecting = False
         self.agent.metrics.controller_connected.set(1 if value else 0)
@@ -92,19 +104,25 @@ class ControllerLink:
         return controller_pb2.RegisterWorkerRequest(
             instance_id=a.config.lmcache_instance_id, worker_id=a.worker_id, ip=a.host, port=a.grpc_port or 0,
             peer_init_url=f"{a.host}:{peer_port}", methods=a.codecs.available(), locations=list(a.locations),
-            chunk_size=a.config.chunk_size, heartbeat_interval_seconds=self.heartbeat_s)
+            chunk_size=a.config.chunk_size, heartbeat_interval_seconds=self.heartbeat_s, secret=self.secret)
 
     async def _register(self) -> None:
         a = self.agent
-        await self._stub.RegisterWorker(self._registration(), timeout=self.call_timeout_s)
+        resp = await self._stub.RegisterWorker(self._registration(), timeout=self.call_timeout_s)
+        self.secret = resp.secret
         # Events queued before the snapshot are in it; those after it follow as increments.
         self._pending.clear()
         self._collecting = True
         events = [controller_pb2.KVEvent(type=controller_pb2.ADMIT, location=loc, chunk_key=key, token_end=end)
                   for loc, key, end in a.index_snapshot()]
-        await self._stub.ReportKVEvents(controller_pb2.ReportKVEventsRequest(
-            instance_id=a.config.lmcache_instance_id, worker_id=a.worker_id, events=events, full_resync=True),
-            timeout=max(self.call_timeout_s, 30.0))
+        # The first batch replaces the controller's index; "more" says further batches follow.
+        first = True
+        while first or events:
+            batch, events = events[:MAX_EVENTS_PER_REPORT], events[MAX_EVENTS_PER_REPORT:]
+            await self._stub.ReportKVEvents(controller_pb2.ReportKVEventsRequest(
+                instance_id=a.config.lmcache_instance_id, worker_id=a.worker_id, events=batch, full_resync=first,
+                more=bool(events), secret=self.secret), timeout=max(self.call_timeout_s, 30.0))
+            first = False
         self.registrations += 1
         self._failing = False
         self._set_registered(True)
@@ -115,13 +133,13 @@ class ControllerLink:
         while self._pending:
             batch = self._pending[:MAX_EVENTS_PER_REPORT]
             await self._stub.ReportKVEvents(controller_pb2.ReportKVEventsRequest(
-                instance_id=self.agent.config.lmcache_instance_id, worker_id=self.agent.worker_id, events=batch),
-                timeout=self.call_timeout_s)
+                instance_id=self.agent.config.lmcache_instance_id, worker_id=self.agent.worker_id, events=batch,
+                secret=self.secret), timeout=self.call_timeout_s)
             del self._pending[:len(batch)]
 
     async def _heartbeat(self) -> None:
         resp = await self._stub.Heartbeat(controller_pb2.HeartbeatRequest(
-            instance_id=self.agent.config.lmcache_instance_id, worker_id=self.agent.worker_id),
+            instance_id=self.agent.config.lmcache_instance_id, worker_id=self.agent.worker_id, secret=self.secret),
             timeout=self.call_timeout_s)
         if not resp.registered:
             logger.warning("controller %s does not know this worker (it restarted?); registering again", self.target)
@@ -142,6 +160,7 @@ class ControllerLink:
                     next_beat = time.monotonic() + self.heartbeat_s
                     if not self.registered:
                         continue
+                self._slow_since = None
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), max(0.0, next_beat - time.monotonic()))
@@ -150,6 +169,11 @@ class ControllerLink:
             except asyncio.CancelledError:
                 raise
             except grpc.RpcError as err:
+                if self._still_registered_after(err):
+                    # Retry soon: the next beat is due now, and unsent reports stay queued.
+                    next_beat = 0.0
+                    await asyncio.sleep(min(self.heartbeat_s, 1.0) * (0.5 + random.random()))
+                    continue
                 # One warning per streak of failures (a refusal, e.g. INVALID_ARGUMENT, always warns):
                 # a controller that is down for an hour must not flood the log.
                 refused = err.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -167,3 +191,19 @@ class ControllerLink:
                 self._set_registered(False)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def _still_registered_after(self, err: grpc.RpcError) -> bool:
+        """True when ``err`` is a missed deadline of a registered link that has not lasted long.
+
+        A controller whose loop is busy answers late; registering again would only add work (a full
+        resync) to a controller that still knows this worker, and it does not count the stall as
+        this worker's silence.
+        """
+        if not self.registered or err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            return False
+        now = time.monotonic()
+        if self._slow_since is None:
+            self._slow_since = now
+            logger.warning("controller %s answers late (a deadline of %.1fs passed); keeping the registration "
+                           "and retrying", self.target, self.call_timeout_s)
+        return now - self._slow_since < SLOW_CONTROLLER_S

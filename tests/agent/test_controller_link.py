@@ -23,7 +23,8 @@ from .conftest import CPU, DISK, make_config, make_kv, stub_for
 
 async def start_controller(port: int = 0) -> ControllerServer:
     server = ControllerServer(ControllerSettings(host="127.0.0.1", port=0, monitor_port=port,
-                                                 health_check_interval=0.1, shutdown_grace=0.5))
+                                                 health_check_interval=0.1, shutdown_grace=0.5,
+                                                 event_db=":memory:", min_chunk_size=4))
     await server.start()
     return server
 
@@ -131,7 +132,8 @@ async def test_heartbeat_answered_unregistered_triggers_reregistration(agents, c
         await eventually(lookup(ctl_stub, tokens), lambda r: r == {("test_instance", CPU): 8})
         before = agent._link.registrations
         # The controller forgets the worker (as after a restart that kept its port open).
-        await ctl_stub.DeregisterWorker(cpb.DeregisterWorkerRequest(instance_id="test_instance", worker_id=0))
+        await ctl_stub.DeregisterWorker(cpb.DeregisterWorkerRequest(instance_id="test_instance", worker_id=0,
+                                                                    secret=agent._link.secret))
         await eventually(lambda: _more_registrations(agent, before))
         await eventually(lookup(ctl_stub, tokens), lambda r: r == {("test_instance", CPU): 8})
 
@@ -164,3 +166,42 @@ async def _is_disconnected(agent: Any) -> bool:
 
 async def _more_registrations(agent: Any, before: int) -> bool:
     return agent._link.registrations > before
+
+
+async def test_full_resync_goes_in_batches_and_completes_the_index(agents, controller, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmesh.instance_agent import controller_link
+
+    monkeypatch.setattr(controller_link, "MAX_EVENTS_PER_REPORT", 2)
+    ctl = await controller()
+    agent = await agents(make_config(tmp_path, enable_controller=True,
+                                     controller_pull_url=f"127.0.0.1:{ctl.grpc_port}",
+                                     lmcache_worker_heartbeat_time=0.2))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ctl.grpc_port}") as channel:
+        ctl_stub = controller_pb2_grpc.ControllerStub(channel)
+        await eventually(lambda: workers(ctl_stub))
+        tokens = list(range(20))  # 5 chunks of 4: three reports of at most 2
+        await agent.store(tokens, make_kv(20))
+        before = agent._link.registrations
+        await ctl_stub.DeregisterWorker(cpb.DeregisterWorkerRequest(instance_id="test_instance", worker_id=0,
+                                                                    secret=agent._link.secret))
+        await eventually(lambda: _more_registrations(agent, before))
+        await eventually(lookup(ctl_stub, tokens), lambda r: r == {("test_instance", CPU): 20})
+        worker = ctl.service.registry.get("test_instance", 0)
+        assert worker.index_complete and worker.index_entries == 5
+
+
+async def test_a_late_controller_keeps_the_registration(agents, controller, tmp_path: Path) -> None:
+    ctl = await controller()
+    agent = await agents(make_config(tmp_path, enable_controller=True,
+                                     controller_pull_url=f"127.0.0.1:{ctl.grpc_port}",
+                                     lmcache_worker_heartbeat_time=0.2))
+    await eventually(lambda: _is_connected(agent))
+    link = agent._link
+    before, secret = link.registrations, link.secret
+    # A deadline missed (a busy controller) is retried without registering again.
+    err = grpc.aio.AioRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(), "late")
+    assert link._still_registered_after(err)
+    refused = grpc.aio.AioRpcError(grpc.StatusCode.PERMISSION_DENIED, grpc.aio.Metadata(), grpc.aio.Metadata(), "no")
+    assert not link._still_registered_after(refused)
+    assert link.registrations == before and link.secret == secret and agent.controller_connected

@@ -33,12 +33,16 @@ class ControllerThread:
     """Starts a controller (``with ControllerThread(...) as c``) and offers clients for it."""
 
     def __init__(self, **settings: Any) -> None:
-        base = {"host": "127.0.0.1", "port": 0, "monitor_port": 0, "health_check_interval": 0.1}
+        # Events in memory (tests that want the SQLite store pass event_db); small chunks allowed.
+        base = {"host": "127.0.0.1", "port": 0, "monitor_port": 0, "health_check_interval": 0.1,
+                "event_db": ":memory:", "min_chunk_size": 4}
         self.settings = ControllerSettings(**{**base, **settings})
         self.server: ControllerServer | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="controller-loop", daemon=True)
         self._channel: grpc.Channel | None = None
+        # (instance, worker) -> the secret its last registration through ``register`` returned.
+        self.secrets: dict[tuple[str, int], str] = {}
 
     def __enter__(self) -> ControllerThread:
         self.start()
@@ -123,11 +127,21 @@ class ControllerThread:
     def register(self, instance_id: str = "inst", worker_id: int = 0, *, port: int = 1, ip: str = "127.0.0.1",
                  methods: tuple[str, ...] = ("lossless", "cachegen"),
                  locations: tuple[str, ...] = ("LocalCPUBackend",), chunk_size: int = 4,
-                 heartbeat: float = 0.0) -> pb.RegisterWorkerResponse:
-        """Register a worker over gRPC, as an agent does."""
-        return self.stub.RegisterWorker(pb.RegisterWorkerRequest(
+                 heartbeat: float = 0.0, secret: str = "") -> pb.RegisterWorkerResponse:
+        """Register a worker over gRPC, as an agent does (its secret kept in ``secrets``)."""
+        resp = self.stub.RegisterWorker(pb.RegisterWorkerRequest(
             instance_id=instance_id, worker_id=worker_id, ip=ip, port=port, methods=methods,
-            locations=locations, chunk_size=chunk_size, heartbeat_interval_seconds=heartbeat), timeout=10)
+            locations=locations, chunk_size=chunk_size, heartbeat_interval_seconds=heartbeat, secret=secret),
+            timeout=10)
+        self.secrets[(instance_id, worker_id)] = resp.secret
+        return resp
+
+    def secret(self, instance_id: str = "inst", worker_id: int = 0) -> str:
+        return self.secrets.get((instance_id, worker_id), "")
+
+    def heartbeat(self, instance_id: str = "inst", worker_id: int = 0) -> pb.HeartbeatResponse:
+        return self.stub.Heartbeat(pb.HeartbeatRequest(instance_id=instance_id, worker_id=worker_id,
+                                                       secret=self.secret(instance_id, worker_id)), timeout=5)
 
     def wait_event(self, event_id: str, timeout: float = 60.0) -> pb.WatchEventResponse:
         """Watch an event to its end over gRPC; the last update."""

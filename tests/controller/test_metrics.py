@@ -21,6 +21,10 @@ CONTRACT = {
     "kvmesh_bytes_before": "counter",
     "kvmesh_bytes_after": "counter",
     "kvmesh_compression_ratio": "gauge",
+    "kvmesh_admission_refused": "counter",
+    "kvmesh_watchers_dropped": "counter",
+    "kvmesh_admission_lookups": "counter",
+    "kvmesh_loop_lag_seconds": "gauge",
 }
 
 

@@ -25,7 +25,7 @@ def admit(c: ControllerThread, tokens: list[int], chunk_size: int, *, instance: 
           location: str = "LocalCPUBackend", upto: int | None = None, full_resync: bool = False) -> None:
     spans = chunk_spans(tokens, chunk_size)[:upto]
     c.stub.ReportKVEvents(pb.ReportKVEventsRequest(
-        instance_id=instance, worker_id=worker, full_resync=full_resync,
+        instance_id=instance, worker_id=worker, full_resync=full_resync, secret=c.secret(instance, worker),
         events=[pb.KVEvent(type=pb.ADMIT, location=location, chunk_key=s.key, token_end=s.end) for s in spans]),
         timeout=10)
 
@@ -63,11 +63,12 @@ def test_register_rejects_bad_requests(controller: ControllerThread) -> None:
 
 
 def test_heartbeat_of_unknown_worker_asks_for_registration(controller: ControllerThread) -> None:
-    assert controller.stub.Heartbeat(pb.HeartbeatRequest(instance_id="inst", worker_id=0), timeout=5).registered is False
+    assert controller.heartbeat("inst", 0).registered is False
     controller.register("inst", 0)
-    assert controller.stub.Heartbeat(pb.HeartbeatRequest(instance_id="inst", worker_id=0), timeout=5).registered is True
-    controller.stub.DeregisterWorker(pb.DeregisterWorkerRequest(instance_id="inst", worker_id=0), timeout=5)
-    assert controller.stub.Heartbeat(pb.HeartbeatRequest(instance_id="inst", worker_id=0), timeout=5).registered is False
+    assert controller.heartbeat("inst", 0).registered is True
+    controller.stub.DeregisterWorker(pb.DeregisterWorkerRequest(instance_id="inst", worker_id=0,
+                                                                secret=controller.secret("inst", 0)), timeout=5)
+    assert controller.heartbeat("inst", 0).registered is False
 
 
 def test_silent_worker_is_marked_down_then_up_again(controller: ControllerThread) -> None:
@@ -82,7 +83,7 @@ def test_silent_worker_is_marked_down_then_up_again(controller: ControllerThread
     r = controller.post("/compress", {"instance_id": "inst", "method": "lossless", "location": "LocalCPUBackend",
                                       "tokens": [1]})
     assert r.status == 409 and "down" in r.body["error"]["message"]
-    assert controller.stub.Heartbeat(pb.HeartbeatRequest(instance_id="inst", worker_id=0), timeout=5).registered
+    assert controller.heartbeat("inst", 0).registered
     assert state() == "up"
 
 
@@ -90,7 +91,7 @@ def test_long_silent_worker_is_dropped() -> None:
     with ControllerThread(worker_timeout=0.3) as c:
         c.register("inst", 0)
         wait_until(lambda: c.post("/query_worker_info", {"instance_id": "all"}).body["worker_infos"] == [])
-        assert c.stub.Heartbeat(pb.HeartbeatRequest(instance_id="inst", worker_id=0), timeout=5).registered is False
+        assert c.heartbeat("inst", 0).registered is False
 
 
 def test_lookup_answers_from_reported_chunks(controller: ControllerThread) -> None:
@@ -110,7 +111,8 @@ def test_lookup_answers_from_reported_chunks(controller: ControllerThread) -> No
         "inst": ["LocalCPUBackend", 4], "other": ["LocalCPUBackend", 4]}
     # Evictions take chunks out; a full resync replaces the index.
     evicted = chunk_spans(tokens, 4)[1]
-    controller.stub.ReportKVEvents(pb.ReportKVEventsRequest(instance_id="inst", worker_id=0, events=[
+    controller.stub.ReportKVEvents(pb.ReportKVEventsRequest(instance_id="inst", worker_id=0,
+                                                            secret=controller.secret("inst", 0), events=[
         pb.KVEvent(type=pb.EVICT, location="LocalCPUBackend", chunk_key=evicted.key, token_end=evicted.end)]), timeout=5)
     assert controller.post("/lookup", {"tokens": tokens}).body["layout_info"]["inst"] == ["LocalCPUBackend", 4]
     admit(controller, tokens, 4, upto=1, full_resync=True)
@@ -133,6 +135,6 @@ def test_reregistration_keeps_index_until_resync(controller: ControllerThread) -
     admit(controller, tokens, 4)
     controller.register("inst", 0, chunk_size=4, port=8001)
     assert controller.post("/lookup", {"tokens": tokens}).body["layout_info"] == {"inst": ["LocalCPUBackend", 8]}
-    # A different agent address (a new process) starts from an empty index.
-    controller.register("inst", 0, chunk_size=4, port=8002)
+    # A different agent address (the agent, holding its secret, moved) starts from an empty index.
+    controller.register("inst", 0, chunk_size=4, port=8002, secret=controller.secret("inst", 0))
     assert controller.post("/lookup", {"tokens": tokens}).body["layout_info"] == {}

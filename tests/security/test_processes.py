@@ -53,7 +53,8 @@ def test_controller_and_agent_processes_with_token_and_mtls(tmp_path: Path, cert
                     f"extra_config:\n  auth_token_file: {token_file}\n")
     operator = mtls(certs, who="client")
     with running([console_script("kvmesh-controller"), "--port", "0", "--monitor-port", str(c_port),
-                  "--auth-token-file", str(token_file), *tls], env=_env(), log=tmp_path / "c.log") as ctl, \
+                  "--auth-token-file", str(token_file), "--min-chunk-size", "4", *tls], env=_env(),
+                 log=tmp_path / "c.log") as ctl, \
          running([console_script("kvmesh-agent"), "--config", str(yaml), "--metrics-port", "-1", *tls],
                  env=_env(), log=tmp_path / "a.log") as agent:
         _wait_serving(f"localhost:{c_port}", mtls(certs, who="client", token=None), ctl)

@@ -64,7 +64,7 @@ class ChunkProgress(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., chunk_index: _Optional[int] = ..., chunk_key: _Optional[str] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ..., codec_seconds: _Optional[float] = ..., skipped: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class WorkerResult(_message.Message):
-    __slots__ = ("worker_id", "status", "chunks_total", "chunks_done", "bytes_before", "bytes_after", "error")
+    __slots__ = ("worker_id", "status", "chunks_total", "chunks_done", "bytes_before", "bytes_after", "error", "chunks_failed", "chunk_errors")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,8 @@ class WorkerResult(_message.Message):
     BYTES_BEFORE_FIELD_NUMBER: _ClassVar[int]
     BYTES_AFTER_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ERRORS_FIELD_NUMBER: _ClassVar[int]
     worker_id: int
     status: EventStatus
     chunks_total: int
@@ -79,10 +81,12 @@ class WorkerResult(_message.Message):
     bytes_before: int
     bytes_after: int
     error: str
-    def __init__(self, worker_id: _Optional[int] = ..., status: _Optional[_Union[EventStatus, str]] = ..., chunks_total: _Optional[int] = ..., chunks_done: _Optional[int] = ..., bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    chunks_failed: int
+    chunk_errors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[int] = ..., status: _Optional[_Union[EventStatus, str]] = ..., chunks_total: _Optional[int] = ..., chunks_done: _Optional[int] = ..., bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ..., error: _Optional[str] = ..., chunks_failed: _Optional[int] = ..., chunk_errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("event_id", "operation", "status", "instance_id", "method", "location", "num_tokens", "chunks_total", "chunks_done", "bytes_before", "bytes_after", "compression_ratio", "error", "created_time", "started_time", "finished_time", "workers", "target_instance_id", "target_location")
+    __slots__ = ("event_id", "operation", "status", "instance_id", "method", "location", "num_tokens", "chunks_total", "chunks_done", "bytes_before", "bytes_after", "compression_ratio", "error", "created_time", "started_time", "finished_time", "workers", "target_instance_id", "target_location", "chunks_failed")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +106,7 @@ class Event(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     TARGET_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_LOCATION_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FAILED_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     operation: Operation
     status: EventStatus
@@ -121,7 +126,8 @@ class Event(_message.Message):
     workers: _containers.RepeatedCompositeFieldContainer[WorkerResult]
     target_instance_id: str
     target_location: str
-    def __init__(self, event_id: _Optional[str] = ..., operation: _Optional[_Union[Operation, str]] = ..., status: _Optional[_Union[EventStatus, str]] = ..., instance_id: _Optional[str] = ..., method: _Optional[str] = ..., location: _Optional[str] = ..., num_tokens: _Optional[int] = ..., chunks_total: _Optional[int] = ..., chunks_done: _Optional[int] = ..., bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., error: _Optional[str] = ..., created_time: _Optional[float] = ..., started_time: _Optional[float] = ..., finished_time: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerResult, _Mapping]]] = ..., target_instance_id: _Optional[str] = ..., target_location: _Optional[str] = ...) -> None: ...
+    chunks_failed: int
+    def __init__(self, event_id: _Optional[str] = ..., operation: _Optional[_Union[Operation, str]] = ..., status: _Optional[_Union[EventStatus, str]] = ..., instance_id: _Optional[str] = ..., method: _Optional[str] = ..., location: _Optional[str] = ..., num_tokens: _Optional[int] = ..., chunks_total: _Optional[int] = ..., chunks_done: _Optional[int] = ..., bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ..., compression_ratio: _Optional[float] = ..., error: _Optional[str] = ..., created_time: _Optional[float] = ..., started_time: _Optional[float] = ..., finished_time: _Optional[float] = ..., workers: _Optional[_Iterable[_Union[WorkerResult, _Mapping]]] = ..., target_instance_id: _Optional[str] = ..., target_location: _Optional[str] = ..., chunks_failed: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")

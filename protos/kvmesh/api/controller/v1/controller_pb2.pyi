@@ -205,16 +205,18 @@ class CheckFinishRequest(_message.Message):
     def __init__(self, event_id: _Optional[str] = ...) -> None: ...
 
 class CheckFinishResponse(_message.Message):
-    __slots__ = ("status", "chunks_done", "chunks_total", "error")
+    __slots__ = ("status", "chunks_done", "chunks_total", "error", "chunks_failed")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_DONE_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FAILED_FIELD_NUMBER: _ClassVar[int]
     status: _common_pb2.EventStatus
     chunks_done: int
     chunks_total: int
     error: str
-    def __init__(self, status: _Optional[_Union[_common_pb2.EventStatus, str]] = ..., chunks_done: _Optional[int] = ..., chunks_total: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    chunks_failed: int
+    def __init__(self, status: _Optional[_Union[_common_pb2.EventStatus, str]] = ..., chunks_done: _Optional[int] = ..., chunks_total: _Optional[int] = ..., error: _Optional[str] = ..., chunks_failed: _Optional[int] = ...) -> None: ...
 
 class QueryWorkerInfoRequest(_message.Message):
     __slots__ = ("instance_id", "worker_ids")
@@ -315,7 +317,7 @@ class ListEventsResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[_common_pb2.Event, _Mapping]]] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("instance_id", "worker_id", "ip", "port", "peer_init_url", "methods", "locations", "chunk_size", "heartbeat_interval_seconds")
+    __slots__ = ("instance_id", "worker_id", "ip", "port", "peer_init_url", "methods", "locations", "chunk_size", "heartbeat_interval_seconds", "secret")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     IP_FIELD_NUMBER: _ClassVar[int]
@@ -325,6 +327,7 @@ class RegisterWorkerRequest(_message.Message):
     LOCATIONS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     worker_id: int
     ip: str
@@ -334,21 +337,26 @@ class RegisterWorkerRequest(_message.Message):
     locations: _containers.RepeatedScalarFieldContainer[str]
     chunk_size: int
     heartbeat_interval_seconds: float
-    def __init__(self, instance_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., ip: _Optional[str] = ..., port: _Optional[int] = ..., peer_init_url: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., locations: _Optional[_Iterable[str]] = ..., chunk_size: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
+    secret: str
+    def __init__(self, instance_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., ip: _Optional[str] = ..., port: _Optional[int] = ..., peer_init_url: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., locations: _Optional[_Iterable[str]] = ..., chunk_size: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., secret: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
-    __slots__ = ("worker_timeout_seconds",)
+    __slots__ = ("worker_timeout_seconds", "secret")
     WORKER_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_timeout_seconds: float
-    def __init__(self, worker_timeout_seconds: _Optional[float] = ...) -> None: ...
+    secret: str
+    def __init__(self, worker_timeout_seconds: _Optional[float] = ..., secret: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("instance_id", "worker_id")
+    __slots__ = ("instance_id", "worker_id", "secret")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     worker_id: int
-    def __init__(self, instance_id: _Optional[str] = ..., worker_id: _Optional[int] = ...) -> None: ...
+    secret: str
+    def __init__(self, instance_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., secret: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("registered",)
@@ -357,12 +365,14 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, registered: _Optional[bool] = ...) -> None: ...
 
 class DeregisterWorkerRequest(_message.Message):
-    __slots__ = ("instance_id", "worker_id")
+    __slots__ = ("instance_id", "worker_id", "secret")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     worker_id: int
-    def __init__(self, instance_id: _Optional[str] = ..., worker_id: _Optional[int] = ...) -> None: ...
+    secret: str
+    def __init__(self, instance_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., secret: _Optional[str] = ...) -> None: ...
 
 class DeregisterWorkerResponse(_message.Message):
     __slots__ = ()
@@ -381,16 +391,20 @@ class KVEvent(_message.Message):
     def __init__(self, type: _Optional[_Union[KVEventType, str]] = ..., location: _Optional[str] = ..., chunk_key: _Optional[str] = ..., token_end: _Optional[int] = ...) -> None: ...
 
 class ReportKVEventsRequest(_message.Message):
-    __slots__ = ("instance_id", "worker_id", "events", "full_resync")
+    __slots__ = ("instance_id", "worker_id", "events", "full_resync", "secret", "more")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     FULL_RESYNC_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     worker_id: int
     events: _containers.RepeatedCompositeFieldContainer[KVEvent]
     full_resync: bool
-    def __init__(self, instance_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., events: _Optional[_Iterable[_Union[KVEvent, _Mapping]]] = ..., full_resync: _Optional[bool] = ...) -> None: ...
+    secret: str
+    more: bool
+    def __init__(self, instance_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., events: _Optional[_Iterable[_Union[KVEvent, _Mapping]]] = ..., full_resync: _Optional[bool] = ..., secret: _Optional[str] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class ReportKVEventsResponse(_message.Message):
     __slots__ = ()
