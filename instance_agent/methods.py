@@ -44,6 +44,12 @@ class CodecSet:
         names.extend(n for n in self._extra if n not in names)
         return names
 
+    def model_files(self) -> list[str]:
+        """The model files the codecs decode with, as "kind:id": a container coded against one
+        (cachegen with a layer predictor) decodes only where the same file is held."""
+        predictor = self._options.get("predictor")
+        return [f"layer_predictor:{predictor.ident.hex()}"] if predictor is not None else []
+
     def check(self, method: str) -> None:
         """InvalidArgument naming the available methods when ``method`` is not one of them."""
         if method not in self._extra and method not in self._registry.available_methods():
