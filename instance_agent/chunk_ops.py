@@ -6,6 +6,8 @@ runs on the codec pool and storage I/O on threads, never on the event loop.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -47,32 +49,39 @@ class ChunkOperations(JobRunner):
                     overwrite: bool = False) -> int:
         """Store the chunks of ``tokens`` not yet stored; returns how many tokens were newly stored.
 
-        ``kv`` is [2, layers, len(tokens), channels]. ResourceExhausted when the location is full
-        of pinned chunks; the chunks stored before that stay stored.
+        ``kv`` is [2, layers, len(tokens), channels]. All of them or none: ResourceExhausted, naming
+        the bytes needed, free and the capacity, when they cannot fit even after evicting what may be.
         """
         return (await self.put_chunks(tokens, kv, location, overwrite))[0]
 
     async def put_chunks(self, tokens: Sequence[int], kv: torch.Tensor, location: str | None = None,
                          overwrite: bool = False) -> tuple[int, int]:
-        """(tokens newly stored, chunks newly stored); chunks already present are kept unless ``overwrite``."""
+        """(tokens newly stored, chunks newly stored); chunks already present are kept unless ``overwrite``.
+
+        The chunks go in together (``put_many``): room is made for all of them before any is
+        committed, and the sequence's own chunks (those already stored, before and beyond the new
+        ones) are never evicted to make it.
+        """
         spans = self.spans(tokens)
         problem = kv_shape_error(kv, len(tokens))
         if problem:
             raise InvalidArgument(problem)
         backend = self.location(location)
-        n_tokens = n_chunks = 0
+        if not spans:
+            return 0, 0
+        chunks = [StoredChunk(span.key, span.start, span.end, RAW, raw=kv[:, :, span.start:span.end],
+                              parent=spans[i - 1].key if i else "") for i, span in enumerate(spans)]
+        keys = [span.key for span in spans]
         try:
-            for span in spans:
-                async with self._locks.hold((backend.name, span.key)):
-                    if not overwrite and backend.contains(span.key):
-                        continue
-                    chunk = StoredChunk(span.key, span.start, span.end, RAW, raw=kv[:, :, span.start:span.end])
-                    if await in_thread(None, backend.put, chunk):
-                        n_tokens += span.num_tokens
-                        n_chunks += 1
+            async with contextlib.AsyncExitStack() as stack:
+                for key in keys:  # in sequence order, as every holder of several chunk locks takes them
+                    await stack.enter_async_context(self._locks.hold((backend.name, key)))
+                written = await in_thread(None, functools.partial(backend.put_many, chunks, overwrite=overwrite,
+                                                                  protect=keys))
         finally:
             self._refresh_storage_metrics()
-        return n_tokens, n_chunks
+        n_tokens = sum(span.num_tokens for span, ok in zip(spans, written) if ok)
+        return n_tokens, sum(written)
 
     async def lookup(self, tokens: Sequence[int], location: str | None = None) -> int:
         """The stored prefix of ``tokens`` in tokens (None: a chunk may be in any location)."""

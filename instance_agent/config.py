@@ -30,6 +30,7 @@ DEFAULT_HEARTBEAT_SECONDS = 2.0
 # Upper bound on tokens per request: large enough for any context window, small enough that a
 # malformed request cannot make the agent hash billions of tokens.
 DEFAULT_MAX_TOKENS = 1 << 21
+DEFAULT_MIN_FREE_DISK_GIB = 0.05
 
 
 class ConfigError(InvalidArgument):
@@ -103,6 +104,12 @@ class AgentConfig:
             return load(os.path.expanduser(str(path)))
         except CodecError as e:
             raise ConfigError(f"config key 'extra_config.{key}': {e}") from None
+
+    @property
+    def min_free_disk_bytes(self) -> int:
+        """extra_config.min_free_disk_size (GiB, default 0.05): below this much free space on the
+        filesystem of ``local_disk`` the agent reports itself unhealthy."""
+        return int(float(self.extra_config.get("min_free_disk_size", DEFAULT_MIN_FREE_DISK_GIB)) * GIB)
 
     @property
     def max_tokens(self) -> int:
@@ -267,6 +274,9 @@ def _validate(cfg: AgentConfig) -> None:
     if cfg.local_disk and cfg.max_local_disk_size <= 0:
         raise ConfigError("config key 'max_local_disk_size' must be > 0 GiB when 'local_disk' is set "
                           f"(local_disk={cfg.local_disk!r})")
+    floor = cfg.extra_config.get("min_free_disk_size", DEFAULT_MIN_FREE_DISK_GIB)
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or floor < 0:
+        raise ConfigError(f"config key 'extra_config.min_free_disk_size' must be a number of GiB >= 0, got {floor!r}")
     if not cfg.local_cpu and not cfg.local_disk:
         raise ConfigError("no storage location: set 'local_cpu: true' or 'local_disk' with 'max_local_disk_size'")
     if cfg.enable_controller and not cfg.controller_pull_url:

@@ -47,6 +47,10 @@ class JobRunner(AgentCore):
                     return
                 running.add(asyncio.ensure_future(one(span)))
 
+        # The operation's chunks are not evicted while it runs (a decompress growing one chunk must
+        # not push out the next); the guard goes when the stream ends, however it ends.
+        guard = backend.protecting([span.key for span in spans])
+        guard.__enter__()
         refill()
         try:
             while running:
@@ -74,6 +78,7 @@ class JobRunner(AgentCore):
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
                 self._refresh_storage_metrics()
+            guard.__exit__(None, None, None)
         texts = [text for _, text in sorted(errors)]
         yield OperationResult(num_tokens=spans[-1].end if spans else 0, chunks_total=len(spans), chunks_done=done,
                               chunks_failed=len(texts), bytes_before=total_before, bytes_after=total_after,

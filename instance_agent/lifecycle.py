@@ -264,8 +264,14 @@ class AgentCore:
                 problems.append(f"{name}: index holds {used} bytes but {backend.used_bytes} are accounted")
             if backend.used_bytes > backend.capacity_bytes:
                 problems.append(f"{name}: {backend.used_bytes} bytes used over capacity {backend.capacity_bytes}")
-            if isinstance(backend, LocalDiskBackend) and not os.access(backend.root, os.W_OK):
-                problems.append(f"{name}: folder {backend.root} is not writable")
+            if isinstance(backend, LocalDiskBackend):
+                if not os.access(backend.root, os.W_OK):
+                    problems.append(f"{name}: folder {backend.root} is not writable")
+                free, floor = backend.fs_free_bytes(), self.config.min_free_disk_bytes
+                if free < floor:
+                    problems.append(f"{name}: {free} bytes free on the filesystem of {backend.root}, under the "
+                                    f"threshold of {floor} (extra_config.min_free_disk_size, GiB); compress or "
+                                    "clear chunks, or free space there")
         return problems
 
     def _location_reports(self) -> list[LocationReport]:
@@ -273,7 +279,7 @@ class AgentCore:
         for backend in self.locations.values():
             st = backend.stats()
             out.append(LocationReport(st.name, st.used_bytes, st.capacity_bytes, st.num_chunks, st.num_encoded,
-                                      st.num_pinned, free_bytes=max(0, st.capacity_bytes - st.used_bytes)))
+                                      st.num_pinned, free_bytes=backend.free_bytes()))
         return out
 
     def model_files(self) -> list[str]:

@@ -6,6 +6,8 @@ copy) only after the peer said it stored it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Sequence
 
@@ -45,7 +47,9 @@ class Transfers(ChunkOperations):
                            target_location: str, copy: bool, event_id: str) -> AsyncIterator[Progress]:
         done = moved_bytes = 0
         errors: list[str] = []
-        async with PeerClient(target_url) as peer:
+        async with contextlib.AsyncExitStack() as stack:
+            stack.enter_context(backend.protecting([span.key for span in spans]))
+            peer = await stack.enter_async_context(PeerClient(target_url))
             for span in spans:
                 chunk_error = ""
                 nbytes = 0
@@ -99,10 +103,13 @@ class Transfers(ChunkOperations):
         backend = self.location(location)
         for i, chunk in enumerate(chunks):
             self._check_received(i, chunk)
-        stored = 0
-        for chunk in chunks:
-            async with self._locks.hold((backend.name, chunk.key)):
-                if await in_thread(None, backend.put, chunk):
-                    stored += 1
-        self._refresh_storage_metrics()
-        return stored
+        keys = [chunk.key for chunk in chunks]
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for _, key in sorted({(c.start, c.key) for c in chunks}):  # the order put_chunks takes them in
+                    await stack.enter_async_context(self._locks.hold((backend.name, key)))
+                # All of them or none, as a put: a move never leaves half a sequence on the peer.
+                written = await in_thread(None, functools.partial(backend.put_many, list(chunks), protect=keys))
+        finally:
+            self._refresh_storage_metrics()
+        return sum(written)

@@ -50,7 +50,7 @@ def health_to_proto(h: HealthReport) -> agent_pb2.HealthResponse:
 def chunk_to_proto(chunk: StoredChunk) -> agent_pb2.StoredChunk:
     """A stored chunk as sent to a peer, in its stored form (copies the tensor: off the loop)."""
     msg = agent_pb2.StoredChunk(chunk_key=chunk.key, token_start=chunk.start, token_end=chunk.end,
-                                method=chunk.method)
+                                method=chunk.method, parent_key=chunk.parent)
     if chunk.encoded:
         msg.payload = chunk.payload or b""
     elif chunk.raw is not None:
@@ -64,7 +64,9 @@ def chunk_from_proto(msg: agent_pb2.StoredChunk, i: int) -> StoredChunk:
     if problem:
         raise InvalidArgument(f"chunks[{i}]: {problem}")
     if msg.method:
-        return StoredChunk(msg.chunk_key, msg.token_start, msg.token_end, msg.method, payload=msg.payload)
+        return StoredChunk(msg.chunk_key, msg.token_start, msg.token_end, msg.method, payload=msg.payload,
+                           parent=msg.parent_key)
     if not msg.HasField("raw"):
         raise InvalidArgument(f"chunks[{i}] has neither a method nor a raw tensor")
-    return StoredChunk(msg.chunk_key, msg.token_start, msg.token_end, RAW, raw=from_proto(msg.raw))
+    return StoredChunk(msg.chunk_key, msg.token_start, msg.token_end, RAW, raw=from_proto(msg.raw),
+                       parent=msg.parent_key)

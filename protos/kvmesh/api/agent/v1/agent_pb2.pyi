@@ -192,20 +192,22 @@ class GetChunksResponse(_message.Message):
     def __init__(self, num_tokens: _Optional[int] = ..., kv: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class StoredChunk(_message.Message):
-    __slots__ = ("chunk_key", "token_start", "token_end", "method", "raw", "payload")
+    __slots__ = ("chunk_key", "token_start", "token_end", "method", "raw", "payload", "parent_key")
     CHUNK_KEY_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_END_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    PARENT_KEY_FIELD_NUMBER: _ClassVar[int]
     chunk_key: str
     token_start: int
     token_end: int
     method: str
     raw: _common_pb2.Tensor
     payload: bytes
-    def __init__(self, chunk_key: _Optional[str] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., method: _Optional[str] = ..., raw: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    parent_key: str
+    def __init__(self, chunk_key: _Optional[str] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., method: _Optional[str] = ..., raw: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., payload: _Optional[bytes] = ..., parent_key: _Optional[str] = ...) -> None: ...
 
 class ReceiveChunksRequest(_message.Message):
     __slots__ = ("location", "chunks")
