@@ -6,6 +6,7 @@ runs on the codec pool and storage I/O on threads, never on the event loop.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -20,6 +21,7 @@ from kvmesh.errors import DataCorrupt, InvalidArgument, KVMeshError
 from .jobs import JobRunner
 from .keys import ChunkSpan
 from .lifecycle import in_thread
+from .methods import describe_missing
 from .results import ChunkOutcome, LocationMatch, Progress
 from .storage import RAW, StorageBackend, StoredChunk
 
@@ -71,48 +73,108 @@ class ChunkOperations(JobRunner):
             return 0, 0
         chunks = [StoredChunk(span.key, span.start, span.end, RAW, raw=kv[:, :, span.start:span.end],
                               parent=spans[i - 1].key if i else "") for i, span in enumerate(spans)]
-        keys = [span.key for span in spans]
+        written = await self._put_all(backend, chunks, overwrite)
+        n_tokens = sum(span.num_tokens for span, ok in zip(spans, written) if ok)
+        remote = self.remote
+        if not location and remote is not None and remote is not backend and self.config.remote_write_through:
+            await self._write_through(remote, chunks)
+        return n_tokens, sum(written)
+
+    async def _put_all(self, backend: StorageBackend, chunks: list[StoredChunk], overwrite: bool) -> list[bool]:
+        """``backend.put_many`` under the chunks' locks (taken in sequence order, as every holder of
+        several chunk locks takes them); chunks bound for the remote store are first encoded with
+        ``remote_serde`` when that names a codec."""
+        keys = [c.key for c in chunks]
         try:
             async with contextlib.AsyncExitStack() as stack:
-                for key in keys:  # in sequence order, as every holder of several chunk locks takes them
+                for key in keys:
                     await stack.enter_async_context(self._locks.hold((backend.name, key)))
-                written = await in_thread(None, functools.partial(backend.put_many, chunks, overwrite=overwrite,
-                                                                  protect=keys))
+                if backend.shared and self.remote_method:
+                    if not overwrite:  # encode only what is missing: the store is shared
+                        present = await asyncio.to_thread(backend.prefix_length, keys)
+                        chunks = chunks[present:]
+                        if not chunks:
+                            return [False] * len(keys)
+                    encoded = await self._run_codec(self._encode_all, chunks, self.remote_method)
+                    done = await in_thread(None, functools.partial(backend.put_many, encoded, overwrite=overwrite,
+                                                                   protect=keys))
+                    return [False] * (len(keys) - len(done)) + done
+                return await in_thread(None, functools.partial(backend.put_many, chunks, overwrite=overwrite,
+                                                               protect=keys))
         finally:
             self._refresh_storage_metrics()
-        n_tokens = sum(span.num_tokens for span, ok in zip(spans, written) if ok)
-        return n_tokens, sum(written)
+
+    def _encode_all(self, chunks: list[StoredChunk], method: str) -> list[StoredChunk]:
+        codec = self.codecs.get(method)
+        out = []
+        for c in chunks:
+            assert c.raw is not None
+            out.append(StoredChunk(c.key, c.start, c.end, method, payload=bytes(codec.encode(c.raw)), parent=c.parent))
+        return out
+
+    async def _write_through(self, remote: StorageBackend, chunks: list[StoredChunk]) -> None:
+        """Also store ``chunks`` in the remote store, once per key; a store that is down or full is
+        logged, never the caller's error: the local copy is stored."""
+        try:
+            await self._put_all(remote, chunks, overwrite=False)
+        except KVMeshError as err:
+            logger.warning("write-through of %d chunks to %s failed: %s", len(chunks), remote.name, err.message)
 
     async def lookup(self, tokens: Sequence[int], location: str | None = None) -> int:
         """The stored prefix of ``tokens`` in tokens (None: a chunk may be in any location)."""
         spans = self.spans(tokens)
+        holders = await self._holders(spans, location)
+        return spans[len(holders) - 1].end if holders else 0
+
+    async def _holders(self, spans: list[ChunkSpan], location: str | None) -> list[StorageBackend]:
+        """For each chunk of the stored prefix, the first location holding it: local ones first,
+        the remote store for what they miss (one pipelined round trip; when it is down, a miss,
+        unless it was asked for by name)."""
         backends = self._selected(location)
-        n = 0
+        local = [b for b in backends if not b.blocking]
+        holders: list[StorageBackend] = []
         for span in spans:
-            if not any(b.contains(span.key) for b in backends):
+            holder = next((b for b in local if b.contains(span.key)), None)
+            if holder is None:
                 break
-            n = span.end
-        return n
+            holders.append(holder)
+        remote = next((b for b in backends if b.blocking), None)
+        if remote is None or len(holders) == len(spans):
+            return holders
+        rest = spans[len(holders):]
+        n_remote = await self._remote_prefix(remote, spans, strict=bool(location))
+        for i, span in enumerate(rest, start=len(holders)):
+            holder = next((b for b in local if b.contains(span.key)), None)
+            if holder is None and i < n_remote:
+                holder = remote
+            if holder is None:
+                break
+            holders.append(holder)
+        return holders
 
     async def lookup_locations(self, tokens: Sequence[int], location: str | None = None) -> list[LocationMatch]:
         """The stored prefix (tokens, chunks) in each location asked about."""
         spans = self.spans(tokens)
         out = []
         for backend in self._selected(location):
-            prefix = self._prefix(backend, spans)
+            if backend.blocking:
+                n = await self._remote_prefix(backend, spans, strict=bool(location))
+                prefix = spans[:n]
+            else:
+                prefix = await self._prefix(backend, spans)
             out.append(LocationMatch(backend.name, prefix[-1].end if prefix else 0, len(prefix)))
         return out
 
     async def retrieve(self, tokens: Sequence[int], location: str | None = None) -> tuple[int, torch.Tensor | None]:
-        """The longest stored prefix of ``tokens`` and its KV, decoded, concatenated on dim 2."""
+        """The longest stored prefix of ``tokens`` and its KV, decoded, concatenated on dim 2.
+
+        Each chunk comes from the first location holding it: memory, disk, then the remote store
+        (the engine's fallback on a local miss)."""
         spans = self.spans(tokens)
-        self._selected(location)  # validates the name
+        holders = await self._holders(spans, location)
         parts: list[torch.Tensor] = []
         n = 0
-        for span in spans:
-            backend = self._holder(span.key, location)
-            if backend is None:
-                break
+        for span, backend in zip(spans, holders):
             async with self._locks.hold((backend.name, span.key)):
                 try:
                     kv = await self._run_codec(self._read_decoded, backend, span)
@@ -153,7 +215,7 @@ class ChunkOperations(JobRunner):
             raise InvalidArgument(f"method is required; available methods: {', '.join(self.codecs.available())}")
         self.codecs.check(method)
         backend = self._required_location(location)
-        spans = self._prefix(backend, self.spans(tokens))
+        spans = await self._prefix(backend, self.spans(tokens))
         return self._run_chunks("compress", method, backend, spans, event_id,
                                 lambda span: self._compress_chunk(backend, span, method))
 
@@ -163,7 +225,7 @@ class ChunkOperations(JobRunner):
         if method:
             self.codecs.check(method)  # an unknown method is the caller's error, not each chunk's
         backend = self._required_location(location)
-        spans = self._prefix(backend, self.spans(tokens))
+        spans = await self._prefix(backend, self.spans(tokens))
         return self._run_chunks("decompress", method, backend, spans, event_id,
                                 lambda span: self._decompress_chunk(backend, span, method))
 
@@ -176,6 +238,9 @@ class ChunkOperations(JobRunner):
                 return ChunkOutcome(error="the chunk was removed (evicted or cleared) before it was compressed")
             if chunk.method == method:
                 return ChunkOutcome(chunk.nbytes, chunk.nbytes, skipped=True, method=method)
+            undecodable = self._undecodable(chunk)
+            if undecodable:
+                return ChunkOutcome(error=undecodable, method=method)
             t0 = time.perf_counter()
             raw = chunk.raw if not chunk.encoded else self.codecs.get(chunk.method).decode(chunk.payload or b"")
             if raw is None:
@@ -192,6 +257,9 @@ class ChunkOperations(JobRunner):
             seconds = time.perf_counter() - t0
             new = StoredChunk(span.key, span.start, span.end, method, payload=blob)
             if not backend.put(new, expect_method=chunk.method):
+                now = backend.entry(span.key)
+                if now is not None and now.method == method:  # another agent sharing the store did it
+                    return ChunkOutcome(now.nbytes, now.nbytes, skipped=True, method=method)
                 return ChunkOutcome(error="the chunk changed or was removed during compression; left as it is")
             raw_bytes = raw.numel() * raw.element_size()
             return ChunkOutcome(raw_bytes if not chunk.encoded else chunk.nbytes, len(blob), seconds, method=method)
@@ -210,6 +278,9 @@ class ChunkOperations(JobRunner):
                 return ChunkOutcome(chunk.nbytes, chunk.nbytes, skipped=True, method=method)
             if method and chunk.method != method:
                 return ChunkOutcome(error=f"the chunk is encoded with {chunk.method!r}, not {method!r}", method=method)
+            undecodable = self._undecodable(chunk)
+            if undecodable:
+                return ChunkOutcome(error=undecodable, method=method)
             t0 = time.perf_counter()
             kv = self.codecs.get(chunk.method).decode(chunk.payload or b"")
             check_decoded(kv, span, chunk.method)
@@ -217,6 +288,9 @@ class ChunkOperations(JobRunner):
             seconds = time.perf_counter() - t0
             new = StoredChunk(span.key, span.start, span.end, RAW, raw=kv)
             if not backend.put(new, expect_method=chunk.method):
+                now = backend.entry(span.key)
+                if now is not None and not now.encoded:  # another agent sharing the store did it
+                    return ChunkOutcome(now.nbytes, now.nbytes, skipped=True, method=chunk.method)
                 return ChunkOutcome(error="the chunk changed or was removed during decompression; left as it is")
             return ChunkOutcome(chunk.nbytes, new.nbytes, seconds, method=chunk.method)
         except KVMeshError as err:
@@ -224,6 +298,16 @@ class ChunkOperations(JobRunner):
         except Exception as err:
             logger.debug("decompress of chunk %s failed", span.key, exc_info=True)
             return ChunkOutcome(error=f"{type(err).__name__}: {err}", method=method)
+
+    def _undecodable(self, chunk: StoredChunk) -> str:
+        """Why this agent cannot decode ``chunk`` (a model file it lacks), or ""."""
+        if not chunk.encoded:
+            return ""
+        missing = self.codecs.missing_files(chunk.method, chunk.payload)
+        if not missing:
+            return ""
+        return f"chunk {chunk.key} cannot be decoded here: " + describe_missing(
+            missing, self.model_files(), "this agent")
 
     # Clear / pin / unpin
     async def clear(self, location: str | None, tokens: Sequence[int] = ()) -> tuple[int, int]:
@@ -233,7 +317,8 @@ class ChunkOperations(JobRunner):
         n_tokens = n_chunks = 0
         for backend in backends:
             if not tokens:
-                for entry in backend.entries():
+                entries = await asyncio.to_thread(backend.entries) if backend.blocking else backend.entries()
+                for entry in entries:
                     async with self._locks.hold((backend.name, entry.key)):
                         if await in_thread(None, backend.remove, entry.key):
                             n_tokens += entry.end - entry.start
@@ -252,8 +337,11 @@ class ChunkOperations(JobRunner):
         spans = self.spans(tokens)
         best = 0
         for backend in self._selected(location):
-            prefix = self._prefix(backend, spans)
+            prefix = await self._prefix(backend, spans)
             for span in prefix:
-                backend.set_pinned(span.key, pinned)
+                if backend.blocking:
+                    await asyncio.to_thread(backend.set_pinned, span.key, pinned)
+                else:
+                    backend.set_pinned(span.key, pinned)
             best = max(best, prefix[-1].end if prefix else 0)
         return best

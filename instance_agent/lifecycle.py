@@ -16,15 +16,15 @@ from typing import Any
 
 import grpc
 
-from kvmesh.errors import InvalidArgument
+from kvmesh.errors import InvalidArgument, Unavailable
 
-from .config import AgentConfig
+from .config import AgentConfig, ConfigError
 from .keys import ChunkSpan, chunk_spans, validate_tokens
 from .locks import KeyedLocks
 from .methods import Codec, CodecSet
 from .metrics import AgentMetrics
 from .results import AgentStats, HealthReport, LocationReport
-from .storage import LocalCPUBackend, LocalDiskBackend, StorageBackend
+from .storage import LocalCPUBackend, LocalDiskBackend, RemoteBackend, StorageBackend
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,10 @@ class AgentCore:
             self._metrics_port_wanted, self._metrics_port_explicit = metrics_port, True
         self.codecs = CodecSet(extra_codecs, {"key_profile": config.key_profile(),
                                               "predictor": config.layer_predictor()})
+        self.remote_method = config.remote_method
+        if self.remote_method and self.remote_method not in self.codecs.available():
+            raise ConfigError(f"config key 'remote_serde' is {config.remote_serde!r}: not a method here; use "
+                              f"'naive' (raw) or one of {', '.join(self.codecs.available())}")
         self.metrics = AgentMetrics()
         self.locations: dict[str, StorageBackend] = {}
         self._locks = KeyedLocks()
@@ -113,7 +117,8 @@ class AgentCore:
         self._loop = asyncio.get_running_loop()
         self.locations = await asyncio.to_thread(self._open_locations)
         for backend in self.locations.values():
-            backend.add_listener(self._on_storage_event)
+            if not backend.shared:  # the shared store is no part of this agent's index at the controller
+                backend.add_listener(self._on_storage_event)
         self._refresh_storage_metrics()
         self._server, self.grpc_port, self.p2p_port = await self._build_server()
         if self._metrics_port_wanted >= 0:
@@ -159,10 +164,17 @@ class AgentCore:
             out[LocalCPUBackend.name] = LocalCPUBackend(self.config.max_local_cpu_bytes)
         if self.config.local_disk:
             out[LocalDiskBackend.name] = LocalDiskBackend(self.config.local_disk, self.config.max_local_disk_bytes)
-        if self.config.remote_url:
-            logger.warning("remote_url %s is configured but kvmesh has no remote location yet; ignored",
-                           self.config.remote_url)
+        settings = self.config.remote_settings()
+        if settings is not None:
+            # Not contacted here: a store that is down at start is reported by health, and the
+            # local locations serve meanwhile.
+            out[RemoteBackend.name] = RemoteBackend(settings, self.worker_id)
         return out
+
+    @property
+    def remote(self) -> RemoteBackend | None:
+        backend = self.locations.get(RemoteBackend.name)
+        return backend if isinstance(backend, RemoteBackend) else None
 
     # Storage events -> metrics and the controller's lookup index
     def _on_storage_event(self, kind: str, location: str, key: str, token_end: int) -> None:
@@ -190,7 +202,8 @@ class AgentCore:
 
     def index_snapshot(self) -> list[tuple[str, str, int]]:
         """Every stored chunk as (location, key, token end), for the controller's full resync."""
-        return [(name, e.key, e.end) for name, backend in self.locations.items() for e in backend.entries()]
+        return [(name, e.key, e.end) for name, backend in self.locations.items() if not backend.shared
+                for e in backend.entries()]
 
     @property
     def controller_connected(self) -> bool:
@@ -224,20 +237,25 @@ class AgentCore:
     def _selected(self, name: str | None) -> list[StorageBackend]:
         return list(self.locations.values()) if not name else [self.location(name)]
 
-    @staticmethod
-    def _prefix(backend: StorageBackend, spans: list[ChunkSpan]) -> list[ChunkSpan]:
-        out: list[ChunkSpan] = []
-        for span in spans:
-            if not backend.contains(span.key):
-                break
-            out.append(span)
-        return out
+    async def _prefix(self, backend: StorageBackend, spans: list[ChunkSpan]) -> list[ChunkSpan]:
+        """The spans ``backend`` holds, in order from the first (a round trip for the remote store)."""
+        keys = [span.key for span in spans]
+        if backend.blocking:
+            n = await asyncio.to_thread(backend.prefix_length, keys)
+        else:
+            n = backend.prefix_length(keys)
+        return spans[:n]
 
-    def _holder(self, key: str, name: str | None) -> StorageBackend | None:
-        for backend in self._selected(name):
-            if backend.contains(key):
-                return backend
-        return None
+    async def _remote_prefix(self, backend: StorageBackend, spans: list[ChunkSpan], strict: bool) -> int:
+        """How many of ``spans`` the remote store holds in order; when it is down, 0 (``strict``:
+        Unavailable) so that the local locations keep serving."""
+        try:
+            return len(await self._prefix(backend, spans))
+        except Unavailable as err:
+            if strict:
+                raise
+            logger.warning("%s; serving from the local locations", err.message)
+            return 0
 
     async def _run_codec(self, fn: Any, *args: Any) -> Any:
         return await in_thread(self._codec_pool, fn, *args)
@@ -250,7 +268,7 @@ class AgentCore:
         except Exception as err:  # health must answer, whatever broke
             logger.exception("health check failed")
             return HealthReport(-1001, f"health check error: {type(err).__name__}: {err}")
-        reports = await asyncio.to_thread(self._location_reports)
+        reports = await asyncio.to_thread(self._location_reports, False)
         if problems:
             return HealthReport(-1, "; ".join(problems), reports, self.model_files())
         return HealthReport(0, "ok", reports, self.model_files())
@@ -258,6 +276,11 @@ class AgentCore:
     def _check_storage(self) -> list[str]:
         problems = []
         for name, backend in self.locations.items():
+            if isinstance(backend, RemoteBackend):
+                reachable, why, _ = backend.ping()
+                if not reachable:
+                    problems.append(why)
+                continue
             entries = backend.entries()
             used = sum(e.nbytes for e in entries)
             if used != backend.used_bytes:
@@ -274,9 +297,23 @@ class AgentCore:
                                     "clear chunks, or free space there")
         return problems
 
-    def _location_reports(self) -> list[LocationReport]:
+    def _location_reports(self, count_remote: bool) -> list[LocationReport]:
+        """Each location's figures (blocking: a thread). ``count_remote``: also count this worker's
+        chunks in the remote store (a bounded SCAN: Stats does, health does not)."""
         out = []
         for backend in self.locations.values():
+            if isinstance(backend, RemoteBackend):
+                reachable, why, free = backend.ping()
+                st = backend.stats()
+                if reachable and count_remote:
+                    try:
+                        st = backend.refresh()
+                    except Unavailable as err:
+                        reachable, why = False, err.message
+                out.append(LocationReport(st.name, st.used_bytes, st.capacity_bytes, st.num_chunks, st.num_encoded,
+                                          st.num_pinned, free_bytes=free if reachable else -1,
+                                          available=reachable, problem=why))
+                continue
             st = backend.stats()
             out.append(LocationReport(st.name, st.used_bytes, st.capacity_bytes, st.num_chunks, st.num_encoded,
                                       st.num_pinned, free_bytes=backend.free_bytes()))
@@ -287,6 +324,6 @@ class AgentCore:
         return self.codecs.model_files()
 
     async def stats(self) -> AgentStats:
-        reports = await asyncio.to_thread(self._location_reports)
+        reports = await asyncio.to_thread(self._location_reports, True)
         return AgentStats(self.config.lmcache_instance_id, self.worker_id, self.config.chunk_size,
                           self.codecs.available(), reports, self.model_files())

@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc
 
-from kvmesh.errors import InvalidArgument, KVMeshError, from_grpc_error
+from kvmesh.errors import Conflict, InvalidArgument, KVMeshError, from_grpc_error
 
 from .chunk_ops import ChunkOperations, kv_shape_error
 from .keys import ChunkSpan, chunk_ref_error
 from .lifecycle import in_thread
+from .methods import describe_missing
 from .peer import PeerClient
 from .results import ChunkProgress, OperationResult, Progress
 from .storage import StorageBackend, StoredChunk
@@ -40,7 +41,7 @@ class Transfers(ChunkOperations):
         target_location = target_location or backend.name
         if self._is_self(target_url) and target_location == backend.name:
             raise InvalidArgument(f"move from {backend.name} to itself on the same agent ({target_url}) would do nothing")
-        spans = self._prefix(backend, self.spans(tokens))
+        spans = await self._prefix(backend, self.spans(tokens))
         return self._move_chunks(backend, spans, target_url, target_location, copy, event_id)
 
     async def _move_chunks(self, backend: StorageBackend, spans: list[ChunkSpan], target_url: str,
@@ -50,6 +51,7 @@ class Transfers(ChunkOperations):
         async with contextlib.AsyncExitStack() as stack:
             stack.enter_context(backend.protecting([span.key for span in spans]))
             peer = await stack.enter_async_context(PeerClient(target_url))
+            peer_files = await self._peer_files(peer) if spans else None
             for span in spans:
                 chunk_error = ""
                 nbytes = 0
@@ -58,6 +60,11 @@ class Transfers(ChunkOperations):
                         chunk = await asyncio.to_thread(backend.get, span.key)
                         if chunk is None:
                             chunk_error = "the chunk was removed before it was sent"
+                        elif peer_files is not None and self.codecs.missing_files(chunk.method, chunk.payload,
+                                                                                  peer_files):
+                            missing = self.codecs.missing_files(chunk.method, chunk.payload, peer_files)
+                            chunk_error = f"chunk {span.key} was not sent: " + describe_missing(
+                                missing, peer_files, f"the agent at {target_url}")
                         else:
                             nbytes = chunk.nbytes
                             await peer.send(target_location, [chunk])
@@ -84,6 +91,16 @@ class Transfers(ChunkOperations):
                               chunks_failed=len(errors), bytes_before=moved_bytes, bytes_after=moved_bytes,
                               error=errors[0] if errors else "", errors=tuple(errors))
 
+    @staticmethod
+    async def _peer_files(peer: PeerClient) -> list[str] | None:
+        """The model files the peer advertises; None when it cannot say (it checks on receipt)."""
+        try:
+            return (await peer.model_files())[1]
+        except grpc.RpcError as err:
+            logger.info("could not ask %s for its model files (%s); it checks them on receipt",
+                        peer.target_url, err.code())
+            return None
+
     def _check_received(self, i: int, chunk: StoredChunk) -> None:
         problem = chunk_ref_error(chunk.key, chunk.start, chunk.end)
         if problem:
@@ -92,6 +109,10 @@ class Transfers(ChunkOperations):
             if chunk.method not in self.codecs.available():
                 raise InvalidArgument(f"chunks[{i}] is encoded with unknown method {chunk.method!r}; "
                                       f"available methods: {', '.join(self.codecs.available())}")
+            missing = self.codecs.missing_files(chunk.method, chunk.payload)
+            if missing:
+                raise Conflict(f"chunks[{i}] (chunk {chunk.key}) refused: " + describe_missing(
+                    missing, self.model_files(), "this agent"))
             return
         assert chunk.raw is not None
         problem = kv_shape_error(chunk.raw, chunk.end - chunk.start)

@@ -67,6 +67,11 @@ class StorageBackend(ABC):
     """A bounded LRU store of chunks keyed by chunk key; pinned chunks are never evicted."""
 
     name: str = ""
+    # A location shared with other agents (the remote store): not part of this agent's index at
+    # the controller, never evicted from by kvmesh.
+    shared: bool = False
+    # Methods do network I/O: call even contains() off the event loop.
+    blocking: bool = False
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = int(capacity_bytes)
@@ -138,6 +143,20 @@ class StorageBackend(ABC):
                 return None
             self._index.move_to_end(key)
         return self._load(entry)
+
+    def prefix_length(self, keys: list[str]) -> int:
+        """How many of ``keys`` are stored, in order from the first."""
+        with self._lock:
+            n = 0
+            for key in keys:
+                if key not in self._index:
+                    break
+                n += 1
+            return n
+
+    def refresh(self) -> LocationStats:
+        """Up-to-date figures (a remote location asks its server; a local one knows them)."""
+        return self.stats()
 
     def entries(self) -> list[IndexEntry]:
         """A snapshot of the index, least recently used first."""
