@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import RedisError, ResponseError, WatchError
 
 from kvmesh.errors import DataCorrupt, InvalidArgument, ResourceExhausted, Unavailable
 
@@ -99,6 +99,13 @@ class RemoteBackend(StorageBackend):
         """``fn()``, with a Redis failure turned into Unavailable naming the server."""
         try:
             out = fn()
+        except ResponseError as err:
+            if str(err).startswith("OOM"):  # maxmemory reached with nothing the policy may evict
+                raise ResourceExhausted(f"{self.name}: the Redis server at {self.where} is full ({err}); raise its "
+                                        "maxmemory, set remote_ttl_seconds so that volatile-lru can evict, "
+                                        "or clear chunks") from None
+            self.last_error = f"{type(err).__name__}: {err}"
+            raise Unavailable(f"{self.name}: the Redis server at {self.where} refused to {what}: {err}") from None
         except RedisError as err:
             self.last_error = f"{type(err).__name__}: {err}"
             raise Unavailable(f"{self.name}: the Redis server at {self.where} failed to {what}: {err}; "
