@@ -45,6 +45,11 @@ def check_decoded(kv: Any, span: ChunkSpan, method: str) -> None:
         raise DataCorrupt(f"{method} decoded chunk {span.index} to {shape}, expected [2, L, {span.num_tokens}, C]")
 
 
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The chunks' KV as one tensor the caller owns (concatenated on the token dim)."""
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0].clone()
+
+
 class ChunkOperations(JobRunner):
     # Engine-facing operations
     async def store(self, tokens: Sequence[int], kv: torch.Tensor, location: str | None = None,
@@ -64,7 +69,7 @@ class ChunkOperations(JobRunner):
         committed, and the sequence's own chunks (those already stored, before and beyond the new
         ones) are never evicted to make it.
         """
-        spans = self.spans(tokens)
+        spans = await self.aspans(tokens)
         problem = kv_shape_error(kv, len(tokens))
         if problem:
             raise InvalidArgument(problem)
@@ -122,7 +127,7 @@ class ChunkOperations(JobRunner):
 
     async def lookup(self, tokens: Sequence[int], location: str | None = None) -> int:
         """The stored prefix of ``tokens`` in tokens (None: a chunk may be in any location)."""
-        spans = self.spans(tokens)
+        spans = await self.aspans(tokens)
         holders = await self._holders(spans, location)
         return spans[len(holders) - 1].end if holders else 0
 
@@ -154,7 +159,7 @@ class ChunkOperations(JobRunner):
 
     async def lookup_locations(self, tokens: Sequence[int], location: str | None = None) -> list[LocationMatch]:
         """The stored prefix (tokens, chunks) in each location asked about."""
-        spans = self.spans(tokens)
+        spans = await self.aspans(tokens)
         out = []
         for backend in self._selected(location):
             if backend.blocking:
@@ -170,7 +175,7 @@ class ChunkOperations(JobRunner):
 
         Each chunk comes from the first location holding it: memory, disk, then the remote store
         (the engine's fallback on a local miss)."""
-        spans = self.spans(tokens)
+        spans = await self.aspans(tokens)
         holders = await self._holders(spans, location)
         parts: list[torch.Tensor] = []
         n = 0
@@ -194,7 +199,8 @@ class ChunkOperations(JobRunner):
             n = span.end
         if not parts:
             return 0, None
-        return n, torch.cat(parts, dim=2) if len(parts) > 1 else parts[0].clone()
+        # One copy of the whole prefix (GBs for a long context): off the event loop.
+        return n, await asyncio.to_thread(_joined, parts)
 
     def _read_decoded(self, backend: StorageBackend, span: ChunkSpan) -> torch.Tensor | None:
         chunk = backend.get(span.key)
@@ -215,7 +221,7 @@ class ChunkOperations(JobRunner):
             raise InvalidArgument(f"method is required; available methods: {', '.join(self.codecs.available())}")
         self.codecs.check(method)
         backend = self._required_location(location)
-        spans = await self._prefix(backend, self.spans(tokens))
+        spans = await self._prefix(backend, await self.aspans(tokens))
         return self._run_chunks("compress", method, backend, spans, event_id,
                                 lambda span: self._compress_chunk(backend, span, method))
 
@@ -225,7 +231,7 @@ class ChunkOperations(JobRunner):
         if method:
             self.codecs.check(method)  # an unknown method is the caller's error, not each chunk's
         backend = self._required_location(location)
-        spans = await self._prefix(backend, self.spans(tokens))
+        spans = await self._prefix(backend, await self.aspans(tokens))
         return self._run_chunks("decompress", method, backend, spans, event_id,
                                 lambda span: self._decompress_chunk(backend, span, method))
 
@@ -313,7 +319,7 @@ class ChunkOperations(JobRunner):
     async def clear(self, location: str | None, tokens: Sequence[int] = ()) -> tuple[int, int]:
         """Drop the chunks of ``tokens`` (empty: everything) from ``location`` (empty: every one)."""
         backends = self._selected(location)
-        spans = self.spans(tokens) if tokens else []
+        spans = await self.aspans(tokens) if tokens else []
         n_tokens = n_chunks = 0
         for backend in backends:
             if not tokens:
@@ -334,7 +340,7 @@ class ChunkOperations(JobRunner):
 
     async def set_pinned(self, location: str | None, tokens: Sequence[int], pinned: bool) -> int:
         """Pin (or unpin) the stored prefix of ``tokens``; returns its length (the most over locations)."""
-        spans = self.spans(tokens)
+        spans = await self.aspans(tokens)
         best = 0
         for backend in self._selected(location):
             prefix = await self._prefix(backend, spans)

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_METRICS_PORT = 9101
 MAX_MESSAGE_BYTES = 1 << 30
+# Token sequences up to this long are checked and hashed on the event loop (well under a millisecond).
+SPANS_ON_LOOP_MAX_TOKENS = 16_384
 GRPC_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
@@ -219,6 +221,13 @@ class AgentCore:
         if spans and not self.config.save_unfull_chunk and spans[-1].num_tokens < self.config.chunk_size:
             spans.pop()
         return spans
+
+    async def aspans(self, tokens: Sequence[int]) -> list[ChunkSpan]:
+        """``spans`` for a coroutine: a long sequence is checked and hashed on a thread (millions of
+        tokens take long enough to stall the event loop)."""
+        if len(tokens) <= SPANS_ON_LOOP_MAX_TOKENS:
+            return self.spans(tokens)
+        return await asyncio.to_thread(self.spans, tokens)
 
     def location(self, name: str | None) -> StorageBackend:
         """The location called ``name`` (None or empty: the default, memory first)."""

@@ -41,7 +41,7 @@ class Transfers(ChunkOperations):
         target_location = target_location or backend.name
         if self._is_self(target_url) and target_location == backend.name:
             raise InvalidArgument(f"move from {backend.name} to itself on the same agent ({target_url}) would do nothing")
-        spans = await self._prefix(backend, self.spans(tokens))
+        spans = await self._prefix(backend, await self.aspans(tokens))
         return self._move_chunks(backend, spans, target_url, target_location, copy, event_id)
 
     async def _move_chunks(self, backend: StorageBackend, spans: list[ChunkSpan], target_url: str,
