@@ -147,8 +147,9 @@ class ChunkOperations(JobRunner):
         if remote is None or len(holders) == len(spans):
             return holders
         rest = spans[len(holders):]
-        n_remote = await self._remote_prefix(remote, spans, strict=bool(location))
-        for i, span in enumerate(rest, start=len(holders)):
+        # The remote store continues the prefix where the local locations stop.
+        n_remote = await self._remote_prefix(remote, rest, strict=bool(location))
+        for i, span in enumerate(rest):
             holder = next((b for b in local if b.contains(span.key)), None)
             if holder is None and i < n_remote:
                 holder = remote

@@ -151,3 +151,16 @@ def test_bad_remote_config_names_the_key(tmp_path, overrides, fragment) -> None:
 def test_an_unknown_remote_serde_names_the_methods(tmp_path) -> None:
     with pytest.raises(ConfigError, match="remote_serde.*kivi.*naive.*cachegen"):
         InstanceAgent(make_config(tmp_path, remote_url="redis://127.0.0.1:1", remote_serde="kivi"))
+
+
+async def test_the_remote_store_continues_a_local_prefix(agents, tmp_path, redis_srv) -> None:
+    """Chunks 0-1 in memory only, 2-3 in the remote store only: the engine's read joins them."""
+    a = await agents(remote_config(tmp_path, redis_srv, "a", remote_write_through=False))
+    kv = make_kv(16, seed=8)
+    await a.store(TOKENS, kv, REMOTE)
+    await a.store(TOKENS[:8], kv[:, :, :8], CPU)
+    assert redis_srv.client.delete(redis_key(redis_srv, TOKENS, 0), redis_key(redis_srv, TOKENS, 1)) == 2
+    assert await a.lookup(TOKENS, REMOTE) == 0 and await a.lookup(TOKENS, CPU) == 8
+    assert await a.lookup(TOKENS) == 16
+    n, got = await a.retrieve(TOKENS)
+    assert n == 16 and torch.equal(got, kv)
