@@ -229,8 +229,11 @@ class StorageBackend(ABC):
             if chunk.nbytes > self.capacity_bytes:
                 raise ResourceExhausted(f"{self.name}: a chunk of {chunk.nbytes} bytes is over the location's "
                                         f"capacity of {self.capacity_bytes} bytes")
+        keep = {c.key for c in chunks} | set(protect)
         with self._lock:
             todo = [c for c in chunks if self._may_write(c.key, overwrite, expect_method)]
+            # Refuse before preparing (copying, writing files) what cannot fit anyway.
+            self._plan_evictions(self._extra_bytes(todo), keep, len(todo))
         prepared: list[tuple[StoredChunk, Any]] = []
         try:
             for chunk in todo:
@@ -239,9 +242,7 @@ class StorageBackend(ABC):
                 ok = [self._may_write(c.key, overwrite, expect_method) for c, _ in prepared]
                 writes = [p for p, good in zip(prepared, ok) if good]
                 skipped = [h for (_, h), good in zip(prepared, ok) if not good]
-                keep = {c.key for c in chunks} | set(protect)
-                extra = sum(c.nbytes - (self._index[c.key].nbytes if c.key in self._index else 0) for c, _ in writes)
-                victims = self._plan_evictions(extra, keep, len(writes))
+                victims = self._plan_evictions(self._extra_bytes([c for c, _ in writes]), keep, len(writes))
                 for victim in victims:
                     self._remove_locked(victim)
                     self.evictions += 1
@@ -256,6 +257,10 @@ class StorageBackend(ABC):
         finally:
             for _, handle in prepared:
                 self._abort(handle)
+
+    def _extra_bytes(self, chunks: list[StoredChunk]) -> int:
+        """How many more bytes the location holds once ``chunks`` are written (lock held)."""
+        return sum(c.nbytes - (self._index[c.key].nbytes if c.key in self._index else 0) for c in chunks)
 
     def _commit_locked(self, chunk: StoredChunk, handle: Any) -> None:
         old = self._index.get(chunk.key)

@@ -132,3 +132,19 @@ async def test_decompress_never_evicts_its_own_chunks(agents) -> None:
     assert n == 20 and kv.shape[2] == 20
     # The other sequence paid for it, tail first.
     assert await agent.lookup(other, CPU) in (0, 4)
+
+
+def test_a_put_protects_its_sequence_beyond_the_chunk_it_stores() -> None:
+    """S lost its first chunk; putting S again must not evict S's own later chunks (tails too) to
+    make room for it: another sequence pays."""
+    b = LocalCPUBackend(5 * CHUNK_BYTES)
+    s, t = seq(4, 0), seq(1, 300)
+    b.put_many(sequence_chunks(s))
+    b.put_many(sequence_chunks(t, seed=1))
+    assert b.remove(chunk_spans(s, 4)[0].key)
+    b.put_many(sequence_chunks(seq(1, 600), seed=2))  # full again
+    keys = [x.key for x in chunk_spans(s, 4)]
+    written = b.put_many(sequence_chunks(s), overwrite=False, protect=keys)
+    assert written == [True, False, False, False]
+    assert stored_keys(b, s) == [True, True, True, True]
+    assert stored_keys(b, t) == [False], "the least recently used other sequence paid"
