@@ -233,7 +233,6 @@ class RemoteBackend(StorageBackend):
                 raise ResourceExhausted(f"{self.name}: a chunk of {chunk.nbytes} bytes is over the "
                                         f"{self.settings.max_chunk_bytes}-byte limit of one Redis value")
         encoded = [(self._key(c.key), *encode_chunk(c), c) for c in chunks]
-        checked = expect_method is not None or not overwrite
 
         def attempt() -> list[bool] | None:
             try:
@@ -243,22 +242,24 @@ class RemoteBackend(StorageBackend):
 
         def write_once() -> list[bool]:
             with self._redis.pipeline(transaction=True) as pipe:
-                write = [True] * len(encoded)
-                if checked:
-                    pipe.watch(*{k for k, *_ in encoded})
-                    for i, (k, _, _, _) in enumerate(encoded):
-                        method = pipe.hget(k, F_METHOD)
-                        if expect_method is not None:
-                            write[i] = method is not None and method.decode() == expect_method
-                        else:
-                            write[i] = method is None
-                    pipe.multi()
-                for (k, head, payload, c), ok in zip(encoded, write):
+                # WATCH, read each chunk's form and pin, then MULTI: what is checked and what is
+                # written are one atomic step as far as any other agent sees.
+                pipe.watch(*{k for k, *_ in encoded})
+                write, fresh = [], []
+                for k, *_ in encoded:
+                    method, pinned = pipe.hmget(k, F_METHOD, F_PINNED)
+                    if expect_method is not None:
+                        write.append(method is not None and method.decode() == expect_method)
+                    else:
+                        write.append(method is None or overwrite)
+                    # A new chunk gets the TTL; a rewritten one keeps its expiry, or its pin.
+                    fresh.append(method is None)
+                pipe.multi()
+                for (k, head, payload, c), ok, new in zip(encoded, write, fresh):
                     if not ok:
                         continue
                     pipe.hset(k, mapping={F_HEADER: head, F_DATA: payload, F_METHOD: c.method.encode()})
-                    if expect_method is None and self.settings.ttl_seconds > 0:
-                        # A swap keeps the chunk's expiry (or its pin); a new chunk gets the TTL.
+                    if new and self.settings.ttl_seconds > 0:
                         pipe.expire(k, self.settings.ttl_seconds)
                 if any(write):
                     pipe.execute()

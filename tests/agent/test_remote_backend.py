@@ -164,3 +164,15 @@ async def test_the_remote_store_continues_a_local_prefix(agents, tmp_path, redis
     assert await a.lookup(TOKENS) == 16
     n, got = await a.retrieve(TOKENS)
     assert n == 16 and torch.equal(got, kv)
+
+
+async def test_rewriting_a_pinned_chunk_keeps_its_pin(agents, tmp_path, redis_srv) -> None:
+    agent = await agents(remote_config(tmp_path, redis_srv, "a", remote_ttl_seconds=100))
+    kv = make_kv(4, seed=9)
+    await agent.store(TOKENS[:4], kv, REMOTE)
+    assert await agent.set_pinned(REMOTE, TOKENS[:4], True) == 4
+    await agent.put_chunks(TOKENS[:4], kv, REMOTE, overwrite=True)
+    assert redis_srv.client.ttl(redis_key(redis_srv, TOKENS, 0)) == -1
+    final = [m async for m in await agent.compress(TOKENS[:4], "int8", REMOTE)][-1]
+    assert final.chunks_done == 1 and redis_srv.client.ttl(redis_key(redis_srv, TOKENS, 0)) == -1
+    assert (await agent.stats()).locations[-1].num_pinned == 1
