@@ -87,6 +87,8 @@ class Worker:
     registration_time: float
     last_heartbeat_time: float
     secret: str = field(default="", repr=False)
+    # The model files the agent holds (chunks coded with one decode only where it is held).
+    model_files: tuple[str, ...] = ()
     state: str = UP
     # Liveness clock: when the last heartbeat was seen (monotonic) and the stall credit then.
     seen_mono: float = 0.0
@@ -155,13 +157,13 @@ class Registry:
     # --- agents' calls ---------------------------------------------------------------------------
     def _validate_registration(self, instance_id: str, worker_id: int, ip: str, port: int, chunk_size: int,
                                heartbeat_interval: float, peer_init_url: str, methods: Sequence[str],
-                               locations: Sequence[str]) -> None:
+                               locations: Sequence[str], model_files: Sequence[str] = ()) -> None:
         if not instance_id:
             raise InvalidArgument("instance_id is required")
         for name, value in (("instance_id", instance_id), ("ip", ip), ("peer_init_url", peer_init_url)):
             if len(value) > MAX_NAME_CHARS:
                 raise InvalidArgument(f"{name} is {len(value)} characters, over the limit of {MAX_NAME_CHARS}")
-        for name, values in (("methods", methods), ("locations", locations)):
+        for name, values in (("methods", methods), ("locations", locations), ("model_files", model_files)):
             if len(values) > MAX_CHOICES or any(not v or len(v) > MAX_NAME_CHARS for v in values):
                 raise InvalidArgument(f"{name} must be at most {MAX_CHOICES} non-empty names of at most "
                                       f"{MAX_NAME_CHARS} characters each, got {len(values)}")
@@ -177,7 +179,7 @@ class Registry:
 
     def register(self, *, instance_id: str, worker_id: int, ip: str, port: int, peer_init_url: str,
                  methods: Sequence[str], locations: Sequence[str], chunk_size: int,
-                 heartbeat_interval: float, secret: str = "") -> Worker:
+                 heartbeat_interval: float, secret: str = "", model_files: Sequence[str] = ()) -> Worker:
         """Register (or renew) a worker; the returned worker carries this registration's secret.
 
         A live worker registered from another endpoint is refused (AlreadyExists) until it misses
@@ -185,7 +187,7 @@ class Registry:
         agent presenting the current secret keeps it.
         """
         self._validate_registration(instance_id, worker_id, ip, port, chunk_size, heartbeat_interval,
-                                    peer_init_url, methods, locations)
+                                    peer_init_url, methods, locations, model_files)
         old = self._workers.get((instance_id, worker_id))
         if old is None and len(self._workers) >= self.max_workers:
             raise ResourceExhausted(f"{len(self._workers)} workers are registered, the most this controller keeps "
@@ -200,7 +202,7 @@ class Registry:
         worker = Worker(instance_id=instance_id, worker_id=worker_id, ip=ip, port=port,
                         peer_init_url=peer_init_url, methods=tuple(methods), locations=tuple(locations),
                         chunk_size=chunk_size, heartbeat_interval=heartbeat_interval,
-                        registration_time=now, last_heartbeat_time=now,
+                        registration_time=now, last_heartbeat_time=now, model_files=tuple(model_files),
                         secret=old.secret if renewal and old is not None else secrets.token_urlsafe(24))
         self._seen(worker)
         if old is not None and (old.ip, old.port, old.chunk_size) == (ip, port, chunk_size):

@@ -506,7 +506,8 @@ class ControllerService:
             resp.worker_infos.add(instance_id=w.instance_id, worker_id=w.worker_id, ip=w.ip, port=w.port,
                                   peer_init_url=w.peer_init_url, registration_time=w.registration_time,
                                   last_heartbeat_time=w.last_heartbeat_time, state=w.state,
-                                  methods=w.methods, locations=w.locations, chunk_size=w.chunk_size)
+                                  methods=w.methods, locations=w.locations, chunk_size=w.chunk_size,
+                                  model_files=w.model_files)
         return resp
 
     async def query_instance(self, req: pb.QueryInstanceRequest) -> pb.QueryInstanceResponse:
@@ -549,7 +550,8 @@ class ControllerService:
         worker = self.registry.register(
             instance_id=req.instance_id, worker_id=req.worker_id, ip=req.ip, port=req.port,
             peer_init_url=req.peer_init_url, methods=req.methods, locations=req.locations,
-            chunk_size=req.chunk_size, heartbeat_interval=req.heartbeat_interval_seconds, secret=req.secret)
+            chunk_size=req.chunk_size, heartbeat_interval=req.heartbeat_interval_seconds, secret=req.secret,
+            model_files=req.model_files)
         if old is not None and old.target != worker.target:
             await self.agents.forget(old.target)
         self._update_worker_gauge()

@@ -51,6 +51,15 @@ def chunk_spans(tokens: Sequence[int], chunk_size: int) -> list[ChunkSpan]:
     return spans
 
 
+def chunk_ref_error(key: str, start: int, end: int) -> str | None:
+    """Why (key, [start, end)) cannot name a chunk, or None."""
+    if len(key) != 2 * KEY_BYTES or any(c not in "0123456789abcdef" for c in key):
+        return f"chunk_key {key!r} is not a {2 * KEY_BYTES}-digit hex chunk key"
+    if not 0 <= start < end:
+        return f"tokens [{start}, {end}) are not a chunk"
+    return None
+
+
 def validate_tokens(tokens: Sequence[object], max_tokens: int | None = None) -> list[int]:
     """``tokens`` as a list of ints, or ValueError saying what is wrong with it."""
     out: list[int] = []

@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 async def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
     from .agent import InstanceAgent  # torch and the codecs load only once the config is known good
 
+    _limit_torch_threads()
     agent = InstanceAgent(config, args.worker_id, host=args.host, metrics_port=args.metrics_port)
     await agent.start()
     # One line on stdout that scripts can wait for; the rest goes to the log on stderr.
@@ -44,6 +45,15 @@ async def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
     logger.info("stopping")
     await agent.stop()
     return 0
+
+
+def _limit_torch_threads() -> None:
+    """One torch thread per codec call (KVMESH_TORCH_THREADS, default 1): the agent already runs a
+    codec call per core on its pool, and torch's own threads on top of those oversubscribe the
+    machine (bench/bench_remote.py on a busy 2-core host: raw puts 10x slower with the default)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(os.environ.get("KVMESH_TORCH_THREADS", "1"))))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,9 @@ DEFAULT_HEARTBEAT_SECONDS = 2.0
 # Upper bound on tokens per request: large enough for any context window, small enough that a
 # malformed request cannot make the agent hash billions of tokens.
 DEFAULT_MAX_TOKENS = 1 << 21
+DEFAULT_MIN_FREE_DISK_GIB = 0.05
+RAW_SERDES = ("", "naive", "raw")
+REMOTE_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class ConfigError(InvalidArgument):
@@ -109,6 +112,38 @@ class AgentConfig:
             return load(os.path.expanduser(str(path)))
         except CodecError as e:
             raise ConfigError(f"config key 'extra_config.{key}': {e}") from None
+
+    @property
+    def remote_method(self) -> str:
+        """The codec chunks are written to the remote store with ("" = raw): LMCache's
+        ``remote_serde`` ("naive" means raw; any other value names a codec method)."""
+        serde = (self.remote_serde or "").strip()
+        return "" if serde.lower() in RAW_SERDES else serde
+
+    def remote_settings(self) -> Any:
+        """The RemoteSettings of ``remote_url`` (None without one): extra_config's
+        remote_key_prefix, remote_ttl_seconds, remote_pool_size and remote_timeout_seconds."""
+        if not self.remote_url:
+            return None
+        from .storage.remote import RemoteSettings
+
+        x = self.extra_config
+        return RemoteSettings(url=self.remote_url, key_prefix=str(x.get("remote_key_prefix", "kvmesh:")),
+                              ttl_seconds=int(x.get("remote_ttl_seconds", 0)),
+                              pool_size=int(x.get("remote_pool_size", 16)),
+                              timeout_seconds=float(x.get("remote_timeout_seconds", 5.0)))
+
+    @property
+    def remote_write_through(self) -> bool:
+        """extra_config.remote_write_through (default true): stores to the default location also go
+        to the remote store (once per chunk key), as LMCache writes through to its remote backend."""
+        return bool(self.extra_config.get("remote_write_through", True))
+
+    @property
+    def min_free_disk_bytes(self) -> int:
+        """extra_config.min_free_disk_size (GiB, default 0.05): below this much free space on the
+        filesystem of ``local_disk`` the agent reports itself unhealthy."""
+        return int(float(self.extra_config.get("min_free_disk_size", DEFAULT_MIN_FREE_DISK_GIB)) * GIB)
 
     @property
     def max_tokens(self) -> int:
@@ -255,6 +290,26 @@ def _disk_path(value: str | None) -> str | None:
     return value
 
 
+def _validate_remote(cfg: AgentConfig) -> None:
+    if cfg.remote_url and not cfg.remote_url.startswith(REMOTE_SCHEMES):
+        raise ConfigError(f"config key 'remote_url' must be a Redis/Valkey URL ({', '.join(REMOTE_SCHEMES)}...), "
+                          f"got {cfg.remote_url!r}")
+    x = cfg.extra_config
+    checks: list[tuple[str, Callable[[Any], bool], str]] = [
+        ("remote_ttl_seconds", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+         "a whole number of seconds >= 0 (0: no expiry)"),
+        ("remote_pool_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024,
+         "a number of connections in 1..1024"),
+        ("remote_timeout_seconds", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 600,
+         "seconds in (0, 600]"),
+        ("remote_key_prefix", lambda v: isinstance(v, str) and len(v) <= 200, "a string of at most 200 characters"),
+        ("remote_write_through", lambda v: isinstance(v, bool), "true or false"),
+    ]
+    for key, ok, what in checks:
+        if key in x and not ok(x[key]):
+            raise ConfigError(f"config key 'extra_config.{key}' must be {what}, got {x[key]!r}")
+
+
 def _validate(cfg: AgentConfig) -> None:
     if cfg.chunk_size <= 0:
         raise ConfigError(f"config key 'chunk_size' must be positive, got {cfg.chunk_size}")
@@ -273,6 +328,10 @@ def _validate(cfg: AgentConfig) -> None:
     if cfg.local_disk and cfg.max_local_disk_size <= 0:
         raise ConfigError("config key 'max_local_disk_size' must be > 0 GiB when 'local_disk' is set "
                           f"(local_disk={cfg.local_disk!r})")
+    floor = cfg.extra_config.get("min_free_disk_size", DEFAULT_MIN_FREE_DISK_GIB)
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or floor < 0:
+        raise ConfigError(f"config key 'extra_config.min_free_disk_size' must be a number of GiB >= 0, got {floor!r}")
+    _validate_remote(cfg)
     if not cfg.local_cpu and not cfg.local_disk:
         raise ConfigError("no storage location: set 'local_cpu: true' or 'local_disk' with 'max_local_disk_size'")
     if cfg.enable_controller and not cfg.controller_pull_url:

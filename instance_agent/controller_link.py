@@ -40,7 +40,7 @@ SLOW_CONTROLLER_S = 30.0
 
 class ControllerLink:
     def __init__(self, agent: InstanceAgent) -> None:
-        from .agent import GRPC_OPTIONS
+        from .lifecycle import GRPC_OPTIONS
 
         self.agent = agent
         self.target = agent.config.controller_pull_url or ""
@@ -104,7 +104,8 @@ class ControllerLink:
         return controller_pb2.RegisterWorkerRequest(
             instance_id=a.config.lmcache_instance_id, worker_id=a.worker_id, ip=a.host, port=a.grpc_port or 0,
             peer_init_url=f"{a.host}:{peer_port}", methods=a.codecs.available(), locations=list(a.locations),
-            chunk_size=a.config.chunk_size, heartbeat_interval_seconds=self.heartbeat_s, secret=self.secret)
+            chunk_size=a.config.chunk_size, heartbeat_interval_seconds=self.heartbeat_s, secret=self.secret,
+            model_files=a.model_files())
 
     async def _register(self) -> None:
         a = self.agent

@@ -16,6 +16,34 @@ from kvmesh.errors import InvalidArgument
 
 
 
+PREDICTOR_FILE = "layer_predictor"
+CACHEGEN_CODEC_ID = 2
+
+
+def required_files(method: str, payload: bytes | None) -> list[str]:
+    """The model files (as "kind:id") decoding ``payload`` needs: a cachegen container coded with
+    cross-layer prediction names its layer predictor in its variant byte and section 8."""
+    if not method or not payload:
+        return []
+    from kvmesh.codecs import container
+    from kvmesh.codecs.cachegen.codec import container_variant
+
+    try:
+        if container.read_header(payload).codec_id != CACHEGEN_CODEC_ID:
+            return []
+        _, predictor = container_variant(payload)
+    except ValueError:  # not a container this reader knows: decoding will say what is wrong
+        return []
+    return [f"{PREDICTOR_FILE}:{predictor.hex()}"] if predictor is not None else []
+
+
+def describe_missing(missing: list[str], held: list[str], where: str) -> str:
+    """A message naming the model files a chunk needs that ``where`` does not hold."""
+    names = ", ".join(missing)
+    return (f"it needs model file(s) {names} to decode, which {where} does not hold "
+            f"(extra_config.cachegen_layer_predictor; held there: {', '.join(held) or 'none'})")
+
+
 class Codec(Protocol):
     def encode(self, kv: torch.Tensor) -> bytes: ...
 
@@ -43,6 +71,19 @@ class CodecSet:
         names.extend(self._registry.available_methods())
         names.extend(n for n in self._extra if n not in names)
         return names
+
+    def model_files(self) -> list[str]:
+        """The model files the codecs decode with, as "kind:id": a container coded against one
+        (cachegen with a layer predictor) decodes only where the same file is held."""
+        predictor = self._options.get("predictor")
+        return [f"{PREDICTOR_FILE}:{predictor.ident.hex()}"] if predictor is not None else []
+
+    def missing_files(self, method: str, payload: bytes | None, held: list[str] | None = None) -> list[str]:
+        """The model files a chunk encoded with ``method`` needs to decode that ``held`` (default:
+        this agent's) lacks, as "kind:id". Reads only the container's header and variant byte."""
+        needed = required_files(method, payload)
+        have = self.model_files() if held is None else held
+        return [f for f in needed if f not in have]
 
     def check(self, method: str) -> None:
         """InvalidArgument naming the available methods when ``method`` is not one of them."""

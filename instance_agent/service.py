@@ -6,6 +6,7 @@ server reflection, and allows 1 GiB messages (a chunk of a large model's KV is h
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -18,6 +19,8 @@ from kvmesh.api.agent.v1 import agent_pb2, agent_pb2_grpc
 from kvmesh.core.grpc_server import MeshServer
 from kvmesh.errors import InvalidArgument, KVMeshError
 
+from . import wire
+from .results import Progress
 from .tensors import from_proto, to_proto
 
 if TYPE_CHECKING:
@@ -62,34 +65,46 @@ def _grpc_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class InstanceAgentServicer(agent_pb2_grpc.InstanceAgentServicer):
+    """Messages in, plain values to the agent; its dataclasses back out as messages (``wire``).
+
+    Tensor payloads (PutChunks, GetChunks, ReceiveChunks) are converted on a worker thread: a
+    chunk of a large model is hundreds of MiB, and copying it must not stall the event loop.
+    """
+
     def __init__(self, agent: InstanceAgent) -> None:
         self.agent = agent
+
+    @staticmethod
+    async def _stream(items: AsyncIterator[Progress]) -> AsyncIterator[agent_pb2.ProgressResponse]:
+        async for item in items:
+            yield wire.progress_to_proto(item)
 
     @_grpc_errors
     async def Compress(self, request: agent_pb2.CompressRequest, context: Any) -> AsyncIterator[agent_pb2.ProgressResponse]:
         stream = await self.agent.compress(list(request.tokens), request.method, request.location, request.event_id)
-        async for msg in stream:
+        async for msg in self._stream(stream):
             yield msg
 
     @_grpc_errors
     async def Decompress(self, request: agent_pb2.DecompressRequest,
                          context: Any) -> AsyncIterator[agent_pb2.ProgressResponse]:
         stream = await self.agent.decompress(list(request.tokens), request.method, request.location, request.event_id)
-        async for msg in stream:
+        async for msg in self._stream(stream):
             yield msg
 
     @_grpc_errors
     async def Move(self, request: agent_pb2.MoveRequest, context: Any) -> AsyncIterator[agent_pb2.ProgressResponse]:
         stream = await self.agent.move(list(request.tokens), request.location, request.target_url,
                                        request.target_location, request.copy, request.event_id)
-        async for msg in stream:
+        async for msg in self._stream(stream):
             yield msg
 
     @_grpc_errors
     async def Lookup(self, request: agent_pb2.LookupRequest, context: Any) -> agent_pb2.LookupResponse:
         matches = await self.agent.lookup_locations(list(request.tokens), request.location or None)
-        return agent_pb2.LookupResponse(matches=[agent_pb2.LocationMatch(location=loc, num_tokens=n, num_chunks=c)
-                                                 for loc, n, c in matches])
+        return agent_pb2.LookupResponse(matches=[
+            agent_pb2.LocationMatch(location=m.location, num_tokens=m.num_tokens, num_chunks=m.num_chunks)
+            for m in matches])
 
     @_grpc_errors
     async def Clear(self, request: agent_pb2.ClearRequest, context: Any) -> agent_pb2.ClearResponse:
@@ -108,14 +123,13 @@ class InstanceAgentServicer(agent_pb2_grpc.InstanceAgentServicer):
 
     @_grpc_errors
     async def Health(self, request: agent_pb2.HealthRequest, context: Any) -> agent_pb2.HealthResponse:
-        code, message = await self.agent.health()
-        return agent_pb2.HealthResponse(error_code=code, message=message)
+        return wire.health_to_proto(await self.agent.health())
 
     @_grpc_errors
     async def PutChunks(self, request: agent_pb2.PutChunksRequest, context: Any) -> agent_pb2.PutChunksResponse:
         if not request.HasField("kv"):
             raise InvalidArgument("kv is required: the tensor [2, layers, len(tokens), channels] to store")
-        kv = from_proto(request.kv)
+        kv = await asyncio.to_thread(from_proto, request.kv)
         _, chunks = await self.agent.put_chunks(list(request.tokens), kv, request.location or None, request.overwrite)
         covered = await self.agent.lookup(list(request.tokens), request.location or self.agent.location(None).name)
         return agent_pb2.PutChunksResponse(num_tokens=covered, chunks_stored=chunks)
@@ -125,17 +139,18 @@ class InstanceAgentServicer(agent_pb2_grpc.InstanceAgentServicer):
         n, kv = await self.agent.retrieve(list(request.tokens), request.location or None)
         if kv is None:
             return agent_pb2.GetChunksResponse(num_tokens=0)
-        return agent_pb2.GetChunksResponse(num_tokens=n, kv=to_proto(kv))
+        return agent_pb2.GetChunksResponse(num_tokens=n, kv=await asyncio.to_thread(to_proto, kv))
 
     @_grpc_errors
     async def ReceiveChunks(self, request: agent_pb2.ReceiveChunksRequest,
                             context: Any) -> agent_pb2.ReceiveChunksResponse:
-        stored = await self.agent.receive_chunks(request.location, list(request.chunks))
+        chunks = await asyncio.to_thread(lambda: [wire.chunk_from_proto(m, i) for i, m in enumerate(request.chunks)])
+        stored = await self.agent.receive_chunks(request.location, chunks)
         return agent_pb2.ReceiveChunksResponse(chunks_stored=stored)
 
     @_grpc_errors
     async def Stats(self, request: agent_pb2.StatsRequest, context: Any) -> agent_pb2.StatsResponse:
-        return self.agent.stats()
+        return wire.stats_to_proto(await self.agent.stats())
 
 
 async def build_server(agent: InstanceAgent) -> tuple[MeshServer, int, int | None]:
@@ -144,7 +159,7 @@ async def build_server(agent: InstanceAgent) -> tuple[MeshServer, int, int | Non
     The mesh bootstrap (kvmesh.core.grpc_server) adds health, reflection, the token check and TLS
     from ``agent.config.security``; a bind beyond loopback with no token is refused.
     """
-    from .agent import GRPC_OPTIONS
+    from .lifecycle import GRPC_OPTIONS
 
     # No SO_REUSEPORT: a second agent on a taken port must fail, not share its traffic.
     server = MeshServer(agent.config.security, options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])

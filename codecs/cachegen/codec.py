@@ -5,7 +5,9 @@ attends to it heavily, so its errors cost far more than others') is stored apart
 quantization; the other tokens go through the quantize -> rANS pipeline.
 
 Container sections (FORMAT.md has the byte-level specification):
-  0 params      key mode, value mode, segment length, table family, lead tokens, levels - 1 per (K/V, layer)
+  0 params      key mode, value mode, segment length, table family, lead tokens, levels - 1 per (K/V, layer),
+                then the variant byte: which of sections 7 and 8 follow (an explicit flag, never
+                guessed from the section count; containers written before it still read)
   1 lead        the lead tokens: their fp16 bounds and uint8 symbols
   2 key side    quantization side information of K
   3 value side  quantization side information of V (sections 1-3 each zlib-compressed, bytes split
@@ -56,6 +58,51 @@ _PARAMS = struct.Struct("<BBHBB")
 LEAD_LEVELS = 256
 LEAD_MODES = (quant.MODE_TOKEN, quant.MODE_TOKEN)
 _COUNTS = struct.Struct("<HB")
+# The variant byte (the last byte of section 0, after the levels; FORMAT.md §2): which optional
+# sections the container holds. Containers written before it (params 6 + 2L bytes long) are told
+# apart by their section count instead.
+VARIANT_PROTECTED = 0x01  # section 7, protected rows
+VARIANT_PREDICTED = 0x02  # section 8, the layer predictor (section 7 then present, maybe empty)
+VARIANT_BITS = VARIANT_PROTECTED | VARIANT_PREDICTED
+
+
+def _variant_sections(variant: int) -> int:
+    return N_SECTIONS + bool(variant & VARIANT_BITS) + bool(variant & VARIANT_PREDICTED)
+
+
+def container_variant(blob: bytes | bytearray | memoryview) -> tuple[int, bytes | None]:
+    """(variant bits, the id of the layer predictor the container needs or None) of a cachegen
+    container, from its explicit variant byte (or, for containers written before it, from its
+    section count). CodecError when ``blob`` is not a well-formed cachegen container."""
+    header, sections = container.unpack(blob)
+    if header.codec_id != CODEC_ID:
+        raise CodecError(f"not a cachegen container (codec id {header.codec_id})")
+    L = header.shape[1]
+    variant = _read_variant(sections, L)
+    if not variant & VARIANT_PREDICTED:
+        return variant, None
+    raw = bytes(sections[N_SECTIONS_PREDICTED - 1])
+    if len(raw) != ID_BYTES + 2 * L:
+        raise CodecError("corrupt cachegen container: predictor section has the wrong size")
+    return variant, raw[:ID_BYTES]
+
+
+def _read_variant(sections: list[memoryview], L: int) -> int:
+    """The variant bits of a container's sections: its variant byte, checked against the section
+    count, or the section count of a container written before the byte existed."""
+    params = sections[0]
+    if len(params) == _PARAMS.size + 2 * L + 1:
+        variant = params[-1]
+        if variant & ~VARIANT_BITS or variant == VARIANT_PREDICTED:
+            raise CodecError(f"corrupt cachegen container: unknown variant flags {variant:#04x}")
+        if len(sections) != _variant_sections(variant):
+            raise CodecError(f"corrupt cachegen container: its variant flags {variant:#04x} need "
+                             f"{_variant_sections(variant)} sections, it has {len(sections)}")
+        return variant
+    if len(params) != _PARAMS.size + 2 * L:
+        raise CodecError("corrupt cachegen container: params section has the wrong size")
+    return {N_SECTIONS: 0, N_SECTIONS_PROTECTED: VARIANT_PROTECTED,
+            N_SECTIONS_PREDICTED: VARIANT_BITS}.get(len(sections), 0)
 
 
 def pack_uints(values: np.ndarray) -> bytes:
@@ -298,7 +345,10 @@ class CacheGenCodec(Codec):
             sections = [b"", lead_sec, pack_side(_tensor_bytes(sides[0])), pack_side(_tensor_bytes(sides[1])), meta,
                         pack_uints(np.asarray(counts)), np.asarray(words, dtype="<u2").tobytes()]
         family = TABLE_FAMILY_VERSION | (channel_group(C).bit_length() - 1) << 4
-        sections[0] = _PARAMS.pack(modes[0], modes[1], quant.SEGMENT, family, lead) + (levels - 1).astype(np.uint8).tobytes()
+        variant = (VARIANT_PROTECTED if self.level.protects or self.predictor is not None else 0) | \
+            (VARIANT_PREDICTED if self.predictor is not None else 0)
+        sections[0] = (_PARAMS.pack(modes[0], modes[1], quant.SEGMENT, family, lead)
+                       + (levels - 1).astype(np.uint8).tobytes() + bytes([variant]))
         if self.level.protects or self.predictor is not None:
             sections.append(protect[0] if protect is not None else b"")
         if self.predictor is not None:
@@ -377,9 +427,10 @@ class CacheGenCodec(Codec):
         allowed = (N_SECTIONS, N_SECTIONS_PROTECTED) if self.level.protects else (N_SECTIONS,)
         header, sections = self._unpack(blob, allowed + (N_SECTIONS_PREDICTED,))
         params, lead_raw, kside, vside, meta, lens, words = sections[:N_SECTIONS]
-        protected = sections[N_SECTIONS] if len(sections) > N_SECTIONS else None
-        predicted = len(sections) == N_SECTIONS_PREDICTED
         _, L, T, C = header.shape
+        variant = _read_variant(sections, L)  # the explicit flag says which optional sections follow
+        protected = sections[N_SECTIONS] if variant & VARIANT_BITS else None
+        predicted = bool(variant & VARIANT_PREDICTED)
         if predicted:
             raw = bytes(sections[N_SECTIONS_PREDICTED - 1])
             if len(raw) != ID_BYTES + 2 * L:
@@ -397,8 +448,6 @@ class CacheGenCodec(Codec):
             self.predictor.check(L, C)
             if not self.level.protects and len(protected):
                 raise CodecError("corrupt cachegen container: protected rows at a level that protects none")
-        if len(params) != _PARAMS.size + 2 * L:
-            raise CodecError("corrupt cachegen container: params section has the wrong size")
         kmode, vmode, segment, family, lead = _PARAMS.unpack_from(params, 0)
         if kmode not in quant.MODES or vmode not in quant.MODES or lead > T:
             raise CodecError(f"corrupt cachegen container: bad parameters (modes {kmode}, {vmode}, lead {lead})")
@@ -407,7 +456,7 @@ class CacheGenCodec(Codec):
             raise CodecError(f"cachegen container uses segment {segment} / table family {family & 0xF} / "
                              f"{group} channels per stream; this build reads {quant.SEGMENT} / "
                              f"{TABLE_FAMILY_VERSION} / a power of two <= {MAX_CODED_GROUP} dividing {C}")
-        levels = np.frombuffer(params[_PARAMS.size :], np.uint8).astype(np.int64).reshape(2, L) + 1
+        levels = np.frombuffer(params[_PARAMS.size : _PARAMS.size + 2 * L], np.uint8).astype(np.int64).reshape(2, L) + 1
         if levels.min() < 2:
             raise CodecError("corrupt cachegen container: a layer has fewer than 2 levels")
         dev = self.backend.device
@@ -479,7 +528,7 @@ class CacheGenCodec(Codec):
             n_sections, protected = N_SECTIONS_PROTECTED, protected_bytes(L, rest, C, 2 * L * rest) if rest else 0
         if self.predictor is not None:
             n_sections, protected = N_SECTIONS_PREDICTED, protected + ID_BYTES + 2 * L
-        return (container.container_overhead(n_sections) + _PARAMS.size + 2 * L + lead_bytes(L, lead, C)
+        return (container.container_overhead(n_sections) + _PARAMS.size + 2 * L + 1 + lead_bytes(L, lead, C)
                 + sides + 2 * streams + counts + words + protected)
 
 

@@ -8,11 +8,12 @@ failure at any point leaves the location as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,11 @@ class IndexEntry:
     pinned: bool = False
     # Location-specific: the file of a disk chunk, the chunk object of a memory one.
     handle: Any = None
+    # The key of the chunk before this one in its token sequence ("" for the first, or unknown).
+    parent: str = ""
+
+    def copy(self) -> IndexEntry:
+        return IndexEntry(self.key, self.start, self.end, self.method, self.nbytes, self.pinned, parent=self.parent)
 
     @property
     def encoded(self) -> bool:
@@ -61,6 +67,11 @@ class StorageBackend(ABC):
     """A bounded LRU store of chunks keyed by chunk key; pinned chunks are never evicted."""
 
     name: str = ""
+    # A location shared with other agents (the remote store): not part of this agent's index at
+    # the controller, never evicted from by kvmesh.
+    shared: bool = False
+    # Methods do network I/O: call even contains() off the event loop.
+    blocking: bool = False
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = int(capacity_bytes)
@@ -72,6 +83,11 @@ class StorageBackend(ABC):
         self._lock = threading.RLock()
         self._listeners: list[EventListener] = []
         self.evictions = 0
+        # Stored chunks per parent key: a chunk with none is the tail of its sequence, the only
+        # part of it eviction may take (a prefix stays usable).
+        self._children: Counter[str] = Counter()
+        # Keys of chunks that running operations work on: never evicted meanwhile.
+        self._protected: Counter[str] = Counter()
 
     # Subclasses: where the bytes live.
     @abstractmethod
@@ -117,7 +133,7 @@ class StorageBackend(ABC):
         """The index entry of ``key`` (a copy), without touching its LRU position."""
         with self._lock:
             e = self._index.get(key)
-            return None if e is None else IndexEntry(e.key, e.start, e.end, e.method, e.nbytes, e.pinned)
+            return None if e is None else e.copy()
 
     def get(self, key: str) -> StoredChunk | None:
         """The chunk stored under ``key`` (marks it recently used), or None."""
@@ -128,10 +144,24 @@ class StorageBackend(ABC):
             self._index.move_to_end(key)
         return self._load(entry)
 
+    def prefix_length(self, keys: list[str]) -> int:
+        """How many of ``keys`` are stored, in order from the first."""
+        with self._lock:
+            n = 0
+            for key in keys:
+                if key not in self._index:
+                    break
+                n += 1
+            return n
+
+    def refresh(self) -> LocationStats:
+        """Up-to-date figures (a remote location asks its server; a local one knows them)."""
+        return self.stats()
+
     def entries(self) -> list[IndexEntry]:
         """A snapshot of the index, least recently used first."""
         with self._lock:
-            return [IndexEntry(e.key, e.start, e.end, e.method, e.nbytes, e.pinned) for e in self._index.values()]
+            return [e.copy() for e in self._index.values()]
 
     @property
     def used_bytes(self) -> int:
@@ -149,47 +179,104 @@ class StorageBackend(ABC):
         self._num_encoded += sign * entry.encoded
         self._num_pinned += sign * entry.pinned
 
+    def _link(self, entry: IndexEntry, sign: int) -> None:
+        """Count ``entry`` among its parent's children (sign 1) or take it out (-1) (lock held)."""
+        if not entry.parent:
+            return
+        self._children[entry.parent] += sign
+        if self._children[entry.parent] <= 0:
+            del self._children[entry.parent]
+
+    @contextlib.contextmanager
+    def protecting(self, keys: Collection[str]) -> Iterator[None]:
+        """While inside, the chunks of ``keys`` are never evicted (they may still be removed by a clear)."""
+        keys = list(keys)
+        with self._lock:
+            self._protected.update(keys)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._protected.subtract(keys)
+                for key in keys:
+                    if self._protected[key] <= 0:
+                        del self._protected[key]
+
+    def free_bytes(self) -> int:
+        """Bytes the location can take without evicting anything."""
+        with self._lock:
+            return max(0, self.capacity_bytes - self._used)
+
     # Writes
-    def put(self, chunk: StoredChunk, *, overwrite: bool = True, expect_method: str | None = None) -> bool:
-        """Store ``chunk`` under its key, evicting least recently used unpinned chunks as needed.
+    def put(self, chunk: StoredChunk, *, overwrite: bool = True, expect_method: str | None = None,
+            protect: Collection[str] = ()) -> bool:
+        """Store ``chunk`` under its key, evicting least recently used sequence tails as needed.
 
         Returns False (storing nothing) when the key is present and ``overwrite`` is false, or when
         ``expect_method`` is given and the key is absent or stored in another form: that makes a
         compress/decompress swap a compare-and-set. ResourceExhausted when the chunk cannot fit even
-        with every unpinned chunk evicted; nothing is evicted then.
+        with every evictable chunk evicted; nothing is evicted then. Chunks in ``protect`` (and
+        those of running operations, ``protecting``) are never evicted.
         """
-        size = chunk.nbytes
-        if size > self.capacity_bytes:
-            raise ResourceExhausted(f"{self.name}: a chunk of {size} bytes is over the location's capacity "
-                                    f"of {self.capacity_bytes} bytes")
+        return self.put_many([chunk], overwrite=overwrite, expect_method=expect_method, protect=protect)[0]
+
+    def put_many(self, chunks: list[StoredChunk], *, overwrite: bool = True, expect_method: str | None = None,
+                 protect: Collection[str] = ()) -> list[bool]:
+        """Store ``chunks`` all together or none: room for all of them is made (by evicting) before
+        any is committed, and when there is none ResourceExhausted names the numbers and nothing
+        changes. Returns, per chunk, whether it was written (see ``put``)."""
+        for chunk in chunks:
+            if chunk.nbytes > self.capacity_bytes:
+                raise ResourceExhausted(f"{self.name}: a chunk of {chunk.nbytes} bytes is over the location's "
+                                        f"capacity of {self.capacity_bytes} bytes")
+        keep = {c.key for c in chunks} | set(protect)
         with self._lock:
-            if not self._may_write(chunk.key, overwrite, expect_method):
-                return False
-        handle = self._prepare(chunk)
+            todo = [c for c in chunks if self._may_write(c.key, overwrite, expect_method)]
+            # Refuse before preparing (copying, writing files) what cannot fit anyway.
+            self._plan_evictions(self._extra_bytes(todo), keep, len(todo))
+        prepared: list[tuple[StoredChunk, Any]] = []
         try:
+            for chunk in todo:
+                prepared.append((chunk, self._prepare(chunk)))
             with self._lock:
-                if not self._may_write(chunk.key, overwrite, expect_method):
-                    self._abort(handle)
-                    return False
-                old = self._index.get(chunk.key)
-                victims = self._plan_evictions(size - (old.nbytes if old else 0), keep=chunk.key)
+                ok = [self._may_write(c.key, overwrite, expect_method) for c, _ in prepared]
+                writes = [p for p, good in zip(prepared, ok) if good]
+                skipped = [h for (_, h), good in zip(prepared, ok) if not good]
+                victims = self._plan_evictions(self._extra_bytes([c for c, _ in writes]), keep, len(writes))
                 for victim in victims:
                     self._remove_locked(victim)
                     self.evictions += 1
-                stored = self._commit(chunk.key, handle)
-                entry = IndexEntry(chunk.key, chunk.start, chunk.end, chunk.method, size,
-                                   pinned=old.pinned if old else False, handle=stored)
-                if old is not None:
-                    self._account(old, -1)
-                self._index[chunk.key] = entry
-                self._index.move_to_end(chunk.key)
-                self._account(entry, 1)
-                if old is None:
-                    self._emit(ADMIT, entry)
-                return True
-        except BaseException:
-            self._abort(handle)
-            raise
+                for handle in skipped:
+                    self._abort(handle)
+                written = set()
+                for chunk, handle in writes:
+                    self._commit_locked(chunk, handle)
+                    written.add(chunk.key)
+                prepared.clear()
+                return [c.key in written for c in chunks]
+        finally:
+            for _, handle in prepared:
+                self._abort(handle)
+
+    def _extra_bytes(self, chunks: list[StoredChunk]) -> int:
+        """How many more bytes the location holds once ``chunks`` are written (lock held)."""
+        return sum(c.nbytes - (self._index[c.key].nbytes if c.key in self._index else 0) for c in chunks)
+
+    def _commit_locked(self, chunk: StoredChunk, handle: Any) -> None:
+        old = self._index.get(chunk.key)
+        stored = self._commit(chunk.key, handle)
+        entry = IndexEntry(chunk.key, chunk.start, chunk.end, chunk.method, chunk.nbytes,
+                           pinned=old.pinned if old else False, handle=stored,
+                           parent=chunk.parent or (old.parent if old else ""))
+        if old is not None:
+            self._account(old, -1)
+            self._link(old, -1)
+        self._index[chunk.key] = entry
+        self._index.move_to_end(chunk.key)
+        self._account(entry, 1)
+        self._link(entry, 1)
+        if old is None:
+            self._emit(ADMIT, entry)
 
     def _may_write(self, key: str, overwrite: bool, expect_method: str | None) -> bool:
         entry = self._index.get(key)
@@ -197,27 +284,48 @@ class StorageBackend(ABC):
             return entry is not None and entry.method == expect_method
         return entry is None or overwrite
 
-    def _plan_evictions(self, extra: int, keep: str) -> list[IndexEntry]:
-        """The LRU unpinned entries to drop so that ``extra`` more bytes fit (lock held)."""
+    def _evictable(self, entry: IndexEntry, keep: Collection[str], gone_children: Counter[str]) -> bool:
+        return (not entry.pinned and entry.key not in keep and entry.key not in self._protected
+                and self._children.get(entry.key, 0) - gone_children.get(entry.key, 0) <= 0)
+
+    def _plan_evictions(self, extra: int, keep: Collection[str], num_chunks: int = 1) -> list[IndexEntry]:
+        """The chunks to drop so that ``extra`` more bytes fit (lock held): the least recently used
+        sequence tails first, each sequence eaten from its tail so that what stays is a usable
+        prefix; never a pinned chunk, one in ``keep`` or one a running operation works on."""
         need = self._used + extra - self.capacity_bytes
         victims: list[IndexEntry] = []
         if need <= 0:
             return victims
-        for entry in self._index.values():
-            if entry.pinned or entry.key == keep:
-                continue
-            victims.append(entry)
-            need -= entry.nbytes
-            if need <= 0:
-                return victims
+        gone: set[str] = set()
+        gone_children: Counter[str] = Counter()
+        for entry in list(self._index.values()):
+            e: IndexEntry | None = entry
+            while e is not None and e.key not in gone and self._evictable(e, keep, gone_children):
+                victims.append(e)
+                gone.add(e.key)
+                need -= e.nbytes
+                if need <= 0:
+                    return victims
+                # The tail is gone: its parent may now be its sequence's tail.
+                if not e.parent:
+                    break
+                gone_children[e.parent] += 1
+                e = self._index.get(e.parent)
+        free = max(0, self.capacity_bytes - self._used)
+        evictable = sum(v.nbytes for v in victims)
         pinned = sum(e.nbytes for e in self._index.values() if e.pinned)
-        raise ResourceExhausted(f"{self.name}: no room for {extra} more bytes: {self._used} of "
-                                f"{self.capacity_bytes} bytes used, {pinned} of them pinned")
+        busy = sum(e.nbytes for e in self._index.values() if e.key in self._protected or e.key in keep)
+        raise ResourceExhausted(
+            f"{self.name}: no room for {num_chunks} chunk(s) of {extra} bytes: {free} bytes free of a "
+            f"capacity of {self.capacity_bytes}, {evictable} more could be evicted ({self._used} used, "
+            f"{pinned} of them pinned, {busy} held by the operations in progress or prefixes they extend); "
+            "nothing was stored")
 
     def _remove_locked(self, entry: IndexEntry) -> None:
         self._delete(entry)
         self._index.pop(entry.key, None)
         self._account(entry, -1)
+        self._link(entry, -1)
         self._emit(EVICT, entry)
 
     def remove(self, key: str) -> bool:

@@ -22,6 +22,9 @@ class StoredChunk:
     method: str = RAW
     raw: torch.Tensor | None = None
     payload: bytes | None = None
+    # The key of the chunk before this one in its sequence ("" for the first, or unknown): how a
+    # location evicts a sequence from its tail.
+    parent: str = ""
 
     def __post_init__(self) -> None:
         if self.method == RAW and self.raw is None:

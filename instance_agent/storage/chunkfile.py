@@ -38,6 +38,7 @@ class ChunkHeader:
     payload_len: int
     digest: str
     header_len: int
+    parent: str = ""
 
     @property
     def file_len(self) -> int:
@@ -62,7 +63,7 @@ def encode_chunk(chunk: StoredChunk) -> tuple[bytes, bytes]:
     header = json.dumps({
         "version": VERSION, "key": chunk.key, "start": chunk.start, "end": chunk.end,
         "method": chunk.method, "dtype": dtype, "shape": shape,
-        "payload_len": len(payload), "blake2b": _digest(payload),
+        "payload_len": len(payload), "blake2b": _digest(payload), "parent": chunk.parent,
     }, separators=(",", ":")).encode()
     return MAGIC + _LEN.pack(len(header)) + header, payload
 
@@ -94,7 +95,7 @@ def read_header(f: BinaryIO, path: Path) -> ChunkHeader:
         header = ChunkHeader(key=str(h["key"]), start=int(h["start"]), end=int(h["end"]),
                              method=str(h["method"]), dtype=str(h["dtype"]),
                              shape=[int(d) for d in h["shape"]], payload_len=int(h["payload_len"]),
-                             digest=str(h["blake2b"]), header_len=hlen)
+                             digest=str(h["blake2b"]), header_len=hlen, parent=str(h.get("parent", "")))
     except (ValueError, KeyError, TypeError) as err:
         raise DataCorrupt(f"{path}: malformed header: {err}") from err
     return header
@@ -115,14 +116,20 @@ def read_chunk(path: Path) -> StoredChunk:
     with open(path, "rb") as f:
         header = read_header(f, path)
         payload = f.read(header.payload_len + 1)
+    return chunk_from_parts(header, payload, path)
+
+
+def chunk_from_parts(header: ChunkHeader, payload: bytes, where: object) -> StoredChunk:
+    """The chunk of a checked ``header`` and its ``payload`` (length and digest verified);
+    ``where`` names the source in errors (a file, a remote key)."""
     if len(payload) != header.payload_len:
-        raise DataCorrupt(f"{path}: payload is {len(payload)} bytes, the header says {header.payload_len}")
+        raise DataCorrupt(f"{where}: payload is {len(payload)} bytes, the header says {header.payload_len}")
     if _digest(payload) != header.digest:
-        raise DataCorrupt(f"{path}: payload checksum mismatch")
+        raise DataCorrupt(f"{where}: payload checksum mismatch")
     if header.method == RAW:
         try:
             raw = tensor_from_bytes(payload, dtype_from_name(header.dtype), header.shape)
-        except Exception as err:  # an InvalidArgument here means the file, not the caller, is wrong
-            raise DataCorrupt(f"{path}: raw payload does not match its header: {err}") from err
-        return StoredChunk(header.key, header.start, header.end, RAW, raw=raw)
-    return StoredChunk(header.key, header.start, header.end, header.method, payload=payload)
+        except Exception as err:  # an InvalidArgument here means the stored bytes, not the caller, are wrong
+            raise DataCorrupt(f"{where}: raw payload does not match its header: {err}") from err
+        return StoredChunk(header.key, header.start, header.end, RAW, raw=raw, parent=header.parent)
+    return StoredChunk(header.key, header.start, header.end, header.method, payload=payload, parent=header.parent)

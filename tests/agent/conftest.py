@@ -66,3 +66,12 @@ async def stub(agent: InstanceAgent) -> AsyncIterator[agent_pb2_grpc.InstanceAge
     channel, s = stub_for(agent)
     yield s
     await channel.close()
+
+
+@pytest.fixture
+def redis_srv(tmp_path: Path):
+    """A real redis-server on a free loopback port (no persistence), stopped after the test."""
+    from .redis_server import redis_server
+
+    with redis_server(tmp_path / "redis") as server:
+        yield server

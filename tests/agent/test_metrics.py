@@ -61,8 +61,9 @@ async def test_evictions_are_counted(agents, tmp_path) -> None:
     agent = await agents(make_config(tmp_path, max_local_cpu_size=2 * 768 / (1 << 30)))
     channel, stub = stub_for(agent)
     async with channel:
-        await stub.PutChunks(agent_pb2.PutChunksRequest(location=CPU, tokens=list(range(16)),
-                                                        kv=to_proto(make_kv(16))))
+        for base in (0, 100):  # two sequences of two chunks: the second evicts the first (tail first)
+            await stub.PutChunks(agent_pb2.PutChunksRequest(location=CPU, tokens=list(range(base, base + 8)),
+                                                            kv=to_proto(make_kv(8))))
     m = scrape(agent.metrics_port)
     assert value(m["kvmesh_agent_evictions"], "kvmesh_agent_evictions_total", location=CPU) == 2
 

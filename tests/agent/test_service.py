@@ -299,18 +299,21 @@ async def test_clear_pin_unpin_lookup(agents, tmp_path: Path) -> None:
         await put(stub, first, make_kv(8))
         pin = await stub.Pin(agent_pb2.PinRequest(location=CPU, tokens=first))
         assert pin.num_tokens == 8
-        await put(stub, second, make_kv(8, seed=1))
+        # Two chunks into room for one (the rest is pinned): refused whole, never half-stored.
+        await expect_error(put(stub, second, make_kv(8, seed=1)), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           "768 bytes free", "capacity of 2304", "nothing was stored")
         look = await stub.Lookup(agent_pb2.LookupRequest(tokens=first, location=CPU))
         assert [(m.location, m.num_tokens, m.num_chunks) for m in look.matches] == [(CPU, 8, 2)]
         look = await stub.Lookup(agent_pb2.LookupRequest(tokens=second, location=CPU))
-        assert look.matches[0].num_tokens == 0, "the unpinned first chunk of `second` was evicted"
+        assert look.matches[0].num_tokens == 0
         stats = await stub.Stats(agent_pb2.StatsRequest())
         assert stats.locations[0].num_pinned == 2
         unpin = await stub.Unpin(agent_pb2.UnpinRequest(location=CPU, tokens=first))
         assert unpin.num_tokens == 8
         await put(stub, second, make_kv(8, seed=1))
+        # `first` gave up its tail to make room: its first chunk is still a usable prefix.
         look = await stub.Lookup(agent_pb2.LookupRequest(tokens=first))
-        assert {m.location: m.num_tokens for m in look.matches} == {CPU: 0, DISK: 0}
+        assert {m.location: m.num_tokens for m in look.matches} == {CPU: 4, DISK: 0}
 
         await put(stub, first, make_kv(8), DISK)
         cleared = await stub.Clear(agent_pb2.ClearRequest(location=DISK, tokens=first[:4]))

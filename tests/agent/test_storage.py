@@ -128,7 +128,7 @@ def test_failed_disk_write_leaves_the_old_file(tmp_path: Path, monkeypatch: pyte
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("kvmesh.instance_agent.storage.disk.write_chunk", torn_write)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(ResourceExhausted, match="is full \\(No space left on device\\)"):
         b.put(StoredChunk(KEYS[0], 0, 4, raw=make_kv(4, seed=99)))
     monkeypatch.undo()
     assert torch.equal(b.get(KEYS[0]).raw, old.raw)

@@ -127,11 +127,13 @@ class ControllerThread:
     def register(self, instance_id: str = "inst", worker_id: int = 0, *, port: int = 1, ip: str = "127.0.0.1",
                  methods: tuple[str, ...] = ("lossless", "cachegen"),
                  locations: tuple[str, ...] = ("LocalCPUBackend",), chunk_size: int = 4,
-                 heartbeat: float = 0.0, secret: str = "") -> pb.RegisterWorkerResponse:
+                 heartbeat: float = 0.0, secret: str = "",
+                 model_files: tuple[str, ...] = ()) -> pb.RegisterWorkerResponse:
         """Register a worker over gRPC, as an agent does (its secret kept in ``secrets``)."""
         resp = self.stub.RegisterWorker(pb.RegisterWorkerRequest(
             instance_id=instance_id, worker_id=worker_id, ip=ip, port=port, methods=methods,
-            locations=locations, chunk_size=chunk_size, heartbeat_interval_seconds=heartbeat, secret=secret),
+            locations=locations, chunk_size=chunk_size, heartbeat_interval_seconds=heartbeat, secret=secret,
+            model_files=model_files),
             timeout=10)
         self.secrets[(instance_id, worker_id)] = resp.secret
         return resp

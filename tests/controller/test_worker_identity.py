@@ -143,3 +143,17 @@ def test_move_targets_must_be_live_workers_of_the_named_instance(c: ControllerTh
         time.sleep(0.05)
     r = c.post("/move", {**body, "new_position": ["dst", LOC]})
     assert r.status == 409 and "down" in r.body["error"]["message"]
+
+
+def test_workers_advertise_the_model_files_they_hold() -> None:
+    """What an agent can decode travels with its registration (issue 14.3): query_worker_info shows it."""
+    with ControllerThread() as c:
+        c.register("files", 0, port=41001, model_files=("layer_predictor:abc123", "query_profile:def456"))
+        c.register("files", 1, port=41002)
+        infos = {w.worker_id: list(w.model_files) for w in c.stub.QueryWorkerInfo(
+            pb.QueryWorkerInfoRequest(instance_id="files"), timeout=5).worker_infos}
+        assert infos == {0: ["layer_predictor:abc123", "query_profile:def456"], 1: []}
+        with pytest.raises(grpc.RpcError) as refused:
+            c.register("files", 2, port=41003, model_files=("",))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "model_files" in refused.value.details()

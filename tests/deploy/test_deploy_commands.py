@@ -30,7 +30,8 @@ def commands() -> list[tuple[str, list[str]]]:
     for overlay in ("cpu", "gpu-vllm"):
         for res in render(DEPLOY / "kubernetes" / "overlays" / overlay):
             for c in pod_containers(res):
-                out.append((f"{overlay}: {res['kind']} {res['metadata']['name']}", c["args"]))
+                if c["image"].startswith("kvmesh/"):  # not third-party images (Redis)
+                    out.append((f"{overlay}: {res['kind']} {res['metadata']['name']}", c["args"]))
     compose = yaml.safe_load((DEPLOY / "compose" / "compose.yaml").read_text())
     for name, svc in compose["services"].items():
         if svc["image"].startswith("kvmesh/"):

@@ -38,7 +38,7 @@ def test_docker_compose_config() -> None:
 
 
 def test_services_and_images() -> None:
-    assert set(SERVICES) == {"controller", *ENGINES, "prometheus", "grafana"}
+    assert set(SERVICES) == {"controller", *ENGINES, "redis", "prometheus", "grafana"}
     for name, svc in SERVICES.items():
         image = svc["image"]
         _, _, tag = image.rpartition(":")

@@ -105,7 +105,8 @@ def test_overlay_has_the_expected_objects(overlay) -> None:
         ("Namespace", "kvmesh"), ("ConfigMap", "kvmesh-controller"), ("ConfigMap", "kvmesh-lmcache"),
         ("Deployment", "kvmesh-controller"), ("Service", "kvmesh-controller"),
         ("NetworkPolicy", "kvmesh-controller"), ("Service", "kvmesh-engine"),
-        ("StatefulSet", "kvmesh-engine"),
+        ("StatefulSet", "kvmesh-engine"), ("Deployment", "kvmesh-redis"), ("Service", "kvmesh-redis"),
+        ("NetworkPolicy", "kvmesh-redis"),
     }
     for key, doc in res.items():
         if key[0] != "Namespace":
@@ -305,7 +306,8 @@ def test_prometheus_rule_matches_alerts_yml(monitoring) -> None:
 
 def test_job_annotations_match_the_service_monitors(overlay, monitoring) -> None:
     _, res = overlay
-    jobs = {w["spec"]["template"]["metadata"]["annotations"]["kvmesh.io/job"] for w in workloads(res)}
+    jobs = {w["spec"]["template"]["metadata"]["annotations"]["kvmesh.io/job"] for w in workloads(res)
+            if w["metadata"]["name"] != "kvmesh-redis"}  # Redis exports no metrics of its own
     assert jobs == {m["metadata"]["name"] for k, m in monitoring.items() if k[0] == "ServiceMonitor"}
 
 

@@ -199,8 +199,6 @@ def test_the_controller_process_rejects_an_unreadable_token_file(tmp_path: Path)
     assert proc.returncode == 2 and "cannot read the auth token file" in proc.stderr, proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="instance_agent/agent.py's Move channel (grpc.aio.insecure_channel in "
-                                       "_move_chunks) takes kvmesh.core.channels.aio_channel at merge")
 def test_move_between_agents_carries_the_token(token_file: Path, agent_thread: Callable[..., AgentThread]) -> None:
     extra = {"auth_token_file": str(token_file)}
     source = agent_thread(agent_config(lmcache_instance_id="sec_src", extra_config=extra))

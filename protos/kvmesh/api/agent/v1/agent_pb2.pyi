@@ -32,7 +32,7 @@ class DecompressRequest(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., method: _Optional[str] = ..., location: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ProgressResponse(_message.Message):
-    __slots__ = ("progress", "final", "num_tokens", "chunks_total", "chunks_done", "bytes_before", "bytes_after", "error")
+    __slots__ = ("progress", "final", "num_tokens", "chunks_total", "chunks_done", "bytes_before", "bytes_after", "error", "chunks_failed", "errors")
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,8 @@ class ProgressResponse(_message.Message):
     BYTES_BEFORE_FIELD_NUMBER: _ClassVar[int]
     BYTES_AFTER_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
     progress: _common_pb2.ChunkProgress
     final: bool
     num_tokens: int
@@ -49,7 +51,9 @@ class ProgressResponse(_message.Message):
     bytes_before: int
     bytes_after: int
     error: str
-    def __init__(self, progress: _Optional[_Union[_common_pb2.ChunkProgress, _Mapping]] = ..., final: _Optional[bool] = ..., num_tokens: _Optional[int] = ..., chunks_total: _Optional[int] = ..., chunks_done: _Optional[int] = ..., bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    chunks_failed: int
+    errors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, progress: _Optional[_Union[_common_pb2.ChunkProgress, _Mapping]] = ..., final: _Optional[bool] = ..., num_tokens: _Optional[int] = ..., chunks_total: _Optional[int] = ..., chunks_done: _Optional[int] = ..., bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ..., error: _Optional[str] = ..., chunks_failed: _Optional[int] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("tokens", "location")
@@ -140,12 +144,16 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("error_code", "message")
+    __slots__ = ("error_code", "message", "locations", "model_files")
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FILES_FIELD_NUMBER: _ClassVar[int]
     error_code: int
     message: str
-    def __init__(self, error_code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    locations: _containers.RepeatedCompositeFieldContainer[LocationStats]
+    model_files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, error_code: _Optional[int] = ..., message: _Optional[str] = ..., locations: _Optional[_Iterable[_Union[LocationStats, _Mapping]]] = ..., model_files: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PutChunksRequest(_message.Message):
     __slots__ = ("location", "tokens", "kv", "overwrite")
@@ -184,20 +192,22 @@ class GetChunksResponse(_message.Message):
     def __init__(self, num_tokens: _Optional[int] = ..., kv: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class StoredChunk(_message.Message):
-    __slots__ = ("chunk_key", "token_start", "token_end", "method", "raw", "payload")
+    __slots__ = ("chunk_key", "token_start", "token_end", "method", "raw", "payload", "parent_key")
     CHUNK_KEY_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_END_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    PARENT_KEY_FIELD_NUMBER: _ClassVar[int]
     chunk_key: str
     token_start: int
     token_end: int
     method: str
     raw: _common_pb2.Tensor
     payload: bytes
-    def __init__(self, chunk_key: _Optional[str] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., method: _Optional[str] = ..., raw: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    parent_key: str
+    def __init__(self, chunk_key: _Optional[str] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., method: _Optional[str] = ..., raw: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., payload: _Optional[bytes] = ..., parent_key: _Optional[str] = ...) -> None: ...
 
 class ReceiveChunksRequest(_message.Message):
     __slots__ = ("location", "chunks")
@@ -218,31 +228,39 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LocationStats(_message.Message):
-    __slots__ = ("name", "used_bytes", "capacity_bytes", "num_chunks", "num_encoded", "num_pinned")
+    __slots__ = ("name", "used_bytes", "capacity_bytes", "num_chunks", "num_encoded", "num_pinned", "free_bytes", "available", "problem")
     NAME_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     NUM_ENCODED_FIELD_NUMBER: _ClassVar[int]
     NUM_PINNED_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
     name: str
     used_bytes: int
     capacity_bytes: int
     num_chunks: int
     num_encoded: int
     num_pinned: int
-    def __init__(self, name: _Optional[str] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_encoded: _Optional[int] = ..., num_pinned: _Optional[int] = ...) -> None: ...
+    free_bytes: int
+    available: bool
+    problem: str
+    def __init__(self, name: _Optional[str] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ..., num_encoded: _Optional[int] = ..., num_pinned: _Optional[int] = ..., free_bytes: _Optional[int] = ..., available: _Optional[bool] = ..., problem: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("instance_id", "worker_id", "chunk_size", "methods", "locations")
+    __slots__ = ("instance_id", "worker_id", "chunk_size", "methods", "locations", "model_files")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
     LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FILES_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     worker_id: int
     chunk_size: int
     methods: _containers.RepeatedScalarFieldContainer[str]
     locations: _containers.RepeatedCompositeFieldContainer[LocationStats]
-    def __init__(self, instance_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., chunk_size: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ..., locations: _Optional[_Iterable[_Union[LocationStats, _Mapping]]] = ...) -> None: ...
+    model_files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, instance_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., chunk_size: _Optional[int] = ..., methods: _Optional[_Iterable[str]] = ..., locations: _Optional[_Iterable[_Union[LocationStats, _Mapping]]] = ..., model_files: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -227,7 +227,7 @@ class QueryWorkerInfoRequest(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., worker_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("instance_id", "worker_id", "ip", "port", "peer_init_url", "registration_time", "last_heartbeat_time", "state", "methods", "locations", "chunk_size")
+    __slots__ = ("instance_id", "worker_id", "ip", "port", "peer_init_url", "registration_time", "last_heartbeat_time", "state", "methods", "locations", "chunk_size", "model_files")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     IP_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +239,7 @@ class WorkerInfo(_message.Message):
     METHODS_FIELD_NUMBER: _ClassVar[int]
     LOCATIONS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FILES_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     worker_id: int
     ip: str
@@ -250,7 +251,8 @@ class WorkerInfo(_message.Message):
     methods: _containers.RepeatedScalarFieldContainer[str]
     locations: _containers.RepeatedScalarFieldContainer[str]
     chunk_size: int
-    def __init__(self, instance_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., ip: _Optional[str] = ..., port: _Optional[int] = ..., peer_init_url: _Optional[str] = ..., registration_time: _Optional[float] = ..., last_heartbeat_time: _Optional[float] = ..., state: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., locations: _Optional[_Iterable[str]] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+    model_files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, instance_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., ip: _Optional[str] = ..., port: _Optional[int] = ..., peer_init_url: _Optional[str] = ..., registration_time: _Optional[float] = ..., last_heartbeat_time: _Optional[float] = ..., state: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., locations: _Optional[_Iterable[str]] = ..., chunk_size: _Optional[int] = ..., model_files: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class QueryWorkerInfoResponse(_message.Message):
     __slots__ = ("event_id", "worker_infos")
@@ -317,7 +319,7 @@ class ListEventsResponse(_message.Message):
     def __init__(self, events: _Optional[_Iterable[_Union[_common_pb2.Event, _Mapping]]] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("instance_id", "worker_id", "ip", "port", "peer_init_url", "methods", "locations", "chunk_size", "heartbeat_interval_seconds", "secret")
+    __slots__ = ("instance_id", "worker_id", "ip", "port", "peer_init_url", "methods", "locations", "chunk_size", "heartbeat_interval_seconds", "secret", "model_files")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     IP_FIELD_NUMBER: _ClassVar[int]
@@ -328,6 +330,7 @@ class RegisterWorkerRequest(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FILES_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     worker_id: int
     ip: str
@@ -338,7 +341,8 @@ class RegisterWorkerRequest(_message.Message):
     chunk_size: int
     heartbeat_interval_seconds: float
     secret: str
-    def __init__(self, instance_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., ip: _Optional[str] = ..., port: _Optional[int] = ..., peer_init_url: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., locations: _Optional[_Iterable[str]] = ..., chunk_size: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., secret: _Optional[str] = ...) -> None: ...
+    model_files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, instance_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., ip: _Optional[str] = ..., port: _Optional[int] = ..., peer_init_url: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., locations: _Optional[_Iterable[str]] = ..., chunk_size: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., secret: _Optional[str] = ..., model_files: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
     __slots__ = ("worker_timeout_seconds", "secret")
