@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
+from typing import Any
 import urllib.request
 from pathlib import Path
 
@@ -63,11 +65,30 @@ def check(target: str) -> str | None:
         return None
     if target.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(target, timeout=TIMEOUT_S) as resp:
+            with _http_get(target, os.environ) as resp:
                 return None if 200 <= resp.status < 300 else f"{target}: HTTP {resp.status}"
-        except OSError as err:  # URLError and HTTPError are OSErrors
+        # URLError, HTTPError and ssl errors are OSErrors; an unreadable token file a ValueError.
+        except (OSError, ValueError) as err:
             return f"{target}: {err}"
     return f"{target}: unknown scheme (use grpc:// or http://)"
+
+
+def _http_get(url: str, env: Mapping[str, str]) -> Any:
+    """GET ``url`` as the process's own clients would: with its bearer token (health routes are open,
+    but a KVMESH_HEALTHCHECK target may be any route) and, for https, trusting ``KVMESH_TLS_CA_FILE``
+    and showing ``KVMESH_TLS_CERT_FILE``/``_KEY_FILE`` when the server asks (mutual TLS)."""
+    import ssl
+
+    from kvmesh.core.auth import bearer_value, load_token
+
+    token = load_token(env.get("KVMESH_AUTH_TOKEN_FILE") or None)
+    headers = {"Authorization": bearer_value(token)} if token else {}
+    context = None
+    if url.startswith("https://"):
+        context = ssl.create_default_context(cafile=env.get("KVMESH_TLS_CA_FILE") or None)
+        if env.get("KVMESH_TLS_CERT_FILE") and env.get("KVMESH_TLS_KEY_FILE"):
+            context.load_cert_chain(env["KVMESH_TLS_CERT_FILE"], env["KVMESH_TLS_KEY_FILE"])
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S, context=context)
 
 
 def main() -> int:

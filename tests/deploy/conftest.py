@@ -17,9 +17,9 @@ import yaml
 from kvmesh.api.agent.v1 import agent_pb2, agent_pb2_grpc
 from kvmesh.api.common.v1 import common_pb2
 from tests.deploy.deploy_support import DEPLOY, tool
-from tests.deploy.mesh import (CHUNK_SIZE, DEADLINE_S, ENGINE_ID, INSTANCE_ID, KV_SHAPE, LOCATION, METHOD,
-                               NUM_CHUNKS, NUM_TOKENS, EngineRun, Mesh, Prometheus, http_json, poll,
-                               prometheus_config)
+from tests.deploy.mesh import (AUTH, CHUNK_SIZE, DEADLINE_S, ENGINE_ID, INSTANCE_ID, KV_SHAPE, LOCATION,
+                               METHOD, NUM_CHUNKS, NUM_TOKENS, TOKEN, EngineRun, Mesh, Prometheus, http_json,
+                               poll, prometheus_config, scrape)
 from tests.support import VENV_BIN, free_port, running, wait_grpc_healthy, wait_http_ok
 
 ENDED = ("COMPLETED", "FAILED", "CANCELLED")
@@ -36,9 +36,14 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         "controller_pull_url": f"127.0.0.1:{grpc_port}", "lmcache_worker_ports": agent_port,
         "p2p_host": "127.0.0.1", "p2p_init_ports": 0,
     }))
+    # Every process reads the shared token from the file KVMESH_AUTH_TOKEN_FILE names, as the
+    # deployments set it (TLS stays off here: test_deploy_tls covers the controller's HTTPS scrape).
+    token_file = tmp / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
     # The entrypoint runs `kvmesh-<role>` from PATH, as in the image; TMPDIR keeps its role note here.
     env = {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "TMPDIR": str(tmp),
-           "LMCACHE_CONFIG_FILE": str(config)}
+           "LMCACHE_CONFIG_FILE": str(config), "KVMESH_AUTH_TOKEN_FILE": str(token_file)}
     entrypoint = ["sh", str(DEPLOY / "docker" / "entrypoint.sh")]
     logs = [tmp / "controller.log", tmp / "agent.log"]
     with contextlib.ExitStack() as stack:
@@ -58,10 +63,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         engine.proc = stack.enter_context(running(
             [*entrypoint, "serve", "--host", "127.0.0.1", "--port", str(engine.port), "--threads", "1"],
             env=engine_env, log=engine.log))
+        # Readiness on the open routes (the gRPC health service, the controller's /healthz); then the
+        # agent's /metrics, with the token.
         wait_grpc_healthy(f"127.0.0.1:{grpc_port}", timeout=DEADLINE_S)
-        wait_http_ok(f"http://127.0.0.1:{http_port}/metrics", timeout=DEADLINE_S, proc=controller)
+        wait_http_ok(f"http://127.0.0.1:{http_port}/healthz", timeout=DEADLINE_S, proc=controller)
         wait_grpc_healthy(f"127.0.0.1:{agent_port}", timeout=DEADLINE_S)
-        wait_http_ok(f"http://127.0.0.1:{metrics_port}/metrics", timeout=DEADLINE_S, proc=agent)
+        poll("the agent serves /metrics", lambda: scrape(metrics_port), proc_logs=logs[1:])
         gateway = f"http://127.0.0.1:{http_port}"
 
         def registered() -> list[dict]:
@@ -76,7 +83,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         with grpc.insecure_channel(f"127.0.0.1:{agent_port}") as channel:
             put = agent_pb2_grpc.InstanceAgentStub(channel).PutChunks(agent_pb2.PutChunksRequest(
                 location=LOCATION, tokens=tokens,
-                kv=common_pb2.Tensor(dtype="float16", shape=list(KV_SHAPE), data=kv.tobytes())), timeout=30)
+                kv=common_pb2.Tensor(dtype="float16", shape=list(KV_SHAPE), data=kv.tobytes())), timeout=30,
+                metadata=(("authorization", AUTH["Authorization"]),))
         assert put.chunks_stored == NUM_CHUNKS and put.num_tokens == NUM_TOKENS, put
 
         # The controller learns the chunks from the agent's admit reports: compress once it sees them.
@@ -96,7 +104,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 
         event = poll("the compress event ends", ended, proc_logs=logs)
         assert event["status"] == "COMPLETED", event
-        yield Mesh(http_port, grpc_port, agent_port, metrics_port, tmp, env, event, tokens, engine)
+        yield Mesh(http_port, grpc_port, agent_port, metrics_port, tmp, env, token_file, event, tokens, engine)
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +116,11 @@ def prometheus(mesh: Mesh) -> Iterator[Prometheus]:
     dead_agent = f"127.0.0.1:{free_port()}"
     config = prometheus_config({"kvmesh-controller": [f"127.0.0.1:{mesh.http_port}"],
                                 "kvmesh-agent": [f"127.0.0.1:{mesh.agent_metrics_port}", dead_agent]},
-                               DEPLOY / "prometheus" / "alerts.yml")
+                               DEPLOY / "prometheus" / "alerts.yml", {"/run/secrets/kvmesh-token": mesh.token_file})
+    # This mesh's controller serves plain HTTP (test_deploy_tls scrapes one over mutual TLS with the
+    # job as written): keep the job's token, drop its TLS.
+    controller_job = next(j for j in config["scrape_configs"] if j["job_name"] == "kvmesh-controller")
+    assert controller_job.pop("scheme") == "https" and controller_job.pop("tls_config")
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     log = tmp / "prometheus.log"

@@ -1,6 +1,8 @@
 """Renders the kustomize subset deploy/kubernetes uses, for machines without kubectl/kustomize.
 
-Supported: ``resources`` (files and folders holding a kustomization.yaml), ``namespace``, ``images``
+Supported: ``resources`` (files and folders holding a kustomization.yaml), ``components`` (folders
+holding a ``kind: Component`` kustomization with ``resources`` and ``patches``, applied after the
+resources and before the kustomization's own patches, as kustomize does), ``namespace``, ``images``
 (newName / newTag / digest) and ``patches`` whose file is a JSON 6902 operation list (add, replace,
 remove, test) with a ``target`` of kind/name (group and version checked when given). Anything else in a
 kustomization is refused, so the manifests cannot drift into features this renderer would get
@@ -14,7 +16,8 @@ from typing import Any
 
 import yaml
 
-SUPPORTED_FIELDS = {"apiVersion", "kind", "namespace", "resources", "images", "patches"}
+SUPPORTED_FIELDS = {"apiVersion", "kind", "namespace", "resources", "components", "images", "patches"}
+COMPONENT_FIELDS = {"apiVersion", "kind", "resources", "patches"}
 # Kinds the namespace transformer leaves alone (cluster-scoped among those we use).
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
 
@@ -30,13 +33,11 @@ def render(folder: Path) -> list[dict[str, Any]]:
     unknown = set(spec) - SUPPORTED_FIELDS
     if unknown:
         raise KustomizeError(f"{kfile}: unsupported fields {sorted(unknown)}")
-    resources: list[dict[str, Any]] = []
-    for entry in spec.get("resources", []):
-        path = (folder / entry).resolve()
-        if path.is_dir():
-            resources.extend(render(path))
-        else:
-            resources.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
+    if spec.get("kind") == "Component":
+        raise KustomizeError(f"{kfile}: a Component is rendered only as part of a kustomization's components")
+    resources = _load_resources(folder, spec)
+    for entry in spec.get("components", []):
+        _apply_component((folder / entry).resolve(), resources)
     for patch in spec.get("patches", []):
         _apply_patch(folder, patch, resources)
     if "namespace" in spec:
@@ -50,6 +51,31 @@ def render(folder: Path) -> list[dict[str, Any]]:
         for res in resources:
             _set_image(res, image)
     return resources
+
+
+def _load_resources(folder: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    resources: list[dict[str, Any]] = []
+    for entry in spec.get("resources", []):
+        path = (folder / entry).resolve()
+        if path.is_dir():
+            resources.extend(render(path))
+        else:
+            resources.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
+    return resources
+
+
+def _apply_component(folder: Path, resources: list[dict[str, Any]]) -> None:
+    """Add a component's resources to ``resources`` and apply its patches to all of them."""
+    kfile = folder / "kustomization.yaml"
+    spec = yaml.safe_load(kfile.read_text())
+    if spec.get("kind") != "Component":
+        raise KustomizeError(f"{kfile}: a `components` entry must be a kind: Component")
+    unknown = set(spec) - COMPONENT_FIELDS
+    if unknown:
+        raise KustomizeError(f"{kfile}: unsupported fields {sorted(unknown)}")
+    resources.extend(_load_resources(folder, spec))
+    for patch in spec.get("patches", []):
+        _apply_patch(folder, patch, resources)
 
 
 def _apply_patch(folder: Path, patch: dict[str, Any], resources: list[dict[str, Any]]) -> None:

@@ -27,6 +27,10 @@ NUM_TOKENS = 40  # two full chunks and a partial one
 NUM_CHUNKS = 3
 KV_SHAPE = (2, 2, NUM_TOKENS, 64)  # [K/V, layers, tokens, channels]
 DEADLINE_S = 60.0
+# The shared bearer token every process of the test mesh reads from KVMESH_AUTH_TOKEN_FILE, as the
+# deployments set it; every call the tests make carries it (the health routes need none).
+TOKEN = "deploy-test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 ENGINE_ID = "deploy-test-engine"
@@ -53,18 +57,27 @@ class Mesh:
     agent_metrics_port: int
     tmp: Path
     env: dict[str, str]
+    token_file: Path
     event: dict
     tokens: list[int]
     engine: EngineRun
 
-    def scrape(self, port: int) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-            return resp.read().decode()
+    def scrape(self, port: int, headers: dict[str, str] | None = None) -> str:
+        return scrape(port, headers)
 
 
-def http_json(method: str, url: str, body: dict | None = None) -> dict:
+def scrape(port: int, headers: dict[str, str] | None = None) -> str:
+    """The /metrics page on loopback ``port``, fetched with the token (or with ``headers``)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=AUTH if headers is None else headers)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.read().decode()
+
+
+def http_json(method: str, url: str, body: dict | None = None, headers: dict[str, str] | None = None) -> dict:
+    """``method url`` with a JSON body and the mesh's token (or ``headers``); the JSON answer."""
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(AUTH if headers is None else headers)})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
 
@@ -111,10 +124,11 @@ class Prometheus:
         return float(result[0]["value"][1])
 
 
-def prometheus_config(targets: dict[str, list[str]], rules: Path) -> dict:
+def prometheus_config(targets: dict[str, list[str]], rules: Path, files: dict[str, Path]) -> dict:
     """deploy/prometheus/prometheus.yml pointed at ``targets`` (job -> host:port), scraping every
-    second; jobs not in ``targets`` are dropped."""
-    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    second, the files it names (token, CA, client certificate) replaced by ``files`` (compose path ->
+    test path, each one required); jobs not in ``targets`` are dropped."""
+    config = yaml.safe_load(rewrite_paths((DEPLOY / "prometheus" / "prometheus.yml").read_text(), files))
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     config["rule_files"] = [str(rules)]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
@@ -125,3 +139,9 @@ def prometheus_config(targets: dict[str, list[str]], rules: Path) -> dict:
     return config
 
 
+def rewrite_paths(text: str, files: dict[str, Path]) -> str:
+    """``text`` with each path of ``files`` replaced; every one must occur (the config names it)."""
+    for old, new in files.items():
+        assert old in text, f"{old} is not named in the config any more"
+        text = text.replace(old, str(new))
+    return text

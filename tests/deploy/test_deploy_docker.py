@@ -151,6 +151,21 @@ def test_entrypoint_runs_the_named_process_or_a_command(tmp_path: Path) -> None:
     assert out.stdout.strip() == "passed through"
 
 
+def test_entrypoint_stops_on_an_unreadable_secret(tmp_path: Path) -> None:
+    entrypoint = str(DOCKER / "entrypoint.sh")
+    token = tmp_path / "token"
+    token.write_text("a-token-long-enough-for-kvmesh\n")
+    base = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    ok = subprocess.run(["sh", entrypoint, "echo", "started"], capture_output=True, text=True, timeout=10,
+                        env={**base, "KVMESH_AUTH_TOKEN_FILE": str(token), "KVMESH_TLS_CA_FILE": str(token)})
+    assert ok.returncode == 0 and ok.stdout.strip() == "started", ok.stderr
+    for var in ("KVMESH_AUTH_TOKEN_FILE", "KVMESH_TLS_CERT_FILE", "KVMESH_TLS_KEY_FILE", "KVMESH_TLS_CA_FILE"):
+        out = subprocess.run(["sh", entrypoint, "echo", "started"], capture_output=True, text=True, timeout=10,
+                             env={**base, var: str(tmp_path / "missing")})
+        assert out.returncode == 2 and not out.stdout, var
+        assert f"{var} names {tmp_path / 'missing'}, which is missing" in out.stderr, out.stderr
+
+
 def _healthcheck_module():
     spec = importlib.util.spec_from_file_location("kvmesh_healthcheck", DOCKER / "healthcheck.py")
     module = importlib.util.module_from_spec(spec)
@@ -170,14 +185,21 @@ def test_healthcheck_targets_follow_the_role(tmp_path: Path) -> None:
 
 def test_healthcheck_against_the_running_mesh(mesh: Mesh) -> None:
     script = [sys.executable, str(DOCKER / "healthcheck.py")]
+    # The open routes (gRPC health, /healthz) and, with the process's token, a protected one (/metrics).
     healthy = (f"grpc://127.0.0.1:{mesh.grpc_port},grpc://127.0.0.1:{mesh.agent_port},"
-               f"http://127.0.0.1:{mesh.http_port}/metrics")
-    out = subprocess.run(script, env={"KVMESH_HEALTHCHECK": healthy}, capture_output=True, text=True, timeout=30)
+               f"http://127.0.0.1:{mesh.http_port}/healthz,http://127.0.0.1:{mesh.http_port}/metrics")
+    token = {"KVMESH_AUTH_TOKEN_FILE": str(mesh.token_file)}
+    out = subprocess.run(script, env={"KVMESH_HEALTHCHECK": healthy, **token}, capture_output=True, text=True,
+                         timeout=30)
     assert out.returncode == 0, out.stderr
+    # Without the token the protected route is refused, the open ones are not.
+    out = subprocess.run(script, env={"KVMESH_HEALTHCHECK": healthy}, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and f"{mesh.http_port}/metrics: HTTP Error 401" in out.stderr, out.stderr
+    assert out.stderr.count("unhealthy:") == 1, out.stderr
     closed = free_port()
-    out = subprocess.run(script, env={"KVMESH_HEALTHCHECK": f"{healthy},grpc://127.0.0.1:{closed}"},
+    out = subprocess.run(script, env={"KVMESH_HEALTHCHECK": f"{healthy},grpc://127.0.0.1:{closed}", **token},
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and f"127.0.0.1:{closed}: UNAVAILABLE" in out.stderr, out.stderr
-    out = subprocess.run(script, env={"KVMESH_HEALTHCHECK": f"http://127.0.0.1:{mesh.http_port}/no-such-page"},
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(script, env={"KVMESH_HEALTHCHECK": f"http://127.0.0.1:{mesh.http_port}/no-such-page",
+                                      **token}, capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "404" in out.stderr, out.stderr

@@ -4,11 +4,9 @@ the session's mesh fixture), registered with the real controller under its own i
 /metrics carrying the agent's series that the `kvmesh-agent` scrape job and the dashboard expect."""
 from __future__ import annotations
 
-import urllib.request
-
 import pytest
 
-from tests.deploy.mesh import ENGINE_ID, ENGINE_START_S, Mesh, http_json, poll
+from tests.deploy.mesh import ENGINE_ID, ENGINE_START_S, Mesh, http_json, poll, scrape
 from tests.deploy.promql import Exported
 from tests.support import wait_http_ok
 
@@ -26,8 +24,7 @@ def test_engine_registers_under_its_env_identity_and_exports_agent_metrics(mesh:
     assert worker["ip"] == "127.0.0.1" and worker["port"] == engine.agent_port
 
     def connected_page() -> str | None:
-        with urllib.request.urlopen(f"http://127.0.0.1:{engine.port}/metrics", timeout=10) as resp:
-            page = resp.read().decode()
+        page = scrape(engine.port)
         return page if "kvmesh_agent_controller_connected 1.0" in page else None
 
     # The controller lists the worker as soon as RegisterWorker lands; the agent counts itself connected

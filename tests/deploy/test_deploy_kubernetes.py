@@ -22,6 +22,16 @@ OVERLAYS = ["cpu", "gpu-vllm"]
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 # The seed's example config, committed unchanged (tests/agent/test_config.py loads it).
 SEED_EXAMPLE = REPO / "example.yaml"
+CERT_MANAGER = "cert-manager.io"
+# The engines' NetworkPolicy and the cert-manager objects of components/tls.
+SECURITY_OBJECTS = {
+    ("NetworkPolicy", "kvmesh-engine"), ("Issuer", "kvmesh-selfsigned"), ("Issuer", "kvmesh-ca"),
+    ("Certificate", "kvmesh-ca"), ("Certificate", "kvmesh-controller"), ("Certificate", "kvmesh-engine"),
+    ("Certificate", "kvmesh-client"),
+}
+TOKEN_FILE = "/etc/kvmesh-token/token"
+# The pod's stable DNS name the agents bind and register under TLS (components/tls/engine-tls.yaml).
+ENGINE_DNS = "$(LMCACHE_LMCACHE_INSTANCE_ID).kvmesh-engine.kvmesh.svc.cluster.local"
 VLLM_KV_TRANSFER = {"kv_connector": "KVMeshConnector",
                     "kv_connector_module_path": "kvmesh.engine.vllm_connector",
                     "kv_role": "kv_both"}
@@ -93,6 +103,8 @@ def test_renderer_agrees_with_kubectl_kustomize(name: str) -> None:
 def test_overlay_validates_against_kubernetes_schemas(overlay, version: str) -> None:
     _, res = overlay
     for key, doc in res.items():
+        if doc["apiVersion"].startswith(f"{CERT_MANAGER}/"):
+            continue  # a CRD: checked by test_cert_manager_issues_every_mounted_certificate
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as err:
@@ -101,7 +113,8 @@ def test_overlay_validates_against_kubernetes_schemas(overlay, version: str) -> 
 
 def test_overlay_has_the_expected_objects(overlay) -> None:
     _, res = overlay
-    assert set(res) == {
+    # (the security objects are listed apart: test_overlay_has_the_security_objects)
+    assert set(res) - SECURITY_OBJECTS == {
         ("Namespace", "kvmesh"), ("ConfigMap", "kvmesh-controller"), ("ConfigMap", "kvmesh-lmcache"),
         ("Deployment", "kvmesh-controller"), ("Service", "kvmesh-controller"),
         ("NetworkPolicy", "kvmesh-controller"), ("Service", "kvmesh-engine"),
@@ -111,6 +124,11 @@ def test_overlay_has_the_expected_objects(overlay) -> None:
     for key, doc in res.items():
         if key[0] != "Namespace":
             assert doc["metadata"]["namespace"] == "kvmesh", key
+
+
+def test_overlay_has_the_security_objects(overlay) -> None:
+    _, res = overlay
+    assert SECURITY_OBJECTS <= set(res)
 
 
 # --- wiring ----------------------------------------------------------------------------------
@@ -166,9 +184,12 @@ def test_controller_probes_use_the_grpc_health_service(overlay) -> None:
     assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
     (c,) = pod_containers(deploy)
     ports = container_ports(deploy)
-    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-        assert c[probe]["grpc"]["port"] == ports["grpc"], probe
     env = container_env(c, res)
+    # With TLS the kubelet cannot dial the gRPC health service itself: the image's health check does,
+    # in the pod, on the same (open) service.
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert c[probe]["exec"]["command"] == ["kvmesh-healthcheck"], probe
+    assert env["KVMESH_HEALTHCHECK"] == f"grpc://127.0.0.1:{ports['grpc']}"
     args = [expand(a, env) for a in c["args"]]
     assert args[0] == "controller"
     assert flag(args, "--host") == "0.0.0.0"
@@ -186,10 +207,16 @@ def test_engine_runs_its_agent_with_per_pod_identity(overlay) -> None:
     (c,) = pod_containers(engine)
     ports = container_ports(engine)
     assert ports["agent-grpc"] == 8001 and ports["http"] == 8000
-    assert c["livenessProbe"]["grpc"]["port"] == ports["agent-grpc"]
+    assert c["livenessProbe"]["exec"]["command"] == ["kvmesh-healthcheck"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
     env = {e["name"]: e for e in c["env"]}
-    assert env["LMCACHE_P2P_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    # Under TLS the agent binds and registers its pod's DNS name, which the certificate's wildcard names.
+    assert env["LMCACHE_P2P_HOST"]["value"] == ENGINE_DNS
+    assert env["KVMESH_HEALTHCHECK"]["value"] == f"grpc://$(LMCACHE_P2P_HOST):{ports['agent-grpc']}"
+    names = [e["name"] for e in c["env"]]
+    assert names.index("LMCACHE_LMCACHE_INSTANCE_ID") < names.index("LMCACHE_P2P_HOST") \
+        < names.index("KVMESH_HEALTHCHECK"), "$(VAR) expands only variables defined before"
+    assert res[("Service", "kvmesh-engine")]["spec"]["publishNotReadyAddresses"] is True
     assert env["LMCACHE_LMCACHE_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     # LMCACHE_CONFIG_FILE names a key of the mounted ConfigMap.
     config_path = Path(env["LMCACHE_CONFIG_FILE"]["value"])
@@ -291,9 +318,11 @@ def test_service_monitors_select_services_and_ports(monitoring) -> None:
         assert svc["metadata"]["labels"][spec["jobLabel"]] == mon["metadata"]["name"]
         port_names = {p["name"] for p in svc["spec"]["ports"]}
         for ep in spec["endpoints"]:
-            assert set(ep) <= {"port", "path", "interval", "scrapeTimeout"}
+            assert set(ep) <= {"port", "path", "interval", "scrapeTimeout", "scheme", "authorization", "tlsConfig"}
             assert ep["port"] in port_names and ep["path"] == "/metrics"
             assert re.fullmatch(r"\d+[smh]", ep["interval"])
+            # /metrics needs the token: the one Secret the pods mount.
+            assert ep["authorization"] == {"type": "Bearer", "credentials": {"name": "kvmesh-token", "key": "token"}}
 
 
 def test_prometheus_rule_matches_alerts_yml(monitoring) -> None:
@@ -319,13 +348,143 @@ def test_engine_config_as_the_real_agent_reads_it_in_a_pod(overlay, tmp_path: Pa
     (c,) = pod_containers(engine)
     path = Path(next(e["value"] for e in c["env"] if e["name"] == "LMCACHE_CONFIG_FILE"))
     (tmp_path / path.name).write_text(res[("ConfigMap", "kvmesh-lmcache")]["data"][path.name])
-    # What the kubelet puts in the environment of pod kvmesh-engine-1 at 10.1.2.3.
+    # What the kubelet puts in the environment of pod kvmesh-engine-1 at 10.1.2.3 ($(VAR) expanded in order).
     downward = {"metadata.name": "kvmesh-engine-1", "status.podIP": "10.1.2.3"}
-    env = {e["name"]: e["value"] if "value" in e else downward[e["valueFrom"]["fieldRef"]["fieldPath"]]
-           for e in c["env"] if "value" in e or "fieldRef" in e.get("valueFrom", {})}
+    env: dict[str, str] = {}
+    for e in c["env"]:
+        if "value" in e:
+            env[e["name"]] = expand(e["value"], env)
+        elif "fieldRef" in e.get("valueFrom", {}):
+            env[e["name"]] = downward[e["valueFrom"]["fieldRef"]["fieldPath"]]
     env["LMCACHE_CONFIG_FILE"] = str(tmp_path / path.name)
+    # The TLS files are mounted from cert-manager's Secret in a pod; here only the config is read.
+    env = {k: v for k, v in env.items() if not k.startswith("KVMESH_TLS_") and k != "KVMESH_AUTH_TOKEN_FILE"}
     config = load_config(env=env)
     assert config.lmcache_instance_id == "kvmesh-engine-1"
-    assert config.p2p_host == "10.1.2.3" and config.host == "10.1.2.3"
+    host = "kvmesh-engine-1.kvmesh-engine.kvmesh.svc.cluster.local"
+    assert config.p2p_host == host and config.host == host
     assert config.controller_pull_url == "kvmesh-controller:9001" and config.enable_controller
     assert config.worker_port(0) == 8001
+
+
+# --- the token, TLS and who may connect ------------------------------------------------------
+
+def test_every_kvmesh_container_reads_the_token_from_the_secret(overlay) -> None:
+    _, res = overlay
+    kvmesh = [w for w in workloads(res) if any(c["image"].startswith("kvmesh/") for c in pod_containers(w))]
+    assert {w["metadata"]["name"] for w in kvmesh} == {"kvmesh-controller", "kvmesh-engine"}
+    for w in kvmesh:
+        spec = pod_spec(w)
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for c in pod_containers(w):
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env.get("KVMESH_AUTH_TOKEN_FILE") == TOKEN_FILE, f"{w['metadata']['name']}/{c['name']}"
+            mount = next(m for m in c["volumeMounts"] if Path(m["mountPath"]) == Path(TOKEN_FILE).parent)
+            assert mount.get("readOnly") is True
+            secret = volumes[mount["name"]]["secret"]
+            assert secret["secretName"] == "kvmesh-token" and not secret.get("optional", False)
+            # Group-readable by the pod's fsGroup (the uid 10001 user is in it), by no one else.
+            assert secret["defaultMode"] == 0o440 and spec["securityContext"]["fsGroup"] == 10001
+            # With a token, listening on every interface is allowed (without one it is refused).
+            assert "--insecure" not in c["args"] and "KVMESH_INSECURE" not in env
+
+
+def _policy_ports(rule: dict[str, Any]) -> list[tuple[int, int]]:
+    return [(p["port"], p.get("endPort", p["port"])) for p in rule["ports"]]
+
+
+def _covers(rule: dict[str, Any], port: int) -> bool:
+    return any(lo <= port <= hi for lo, hi in _policy_ports(rule))
+
+
+def test_network_policy_lets_only_the_controller_and_peers_reach_the_agents(overlay) -> None:
+    _, res = overlay
+    policy = res[("NetworkPolicy", "kvmesh-engine")]["spec"]
+    engine = res[("StatefulSet", "kvmesh-engine")]
+    controller = res[("Deployment", "kvmesh-controller")]
+    engine_labels = engine["spec"]["template"]["metadata"]["labels"]
+    assert selects(policy["podSelector"]["matchLabels"], engine_labels) and policy["policyTypes"] == ["Ingress"]
+    for rule in policy["ingress"]:
+        assert rule.get("from"), "an ingress rule without `from` admits everyone"
+        assert all(isinstance(p["port"], int) for p in rule["ports"]), "ranges need numeric ports"
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer and all(sel.get("matchLabels") for sel in peer.values())
+    ports = container_ports(engine)
+    # The agent ports of every worker (tensor parallel: 8001 + rank, 8200 + rank), rank 0..7 at least.
+    agent_ports = [ports["agent-grpc"] + r for r in range(8)] + [ports["p2p"] + r for r in range(8)]
+    for port in agent_ports:
+        rules = [r for r in policy["ingress"] if _covers(r, port)]
+        assert rules, f"agent port {port} is not covered: the default would admit nobody, a gap is a bug"
+        for rule in rules:
+            for peer in rule["from"]:
+                # Pods of this namespace only (no namespaceSelector), and only the controller or engines.
+                assert set(peer) == {"podSelector"}, f"port {port}: {peer}"
+                labels = peer["podSelector"]["matchLabels"]
+                assert selects(labels, engine_labels) or selects(
+                    labels, controller["spec"]["template"]["metadata"]["labels"]), f"port {port}: {peer}"
+    # /metrics (8000 with kvmesh-serve, 9101 + rank inside vLLM): Prometheus' namespace among the peers,
+    # and the agents' own metrics ports for it alone.
+    monitoring = {"namespaceSelector": {"matchLabels": {"kvmesh.io/monitoring": "true"}}}
+    metrics_port = int(engine["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
+    assert any(_covers(r, metrics_port) and monitoring in r["from"] for r in policy["ingress"])
+    for port in range(9101, 9109):
+        rules = [r for r in policy["ingress"] if _covers(r, port)]
+        assert rules and all(r["from"] == [monitoring] for r in rules), port
+
+
+def test_cert_manager_issues_every_mounted_certificate(overlay) -> None:
+    _, res = overlay
+    issuers = {name: r for (kind, name), r in res.items() if kind == "Issuer"}
+    certs = {r["spec"]["secretName"]: r for (kind, _), r in res.items() if kind == "Certificate"}
+    for cert in certs.values():
+        assert cert["apiVersion"] == f"{CERT_MANAGER}/v1" and cert["metadata"]["namespace"] == "kvmesh"
+        ref = cert["spec"]["issuerRef"]
+        assert ref["kind"] == "Issuer" and ref["group"] == CERT_MANAGER and ref["name"] in issuers
+    # One CA signs every leaf: the CA Issuer holds the self-signed CA certificate's Secret.
+    assert certs["kvmesh-ca"]["spec"]["isCA"] is True
+    assert certs["kvmesh-ca"]["spec"]["issuerRef"]["name"] == "kvmesh-selfsigned"
+    assert "selfSigned" in issuers["kvmesh-selfsigned"]["spec"]
+    assert issuers["kvmesh-ca"]["spec"]["ca"]["secretName"] == "kvmesh-ca"
+    for secret, cert in certs.items():
+        if secret != "kvmesh-ca":
+            assert cert["spec"]["issuerRef"]["name"] == "kvmesh-ca", secret
+            assert "client auth" in cert["spec"]["usages"], secret
+    # Each kvmesh pod mounts its certificate's Secret and names tls.crt / tls.key / ca.crt.
+    wanted = {"kvmesh-controller": "kvmesh-controller-tls", "kvmesh-engine": "kvmesh-engine-tls"}
+    for w in workloads(res):
+        if w["metadata"]["name"] not in wanted:
+            continue
+        (c,) = pod_containers(w)
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        volumes = {v["name"]: v for v in pod_spec(w)["volumes"]}
+        for var, key in (("KVMESH_TLS_CERT_FILE", "tls.crt"), ("KVMESH_TLS_KEY_FILE", "tls.key"),
+                         ("KVMESH_TLS_CA_FILE", "ca.crt")):
+            path = Path(env[var])
+            assert path.name == key, var
+            mount = next(m for m in c["volumeMounts"] if Path(m["mountPath"]) == path.parent)
+            secret = volumes[mount["name"]]["secret"]["secretName"]
+            assert secret == wanted[w["metadata"]["name"]] and secret in certs
+            assert "server auth" in certs[secret]["spec"]["usages"]
+    # The names peers dial are in the certificates: the controller's Service and loopback (the in-pod
+    # health check); each engine pod's DNS name (under the wildcard) and loopback.
+    controller = certs["kvmesh-controller-tls"]["spec"]
+    assert {"kvmesh-controller", "kvmesh-controller.kvmesh.svc"} <= set(controller["dnsNames"])
+    assert "127.0.0.1" in controller["ipAddresses"]
+    engine = certs["kvmesh-engine-tls"]["spec"]
+    pod_name = ENGINE_DNS.replace("$(LMCACHE_LMCACHE_INSTANCE_ID)", "kvmesh-engine-0")
+    assert any(re.fullmatch(re.escape(d).replace(r"\*", r"[^.]+"), pod_name) for d in engine["dnsNames"])
+    # The ServiceMonitor's client certificate is one of these.
+    assert "server auth" not in certs["kvmesh-client-tls"]["spec"]["usages"]
+
+
+def test_service_monitors_scrape_the_controller_over_mutual_tls(monitoring) -> None:
+    cpu = by_key(render(K8S / "overlays" / "cpu"))
+    certs = {r["spec"]["secretName"]: r for (kind, _), r in cpu.items() if kind == "Certificate"}
+    (ep,) = monitoring[("ServiceMonitor", "kvmesh-controller")]["spec"]["endpoints"]
+    assert ep["scheme"] == "https"
+    tls = ep["tlsConfig"]
+    secrets = {tls["ca"]["secret"]["name"], tls["cert"]["secret"]["name"], tls["keySecret"]["name"]}
+    assert secrets == {"kvmesh-client-tls"} and "kvmesh-client-tls" in certs
+    assert tls["serverName"] in certs["kvmesh-controller-tls"]["spec"]["dnsNames"]
+    assert cpu[("Deployment", "kvmesh-controller")]["spec"]["template"]["metadata"]["annotations"][
+        "prometheus.io/scheme"] == "https"

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.deploy.mesh import (INSTANCE_ID, LOCATION, METHOD, NUM_CHUNKS, Mesh, Prometheus,
-                                   http_json, poll)
+from tests.deploy.certs import make_certs
+from tests.deploy.mesh import (INSTANCE_ID, LOCATION, METHOD, NUM_CHUNKS, TOKEN, Mesh, Prometheus, http_json,
+                               poll, rewrite_paths)
 from tests.deploy.deploy_support import DEPLOY, tool
 from tests.deploy.promql import Exported, problems
 
@@ -21,17 +23,79 @@ ALERTS = yaml.safe_load((PROM / "alerts.yml").read_text())
 ALERT_RULES = [r for g in ALERTS["groups"] for r in g["rules"] if "alert" in r]
 
 
-def promtool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([tool("promtool"), *args], capture_output=True, text=True, timeout=60, cwd=PROM)
+CONFIGS = ["prometheus.yml", "prometheus-kubernetes.yml"]
 
 
-def test_promtool_checks_the_scrape_config() -> None:
-    out = promtool("check", "config", "prometheus.yml")
+def promtool(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("promtool"), *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def secret_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """Per config, the files it names (where compose and Kubernetes mount them) -> real test files."""
+    tmp = tmp_path_factory.mktemp("prometheus-secrets")
+    certs = make_certs(tmp / "certs")
+    (tmp / "token").write_text(TOKEN + "\n")
+    return {
+        "prometheus.yml": {"/run/secrets/kvmesh-token": tmp / "token", "/run/secrets/kvmesh-ca": certs / "ca.crt",
+                           "/run/secrets/kvmesh-client-cert": certs / "client.crt",
+                           "/run/secrets/kvmesh-client-key": certs / "client.key"},
+        "prometheus-kubernetes.yml": {
+            "/etc/prometheus/kvmesh/token": tmp / "token", "/etc/prometheus/kvmesh-tls/ca.crt": certs / "ca.crt",
+            "/etc/prometheus/kvmesh-tls/tls.crt": certs / "client.crt",
+            "/etc/prometheus/kvmesh-tls/tls.key": certs / "client.key"},
+    }
+
+
+def checkable_copy(name: str, files: dict[str, Path], folder: Path) -> Path:
+    """``name`` with the files it names where they exist here (promtool checks them), beside its rules."""
+    folder.mkdir(exist_ok=True)
+    shutil.copy(PROM / "alerts.yml", folder / "alerts.yml")
+    (folder / name).write_text(rewrite_paths((PROM / name).read_text(), files))
+    return folder / name
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_scrape_job_sends_the_token(name: str, secret_files) -> None:
+    config = yaml.safe_load((PROM / name).read_text())
+    assert config["scrape_configs"]
+    for job in config["scrape_configs"]:
+        auth = job.get("authorization")
+        assert auth and auth.get("type", "Bearer") == "Bearer", f"{name}: {job['job_name']} sends no token"
+        # From a file (mounted from the secret), never inline in the config.
+        assert set(auth) <= {"type", "credentials_file"} and auth["credentials_file"] in secret_files[name]
+        tls = job.get("tls_config", {})
+        for key in ("ca_file", "cert_file", "key_file"):
+            assert tls.get(key) in (None, *secret_files[name]), f"{name}: {job['job_name']} {key}"
+        if job.get("scheme") == "https" or "tls_config" in job:
+            # Mutual TLS: the CA to check the server, a client certificate to show.
+            assert {"ca_file", "cert_file", "key_file"} <= set(tls), f"{name}: {job['job_name']}"
+    # The controller's job speaks HTTPS (static config) or follows the pods' scheme annotation.
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    if name == "prometheus.yml":
+        assert jobs["kvmesh-controller"]["scheme"] == "https" and "scheme" not in jobs["kvmesh-agent"]
+    else:
+        (job,) = jobs.values()
+        assert any(r.get("target_label") == "__scheme__" and r["source_labels"] == [
+            "__meta_kubernetes_pod_annotation_prometheus_io_scheme"] for r in job["relabel_configs"])
+
+
+def test_promtool_checks_the_scrape_config(secret_files, tmp_path: Path) -> None:
+    # As written: the syntax (promtool checks the files too, which exist only where they are mounted).
+    out = promtool("check", "config", "--syntax-only", "prometheus.yml")
     assert out.returncode == 0, out.stdout + out.stderr
+    out = promtool("check", "config", "prometheus.yml")
+    assert out.returncode != 0 and "/run/secrets/kvmesh-token" in out.stdout + out.stderr, out.stdout + out.stderr
+    # With every file it names present: the full check, files and rules included.
+    copy = checkable_copy("prometheus.yml", secret_files["prometheus.yml"], tmp_path)
+    out = promtool("check", "config", copy.name, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout + out.stderr
 
 
-def test_promtool_checks_the_kubernetes_scrape_config() -> None:
-    out = promtool("check", "config", "prometheus-kubernetes.yml")
+def test_promtool_checks_the_kubernetes_scrape_config(secret_files, tmp_path: Path) -> None:
+    copy = checkable_copy("prometheus-kubernetes.yml", secret_files["prometheus-kubernetes.yml"], tmp_path)
+    out = promtool("check", "config", copy.name, cwd=tmp_path)
     if out.returncode != 0 and "field kubernetes_sd_configs not found" in out.stdout + out.stderr:
         pytest.skip("this promtool is built without Kubernetes service discovery (Debian's package); "
                     "upstream Prometheus builds check it")
