@@ -97,7 +97,7 @@ def test_residual_levels_follow_the_range_and_keep_parity(mode: int) -> None:
 # -- the arithmetic ----------------------------------------------------------------------------------
 
 @needs_native
-@pytest.mark.parametrize("rows, features, channels", [(1, 2, 1), (7, 48, 24), (255, 384, 192), (0, 3, 5)])
+@pytest.mark.parametrize("rows, features, channels", [(1, 2, 1), (7, 48, 24), (13, 40, 56), (17, 33, 200), (255, 384, 192), (0, 3, 5)])
 def test_compiled_prediction_equals_the_reference(rows: int, features: int, channels: int) -> None:
     g = torch.Generator().manual_seed(rows + features)
     x = torch.randn(rows, features, generator=g) * 10

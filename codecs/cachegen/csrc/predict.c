@@ -8,12 +8,17 @@ RANSC_DOC(ransc_predict_doc,
 "out[t, j] = out[t, j] + x[t, i] * w[i, j], the product rounded to fp32, then the sum (built with\n"
 "-ffp-contract=off: no fused multiply-add). x fp32 [rows, F], w fp32 [F, C], b fp32 [C], out fp32 [rows, C].");
 
-/* Register-blocked: 4 rows x 16 columns of accumulators stay in vector registers over the whole
- * sum; every lane still computes acc = acc + x * w for i = 0 .. F-1 in order (vector mul and add are
- * the IEEE fp32 operations; -ffp-contract=off keeps them unfused), so the result is the scalar loop's.
- * GCC's vector extensions; target_clones picks the AVX2 build at load time where the CPU has it. */
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v8fu __attribute__((vector_size(32), aligned(4)));
+/* Every lane computes acc = b[j]; acc = acc + x[t, i] * w[i, j] for i = 0 .. F-1 in order: the
+ * vector mul and add are the IEEE fp32 operations and -ffp-contract=off keeps them unfused, so any
+ * blocking over rows t and columns j gives the scalar loop's bits (only the order over i is fixed).
+ *
+ * Register-blocked: a block of up to 8 rows x 32 columns (16 AVX-512 accumulators) stays in vector
+ * registers over the whole sum, each weight vector loaded once per 8 rows and each feature broadcast
+ * once per 32 columns, so the loop runs at the multiply and add ports' rate, not the loads'. GCC's
+ * vector extensions; the AVX-512 build is chosen at load time (target_clones) where the CPU has it,
+ * else AVX2, else the portable build (the same code, narrower registers). */
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v16fu __attribute__((vector_size(64), aligned(4)));
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define PREDICT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -21,53 +26,57 @@ typedef float v8fu __attribute__((vector_size(32), aligned(4)));
 #define PREDICT_CLONES
 #endif
 
+#define PRED_ROWS 8
+#define SPLAT(s) ((v16f){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s})
+
+/* nr (<= PRED_ROWS) rows from t, nv (1 or 2) vectors of 16 columns from j. */
+ALWAYS_INLINE void pred_block(const int nr, const int nv, const float *x, Py_ssize_t t, Py_ssize_t F,
+                              Py_ssize_t C, Py_ssize_t j, const float *w, const float *b, float *out) {
+    v16f a[PRED_ROWS][2];
+    for (int r = 0; r < nr; r++)
+        for (int v = 0; v < nv; v++) a[r][v] = *(const v16fu *)(b + j + 16 * v);
+    const float *xr = x + t * F;
+    for (Py_ssize_t i = 0; i < F; i++) {
+        v16f wv[2];
+        for (int v = 0; v < nv; v++) wv[v] = *(const v16fu *)(w + i * C + j + 16 * v);
+        for (int r = 0; r < nr; r++) {
+            const v16f s = SPLAT(xr[r * F + i]);
+            for (int v = 0; v < nv; v++) a[r][v] = a[r][v] + s * wv[v];
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int v = 0; v < nv; v++) *(v16fu *)(out + (t + r) * C + j + 16 * v) = a[r][v];
+}
+
+/* The rows t .. t + nr - 1 (nr a constant after inlining), every column. */
+ALWAYS_INLINE void pred_rows(const int nr, const float *x, Py_ssize_t t, Py_ssize_t F, Py_ssize_t C,
+                             const float *w, const float *b, float *out) {
+    Py_ssize_t j = 0;
+    for (; j + 32 <= C; j += 32) pred_block(nr, 2, x, t, F, C, j, w, b, out);
+    for (; j + 16 <= C; j += 16) pred_block(nr, 1, x, t, F, C, j, w, b, out);
+    for (; j < C; j++)  /* the columns past the last block of 16, one at a time */
+        for (int r = 0; r < nr; r++) {
+            const float *xr = x + (t + r) * F;
+            float acc = b[j];
+            for (Py_ssize_t i = 0; i < F; i++) acc = acc + xr[i] * w[i * C + j];
+            out[(t + r) * C + j] = acc;
+        }
+}
+
 PREDICT_CLONES
 static void predict_rows(const float *x, Py_ssize_t rows, Py_ssize_t F, Py_ssize_t C, const float *w,
                          const float *b, float *out) {
     Py_ssize_t t = 0;
-    const Py_ssize_t cv = C - C % 16;
-    for (; t + 4 <= rows; t += 4) {
-        const float *x0 = x + t * F, *x1 = x0 + F, *x2 = x1 + F, *x3 = x2 + F;
-        for (Py_ssize_t j = 0; j < cv; j += 16) {
-            const v8f b0 = *(const v8fu *)(b + j), b1 = *(const v8fu *)(b + j + 8);
-            v8f a00 = b0, a01 = b1, a10 = b0, a11 = b1, a20 = b0, a21 = b1, a30 = b0, a31 = b1;
-            for (Py_ssize_t i = 0; i < F; i++) {
-                const v8f w0 = *(const v8fu *)(w + i * C + j), w1 = *(const v8fu *)(w + i * C + j + 8);
-                const float s0 = x0[i], s1 = x1[i], s2 = x2[i], s3 = x3[i];
-                const v8f v0 = {s0, s0, s0, s0, s0, s0, s0, s0}, v1 = {s1, s1, s1, s1, s1, s1, s1, s1};
-                const v8f v2 = {s2, s2, s2, s2, s2, s2, s2, s2}, v3 = {s3, s3, s3, s3, s3, s3, s3, s3};
-                a00 = a00 + v0 * w0; a01 = a01 + v0 * w1;
-                a10 = a10 + v1 * w0; a11 = a11 + v1 * w1;
-                a20 = a20 + v2 * w0; a21 = a21 + v2 * w1;
-                a30 = a30 + v3 * w0; a31 = a31 + v3 * w1;
-            }
-            *(v8fu *)(out + t * C + j) = a00; *(v8fu *)(out + t * C + j + 8) = a01;
-            *(v8fu *)(out + (t + 1) * C + j) = a10; *(v8fu *)(out + (t + 1) * C + j + 8) = a11;
-            *(v8fu *)(out + (t + 2) * C + j) = a20; *(v8fu *)(out + (t + 2) * C + j + 8) = a21;
-            *(v8fu *)(out + (t + 3) * C + j) = a30; *(v8fu *)(out + (t + 3) * C + j + 8) = a31;
-        }
-    }
-    for (; t < rows; t++) {
-        const float *xr = x + t * F;
-        for (Py_ssize_t j = 0; j < cv; j += 16) {
-            v8f a0 = *(const v8fu *)(b + j), a1 = *(const v8fu *)(b + j + 8);
-            for (Py_ssize_t i = 0; i < F; i++) {
-                const float s = xr[i];
-                const v8f v = {s, s, s, s, s, s, s, s};
-                a0 = a0 + v * *(const v8fu *)(w + i * C + j);
-                a1 = a1 + v * *(const v8fu *)(w + i * C + j + 8);
-            }
-            *(v8fu *)(out + t * C + j) = a0; *(v8fu *)(out + t * C + j + 8) = a1;
-        }
-    }
-    /* the columns past the last block of 16, one at a time */
-    for (Py_ssize_t r = 0; r < rows && cv < C; r++) {
-        const float *xr = x + r * F;
-        for (Py_ssize_t j = cv; j < C; j++) {
-            float acc = b[j];
-            for (Py_ssize_t i = 0; i < F; i++) acc = acc + xr[i] * w[i * C + j];
-            out[r * C + j] = acc;
-        }
+    for (; t + PRED_ROWS <= rows; t += PRED_ROWS) pred_rows(PRED_ROWS, x, t, F, C, w, b, out);
+    switch (rows - t) {  /* the last rows: one specialised block */
+    case 7: pred_rows(7, x, t, F, C, w, b, out); break;
+    case 6: pred_rows(6, x, t, F, C, w, b, out); break;
+    case 5: pred_rows(5, x, t, F, C, w, b, out); break;
+    case 4: pred_rows(4, x, t, F, C, w, b, out); break;
+    case 3: pred_rows(3, x, t, F, C, w, b, out); break;
+    case 2: pred_rows(2, x, t, F, C, w, b, out); break;
+    case 1: pred_rows(1, x, t, F, C, w, b, out); break;
+    default: break;
     }
 }
 
