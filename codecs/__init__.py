@@ -25,6 +25,7 @@ from kvmesh.codecs.registry import (
     max_encoded_size,
     method_options,
     register,
+    registered_methods,
 )
 from kvmesh.codecs import methods as _methods  # noqa: F401  (registers the built-in methods)
 
@@ -40,4 +41,5 @@ __all__ = [
     "LayerPredictor",
     "QueryProfile",
     "register",
+    "registered_methods",
 ]

@@ -40,7 +40,7 @@ import torch
 from kvmesh.codecs import container
 from kvmesh.codecs.base import Codec, check_kv
 from kvmesh.codecs.cachegen import delta, quant
-from kvmesh.codecs.cachegen.backends import CpuBackend
+from kvmesh.codecs.cachegen.backends import Backend, get_backend
 from kvmesh.codecs.cachegen.layout import MAX_CODED_GROUP, channel_group, stream_layout
 from kvmesh.codecs.cachegen.levels import LEVELS, Level
 from kvmesh.codecs.cachegen.predict import ID_BYTES, LayerPredictor, features, residual_levels
@@ -143,19 +143,20 @@ def protected_bytes(layers: int, rest: int, channels: int, rows: int) -> int:
     return (2 * layers * rest + 7) // 8 + rows * (4 + channels)
 
 
-def protected_rows(x: torch.Tensor, thresholds: tuple[float, float], native: bool = False) -> torch.Tensor:
+def protected_rows(x: torch.Tensor, thresholds: tuple[float, float]) -> torch.Tensor:
     """bool [2, L, R]: the rows of x fp32 [2, L, R, C] to store at 8 bits (FORMAT.md section 3).
 
     s = the sum over channels of fp16(|x|) in float64: exact in any order (every term is a multiple of
     2^-24 below 2^16, so partial sums need < 53 bits for C <= 8192), hence the same on every device.
-    native: on the CPU, the compiled coder sums the fp16 bit patterns as integers (the same values).
+    On the CPU the compiled coder sums the fp16 bit patterns as integers (the same values); on a GPU,
+    torch sums on the device.
     """
     mask = torch.zeros(x.shape[:3], dtype=torch.bool, device=x.device)
     for kv, threshold in enumerate(thresholds):
         if threshold <= 0:
             continue  # s >= 0, so s < 0 * ref never holds
         h = x[kv].to(torch.float16)
-        if native and x.device.type == "cpu" and x.shape[-1] <= 8192:
+        if x.device.type == "cpu" and x.shape[-1] <= 8192:
             from kvmesh.codecs.cachegen import native as _native
 
             s = _native.row_sums(h)  # |fp16(x)| = fp16(|x|): the C code drops the sign bit
@@ -166,10 +167,10 @@ def protected_rows(x: torch.Tensor, thresholds: tuple[float, float], native: boo
     return mask
 
 
-def _protect_encode(x: torch.Tensor, thresholds: tuple[float, float], native: bool = False
+def _protect_encode(x: torch.Tensor, thresholds: tuple[float, float]
                     ) -> tuple[bytes, torch.Tensor, torch.Tensor | None]:
     """(section 7, mask bool [2, L, R], the protected rows as the decoder restores them fp32 [n, C] or None)."""
-    mask = protected_rows(x, thresholds, native)
+    mask = protected_rows(x, thresholds)
     bits = np.packbits(mask.cpu().numpy().reshape(-1), bitorder="little").tobytes()
     rows = x[mask]  # [n, C] in (K/V, layer, token) order
     if rows.shape[0] == 0:
@@ -247,7 +248,7 @@ def _tensors_from(raw: memoryview, spec: list[tuple[tuple[int, ...], torch.dtype
 class CacheGenCodec(Codec):
     codec_id = CODEC_ID
 
-    def __init__(self, level: Level, backend: object | None = None, key_profile: QueryProfile | None = None,
+    def __init__(self, level: Level, backend: Backend | None = None, key_profile: QueryProfile | None = None,
                  predictor: LayerPredictor | None = None) -> None:
         """key_profile: the serving model's query profile (rounding.py). The encoder then rounds keys
         along it: same format and decoder, fewer errors where the model's queries look. Without one,
@@ -258,7 +259,7 @@ class CacheGenCodec(Codec):
         self.level = level
         self.level_id = level.level_id
         self.name = "cachegen" if level.name == "default" else f"cachegen-{level.name}"
-        self.backend = backend if backend is not None else CpuBackend()
+        self.backend = backend if backend is not None else get_backend("cpu")
         self.key_profile = key_profile
         self.predictor = predictor
 
@@ -283,7 +284,7 @@ class CacheGenCodec(Codec):
         rest = T - lead
         protect = None
         if self.level.protects and rest:
-            protect = _protect_encode(x[:, :, lead:], self.level.protect, bool(getattr(self.backend, "native", False)))
+            protect = _protect_encode(x[:, :, lead:], self.level.protect)
         if rest == 0:
             sections = [b"", lead_sec, b"", b"", b"", pack_uints(np.zeros(0, np.int64)), b""]
         else:
@@ -483,7 +484,7 @@ class CacheGenCodec(Codec):
                 + sides + 2 * streams + counts + words + protected)
 
 
-def make_codec(level_name: str, backend: str, key_profile: QueryProfile | str | os.PathLike | None = None,
+def make_codec(level_name: str, backend: str = "cpu", key_profile: QueryProfile | str | os.PathLike | None = None,
                predictor: LayerPredictor | str | os.PathLike | None = None) -> CacheGenCodec:
     """key_profile: a QueryProfile or the path of one saved with QueryProfile.save; predictor: a
     LayerPredictor or the path of one saved with LayerPredictor.save."""
@@ -496,10 +497,4 @@ def make_codec(level_name: str, backend: str, key_profile: QueryProfile | str | 
         if not isinstance(predictor, (str, os.PathLike)):
             raise CodecError(f"predictor must be a LayerPredictor or a file path, got {type(predictor).__name__}")
         predictor = LayerPredictor.load(predictor)
-    if backend == "triton":
-        try:
-            from kvmesh.codecs.cachegen.triton_backend import TritonBackend
-        except ImportError as e:
-            raise CodecError(f"the triton backend is not available: {e}") from None
-        return CacheGenCodec(level, TritonBackend(), key_profile, predictor)
-    return CacheGenCodec(level, key_profile=key_profile, predictor=predictor)
+    return CacheGenCodec(level, get_backend(backend), key_profile, predictor)

@@ -84,4 +84,3 @@ LEVELS: dict[str, Level] = {
                      key_levels=_bands((10, 20), (15, 28), (5, 14)),
                      value_levels=_bands((10, 7), (5, 5), (10, 7), (5, 5)), protect=(0.0, 0.35)),
 }
-LEVEL_ALIASES = {"high": "hq"}
