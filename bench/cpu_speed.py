@@ -1,6 +1,12 @@
 """Single-core CPU speed of cachegen with and without the model files, on the committed real chunk.
 
     python bench/cpu_speed.py [--passes 5] [--methods cachegen,cachegen+qp,cachegen+lp,cachegen+qp+lp] [--profile]
+    python bench/cpu_speed.py --baseline DIR [--passes 15]   # A/B against another build, interleaved
+
+--baseline DIR: DIR is a built kvmesh tree of another commit (``git archive <commit> | tar -x -C /tmp/base;
+cd /tmp/base; python setup.py build``: DIR = /tmp/base/build/lib.<platform>). Two worker processes, one
+per build, run one encode and one decode each in turn, pass after pass, so both see the same machine
+load (this machine is shared); the table gives each one's best and the ratio new / baseline.
 
 Needs no model: the chunk is bench/data/realkv_chunks.safetensors' chunk_0 (SmolLM2-135M, [2, 30, 256,
 192] fp16), the layer predictor is fitted on that file's two chunks (predict.fit) and the query
@@ -70,12 +76,79 @@ def best(fn, passes: int) -> float:
     return min(times)
 
 
+def worker(methods: list[str]) -> int:
+    """Reads a method name per line; answers 'encode_s decode_s bytes' for one encode and one decode."""
+    torch.set_num_threads(1)
+    chunks = load_chunks()
+    table = codecs(methods, chunks)
+    blobs = {m: c.encode(chunks[0]) for m, c in table.items()}
+    for m, c in table.items():
+        c.decode(blobs[m])
+    print("ready", flush=True)
+    for line in sys.stdin:
+        m = line.strip()
+        t = time.perf_counter()
+        blobs[m] = table[m].encode(chunks[0])
+        te = time.perf_counter() - t
+        t = time.perf_counter()
+        table[m].decode(blobs[m])
+        td = time.perf_counter() - t
+        print(f"{te} {td} {len(blobs[m])}", flush=True)
+    return 0
+
+
+def ab(methods: list[str], baseline: str, passes: int) -> int:
+    import os
+    import subprocess
+
+    def start(pythonpath: str | None) -> subprocess.Popen:
+        env = dict(os.environ)
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath
+        else:
+            env.pop("PYTHONPATH", None)
+        proc = subprocess.Popen([sys.executable, __file__, "--worker", "--methods", ",".join(methods)], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("a worker failed to start")
+        return proc
+
+    workers = {"baseline": start(baseline), "new": start(None)}
+    best = {(w, m): [float("inf"), float("inf"), 0] for w in workers for m in methods}
+    for _ in range(passes):
+        for m in methods:
+            for w, proc in workers.items():
+                proc.stdin.write(m + "\n")
+                proc.stdin.flush()
+                te, td, n = proc.stdout.readline().split()
+                b = best[w, m]
+                b[0], b[1], b[2] = min(b[0], float(te)), min(b[1], float(td)), int(n)
+    for proc in workers.values():
+        proc.stdin.close()
+        proc.wait()
+    mb = load_chunks()[0].numel() * 2 / 1e6
+    print(f"one core, {mb:.2f} MB fp16 chunk, best of {passes} interleaved passes; baseline = {baseline}")
+    print("| method | baseline encode MB/s | new encode MB/s | ratio | baseline decode MB/s | new decode MB/s | ratio | same bytes |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for m in methods:
+        (be, bd, bn), (ne, nd, nn) = best["baseline", m], best["new", m]
+        print(f"| {m} | {mb / be:.1f} | {mb / ne:.1f} | {be / ne:.2f}x | {mb / bd:.1f} | {mb / nd:.1f} | {bd / nd:.2f}x "
+              f"| {'yes' if bn == nn else f'{bn} vs {nn}'} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--methods", default="cachegen,cachegen+qp,cachegen+lp,cachegen+qp+lp")
     ap.add_argument("--profile", action="store_true", help="cProfile one encode and one decode of each method")
+    ap.add_argument("--baseline", help="a built kvmesh tree (its lib folder) to A/B against, interleaved")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args.methods.split(","))
+    if args.baseline:
+        return ab(args.methods.split(","), args.baseline, args.passes)
     torch.set_num_threads(1)
     chunks = load_chunks()
     chunk = chunks[0]

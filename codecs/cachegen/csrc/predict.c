@@ -1,6 +1,8 @@
 /* Cross-layer prediction (FORMAT.md section 3, predict.py). */
 #include "ransc.h"
 
+#include <stdlib.h>
+
 
 RANSC_DOC(ransc_predict_doc,
 "predict(x, rows, features, channels, w, b, out)\n\n"
@@ -12,72 +14,87 @@ RANSC_DOC(ransc_predict_doc,
  * vector mul and add are the IEEE fp32 operations and -ffp-contract=off keeps them unfused, so any
  * blocking over rows t and columns j gives the scalar loop's bits (only the order over i is fixed).
  *
- * Register-blocked: a block of up to 8 rows x 32 columns (16 AVX-512 accumulators) stays in vector
- * registers over the whole sum, each weight vector loaded once per 8 rows and each feature broadcast
- * once per 32 columns, so the loop runs at the multiply and add ports' rate, not the loads'. GCC's
- * vector extensions; the AVX-512 build is chosen at load time (target_clones) where the CPU has it,
- * else AVX2, else the portable build (the same code, narrower registers). */
+ * Register-blocked: a block of ROWS rows x NV vectors of columns stays in vector registers over the
+ * whole sum, each weight vector loaded once per ROWS rows and each feature broadcast once per block,
+ * so the loop runs at the multiply and add ports' rate, not the loads'. Two builds of one template
+ * (GCC vector extensions): AVX-512, 6 rows x 64 columns (24 of the 32 zmm registers), chosen at run
+ * time where the CPU has it; else 4 rows x 16 columns of 8-lane vectors (8 of 16 ymm registers),
+ * cloned for AVX2 and the portable baseline. Column tails use narrower blocks, then one column at a
+ * time; row tails a block specialised for their count. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8fu __attribute__((vector_size(32), aligned(4)));
 typedef float v16f __attribute__((vector_size(64)));
 typedef float v16fu __attribute__((vector_size(64), aligned(4)));
 
+#define PRED_BLOCK(NAME, VEC, VECU, W, MAXR, MAXV)                                                        \
+ALWAYS_INLINE void NAME(const int nr, const int nv, const float *x, Py_ssize_t t, Py_ssize_t F,           \
+                        Py_ssize_t C, Py_ssize_t j, const float *w, const float *b, float *out) {         \
+    VEC a[MAXR][MAXV];                                                                                    \
+    for (int r = 0; r < nr; r++)                                                                          \
+        for (int v = 0; v < nv; v++) a[r][v] = *(const VECU *)(b + j + W * v);                            \
+    const float *xr = x + t * F;                                                                          \
+    for (Py_ssize_t i = 0; i < F; i++) {                                                                  \
+        VEC wv[MAXV];                                                                                     \
+        for (int v = 0; v < nv; v++) wv[v] = *(const VECU *)(w + i * C + j + W * v);                      \
+        for (int r = 0; r < nr; r++) {                                                                    \
+            const float s = xr[r * F + i]; /* broadcast by the vector-scalar product */                   \
+            for (int v = 0; v < nv; v++) a[r][v] = a[r][v] + s * wv[v];                                   \
+        }                                                                                                 \
+    }                                                                                                     \
+    for (int r = 0; r < nr; r++)                                                                          \
+        for (int v = 0; v < nv; v++) *(VECU *)(out + (t + r) * C + j + W * v) = a[r][v];                  \
+}
+
+/* The rows t .. t + nr - 1 (nr a constant after inlining), every column: blocks of MAXV vectors, then
+ * of one vector, then single columns. */
+#define PRED_ROWS_OF(NAME, BLOCK, W, MAXV)                                                                \
+ALWAYS_INLINE void NAME(const int nr, const float *x, Py_ssize_t t, Py_ssize_t F, Py_ssize_t C,          \
+                        const float *w, const float *b, float *out) {                                     \
+    Py_ssize_t j = 0;                                                                                     \
+    for (; j + W * MAXV <= C; j += W * MAXV) BLOCK(nr, MAXV, x, t, F, C, j, w, b, out);                   \
+    for (; j + W <= C; j += W) BLOCK(nr, 1, x, t, F, C, j, w, b, out);                                    \
+    for (; j < C; j++)                                                                                    \
+        for (int r = 0; r < nr; r++) {                                                                    \
+            const float *xr = x + (t + r) * F;                                                            \
+            float acc = b[j];                                                                             \
+            for (Py_ssize_t i = 0; i < F; i++) acc = acc + xr[i] * w[i * C + j];                          \
+            out[(t + r) * C + j] = acc;                                                                   \
+        }                                                                                                 \
+}
+
+/* All rows: blocks of MAXR rows, then one block of the rest (TAIL: a switch over 1 .. MAXR - 1). */
+#define PREDICT_ALL(NAME, ATTR, ROWS_OF, MAXR, TAIL)                                                      \
+ATTR static void NAME(const float *x, Py_ssize_t rows, Py_ssize_t F, Py_ssize_t C, const float *w,        \
+                      const float *b, float *out) {                                                       \
+    Py_ssize_t t = 0;                                                                                     \
+    for (; t + MAXR <= rows; t += MAXR) ROWS_OF(MAXR, x, t, F, C, w, b, out);                             \
+    switch (rows - t) { TAIL(ROWS_OF) default: break; }                                                   \
+}
+#define CASE(ROWS_OF, N) case N: ROWS_OF(N, x, t, F, C, w, b, out); break;
+#define TAIL4(R) CASE(R, 3) CASE(R, 2) CASE(R, 1)
+#define TAIL6(R) CASE(R, 5) CASE(R, 4) TAIL4(R)
+
+PRED_BLOCK(block8, v8f, v8fu, 8, 4, 2)
+PRED_ROWS_OF(rows8, block8, 8, 2)
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define PREDICT_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+PREDICT_ALL(predict_narrow, __attribute__((target_clones("avx2", "default"))), rows8, 4, TAIL4)
+#define HAVE_AVX512_PREDICT 1
+PRED_BLOCK(block16, v16f, v16fu, 16, 6, 4)
+PRED_ROWS_OF(rows16, block16, 16, 4)
+PREDICT_ALL(predict_avx512, __attribute__((target("avx512f"))), rows16, 6, TAIL6)
 #else
-#define PREDICT_CLONES
+PREDICT_ALL(predict_narrow, , rows8, 4, TAIL4)
 #endif
 
-#define PRED_ROWS 8
-#define SPLAT(s) ((v16f){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s})
-
-/* nr (<= PRED_ROWS) rows from t, nv (1 or 2) vectors of 16 columns from j. */
-ALWAYS_INLINE void pred_block(const int nr, const int nv, const float *x, Py_ssize_t t, Py_ssize_t F,
-                              Py_ssize_t C, Py_ssize_t j, const float *w, const float *b, float *out) {
-    v16f a[PRED_ROWS][2];
-    for (int r = 0; r < nr; r++)
-        for (int v = 0; v < nv; v++) a[r][v] = *(const v16fu *)(b + j + 16 * v);
-    const float *xr = x + t * F;
-    for (Py_ssize_t i = 0; i < F; i++) {
-        v16f wv[2];
-        for (int v = 0; v < nv; v++) wv[v] = *(const v16fu *)(w + i * C + j + 16 * v);
-        for (int r = 0; r < nr; r++) {
-            const v16f s = SPLAT(xr[r * F + i]);
-            for (int v = 0; v < nv; v++) a[r][v] = a[r][v] + s * wv[v];
-        }
-    }
-    for (int r = 0; r < nr; r++)
-        for (int v = 0; v < nv; v++) *(v16fu *)(out + (t + r) * C + j + 16 * v) = a[r][v];
-}
-
-/* The rows t .. t + nr - 1 (nr a constant after inlining), every column. */
-ALWAYS_INLINE void pred_rows(const int nr, const float *x, Py_ssize_t t, Py_ssize_t F, Py_ssize_t C,
-                             const float *w, const float *b, float *out) {
-    Py_ssize_t j = 0;
-    for (; j + 32 <= C; j += 32) pred_block(nr, 2, x, t, F, C, j, w, b, out);
-    for (; j + 16 <= C; j += 16) pred_block(nr, 1, x, t, F, C, j, w, b, out);
-    for (; j < C; j++)  /* the columns past the last block of 16, one at a time */
-        for (int r = 0; r < nr; r++) {
-            const float *xr = x + (t + r) * F;
-            float acc = b[j];
-            for (Py_ssize_t i = 0; i < F; i++) acc = acc + xr[i] * w[i * C + j];
-            out[(t + r) * C + j] = acc;
-        }
-}
-
-PREDICT_CLONES
 static void predict_rows(const float *x, Py_ssize_t rows, Py_ssize_t F, Py_ssize_t C, const float *w,
                          const float *b, float *out) {
-    Py_ssize_t t = 0;
-    for (; t + PRED_ROWS <= rows; t += PRED_ROWS) pred_rows(PRED_ROWS, x, t, F, C, w, b, out);
-    switch (rows - t) {  /* the last rows: one specialised block */
-    case 7: pred_rows(7, x, t, F, C, w, b, out); break;
-    case 6: pred_rows(6, x, t, F, C, w, b, out); break;
-    case 5: pred_rows(5, x, t, F, C, w, b, out); break;
-    case 4: pred_rows(4, x, t, F, C, w, b, out); break;
-    case 3: pred_rows(3, x, t, F, C, w, b, out); break;
-    case 2: pred_rows(2, x, t, F, C, w, b, out); break;
-    case 1: pred_rows(1, x, t, F, C, w, b, out); break;
-    default: break;
+#ifdef HAVE_AVX512_PREDICT
+    if (__builtin_cpu_supports("avx512f") && !getenv("RANSC_NO_AVX512")) {
+        predict_avx512(x, rows, F, C, w, b, out);
+        return;
     }
+#endif
+    predict_narrow(x, rows, F, C, w, b, out);
 }
 
 PyObject *ransc_predict(PyObject *self, PyObject *args) {
