@@ -323,6 +323,7 @@ class CacheGenCodec(Codec):
         used = np.zeros((2, L), dtype=bool)
         mask, rows = protect[1:] if protect is not None else (None, None)
         restored = _restored_rows(mask, rows, x)
+        has_rows = mask.any(dim=2).cpu().numpy() if mask is not None else None  # [2, L]: any protected row
         for layer in range(L):
             for kv in (0, 1):
                 target = x[kv, layer:layer + 1]
@@ -338,12 +339,11 @@ class CacheGenCodec(Codec):
                 lv = levels[kv, layer:layer + 1]
                 prof = self.key_profile.layer(layer) if kv == 0 and self.key_profile is not None else None
                 ql, side = self.backend.quantize_half(target, lv, modes[kv], prof)
-                y = self.backend.dequantize_half(ql, side, lv, modes[kv])[0]
+                y = self.backend.dequantize_half(ql, side, lv, modes[kv], out=dec[kv, layer:layer + 1])[0]
                 if pred is not None:
-                    y = y + pred
-                if restored is not None:
-                    y = torch.where(mask[kv, layer, :, None], restored[kv, layer], y)
-                dec[kv, layer] = y
+                    y.add_(pred)  # the same fp32 sum as y + pred, in place
+                if restored is not None and has_rows[kv, layer]:
+                    y.copy_(torch.where(mask[kv, layer, :, None], restored[kv, layer], y))
                 q[kv, layer] = ql[0]
                 parts[kv].append(side)
         return q, [_cat_sides(parts[kv], modes[kv]) for kv in (0, 1)], levels, used
