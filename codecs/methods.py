@@ -25,4 +25,4 @@ register("lmcache-cachegen", 6, _cpu_only(LMCacheCodec), backends=("cpu",), list
 for _level in LEVELS.values():
     register("cachegen" if _level.name == "default" else f"cachegen-{_level.name}", CACHEGEN_ID,
              lambda backend, _n=_level.name, **opts: make_cachegen(_n, backend, **opts), level_id=_level.level_id,
-             level_name=_level.name, options=("key_profile", "predictor"))
+             level_name=_level.name, options=("key_profile", "predictor", "schedule"))

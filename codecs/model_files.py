@@ -7,6 +7,8 @@ kept per model in a *model-files folder*::
     <root>/<model key>/query_profile.npz            QueryProfile.save   (kvmesh.engine.profile)
     <root>/<model key>/layer_predictor.npz          LayerPredictor.save, fitted for the default level
     <root>/<model key>/layer_predictor-<level>.npz  optional: fitted for that level (e.g. -hq)
+    <root>/<model key>/levels-<level>.json          optional: the model's own level counts per layer
+                                                    for that level (levels.save_schedule; e.g. -hq)
 
 ``<model key>`` is the model's name with every character outside ``[A-Za-z0-9._-]`` replaced by
 ``--`` ("HuggingFaceTB/SmolLM2-135M-Instruct" -> "HuggingFaceTB--SmolLM2-135M-Instruct"). Roots are
@@ -25,6 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmesh.codecs.cachegen.levels import load_schedule, save_schedule
 from kvmesh.codecs.cachegen.predict import LayerPredictor
 from kvmesh.codecs.cachegen.rounding import QueryProfile
 from kvmesh.codecs.errors import CodecError
@@ -67,6 +70,7 @@ class ModelFiles:
     folder: Path
     key_profile: Path | None
     predictors: dict[str, Path]  # level name ("default", "hq", ...) -> file
+    schedules: dict[str, Path]  # level name -> levels-<level>.json
 
     def predictor_for(self, method: str) -> Path | None:
         """The method's level's own predictor, else the default level's."""
@@ -83,6 +87,10 @@ class ModelFiles:
         predictor = self.predictor_for(method)
         if predictor is not None:
             opts["predictor"] = LayerPredictor.load(predictor)
+        schedule = self.schedules.get(_METHOD_LEVEL[method])
+        if schedule is not None:  # only the method's own level's: a schedule is tuned for one level
+            _, keys, values = load_schedule(schedule)
+            opts["schedule"] = (keys, values)
         return opts
 
 
@@ -93,9 +101,10 @@ def _scan(model: str, folder: Path) -> ModelFiles | None:
         predictors["default"] = folder / PREDICTOR_FILE
     for path in sorted(folder.glob("layer_predictor-*.npz")):
         predictors[path.stem.removeprefix("layer_predictor-")] = path
-    if not profile.is_file() and not predictors:
+    schedules = {path.stem.removeprefix("levels-"): path for path in sorted(folder.glob("levels-*.json"))}
+    if not profile.is_file() and not predictors and not schedules:
         return None
-    return ModelFiles(model, folder, profile if profile.is_file() else None, predictors)
+    return ModelFiles(model, folder, profile if profile.is_file() else None, predictors, schedules)
 
 
 def find_model_files(model: str, roots: list[str | os.PathLike] | None = None) -> ModelFiles | None:
@@ -120,9 +129,11 @@ def codec_options(model: str, method: str = "cachegen", roots: list[str | os.Pat
 
 def save_model_files(model: str, key_profile: QueryProfile | None = None,
                      predictors: dict[str, LayerPredictor] | None = None,
-                     root: str | os.PathLike | None = None) -> ModelFiles:
-    """Writes a model's files (atomically, each) into ``model_folder(model, root)``; predictors by level
-    name ("default" is layer_predictor.npz). Returns what find_model_files then finds there."""
+                     root: str | os.PathLike | None = None,
+                     schedules: dict[str, tuple[list[int], list[int]]] | None = None) -> ModelFiles:
+    """Writes a model's files (atomically, each) into ``model_folder(model, root)``; predictors and
+    schedules ((key counts, value counts) per layer) by level name ("default" is layer_predictor.npz).
+    Returns what find_model_files then finds there."""
     folder = model_folder(model, root)
     if key_profile is not None:
         key_profile.save(folder / PROFILE_FILE)
@@ -130,7 +141,11 @@ def save_model_files(model: str, key_profile: QueryProfile | None = None,
         if level != "default" and level not in {v for v in _METHOD_LEVEL.values()}:
             raise CodecError(f"unknown level {level!r} for a layer predictor; levels: {', '.join(_METHOD_LEVEL.values())}")
         predictor.save(folder / (PREDICTOR_FILE if level == "default" else f"layer_predictor-{level}.npz"))
+    for level, (keys, values) in (schedules or {}).items():
+        if level not in _METHOD_LEVEL.values():
+            raise CodecError(f"unknown level {level!r} for a schedule; levels: {', '.join(_METHOD_LEVEL.values())}")
+        save_schedule(folder / f"levels-{level}.json", level, keys, values)
     found = _scan(model, folder)
     if found is None:
-        raise CodecError("save_model_files needs a query profile or at least one layer predictor")
+        raise CodecError("save_model_files needs a query profile, a layer predictor or a schedule")
     return found

@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ from kvmesh.codecs.base import Codec, check_kv
 from kvmesh.codecs.cachegen import delta, quant
 from kvmesh.codecs.cachegen.backends import Backend, get_backend
 from kvmesh.codecs.cachegen.layout import MAX_CODED_GROUP, channel_group, stream_layout
-from kvmesh.codecs.cachegen.levels import LEVELS, Level
+from kvmesh.codecs.cachegen.levels import LEVELS, Level, load_schedule, with_schedule
 from kvmesh.codecs.cachegen.predict import ID_BYTES, LayerPredictor, features, residual_levels
 from kvmesh.codecs.cachegen.rounding import QueryProfile
 from kvmesh.codecs.cachegen.tables import NUM_TABLES, TABLE_FAMILY_VERSION
@@ -485,9 +486,11 @@ class CacheGenCodec(Codec):
 
 
 def make_codec(level_name: str, backend: str = "cpu", key_profile: QueryProfile | str | os.PathLike | None = None,
-               predictor: LayerPredictor | str | os.PathLike | None = None) -> CacheGenCodec:
+               predictor: LayerPredictor | str | os.PathLike | None = None,
+               schedule: tuple[Sequence[int], Sequence[int]] | str | os.PathLike | None = None) -> CacheGenCodec:
     """key_profile: a QueryProfile or the path of one saved with QueryProfile.save; predictor: a
-    LayerPredictor or the path of one saved with LayerPredictor.save."""
+    LayerPredictor or the path of one saved with LayerPredictor.save; schedule: the model's own level
+    counts per layer, (key counts, value counts) or a file saved with levels.save_schedule for this level."""
     level = LEVELS[level_name]
     if key_profile is not None and not isinstance(key_profile, QueryProfile):
         if not isinstance(key_profile, (str, os.PathLike)):
@@ -497,4 +500,12 @@ def make_codec(level_name: str, backend: str = "cpu", key_profile: QueryProfile 
         if not isinstance(predictor, (str, os.PathLike)):
             raise CodecError(f"predictor must be a LayerPredictor or a file path, got {type(predictor).__name__}")
         predictor = LayerPredictor.load(predictor)
+    if schedule is not None:
+        if isinstance(schedule, (str, os.PathLike)):
+            name, keys, values = load_schedule(schedule)
+            if name != level_name:
+                raise CodecError(f"schedule {schedule} is for level {name!r}, not {level_name!r}")
+        else:
+            keys, values = schedule
+        level = with_schedule(level, keys, values)
     return CacheGenCodec(level, get_backend(backend), key_profile, predictor)

@@ -190,7 +190,7 @@ def test_a_profile_for_another_model_is_a_clear_error() -> None:
 
 
 def test_key_profile_is_a_cachegen_option_only() -> None:
-    assert method_options("cachegen") == ("key_profile", "predictor") and "key_profile" in method_options("cachegen-hq")
+    assert method_options("cachegen") == ("key_profile", "predictor", "schedule") and "key_profile" in method_options("cachegen-hq")
     assert method_options("int8") == ()
     with pytest.raises(CodecError, match="takes no option 'key_profile'"):
         get_codec("int8", key_profile=QueryProfile(correlated_moments(1, 1, 4)))

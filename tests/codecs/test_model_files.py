@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from kvmesh.codecs import CodecError, LayerPredictor, QueryProfile, get_codec, model_files
 from kvmesh.codecs.model_files import codec_options, find_model_files, model_key, save_model_files
@@ -76,7 +77,7 @@ def test_roots_are_searched_in_order(tmp_path, monkeypatch) -> None:
 
 
 def test_bad_requests_are_clear_errors(tmp_path) -> None:
-    with pytest.raises(CodecError, match="needs a query profile or at least one"):
+    with pytest.raises(CodecError, match="needs a query profile, a layer predictor or a schedule"):
         save_model_files(MODEL, root=tmp_path)
     with pytest.raises(CodecError, match="unknown level 'ultra'"):
         save_model_files(MODEL, predictors={"ultra": _predictor()}, root=tmp_path)
@@ -86,3 +87,26 @@ def test_bad_requests_are_clear_errors(tmp_path) -> None:
     (found.folder / "query_profile.npz").write_bytes(b"not a profile")
     with pytest.raises(CodecError, match="query profile"):
         found.codec_options("cachegen")
+
+
+def test_an_hq_schedule_travels_with_the_files_and_only_to_its_level(tmp_path) -> None:
+    keys, values = [64, 96, 128], [17, 33, 49]
+    save_model_files(MODEL, predictors={"default": _predictor()}, schedules={"hq": (keys, values)})
+    assert "schedule" not in codec_options(MODEL, "cachegen")
+    opts = codec_options(MODEL, "cachegen-hq")
+    assert opts["schedule"] == (tuple(keys), tuple(values))
+    kv = kv_like(layers=L, tokens=20, channels=C, seed=5)
+    codec = get_codec("cachegen-hq", backend="cpu", **opts)
+    assert codec.level.levels_for(L).tolist() == [keys, values]  # the model's depth: one count per layer
+    blob = codec.encode(kv)
+    # the counts travel in the container: a codec without the schedule decodes the same values
+    plain = get_codec("cachegen-hq", backend="cpu", predictor=opts["predictor"])
+    assert torch.equal(plain.decode(blob), codec.decode(blob))
+    assert plain.encode(kv) != blob
+    with pytest.raises(CodecError, match="level counts must lie in"):
+        save_model_files(MODEL, schedules={"hq": ([1, 2, 3], [2, 2, 2])}, root=tmp_path)
+    with pytest.raises(CodecError, match="as many key as value"):
+        get_codec("cachegen", backend="cpu", schedule=([8, 8], [4]))
+    hq_file = find_model_files(MODEL).schedules["hq"]
+    with pytest.raises(CodecError, match="is for level 'hq', not 'default'"):
+        get_codec("cachegen", backend="cpu", schedule=hq_file)
