@@ -31,14 +31,17 @@ def _packages() -> tuple[list[str], dict[str, str]]:
     return packages, package_dir
 
 
-# The compiled rANS coder of the cachegen CPU path (codecs/cachegen/native.py loads it). optional:
-# without a C compiler the install still succeeds and the numpy coder runs instead. Integer math
-# only; -ffp-contract=off keeps any future float expression unfused, as FORMAT.md requires.
+# The compiled cachegen CPU path (codecs/cachegen/native.py loads it), split by stage in
+# codecs/cachegen/csrc/ (ransc.h says which file holds what). Required: the CPU path has no other
+# implementation, so an install without a C compiler fails here rather than at the first encode.
+# -ffp-contract=off keeps the fp32 quantize and predict steps unfused, as FORMAT.md requires.
+CSRC = "codecs/cachegen/csrc"
 RANSC = Extension(
     "kvmesh.codecs.cachegen._ransc",
-    sources=["codecs/cachegen/_ransc.c"],
+    sources=[f"{CSRC}/{name}.c" for name in ("common", "stats", "quantize", "predict", "rans", "module")],
+    depends=[f"{CSRC}/ransc.h"],
     extra_compile_args=["-O3", "-ffp-contract=off"],
-    optional=True,
+    optional=False,
 )
 
 packages, package_dir = _packages()

@@ -15,17 +15,14 @@ input (torch.set_num_threads(1), best of 3 over real chunks). A second table sho
 go, by container section, averaged over the real chunks.
 
 --speed-only skips the quality evaluation (the model only computes the real chunks) and prints the
-CPU speed alone (best of 5): for the cachegen levels both the compiled rANS coder and the numpy
-reference (KVMESH_NATIVE=0) side by side, with their ratio.
+CPU speed alone (best of 5), of the compiled extension (the CPU's only implementation).
+bench/cpu_speed.py measures the same without the model (the committed chunk, stand-in model files).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -61,27 +58,12 @@ def where_bytes_go(name: str, chunks: list[torch.Tensor]) -> dict[str, float]:
     return {k: v / len(chunks) for k, v in totals.items()}
 
 
-@contextlib.contextmanager
-def native_coder(enabled: bool) -> Iterator[None]:
-    """Codecs made inside use the compiled rANS coder (if built) or, disabled, the numpy reference."""
-    old = os.environ.get("KVMESH_NATIVE")
-    os.environ["KVMESH_NATIVE"] = "1" if enabled else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["KVMESH_NATIVE"]
-        else:
-            os.environ["KVMESH_NATIVE"] = old
-
-
-def cpu_speed(name: str, chunks: list[torch.Tensor], native: bool = True, passes: int = 3) -> tuple[float, float]:
+def cpu_speed(name: str, chunks: list[torch.Tensor], passes: int = 3) -> tuple[float, float]:
     """Single-thread encode and decode MB/s of fp16 input (best of `passes` passes over the chunks)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with native_coder(native):
-            codec = realkv.make_codec(name)
+        codec = realkv.make_codec(name)
         raw = sum(c.numel() * c.element_size() for c in chunks)
         blobs = [codec.encode(c) for c in chunks]  # warm-up (table caches)
         enc = dec = float("inf")
@@ -99,29 +81,14 @@ def cpu_speed(name: str, chunks: list[torch.Tensor], native: bool = True, passes
 
 
 def speed_table(methods: list[str], chunks: list[torch.Tensor]) -> None:
-    """CPU speed only; the cachegen levels with the compiled coder and with the numpy reference."""
-    from kvmesh.codecs.cachegen import native
-
+    """CPU speed only (the compiled extension: the CPU's one implementation)."""
     mb = sum(c.numel() * c.element_size() for c in chunks) / 1e6 / len(chunks)
-    print(f"single-thread CPU speed, {len(chunks)} real chunks of {mb:.1f} MB fp16; "
-          f"compiled coder built: {native.available()}; best of 5 passes\n")
-    print("| method | coder | encode MB/s | decode MB/s | encode ms/chunk | decode ms/chunk |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print(f"single-thread CPU speed, {len(chunks)} real chunks of {mb:.1f} MB fp16; best of 5 passes\n")
+    print("| method | encode MB/s | decode MB/s | encode ms/chunk | decode ms/chunk |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for m in methods:
-        paths = [("compiled", True), ("numpy", False)] if m.startswith("cachegen") else [("-", True)]
-        if realkv.PROFILED in m or realkv.PREDICTED in m:
-            paths = paths[:1]  # the references of the key rounding and the prediction are torch ops: correctness only
-        speeds = {}
-        for label, flag in paths:
-            if flag and label == "compiled" and not native.available():
-                print(f"| {m} | compiled | not built | | | |", flush=True)
-                continue
-            enc, dec = cpu_speed(m, chunks, native=flag, passes=5)
-            speeds[label] = (enc, dec)
-            print(f"| {m} | {label} | {enc:.1f} | {dec:.1f} | {1e3 * mb / enc:.1f} | {1e3 * mb / dec:.1f} |", flush=True)
-        if len(speeds) == 2:
-            (ne, nd), (pe, pd) = speeds["compiled"], speeds["numpy"]
-            print(f"| {m} | ratio compiled / numpy | {ne / pe:.2f}x | {nd / pd:.2f}x | | |", flush=True)
+        enc, dec = cpu_speed(m, chunks, passes=5)
+        print(f"| {m} | {enc:.1f} | {dec:.1f} | {1e3 * mb / enc:.1f} | {1e3 * mb / dec:.1f} |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -250,15 +250,12 @@ def exp_reconstruction() -> list[tuple[str, Half | None, Half | None]]:
 
 def rounded_keys(levels: np.ndarray | list[int], profile: object) -> Half:
     """The frozen key quantizer (mode 3), symbols chosen by cachegen's query-aware rounding (rounding.py)."""
-    from kvmesh.codecs.cachegen.rounding import quantize_keys
-
     levels = np.asarray(levels)
     lvt = torch.tensor(levels, dtype=torch.float32)
     mode = quant.MODE_CHANNEL_SHARED_STEP
 
     def half(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        _, side = quant.quantize(x, lvt, mode)
-        q = quantize_keys(x.contiguous(), side, lvt, mode, profile, native=_BACKEND.native)
+        q, side = _BACKEND.quantize_half(x.contiguous(), levels, mode, profile)
         return quant.dequantize(q, side, lvt, mode), coded_bytes(q, levels) + _side_bytes(side)
     return half
 

@@ -366,7 +366,9 @@ def make_codec(name: str, backend: str = "cpu", level: str | None = None) -> Any
         opts["key_profile"] = query_profile()
     if PREDICTED in suffixes:
         opts["predictor"] = layer_predictor(level or (name.split("-", 1)[1] if "-" in name else "default"))
-    return get_codec(name, backend=backend, level=level, **opts)
+    if level not in (None, "default"):
+        name = f"{name}-{level}"  # the level's method: cachegen-hq, cachegen-compact
+    return get_codec(name, backend=backend, **opts)
 
 
 def evaluate_codec(name: str, source: str = "botchan", n_windows: int = 8, backend: str = "cpu",
@@ -483,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append(("8-bit per-token quantization, no entropy coding",
                      lambda s: evaluate(*baseline_int8_per_token(), s, args.windows), None))
         try:
-            from kvmesh.codecs import available_methods
-            has_lmcache = "lmcache-cachegen" in available_methods()
+            from kvmesh.codecs import registered_methods
+            has_lmcache = "lmcache-cachegen" in registered_methods()
         except Exception as err:  # noqa: BLE001 - the codec package may be mid-development
             logger.warning("kvmesh.codecs not importable (%s): skipping lmcache-cachegen", err)
             has_lmcache = False

@@ -12,6 +12,9 @@
     # and codes each layer as its residual from a prediction made of the layers before it when given
     # its layer predictor (kvmesh.engine.predictor fits one); decoding those containers needs it too
     codec = get_codec("cachegen", predictor=LayerPredictor.load("smollm2-layers.npz"))
+
+    # both, found by the served model's name in its model-files folder (model_files.py)
+    codec = get_codec("cachegen", **model_files.codec_options("HuggingFaceTB/SmolLM2-135M-Instruct"))
 """
 from kvmesh.codecs.cachegen.predict import LayerPredictor
 from kvmesh.codecs.cachegen.rounding import QueryProfile
@@ -25,8 +28,10 @@ from kvmesh.codecs.registry import (
     max_encoded_size,
     method_options,
     register,
+    registered_methods,
 )
 from kvmesh.codecs import methods as _methods  # noqa: F401  (registers the built-in methods)
+from kvmesh.codecs import model_files
 
 __all__ = [
     "CodecError",
@@ -37,7 +42,9 @@ __all__ = [
     "inspect",
     "max_encoded_size",
     "method_options",
+    "model_files",
     "LayerPredictor",
     "QueryProfile",
     "register",
+    "registered_methods",
 ]

@@ -9,9 +9,10 @@ import torch
 
 from kvmesh.codecs import container
 from kvmesh.codecs.base import Codec
+from kvmesh.codecs.cachegen.backends import CHOICES, resolve
 from kvmesh.codecs.errors import CodecError
 
-BACKENDS = ("auto", "cpu", "triton")
+BACKENDS = CHOICES
 
 
 @dataclass(frozen=True)
@@ -23,29 +24,52 @@ class _Method:
     factory: Callable[..., Codec]  # (backend ("cpu" | "triton"), **options) -> codec
     backends: tuple[str, ...]  # the backends the method has
     options: tuple[str, ...] = ()  # the keyword options its factory takes (get_codec passes them on)
+    listed: bool = True  # in available_methods() (what agents advertise and accept) by default
 
 
 _METHODS: dict[str, _Method] = {}
-_LEVEL_ALIASES: dict[str, dict[str, str]] = {}  # base name -> {level name or alias -> method name}
+
+# Methods that are registered but not listed by default (comparison baselines such as
+# lmcache-cachegen) join available_methods() when named here, comma-separated.
+ENV_EXTRA_METHODS = "KVMESH_EXTRA_METHODS"
 
 
 def register(name: str, codec_id: int, factory: Callable[..., Codec], *, level_id: int = 0,
-             level_name: str = "default", base: str | None = None, aliases: tuple[str, ...] = (),
-             backends: tuple[str, ...] = ("cpu", "triton"), options: tuple[str, ...] = ()) -> None:
-    """Registers a method; `base` groups levels of one codec so get_codec(base, level=...) finds them.
+             level_name: str = "default", backends: tuple[str, ...] = ("cpu", "triton"),
+             options: tuple[str, ...] = (), listed: bool = True) -> None:
+    """Registers a method.
 
     `backends` lists the backends the method has: "auto" picks Triton on a GPU only for methods
     that have it, and asking a CPU-only method for "triton" is an error. `options` names the keyword
-    options the factory accepts (for cachegen: key_profile).
+    options the factory accepts (for cachegen: key_profile, predictor). `listed=False` keeps the
+    method out of available_methods() unless configured (ENV_EXTRA_METHODS or ``extra``): get_codec
+    and decode still take it by name.
     """
-    _METHODS[name] = _Method(name, codec_id, level_id, level_name, factory, backends, options)
-    levels = _LEVEL_ALIASES.setdefault(base or name, {})
-    for key in (level_name, *aliases):
-        levels[key] = name
+    _METHODS[name] = _Method(name, codec_id, level_id, level_name, factory, backends, options, listed)
 
 
-def available_methods() -> list[str]:
-    """Every method name get_codec accepts."""
+def configured_extra_methods() -> tuple[str, ...]:
+    """The unlisted methods that ENV_EXTRA_METHODS names (unknown names are an error that lists the valid ones)."""
+    names = tuple(n.strip() for n in os.environ.get(ENV_EXTRA_METHODS, "").split(",") if n.strip())
+    unknown = [n for n in names if n not in _METHODS]
+    if unknown:
+        raise CodecError(f"{ENV_EXTRA_METHODS} names unknown methods {', '.join(map(repr, unknown))}; "
+                         f"registered: {', '.join(_METHODS)}")
+    return names
+
+
+def available_methods(extra: tuple[str, ...] | None = None) -> list[str]:
+    """The methods to offer: every listed method, plus the unlisted ones named in ``extra`` (default:
+    the ENV_EXTRA_METHODS configuration). Agents advertise and accept this list."""
+    extra = configured_extra_methods() if extra is None else extra
+    unknown = [n for n in extra if n not in _METHODS]
+    if unknown:
+        raise CodecError(f"unknown codec methods {', '.join(map(repr, unknown))}; registered: {', '.join(_METHODS)}")
+    return [m.name for m in _METHODS.values() if m.listed or m.name in extra]
+
+
+def registered_methods() -> list[str]:
+    """Every method get_codec accepts, listed or not."""
     return list(_METHODS)
 
 
@@ -64,32 +88,16 @@ def method_for_ids(codec_id: int, level_id: int) -> str:
 
 
 def _resolve_backend(method: _Method, backend: str) -> str:
-    if backend not in BACKENDS:
-        raise CodecError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if torch.cuda.is_available() and "triton" in method.backends else "cpu"
-    if backend not in method.backends:
-        raise CodecError(f"method {method.name!r} has no {backend} backend; it has: {', '.join(method.backends)}")
-    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise CodecError("backend 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels on the CPU")
-    return backend
+    return resolve(backend, method.backends, method.name)
 
 
-def get_codec(name: str, backend: str = "auto", level: str | None = None, **options: object) -> Codec:
-    """Returns the codec registered as `name` (optionally at a named level) on the given backend.
+def get_codec(name: str, backend: str = "auto", **options: object) -> Codec:
+    """Returns the codec registered as `name` (e.g. "cachegen", "cachegen-hq") on the given backend.
 
     options: the method's keyword options (method_options(name)), e.g. cachegen's
     ``key_profile=QueryProfile | path``; an option the method does not take is a CodecError."""
     if name not in _METHODS:
         raise CodecError(f"unknown codec method {name!r}; available: {', '.join(_METHODS)}")
-    if level is not None:
-        base = next((b for b, lv in _LEVEL_ALIASES.items() if name in lv.values()), name)
-        levels = _LEVEL_ALIASES.get(base, {})
-        if level not in levels:
-            raise CodecError(f"method {name!r} has no level {level!r}; levels: {', '.join(levels)}")
-        if name != base and levels[level] != name:
-            raise CodecError(f"method {name!r} is already level {_METHODS[name].level_name!r}, not {level!r}")
-        name = levels[level]
     method = _METHODS[name]
     unknown = sorted(k for k in options if k not in method.options)
     if unknown:
@@ -124,7 +132,6 @@ def decode(blob: bytes, device: torch.device | str | None = None, **options: obj
     return get_codec(info.method, backend="cpu", **options).decode(blob, device=device)
 
 
-def max_encoded_size(name: str, shape: tuple[int, ...], dtype: torch.dtype, level: str | None = None,
-                     **options: object) -> int:
+def max_encoded_size(name: str, shape: tuple[int, ...], dtype: torch.dtype, **options: object) -> int:
     """An upper bound on the container size of method `name` for any kv of this shape and dtype."""
-    return get_codec(name, backend="cpu", level=level, **options).max_encoded_size(shape, dtype)
+    return get_codec(name, backend="cpu", **options).max_encoded_size(shape, dtype)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -42,9 +43,9 @@ import torch
 from kvmesh.codecs import container
 from kvmesh.codecs.base import Codec, check_kv
 from kvmesh.codecs.cachegen import delta, quant
-from kvmesh.codecs.cachegen.backends import CpuBackend
+from kvmesh.codecs.cachegen.backends import Backend, get_backend
 from kvmesh.codecs.cachegen.layout import MAX_CODED_GROUP, channel_group, stream_layout
-from kvmesh.codecs.cachegen.levels import LEVELS, Level
+from kvmesh.codecs.cachegen.levels import LEVELS, Level, load_schedule, with_schedule
 from kvmesh.codecs.cachegen.predict import ID_BYTES, LayerPredictor, features, residual_levels
 from kvmesh.codecs.cachegen.rounding import QueryProfile
 from kvmesh.codecs.cachegen.tables import NUM_TABLES, TABLE_FAMILY_VERSION
@@ -190,19 +191,20 @@ def protected_bytes(layers: int, rest: int, channels: int, rows: int) -> int:
     return (2 * layers * rest + 7) // 8 + rows * (4 + channels)
 
 
-def protected_rows(x: torch.Tensor, thresholds: tuple[float, float], native: bool = False) -> torch.Tensor:
+def protected_rows(x: torch.Tensor, thresholds: tuple[float, float]) -> torch.Tensor:
     """bool [2, L, R]: the rows of x fp32 [2, L, R, C] to store at 8 bits (FORMAT.md section 3).
 
     s = the sum over channels of fp16(|x|) in float64: exact in any order (every term is a multiple of
     2^-24 below 2^16, so partial sums need < 53 bits for C <= 8192), hence the same on every device.
-    native: on the CPU, the compiled coder sums the fp16 bit patterns as integers (the same values).
+    On the CPU the compiled coder sums the fp16 bit patterns as integers (the same values); on a GPU,
+    torch sums on the device.
     """
     mask = torch.zeros(x.shape[:3], dtype=torch.bool, device=x.device)
     for kv, threshold in enumerate(thresholds):
         if threshold <= 0:
             continue  # s >= 0, so s < 0 * ref never holds
         h = x[kv].to(torch.float16)
-        if native and x.device.type == "cpu" and x.shape[-1] <= 8192:
+        if x.device.type == "cpu" and x.shape[-1] <= 8192:
             from kvmesh.codecs.cachegen import native as _native
 
             s = _native.row_sums(h)  # |fp16(x)| = fp16(|x|): the C code drops the sign bit
@@ -213,10 +215,10 @@ def protected_rows(x: torch.Tensor, thresholds: tuple[float, float], native: boo
     return mask
 
 
-def _protect_encode(x: torch.Tensor, thresholds: tuple[float, float], native: bool = False
+def _protect_encode(x: torch.Tensor, thresholds: tuple[float, float]
                     ) -> tuple[bytes, torch.Tensor, torch.Tensor | None]:
     """(section 7, mask bool [2, L, R], the protected rows as the decoder restores them fp32 [n, C] or None)."""
-    mask = protected_rows(x, thresholds, native)
+    mask = protected_rows(x, thresholds)
     bits = np.packbits(mask.cpu().numpy().reshape(-1), bitorder="little").tobytes()
     rows = x[mask]  # [n, C] in (K/V, layer, token) order
     if rows.shape[0] == 0:
@@ -294,7 +296,7 @@ def _tensors_from(raw: memoryview, spec: list[tuple[tuple[int, ...], torch.dtype
 class CacheGenCodec(Codec):
     codec_id = CODEC_ID
 
-    def __init__(self, level: Level, backend: object | None = None, key_profile: QueryProfile | None = None,
+    def __init__(self, level: Level, backend: Backend | None = None, key_profile: QueryProfile | None = None,
                  predictor: LayerPredictor | None = None) -> None:
         """key_profile: the serving model's query profile (rounding.py). The encoder then rounds keys
         along it: same format and decoder, fewer errors where the model's queries look. Without one,
@@ -305,7 +307,7 @@ class CacheGenCodec(Codec):
         self.level = level
         self.level_id = level.level_id
         self.name = "cachegen" if level.name == "default" else f"cachegen-{level.name}"
-        self.backend = backend if backend is not None else CpuBackend()
+        self.backend = backend if backend is not None else get_backend("cpu")
         self.key_profile = key_profile
         self.predictor = predictor
 
@@ -330,7 +332,7 @@ class CacheGenCodec(Codec):
         rest = T - lead
         protect = None
         if self.level.protects and rest:
-            protect = _protect_encode(x[:, :, lead:], self.level.protect, bool(getattr(self.backend, "native", False)))
+            protect = _protect_encode(x[:, :, lead:], self.level.protect)
         if rest == 0:
             sections = [b"", lead_sec, b"", b"", b"", pack_uints(np.zeros(0, np.int64)), b""]
         else:
@@ -372,6 +374,7 @@ class CacheGenCodec(Codec):
         used = np.zeros((2, L), dtype=bool)
         mask, rows = protect[1:] if protect is not None else (None, None)
         restored = _restored_rows(mask, rows, x)
+        has_rows = mask.any(dim=2).cpu().numpy() if mask is not None else None  # [2, L]: any protected row
         for layer in range(L):
             for kv in (0, 1):
                 target = x[kv, layer:layer + 1]
@@ -387,12 +390,11 @@ class CacheGenCodec(Codec):
                 lv = levels[kv, layer:layer + 1]
                 prof = self.key_profile.layer(layer) if kv == 0 and self.key_profile is not None else None
                 ql, side = self.backend.quantize_half(target, lv, modes[kv], prof)
-                y = self.backend.dequantize_half(ql, side, lv, modes[kv])[0]
+                y = self.backend.dequantize_half(ql, side, lv, modes[kv], out=dec[kv, layer:layer + 1])[0]
                 if pred is not None:
-                    y = y + pred
-                if restored is not None:
-                    y = torch.where(mask[kv, layer, :, None], restored[kv, layer], y)
-                dec[kv, layer] = y
+                    y.add_(pred)  # the same fp32 sum as y + pred, in place
+                if restored is not None and has_rows[kv, layer]:
+                    y.copy_(torch.where(mask[kv, layer, :, None], restored[kv, layer], y))
                 q[kv, layer] = ql[0]
                 parts[kv].append(side)
         return q, [_cat_sides(parts[kv], modes[kv]) for kv in (0, 1)], levels, used
@@ -532,10 +534,12 @@ class CacheGenCodec(Codec):
                 + sides + 2 * streams + counts + words + protected)
 
 
-def make_codec(level_name: str, backend: str, key_profile: QueryProfile | str | os.PathLike | None = None,
-               predictor: LayerPredictor | str | os.PathLike | None = None) -> CacheGenCodec:
+def make_codec(level_name: str, backend: str = "cpu", key_profile: QueryProfile | str | os.PathLike | None = None,
+               predictor: LayerPredictor | str | os.PathLike | None = None,
+               schedule: tuple[Sequence[int], Sequence[int]] | str | os.PathLike | None = None) -> CacheGenCodec:
     """key_profile: a QueryProfile or the path of one saved with QueryProfile.save; predictor: a
-    LayerPredictor or the path of one saved with LayerPredictor.save."""
+    LayerPredictor or the path of one saved with LayerPredictor.save; schedule: the model's own level
+    counts per layer, (key counts, value counts) or a file saved with levels.save_schedule for this level."""
     level = LEVELS[level_name]
     if key_profile is not None and not isinstance(key_profile, QueryProfile):
         if not isinstance(key_profile, (str, os.PathLike)):
@@ -545,10 +549,12 @@ def make_codec(level_name: str, backend: str, key_profile: QueryProfile | str | 
         if not isinstance(predictor, (str, os.PathLike)):
             raise CodecError(f"predictor must be a LayerPredictor or a file path, got {type(predictor).__name__}")
         predictor = LayerPredictor.load(predictor)
-    if backend == "triton":
-        try:
-            from kvmesh.codecs.cachegen.triton_backend import TritonBackend
-        except ImportError as e:
-            raise CodecError(f"the triton backend is not available: {e}") from None
-        return CacheGenCodec(level, TritonBackend(), key_profile, predictor)
-    return CacheGenCodec(level, key_profile=key_profile, predictor=predictor)
+    if schedule is not None:
+        if isinstance(schedule, (str, os.PathLike)):
+            name, keys, values = load_schedule(schedule)
+            if name != level_name:
+                raise CodecError(f"schedule {schedule} is for level {name!r}, not {level_name!r}")
+        else:
+            keys, values = schedule
+        level = with_schedule(level, keys, values)
+    return CacheGenCodec(level, get_backend(backend), key_profile, predictor)

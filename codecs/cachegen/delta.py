@@ -115,21 +115,3 @@ def half_mask(layout: StreamLayout, halves: tuple[bool, bool]) -> np.ndarray:
     """bool [S]: the streams of the halves (K, V) that may be delta streams (K's streams come first)."""
     per_half = layout.num_streams // 2
     return np.repeat(np.asarray(halves, dtype=bool), per_half)
-
-
-def stream_models(backend: object, q: torch.Tensor, layout: StreamLayout, halves: tuple[bool, bool]
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(center uint8 [S], table uint8 [S], delta flag bool [S]) from a backend's histogram and
-    choose_tables stages: every stream modelled as its symbols and, for the halves (K, V) allowed,
-    as a delta stream, keeping the delta stream where its least integer cost is strictly lower (ties:
-    the symbols)."""
-    hist = backend.histogram(q, layout)
-    center, table, cost = (np.asarray(a) for a in backend.choose_tables(hist, layout, with_cost=True))
-    flags = np.zeros(layout.num_streams, dtype=bool)
-    if not any(halves):
-        return center.astype(np.uint8), table.astype(np.uint8), flags
-    hist_d = backend.histogram(forward(q, layout.levels), layout)
-    center_d, table_d, cost_d = (np.asarray(a) for a in backend.choose_tables(hist_d, layout, with_cost=True))
-    flags = (cost_d < cost) & half_mask(layout, halves)
-    return (np.where(flags, center_d, center).astype(np.uint8), np.where(flags, table_d, table).astype(np.uint8),
-            flags)

@@ -6,11 +6,17 @@ so a decoder never needs this file's values (they can be retuned without breakin
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from kvmesh.codecs.cachegen.quant import MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SYMMETRIC
+from kvmesh.codecs.errors import CodecError
 
 REFERENCE_LAYERS = 30
 
@@ -36,8 +42,9 @@ class Level:
         return any(t > 0 for t in self.protect)
 
     def levels_for(self, layers: int) -> np.ndarray:
-        """int [2, layers]: quantization levels per (K/V, layer)."""
-        idx = (np.arange(layers) * REFERENCE_LAYERS) // layers
+        """int [2, layers]: quantization levels per (K/V, layer). A schedule of n entries (REFERENCE_LAYERS
+        for the named levels; a model's own schedule has its depth) gives layer l of L entry floor(l * n / L)."""
+        idx = (np.arange(layers) * len(self.key_levels)) // layers
         return np.stack([np.asarray(self.key_levels)[idx], np.asarray(self.value_levels)[idx]]).astype(np.int64)
 
 
@@ -84,4 +91,42 @@ LEVELS: dict[str, Level] = {
                      key_levels=_bands((10, 20), (15, 28), (5, 14)),
                      value_levels=_bands((10, 7), (5, 5), (10, 7), (5, 5)), protect=(0.0, 0.35)),
 }
-LEVEL_ALIASES = {"high": "hq"}
+
+
+SCHEDULE_FORMAT = "kvmesh-level-schedule-1"
+
+
+def with_schedule(level: Level, key_levels: Sequence[int], value_levels: Sequence[int]) -> Level:
+    """``level`` with a model's own per-layer level counts (its modes, protection and lead unchanged).
+    Writers only: the container stores the counts, so any decoder reads the result."""
+    k, v = tuple(int(b) for b in key_levels), tuple(int(b) for b in value_levels)
+    if not k or len(k) != len(v):
+        raise CodecError(f"a level schedule needs as many key as value counts (>= 1), got {len(k)} and {len(v)}")
+    if min(k + v) < 2 or max(k + v) > 256:
+        raise CodecError("level counts must lie in [2, 256]")
+    return dataclasses.replace(level, key_levels=k, value_levels=v)
+
+
+def save_schedule(path: str | os.PathLike, level: str, key_levels: Sequence[int], value_levels: Sequence[int]) -> Path:
+    """Writes a schedule (JSON: format, level, key_levels, value_levels) atomically."""
+    with_schedule(LEVELS[level], key_levels, value_levels)  # validates
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"format": SCHEDULE_FORMAT, "level": level, "key_levels": [int(b) for b in key_levels],
+                               "value_levels": [int(b) for b in value_levels]}) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_schedule(path: str | os.PathLike) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    """(level name, key counts, value counts) of a schedule file; CodecError if it is not one."""
+    try:
+        doc = json.loads(Path(path).read_text())
+        if doc.get("format") != SCHEDULE_FORMAT or doc.get("level") not in LEVELS:
+            raise CodecError(f"{path} is not a kvmesh level schedule ({SCHEDULE_FORMAT}) of a known level")
+        k, v = tuple(doc["key_levels"]), tuple(doc["value_levels"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CodecError(f"cannot read level schedule {path}: {e}") from None
+    with_schedule(LEVELS[doc["level"]], k, v)
+    return doc["level"], k, v

@@ -1,12 +1,12 @@
-"""The compiled rANS coder (`_ransc`, built from _ransc.c by setup.py) behind numpy-typed wrappers.
+"""The compiled cachegen CPU path (`_ransc`, built from csrc/*.c by setup.py) behind numpy-typed wrappers.
 
 The extension does the per-element work of the cachegen CPU path over a whole chunk: the elementwise
-quantize and dequantize steps (quant.py), query-aware key rounding (rounding.py), the protected-row
-sums (codec.py), histogram, center and table choice (alone, or fused with the delta-stream choice of delta.py), rANS encode and decode
-(taking and undoing delta streams' differences on the fly). Every result is identical to the
-torch/numpy reference in quant.py, delta.py, rans.py and backends.py. It is optional: where it was not built (no C compiler at install time),
-or where ``KVMESH_NATIVE=0`` is set, CpuBackend runs the numpy reference. Build it with
-``pip install -e .`` (scripts/setup.sh does).
+quantize and dequantize steps (quant.py), query-aware key rounding (rounding.py), cross-layer
+prediction (predict.py), the protected-row sums (codec.py), histogram, center and table choice
+(alone, or fused with the delta-stream choice of delta.py), rANS encode and decode (taking and
+undoing delta streams' differences on the fly). It is the CPU's only implementation of those stages:
+it is required, and importing this module without it is an ImportError saying how to build it. The
+numpy/torch reference it is checked against bit-exactly lives in tests/codecs/reference.
 
 Table blocks for the extension are derived here from tables.alphabet_tables (integer arithmetic
 only) and cached per set of alphabets.
@@ -14,8 +14,6 @@ only) and cached per set of alphabets.
 from __future__ import annotations
 
 import functools
-import logging
-import os
 
 import numpy as np
 import torch
@@ -27,49 +25,14 @@ from kvmesh.codecs.cachegen.rounding import QueryProfile, device_factors
 from kvmesh.codecs.cachegen.tables import NUM_TABLES, alphabet_tables
 from kvmesh.codecs.errors import CodecError
 
+BUILD_HINT = ("build it with `pip install -e .` (or `python setup.py build_ext --inplace`) in the repository; "
+              "it needs a C compiler (gcc or clang) and the Python headers")
+
 try:
     from kvmesh.codecs.cachegen import _ransc
-except ImportError as e:  # not built: the numpy reference runs instead
-    _ransc = None
-    IMPORT_ERROR: str | None = str(e)
-else:
-    IMPORT_ERROR = None
-
-logger = logging.getLogger(__name__)
-
-ENV_NATIVE = "KVMESH_NATIVE"
-BUILD_HINT = "build it with `pip install -e .` in the repository (needs a C compiler)"
-_warned = False
-
-
-def available() -> bool:
-    """True when the compiled module imported."""
-    return _ransc is not None
-
-
-def wanted() -> bool:
-    """False when KVMESH_NATIVE=0 (or 'false'/'no'/'off') forces the numpy path."""
-    return os.environ.get(ENV_NATIVE, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def use_native(native: bool | None = None) -> bool:
-    """Whether a CpuBackend built with `native` runs the compiled coder.
-
-    None follows KVMESH_NATIVE; True asks for it (CodecError if it is not built); False never.
-    When it is wanted but missing, one warning is logged per process.
-    """
-    global _warned
-    if native is False or (native is None and not wanted()):
-        return False
-    if _ransc is not None:
-        return True
-    if native:
-        raise CodecError(f"the compiled rANS coder is not built ({IMPORT_ERROR}); {BUILD_HINT}")
-    if not _warned:
-        _warned = True
-        logger.warning("kvmesh.codecs.cachegen._ransc is not built (%s): the cachegen CPU path runs the "
-                       "slower numpy coder; %s", IMPORT_ERROR, BUILD_HINT)
-    return False
+except ImportError as e:  # the CPU path has no other implementation: say how to get this one
+    raise ImportError(f"kvmesh.codecs.cachegen._ransc, the compiled cachegen CPU coder, is not built ({e}); "
+                      f"{BUILD_HINT}") from e
 
 
 # -- table blocks -------------------------------------------------------------------------------
@@ -165,7 +128,7 @@ def choose_tables(hist: np.ndarray, layout: StreamLayout, with_cost: bool = Fals
 
 
 def models(q: np.ndarray, layout: StreamLayout, halves: tuple[bool, bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(center uint8 [S], table uint8 [S], delta flag bool [S]) as delta.stream_models computes them,
+    """(center uint8 [S], table uint8 [S], delta flag bool [S]) as the reference stream_models (tests/codecs/reference) computes them,
     in one pass over q uint8 [2, L, T, C] with no [S, 256] histogram. halves: (K, V) may use delta streams."""
     S = layout.num_streams
     cost, off = cost_tables(layout.alphabets)
@@ -208,7 +171,7 @@ def dequantize(q: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, per_channe
 
 def round_keys(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, step: torch.Tensor, bm1: torch.Tensor,
                profile: QueryProfile) -> torch.Tensor:
-    """rounding.round_keys in one compiled pass: x fp32 [L, T, C]; lo, inv, step broadcastable to
+    """Query-aware key rounding (rounding.py, FORMAT.md section 3) in one compiled pass: x fp32 [L, T, C]; lo, inv, step broadcastable to
     [L, nseg, 1, C]; bm1 [L, ...]. Returns q uint8 [L, T, C] (the same symbols)."""
     L, T, C = x.shape
     profile.check(L, C)
@@ -223,7 +186,7 @@ def round_keys(x: torch.Tensor, lo: torch.Tensor, inv: torch.Tensor, step: torch
 
 
 def predict(x: torch.Tensor, w: np.ndarray, b: np.ndarray) -> torch.Tensor:
-    """predict.predict_reference in one compiled pass: x fp32 [R, F], w fp32 [F, C], b fp32 [C] -> [R, C]."""
+    """The cross-layer prediction (FORMAT.md section 3) in one compiled pass: x fp32 [R, F], w fp32 [F, C], b fp32 [C] -> [R, C]."""
     R, F = x.shape
     C = w.shape[1]
     out = np.empty((R, C), np.float32)

@@ -114,23 +114,6 @@ def features(dec: torch.Tensor, kv: int, layer: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).contiguous()
 
 
-def predict_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The prediction's exact arithmetic in torch: x fp32 [R, F], w [F, C], b [C] -> [R, C]."""
-    acc = b.expand(x.shape[0], -1).clone()
-    for i in range(x.shape[1]):
-        acc = acc + x[:, i:i + 1] * w[i]
-    return acc
-
-
-def predict_cpu(x: torch.Tensor, w: np.ndarray, b: np.ndarray, native: bool) -> torch.Tensor:
-    """The same values as predict_reference, in the compiled coder when native."""
-    if not native:
-        return predict_reference(x, torch.from_numpy(w), torch.from_numpy(b))
-    from kvmesh.codecs.cachegen import native as _native
-
-    return _native.predict(x, w, b)
-
-
 def residual_levels(base: int, x: torch.Tensor, r: torch.Tensor, mode: int) -> int:
     """The level count a writer uses for a residual r of x (both fp32 [1, T, C]) so that r is quantized
     with about the step x would get at ``base`` levels: B - 1 scaled by how much smaller r's range is

@@ -53,18 +53,3 @@ def alphabet_tables(levels: int) -> AlphabetTables:
     freq = frequencies(levels)
     cum, slot_to_symbol = rans.build_tables(freq)
     return AlphabetTables(levels, freq, cum, slot_to_symbol, LOG2_COST[freq])
-
-
-@functools.lru_cache(maxsize=32)
-def merged_tables(alphabets: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, int]]:
-    """The table families of several alphabets in one (freq, cum, slot_to_symbol) set, each padded
-    with zero frequencies to the largest alphabet (rans.py accepts that), and each alphabet's first
-    table index: one rans.encode/decode call then codes streams of every alphabet at once."""
-    width = max(alphabets)
-    freq = np.zeros((NUM_TABLES * len(alphabets), width), np.int64)
-    first = {}
-    for i, b in enumerate(alphabets):
-        freq[i * NUM_TABLES:(i + 1) * NUM_TABLES, :b] = alphabet_tables(b).freq
-        first[b] = i * NUM_TABLES
-    cum, slot_to_symbol = rans.build_tables(freq)
-    return freq, cum, slot_to_symbol, first

@@ -239,7 +239,7 @@ class TritonBackend:
 
     def stream_models_device(self, q: torch.Tensor, layout: StreamLayout, halves: tuple[bool, bool]
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """delta.stream_models on the device: two statistics passes (symbols, delta symbols), the
+        """The delta-stream choice (FORMAT.md section 4) on the device: two statistics passes (symbols, delta symbols), the
         integer costs by torch ops, and the choice, with no host synchronisation."""
         q = q.to(self.device).contiguous()
         if not any(halves):

@@ -178,7 +178,7 @@ def _dequant_token_kernel(q_ptr, out_ptr, side_ptr, lv_ptr, T, C, L, SYM: tl.con
 @triton.jit
 def _round_keys_kernel(x_ptr, q_ptr, lo_ptr, inv_ptr, step_ptr, bm1_ptr, cols_ptr, f_ptr, r_ptr, T, C, nseg, H,
                        D: tl.constexpr, DPAD: tl.constexpr, BLOCK_T: tl.constexpr):
-    """rounding.round_keys for BLOCK_T tokens of one (layer, KV head): the head's D channels in the
+    """Query-aware key rounding (FORMAT.md section 3) for BLOCK_T tokens of one (layer, KV head): the head's D channels in the
     profile's order (cols) as a [BLOCK_T, DPAD] tile u; per k, channel k's column is read out (a sum of
     one value and zeros: exact), rounded on its grid, and its error fed to the whole tile along row k
     of the upper triangular factor (columns already rounded get e * 0 and are never read again).
@@ -294,7 +294,7 @@ def levels_tensor(levels: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def round_keys(x: torch.Tensor, side: list[torch.Tensor], levels: torch.Tensor, mode: int, profile: object,
                interpret: bool = False, q: torch.Tensor | None = None) -> torch.Tensor:
-    """rounding.quantize_keys on the device: keys x [L, T, C] on the grid of their side tensors,
+    """Query-aware key rounding on the device: keys x [L, T, C] on the grid of their side tensors,
     rounded along the profile (a rounding.QueryProfile); q uint8 [L, T, C] (written into q if given)."""
     from kvmesh.codecs.cachegen.rounding import check_mode, device_factors
 
@@ -333,7 +333,7 @@ def _predict_kernel(x_ptr, w_ptr, b_ptr, out_ptr, R, F, C, BLOCK_R: tl.constexpr
 
 
 def predict(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, interpret: bool = False) -> torch.Tensor:
-    """predict.predict_reference on the device: x fp32 [R, F], w fp32 [F, C], b fp32 [C] -> [R, C]."""
+    """The cross-layer prediction (FORMAT.md section 3) on the device: x fp32 [R, F], w fp32 [F, C], b fp32 [C] -> [R, C]."""
     R, F = x.shape
     C = w.shape[1]
     out = torch.empty(R, C, dtype=torch.float32, device=x.device)

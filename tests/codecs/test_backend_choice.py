@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvmesh.codecs import CodecError, available_methods, get_codec
+from kvmesh.codecs import CodecError, get_codec, registered_methods
 
 CPU_ONLY = ("lossless", "int8", "int4", "fp8", "lmcache-cachegen")
 
@@ -25,5 +25,5 @@ def test_asking_a_cpu_only_method_for_triton_names_what_it_has(name: str) -> Non
 
 
 def test_every_method_has_a_cpu_backend() -> None:
-    for name in available_methods():
+    for name in registered_methods():
         assert get_codec(name, backend="cpu").name == name

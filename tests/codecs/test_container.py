@@ -16,32 +16,43 @@ def test_codec_error_is_value_error():
     assert issubclass(CodecError, ValueError)
 
 
-def test_available_methods_lists_contract_methods():
+def test_available_methods_lists_contract_methods(monkeypatch):
+    monkeypatch.delenv(codecs.registry.ENV_EXTRA_METHODS, raising=False)
     methods = codecs.available_methods()
-    for name in ("cachegen", "cachegen-hq", "lossless", "fp8", "int8", "int4", "lmcache-cachegen"):
+    for name in ("cachegen", "cachegen-hq", "cachegen-compact", "lossless", "fp8", "int8", "int4"):
         assert name in methods
     for name in methods:
         assert get_codec(name, backend="cpu").name == name
 
 
-def test_unknown_method_backend_and_level_raise():
+def test_lmcache_is_registered_but_listed_only_when_configured(monkeypatch):
+    """The comparison method decodes and is reachable by name, but agents (which offer
+    available_methods()) list it only when KVMESH_EXTRA_METHODS names it."""
+    monkeypatch.delenv(codecs.registry.ENV_EXTRA_METHODS, raising=False)
+    assert "lmcache-cachegen" not in codecs.available_methods()
+    assert "lmcache-cachegen" in codecs.registered_methods()
+    assert get_codec("lmcache-cachegen").name == "lmcache-cachegen"
+    assert "lmcache-cachegen" in codecs.available_methods(extra=("lmcache-cachegen",))
+    monkeypatch.setenv(codecs.registry.ENV_EXTRA_METHODS, "lmcache-cachegen")
+    assert "lmcache-cachegen" in codecs.available_methods()
+    monkeypatch.setenv(codecs.registry.ENV_EXTRA_METHODS, "lmcache-cachegen, zip")
+    with pytest.raises(CodecError, match="unknown methods 'zip'; registered: .*lmcache-cachegen"):
+        codecs.available_methods()
+
+
+def test_unknown_method_and_backend_raise():
     with pytest.raises(CodecError, match="unknown codec method"):
         get_codec("zip")
     with pytest.raises(CodecError, match="backend"):
         get_codec("lossless", backend="tpu")
-    with pytest.raises(CodecError, match="no level"):
-        get_codec("lossless", level="hq")
-    with pytest.raises(CodecError, match="no level"):
-        get_codec("cachegen", level="ultra")
+    with pytest.raises(CodecError, match="takes no option 'level'"):
+        get_codec("cachegen", level="hq")
 
 
-def test_levels_reachable_by_name_and_parameter():
+def test_levels_are_methods():
     assert get_codec("cachegen", backend="cpu").name == "cachegen"
-    assert get_codec("cachegen", backend="cpu", level="hq").name == "cachegen-hq"
-    assert get_codec("cachegen", backend="cpu", level="high").name == "cachegen-hq"
-    assert get_codec("cachegen-hq", backend="cpu", level="hq").name == "cachegen-hq"
-    with pytest.raises(CodecError, match="already level"):
-        get_codec("cachegen-hq", backend="cpu", level="default")
+    assert get_codec("cachegen-hq", backend="cpu").name == "cachegen-hq"
+    assert get_codec("cachegen-compact", backend="cpu").name == "cachegen-compact"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
@@ -105,6 +116,6 @@ def test_bad_input_is_clear_error(bad):
         "inf": kv.clone().index_put_((torch.tensor([0]), torch.tensor([2]), torch.tensor([0]), torch.tensor([0])),
                                      torch.tensor(float("-inf"))),
     }[bad]
-    for name in codecs.available_methods():
+    for name in codecs.registered_methods():
         with pytest.raises(CodecError):
             get_codec(name, backend="cpu").encode(arg)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kvmesh.codecs import CodecError, container
-from kvmesh.codecs.cachegen import delta, native
+from kvmesh.codecs.cachegen import delta
 from kvmesh.codecs.cachegen.backends import CpuBackend
 from kvmesh.codecs.cachegen.codec import CacheGenCodec, stream_meta
 from kvmesh.codecs.cachegen.layout import stream_layout
@@ -24,8 +24,8 @@ from kvmesh.codecs.cachegen.quant import SEGMENT
 from kvmesh.codecs.cachegen.tables import NUM_TABLES
 
 from .conftest import bits, kv_like
+from tests.codecs.reference.backend import ReferenceBackend
 
-needs_native = pytest.mark.skipif(not native.available(), reason="the compiled coder (_ransc) is not built")
 
 
 def random_symbols(levels: np.ndarray, tokens: int, channels: int, seed: int) -> torch.Tensor:
@@ -62,7 +62,6 @@ def test_transform_round_trip_and_definition(tokens: int, channels: int) -> None
     assert int((d.long() < b).all()) == 1, "a delta symbol left its alphabet"
 
 
-@needs_native
 @pytest.mark.parametrize("tokens,channels", SHAPES)
 def test_compiled_coder_codes_delta_streams_as_the_reference(tokens: int, channels: int) -> None:
     """rans_encode/rans_decode with delta flags: the compiled loops (which take the differences on
@@ -70,7 +69,7 @@ def test_compiled_coder_codes_delta_streams_as_the_reference(tokens: int, channe
     ragged rest, one or several segments."""
     q = random_symbols(LEVELS_2x3, tokens, channels, seed=7 + tokens)
     layout = stream_layout(3, tokens, channels, LEVELS_2x3)
-    ref, nat = CpuBackend(native=False), CpuBackend(native=True)
+    ref, nat = ReferenceBackend(), CpuBackend()
     flags = np.random.RandomState(tokens).rand(layout.num_streams) < 0.5
     center, table, _ = ref.stream_models(q, layout, (False, False))
     d = delta.forward(q, LEVELS_2x3, flags)
@@ -98,12 +97,12 @@ def test_flags_select_streams() -> None:
     assert torch.equal(delta.inverse(d, LEVELS_2x3, flags), q)
 
 
-@pytest.mark.parametrize("native_on", [False, pytest.param(True, marks=needs_native)])
+@pytest.mark.parametrize("native_on", [False, True])
 def test_choose_tables_cost_is_the_least_cost(native_on: bool) -> None:
     tokens, channels = 257, 5
     q = random_symbols(LEVELS_2x3, tokens, channels, seed=3)
     layout = stream_layout(3, tokens, channels, LEVELS_2x3)
-    be = CpuBackend(native=native_on)
+    be = (CpuBackend() if native_on else ReferenceBackend())
     hist = be.histogram(q, layout)
     center, table, cost = be.choose_tables(hist, layout, with_cost=True)
     assert np.array_equal(cost, delta.stream_costs(hist, center, table, layout))
@@ -113,7 +112,6 @@ def test_choose_tables_cost_is_the_least_cost(native_on: bool) -> None:
         assert np.all(cost <= other)
 
 
-@needs_native
 @pytest.mark.parametrize("halves", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("tokens,channels", [(1, 1), (255, 7), (257, 5), (600, 3)])
 def test_fused_models_match_the_stages(halves: tuple[bool, bool], tokens: int, channels: int) -> None:
@@ -121,8 +119,8 @@ def test_fused_models_match_the_stages(halves: tuple[bool, bool], tokens: int, c
     only the halves (K, V) allowed get delta streams."""
     q = random_symbols(LEVELS_2x3, tokens, channels, seed=tokens + channels)
     layout = stream_layout(3, tokens, channels, LEVELS_2x3)
-    got = CpuBackend(native=True).stream_models(q, layout, halves)
-    want = CpuBackend(native=False).stream_models(q, layout, halves)
+    got = CpuBackend().stream_models(q, layout, halves)
+    want = ReferenceBackend().stream_models(q, layout, halves)
     for g, w in zip(got, want):
         assert np.array_equal(g, w)
     flags = got[2].reshape(2, -1)
@@ -165,10 +163,9 @@ def test_codec_uses_delta_streams_losslessly(level: str) -> None:
 
 def test_numpy_reference_writes_the_same_bytes() -> None:
     kv = walking_keys(tokens=300)
-    a = CacheGenCodec(LEVELS["default"], CpuBackend(native=False)).encode(kv)
+    a = CacheGenCodec(LEVELS["default"], ReferenceBackend()).encode(kv)
     assert (table_bytes(a) >= delta.DELTA_FLAG).any()
-    if native.available():
-        assert CacheGenCodec(LEVELS["default"], CpuBackend(native=True)).encode(kv) == a
+    assert CacheGenCodec(LEVELS["default"], CpuBackend()).encode(kv) == a
 
 
 def forge_table_byte(blob: bytes, stream: int, value: int) -> bytes:

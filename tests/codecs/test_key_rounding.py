@@ -19,6 +19,8 @@ from kvmesh.codecs.cachegen import native, quant, rounding
 from kvmesh.codecs.cachegen.backends import CpuBackend
 from kvmesh.codecs.cachegen.codec import CacheGenCodec
 from kvmesh.codecs.cachegen.levels import LEVELS
+from tests.codecs.reference.backend import ReferenceBackend
+from tests.codecs.reference.rounding import quantize_keys as reference_quantize_keys
 
 
 def correlated_moments(layers: int, heads: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -47,7 +49,7 @@ def round_both(x: torch.Tensor, profile: QueryProfile, levels: int = 12) -> tupl
     """(symbols of plain rounding, symbols rounded along the profile), mode 3."""
     lv = torch.full((x.shape[0],), float(levels))
     q0, side = quant.quantize(x, lv, quant.MODE_CHANNEL_SHARED_STEP)
-    q1 = rounding.quantize_keys(x, side, lv, quant.MODE_CHANNEL_SHARED_STEP, profile)
+    q1 = reference_quantize_keys(x, side, lv, quant.MODE_CHANNEL_SHARED_STEP, profile)
     return q0, q1
 
 
@@ -132,7 +134,6 @@ def test_rounding_lowers_the_query_weighted_error() -> None:
     assert int(q1.max()) <= 11
 
 
-@pytest.mark.skipif(not native.available(), reason="the compiled coder is not built (pip install -e .)")
 @pytest.mark.parametrize("layers, tokens, heads, dim", [(1, 1, 1, 4), (2, 33, 3, 8), (3, 300, 2, 16), (2, 513, 1, 64)])
 def test_compiled_rounding_equals_the_reference(layers: int, tokens: int, heads: int, dim: int) -> None:
     p = QueryProfile(correlated_moments(layers, heads, dim, seed=tokens))
@@ -140,8 +141,8 @@ def test_compiled_rounding_equals_the_reference(layers: int, tokens: int, heads:
     lv = torch.full((layers,), 20.0)
     for mode in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP):
         _, side = quant.quantize(x, lv, mode)
-        ref = rounding.quantize_keys(x, side, lv, mode, p)
-        got = rounding.quantize_keys(x, side, lv, mode, p, native=True)
+        ref = reference_quantize_keys(x, side, lv, mode, p)
+        got = native.round_keys(x.contiguous(), *quant.grid(side, lv, mode), p)
         assert torch.equal(ref, got)
 
 
@@ -150,7 +151,7 @@ def test_rounding_needs_a_channel_mode() -> None:
     lv = torch.full((1,), 9.0)
     _, side = quant.quantize(x, lv, quant.MODE_TOKEN_SYMMETRIC)
     with pytest.raises(CodecError, match="per-channel key mode"):
-        rounding.quantize_keys(x, side, lv, quant.MODE_TOKEN_SYMMETRIC, QueryProfile(correlated_moments(1, 1, 8)))
+        reference_quantize_keys(x, side, lv, quant.MODE_TOKEN_SYMMETRIC, QueryProfile(correlated_moments(1, 1, 8)))
 
 
 # -- the codec with a profile -------------------------------------------------------------------------
@@ -177,10 +178,9 @@ def test_profiled_bytes_equal_between_compiled_and_numpy_coders() -> None:
     kv = kv_chunk(2, 300, 48)
     p = QueryProfile(correlated_moments(2, 3, 16, seed=3))
     level = LEVELS["default"]
-    blob = CacheGenCodec(level, CpuBackend(native=False), p).encode(kv)
-    if native.available():
-        assert CacheGenCodec(level, CpuBackend(native=True), p).encode(kv) == blob
-    assert torch.equal(get_codec("cachegen", backend="cpu").decode(blob), CacheGenCodec(level, CpuBackend(native=False)).decode(blob))
+    blob = CacheGenCodec(level, ReferenceBackend(), p).encode(kv)
+    assert CacheGenCodec(level, CpuBackend(), p).encode(kv) == blob
+    assert torch.equal(get_codec("cachegen", backend="cpu").decode(blob), CacheGenCodec(level, ReferenceBackend()).decode(blob))
 
 
 def test_a_profile_for_another_model_is_a_clear_error() -> None:
@@ -190,7 +190,7 @@ def test_a_profile_for_another_model_is_a_clear_error() -> None:
 
 
 def test_key_profile_is_a_cachegen_option_only() -> None:
-    assert method_options("cachegen") == ("key_profile", "predictor") and "key_profile" in method_options("cachegen-hq")
+    assert method_options("cachegen") == ("key_profile", "predictor", "schedule") and "key_profile" in method_options("cachegen-hq")
     assert method_options("int8") == ()
     with pytest.raises(CodecError, match="takes no option 'key_profile'"):
         get_codec("int8", key_profile=QueryProfile(correlated_moments(1, 1, 4)))

@@ -11,8 +11,9 @@ from kvmesh.codecs.cachegen.codec import CacheGenCodec
 from kvmesh.codecs.cachegen.levels import LEVELS
 
 from .conftest import kv_like
+from tests.codecs.reference.backend import ReferenceBackend
+from .reference.backend import protected_rows as reference_protected_rows
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="the compiled coder (_ransc) is not built")
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 300, 24), (2, 513, 10)])
@@ -35,8 +36,8 @@ def test_native_quantize_matches_torch(shape: tuple[int, int, int], mode: int) -
 def test_codec_bytes_with_and_without_compiled_stages(level: str) -> None:
     for seed, shape in enumerate([(2, 37, 24), (3, 260, 16)]):
         kv = kv_like(*shape, dtype=torch.float16, seed=seed)
-        nat = CacheGenCodec(LEVELS[level], CpuBackend(native=True)).encode(kv)
-        ref = CacheGenCodec(LEVELS[level], CpuBackend(native=False)).encode(kv)
+        nat = CacheGenCodec(LEVELS[level], CpuBackend()).encode(kv)
+        ref = CacheGenCodec(LEVELS[level], ReferenceBackend()).encode(kv)
         assert nat == ref
 
 
@@ -58,10 +59,10 @@ def test_protected_row_selection_native_equals_torch() -> None:
     x[1, 1, 5] *= 0.02
     x[1, 2, 17] *= 0.2
     for thresholds in [(0.0, 0.35), (0.7, 0.35), (0.0, 0.0)]:
-        a = protected_rows(x, thresholds, native=True)
-        b = protected_rows(x, thresholds, native=False)
+        a = protected_rows(x, thresholds)
+        b = reference_protected_rows(x, thresholds)
         assert torch.equal(a, b)
-    assert bool(protected_rows(x, (0.0, 0.35), native=True)[1, 1, 5])
+    assert bool(protected_rows(x, (0.0, 0.35))[1, 1, 5])
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (2, 513, 10)])
@@ -81,6 +82,6 @@ def test_native_dequantize_matches_torch(shape: tuple[int, int, int], mode: int)
 def test_codec_decode_with_and_without_compiled_stages(level: str) -> None:
     kv = kv_like(3, 260, 16, dtype=torch.float16, seed=2)
     blob = CacheGenCodec(LEVELS[level]).encode(kv)
-    a = CacheGenCodec(LEVELS[level], CpuBackend(native=True)).decode(blob)
-    b = CacheGenCodec(LEVELS[level], CpuBackend(native=False)).decode(blob)
+    a = CacheGenCodec(LEVELS[level], CpuBackend()).decode(blob)
+    b = CacheGenCodec(LEVELS[level], ReferenceBackend()).decode(blob)
     assert torch.equal(a.view(torch.int16), b.view(torch.int16))

@@ -1,12 +1,10 @@
 """The compiled rANS coder (codecs/cachegen/_ransc.c via native.py) against the numpy reference.
 
-The numpy path (CpuBackend(native=False)) is the reference: every stage must give identical values
+The numpy path (tests/codecs/reference: ReferenceBackend) is the reference: every stage must give identical values
 (and so identical container bytes), and corrupt input must raise CodecError in both.
 """
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,23 +18,17 @@ from kvmesh.codecs.cachegen.codec import CacheGenCodec, stream_meta
 from kvmesh.codecs.cachegen.layout import stream_layout
 from kvmesh.codecs.cachegen.levels import LEVELS
 from tests.codecs.conftest import kv_like
+from tests.codecs.reference.backend import ReferenceBackend
 
-needs_native = pytest.mark.skipif(
-    not native.available(),
-    reason=f"the compiled coder is not built ({native.IMPORT_ERROR}); {native.BUILD_HINT}")
 
 REAL_CHUNKS = Path(__file__).resolve().parents[2] / "bench" / "data" / "realkv_chunks.safetensors"
 
 
-def test_native_module_builds_when_required():
-    """CI sets KVMESH_REQUIRE_NATIVE=1 (scripts/test.sh), so a silently broken build fails here."""
-    if os.environ.get("KVMESH_REQUIRE_NATIVE") != "1":
-        if not native.available():
-            pytest.skip(f"compiled coder not built ({native.IMPORT_ERROR}) and KVMESH_REQUIRE_NATIVE is not 1")
-    assert native.available(), f"kvmesh.codecs.cachegen._ransc failed to import: {native.IMPORT_ERROR}"
+def test_native_module_is_built():
+    """The extension is required (setup.py builds it; native.py refuses to import without it)."""
     from kvmesh.codecs.cachegen import _ransc
     assert callable(_ransc.encode) and callable(_ransc.decode)
-    assert CpuBackend().native or not native.wanted()
+    assert native._ransc is _ransc
 
 
 # ---- stage by stage on synthetic chunks -----------------------------------------------------------
@@ -85,11 +77,10 @@ CASES += [
 ]
 
 
-@needs_native
 @pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
 def test_stages_match_numpy(name, kw):
     rng, layout, q = _case(**kw)
-    ref, nat = CpuBackend(native=False), CpuBackend(native=True)
+    ref, nat = ReferenceBackend(), CpuBackend()
     hist = ref.histogram(q, layout)
     assert np.array_equal(nat.histogram(q, layout), hist)
     center, table = ref.choose_tables(hist, layout)
@@ -110,12 +101,11 @@ def test_stages_match_numpy(name, kw):
         assert torch.equal(ref.rans_decode(words, counts.astype(np.int32), center, tab, layout, fl), q)
 
 
-@needs_native
 def test_symbols_outside_the_alphabet_code_like_numpy():
     """The reference reduces (q - center) mod B for any q; the coder must not assume q < B."""
     rng, layout, q = _case(seed=6, layers=2, tokens=40, channels=6, levels=np.array([[5, 9], [17, 3]]))
     q = torch.from_numpy(rng.integers(0, 256, tuple(q.shape)).astype(np.uint8))
-    ref, nat = CpuBackend(native=False), CpuBackend(native=True)
+    ref, nat = ReferenceBackend(), CpuBackend()
     center = rng.integers(0, 3, layout.num_streams).astype(np.uint8)
     table = rng.integers(0, 64, layout.num_streams).astype(np.uint8)
     words, counts = ref.rans_encode(q, center, table, layout)
@@ -156,12 +146,11 @@ def _corruptions(rng: np.random.Generator, words: np.ndarray, counts: np.ndarray
         yield "random words", rng.integers(0, 1 << 16, words.size).astype(np.uint16), counts
 
 
-@needs_native
 @pytest.mark.parametrize("seed", range(4))
 def test_corrupt_streams_raise_in_both(seed):
     rng, layout, q = _case(seed=10 + seed, layers=3, tokens=90 + 170 * seed, channels=(6, 6, 12, 10)[seed],
                            group=(1, 2, 4, 2)[seed])
-    ref, nat = CpuBackend(native=False), CpuBackend(native=True)
+    ref, nat = ReferenceBackend(), CpuBackend()
     center, table = ref.choose_tables(ref.histogram(q, layout), layout)
     words, counts = ref.rans_encode(q, center, table, layout)
     counts = np.asarray(counts, np.int32)
@@ -183,12 +172,11 @@ def test_corrupt_streams_raise_in_both(seed):
     assert raised >= total - 1
 
 
-@needs_native
 def test_random_inputs_never_crash():
     """Arbitrary words, counts, centers and tables (within their dtypes): the coder either decodes
     or raises CodecError, and agrees with the numpy reference where the reference checks too."""
     rng = np.random.default_rng(7)
-    nat = CpuBackend(native=True)
+    nat = CpuBackend()
     for trial in range(200):
         layers, tokens, channels = int(rng.integers(1, 3)), int(rng.integers(1, 300)), int(rng.integers(1, 6))
         levels = rng.integers(2, 257, (2, layers))
@@ -207,7 +195,6 @@ def test_random_inputs_never_crash():
             assert out.shape == (2, layers, tokens, channels)
 
 
-@needs_native
 def test_streams_that_read_past_all_words_raise():
     """Zero words make every stream want a new word at every symbol: the last streams read far past
     the stored words (into the wrapper's padding) and must fail, as in the reference."""
@@ -218,15 +205,14 @@ def test_streams_that_read_past_all_words_raise():
         words = np.zeros(2 * SC, np.uint16)
         center = np.zeros(S, np.uint8)
         table = np.zeros(S, np.uint8)
-        for backend in (CpuBackend(native=False), CpuBackend(native=True)):
+        for backend in (ReferenceBackend(), CpuBackend()):
             with pytest.raises(CodecError):
                 backend.rans_decode(words, counts, center, table, layout)
 
 
-@needs_native
 def test_encode_rejects_bad_stream_meta():
     _, layout, q = _case(seed=8, layers=2, tokens=20, channels=4)
-    nat = CpuBackend(native=True)
+    nat = CpuBackend()
     center, table = nat.choose_tables(nat.histogram(q, layout), layout)
     bad_center = center.copy()
     bad_center[3] = 255
@@ -250,11 +236,10 @@ def _chunks() -> list[torch.Tensor]:
     return out
 
 
-@needs_native
 @pytest.mark.parametrize("level", ["default", "hq", "compact"])
 def test_containers_identical_with_and_without_native(level):
-    ref = CacheGenCodec(LEVELS[level], CpuBackend(native=False))
-    nat = CacheGenCodec(LEVELS[level], CpuBackend(native=True))
+    ref = CacheGenCodec(LEVELS[level], ReferenceBackend())
+    nat = CacheGenCodec(LEVELS[level], CpuBackend())
     for kv in _chunks():
         blob = nat.encode(kv)
         assert blob == ref.encode(kv), list(kv.shape)
@@ -264,12 +249,11 @@ def test_containers_identical_with_and_without_native(level):
             torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
-@needs_native
 def test_forged_words_behind_a_valid_checksum_raise_in_both():
     """Words changed inside a container whose CRC is recomputed reach the rANS decoder itself."""
     kv = kv_like(layers=2, tokens=120, channels=16, seed=5)
-    ref = CacheGenCodec(LEVELS["default"], CpuBackend(native=False))
-    nat = CacheGenCodec(LEVELS["default"], CpuBackend(native=True))
+    ref = CacheGenCodec(LEVELS["default"], ReferenceBackend())
+    nat = CacheGenCodec(LEVELS["default"], CpuBackend())
     blob = nat.encode(kv)
     header, sections = container.unpack(blob)
     secs = [bytes(s) for s in sections]
@@ -292,36 +276,24 @@ def test_forged_words_behind_a_valid_checksum_raise_in_both():
             nat.decode(bad)
 
 
-# ---- choosing the path --------------------------------------------------------------------------------
+# ---- a missing build --------------------------------------------------------------------------------
 
-def test_env_var_forces_numpy(monkeypatch):
-    monkeypatch.setenv("KVMESH_NATIVE", "0")
-    assert CpuBackend().native is False
-    assert CpuBackend(native=False).native is False
-    monkeypatch.setenv("KVMESH_NATIVE", "1")
-    assert CpuBackend().native is native.available()
-
-
-def test_missing_module_falls_back_with_one_warning(monkeypatch, caplog):
-    """Simulates an install without a C compiler: the module attribute is what the backend consults."""
-    monkeypatch.setattr(native, "_ransc", None)
-    monkeypatch.setattr(native, "IMPORT_ERROR", "No module named 'kvmesh.codecs.cachegen._ransc'")
-    monkeypatch.setattr(native, "_warned", False)
-    monkeypatch.delenv("KVMESH_NATIVE", raising=False)
-    with caplog.at_level(logging.WARNING, logger="kvmesh.codecs.cachegen.native"):
-        assert CpuBackend().native is False
-        assert CpuBackend().native is False
-    warnings = [r for r in caplog.records if "not built" in r.getMessage()]
-    assert len(warnings) == 1 and "pip install -e ." in warnings[0].getMessage()
-    with pytest.raises(CodecError, match="not built"):
-        CpuBackend(native=True)
-    # and the numpy path still encodes and decodes
-    codec = CacheGenCodec(LEVELS["default"], CpuBackend())
-    kv = kv_like(layers=2, tokens=30, channels=8, seed=11)
-    assert codec.decode(codec.encode(kv)).shape == kv.shape
+def test_missing_extension_is_a_clear_import_error():
+    """Without the compiled module, importing the CPU path fails and says how to build it: there is
+    no slower fallback to run instead."""
+    import subprocess
+    import sys
+    code = ("import sys, importlib.abc\n"
+            "class Block(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.endswith('cachegen._ransc'): raise ImportError('blocked for the test')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import kvmesh.codecs\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "is not built" in proc.stderr and "pip install -e ." in proc.stderr, proc.stderr[-2000:]
 
 
-@needs_native
 def test_raw_calls_check_their_buffers():
     """The C functions refuse undersized buffers and absurd shapes instead of touching memory."""
     from kvmesh.codecs.cachegen import _ransc

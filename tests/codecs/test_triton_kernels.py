@@ -16,8 +16,11 @@ import torch
 from kvmesh.codecs import CodecError
 from kvmesh.codecs.cachegen import quant, rans
 from kvmesh.codecs.cachegen.backends import CpuBackend
-from kvmesh.codecs.cachegen.layout import channel_group, stream_layout, to_streams
+from kvmesh.codecs.cachegen.layout import channel_group, stream_layout
 from kvmesh.codecs.cachegen.tables import alphabet_tables
+from tests.codecs.reference.predict import predict_reference
+from tests.codecs.reference.rounding import quantize_keys as reference_quantize_keys
+from tests.codecs.reference.streams import to_streams
 
 
 def load_kernels():
@@ -206,7 +209,7 @@ def test_round_keys_matches_the_reference(mode: int, shape: tuple[int, int, int]
         x[-1, :, -1] = -3.0
         lv = torch.tensor([12.0, 20.0][:layers])
         _, side = quant.quantize(x.float(), lv, mode)
-        want = rounding.quantize_keys(x.float(), side, lv, mode, profile)
+        want = reference_quantize_keys(x.float(), side, lv, mode, profile)
         got = tq.round_keys(x.to(DEVICE), [t.to(DEVICE) for t in side], lv.to(DEVICE), mode, profile,
                             interpret=DEVICE.type == "cpu")
         assert_same(got, want)
@@ -345,7 +348,6 @@ def test_decode_rejects_bad_counts(backend) -> None:
 @pytest.mark.parametrize("rows, features, channels", [(1, 1, 1), (37, 72, 24), (300, 20, 200)])
 def test_prediction_kernel_equals_the_reference(rows: int, features: int, channels: int) -> None:
     from kvmesh.codecs.cachegen import triton_quant as tq
-    from kvmesh.codecs.cachegen.predict import predict_reference
 
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, features, generator=g) * 10
