@@ -137,14 +137,14 @@ class AgentCore:
     def _serve_metrics(self) -> int:
         # /metrics listens where gRPC does (p2p_host / --host), so that Prometheus reaches it in a pod.
         try:
-            return self.metrics.serve(self._metrics_port_wanted, host=self.host)
+            return self.metrics.serve(self._metrics_port_wanted, host=self.host, security=self.config.security)
         except OSError as err:
             if self._metrics_port_explicit:
                 raise
             # The default port (9101 + worker) may be taken by another agent on this host.
             logger.warning("metrics port %d unavailable (%s); serving /metrics on a free port",
                            self._metrics_port_wanted, err)
-            return self.metrics.serve(0, host=self.host)
+            return self.metrics.serve(0, host=self.host, security=self.config.security)
 
     async def stop(self, grace: float = 2.0) -> None:
         """Deregister, stop serving (in-flight calls get ``grace`` seconds) and release resources."""

@@ -215,3 +215,21 @@ def test_move_between_agents_carries_the_token(token_file: Path, agent_thread: C
     with channel(target.target, RIGHT) as ch:
         got = agent_pb2_grpc.InstanceAgentStub(ch).GetChunks(agent_pb2.GetChunksRequest(tokens=tokens), timeout=10)
     assert got.num_tokens == 8 and got.kv.data == kv.data
+
+
+def test_the_agents_metrics_port_needs_the_token(token_file: Path, agent_thread: Callable[..., AgentThread]) -> None:
+    """An agent's own /metrics (port 9101 + worker id) is one of its planes: the token, as Prometheus
+    sends it (``authorization`` in the scrape config), or 401."""
+    import urllib.error
+    import urllib.request
+
+    agent = agent_thread(agent_config(lmcache_instance_id="sec_metrics",
+                                      extra_config={"auth_token_file": str(token_file)}), metrics_port=0)
+    url = f"http://127.0.0.1:{agent.agent.metrics_port}/metrics"
+    for headers in ({}, {"Authorization": f"Bearer {WRONG_TOKEN}"}, {"Authorization": "Basic x"}):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10)
+        assert refused.value.code == 401 and refused.value.headers["WWW-Authenticate"] == "Bearer"
+    with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"}),
+                                timeout=10) as ok:
+        assert ok.status == 200 and b"kvmesh_agent_chunks" in ok.read()
