@@ -100,7 +100,7 @@ fi
 # Skipped when nothing that decides what gets installed changed since the last successful run.
 STAMP=$VENV/.kvmesh-setup-stamp
 stamp() {
-  cat pyproject.toml setup.py codecs/cachegen/_ransc.c | "$PY" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
+  cat pyproject.toml setup.py codecs/cachegen/csrc/*.c codecs/cachegen/csrc/*.h | "$PY" -c 'import hashlib, sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())'
   echo "$REPO"
 }
 stage 3 "installing kvmesh (editable) and its dependencies: .[engine,dev,deploy]"
