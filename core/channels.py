@@ -76,8 +76,7 @@ class _SyncAuth(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercep
         return continuation(self._details(details), request_iterator)
 
 
-class _AioAuth(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-               grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+class _AioAuthBase:
     def __init__(self, security: SecuritySettings) -> None:
         self._security = security
 
@@ -85,17 +84,33 @@ class _AioAuth(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientI
         metadata = grpc.aio.Metadata(*_with_metadata(d.metadata, _extra_metadata(self._security)))
         return grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready)
 
+
+# grpc.aio files an interceptor under the FIRST kind it is an instance of (an if/elif chain in
+# grpc.aio.Channel), so one object implementing all four would only ever see unary-unary calls and
+# every streamed call (Compress, Move, WatchEvent, ...) would go out without the token: one class per kind.
+class _AioUnaryUnaryAuth(_AioAuthBase, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _AioUnaryStreamAuth(_AioAuthBase, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _AioStreamUnaryAuth(_AioAuthBase, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._details(details), request_iterator)
 
+
+class _AioStreamStreamAuth(_AioAuthBase, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._details(details), request_iterator)
+
+
+def _aio_interceptors(security: SecuritySettings) -> list[Any]:
+    return [cls(security) for cls in (_AioUnaryUnaryAuth, _AioUnaryStreamAuth, _AioStreamUnaryAuth,
+                                      _AioStreamStreamAuth)]
 
 
 def channel(target: str, security: SecuritySettings = NO_SECURITY, *, options: Options = ()) -> grpc.Channel:
@@ -114,7 +129,7 @@ def aio_channel(target: str, security: SecuritySettings = NO_SECURITY, *,
     Create it on the loop that will use it."""
     opts = channel_options(options)
     creds = security.channel_credentials()
-    interceptors = [_AioAuth(security)]
+    interceptors = _aio_interceptors(security)
     if creds is not None:
         return grpc.aio.secure_channel(target, creds, options=opts, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)

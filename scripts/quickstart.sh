@@ -114,7 +114,7 @@ export KVMESH_AUTH_TOKEN_FILE=$TOKEN_FILE
 
 echo "quickstart: [2/4] starting kvmesh-controller on localhost:$CONTROLLER_PORT (gRPC $MONITOR_PORT)"
 start_bg controller kvmesh-controller --host localhost --port "$CONTROLLER_PORT" --monitor-port "$MONITOR_PORT"
-wait_http controller "http://localhost:$CONTROLLER_PORT/metrics"
+wait_http controller "http://localhost:$CONTROLLER_PORT/healthz"
 
 echo "quickstart: [3/4] starting kvmesh-serve on localhost:$ENGINE_PORT with LMCACHE_CONFIG_FILE=$CONFIG" \
      "(the first start converts the model once, ~15-60 s)"

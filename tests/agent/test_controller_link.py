@@ -180,6 +180,8 @@ async def test_full_resync_goes_in_batches_and_completes_the_index(agents, contr
     async with grpc.aio.insecure_channel(f"127.0.0.1:{ctl.grpc_port}") as channel:
         ctl_stub = controller_pb2_grpc.ControllerStub(channel)
         await eventually(lambda: workers(ctl_stub))
+        # The controller lists the worker before the agent has read RegisterWorker's answer (its secret).
+        await eventually(lambda: asyncio.sleep(0, agent._link.secret))
         tokens = list(range(20))  # 5 chunks of 4: three reports of at most 2
         await agent.store(tokens, make_kv(20))
         before = agent._link.registrations

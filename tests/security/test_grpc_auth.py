@@ -233,3 +233,27 @@ def test_the_agents_metrics_port_needs_the_token(token_file: Path, agent_thread:
     with urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"}),
                                 timeout=10) as ok:
         assert ok.status == 200 and b"kvmesh_agent_chunks" in ok.read()
+
+
+def test_the_controller_drives_streamed_agent_calls_with_the_token(
+        token_file: Path, agent_thread: Callable[..., AgentThread]) -> None:
+    """Compress is a server stream from the controller to the agent: the token must ride on streamed
+    calls of the asyncio channels too, not only on unary ones (grpc.aio files an interceptor under one
+    call kind only)."""
+    security = SecuritySettings.load(token_file=token_file)
+    with ControllerThread(security=security, min_chunk_size=4) as c:
+        agent = agent_thread(agent_config(lmcache_instance_id="sec_stream", enable_controller=True,
+                                          controller_pull_url=c.grpc_target,
+                                          extra_config={"auth_token_file": str(token_file)}))
+        poll("the agent registers", lambda: c.stub.QueryWorkerInfo(
+            pb.QueryWorkerInfoRequest(instance_id="sec_stream"), timeout=5).worker_infos)
+        tokens = list(range(900, 908))
+        kv = common_pb2.Tensor(dtype="float32", shape=[2, 1, 8, 4], data=bytes(range(64)) * 4)
+        with channel(agent.target, security) as ch:
+            agent_pb2_grpc.InstanceAgentStub(ch).PutChunks(agent_pb2.PutChunksRequest(tokens=tokens, kv=kv),
+                                                           timeout=10)
+        for op, request in ((c.stub.Compress, pb.CompressRequest), (c.stub.Decompress, pb.DecompressRequest)):
+            started = op(request(instance_id="sec_stream", method="lossless", location="LocalCPUBackend",
+                                 tokens=tokens), timeout=10)
+            event = c.wait_event(started.event_id).event
+            assert event.status == common_pb2.COMPLETED and event.chunks_done == 2, event.error
