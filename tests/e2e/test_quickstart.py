@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import urllib.error
 import urllib.request
 
 import pytest
@@ -38,7 +39,11 @@ def test_quickstart_runs_the_flow_and_leaves_services_running(tmp_path) -> None:
         assert f'Authorization: Bearer $(cat {token_file})' in out
         # Still serving after the script returned.
         engine = f"http://localhost:{ports['KVMESH_ENGINE_PORT']}"
-        with urllib.request.urlopen(f"{engine}/v1/models", timeout=10) as resp:
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the services run with the token on
+            urllib.request.urlopen(f"{engine}/v1/models", timeout=10)
+        assert refused.value.code == 401
+        authorized = urllib.request.Request(f"{engine}/v1/models", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(authorized, timeout=10) as resp:
             assert resp.status == 200
         status = subprocess.run(script + ["status"], env=env, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and status.stdout.count("running (pid") == 2, status.stdout
