@@ -126,7 +126,8 @@ async def test_decompress_never_evicts_its_own_chunks(agents) -> None:
     assert final.chunks_done + final.chunks_failed == 5
     assert final.chunks_failed >= 1, "the whole sequence cannot be raw at once"
     assert len(final.errors) == final.chunks_failed and all("no room" in e for e in final.errors)
-    assert all(not m.error for m in msgs[:-1] if m.chunk_index < final.chunks_done)
+    # Chunks run concurrently, so which ones found no room depends on their order: count them, not places.
+    assert sum(1 for m in msgs[:-1] if m.error) == final.chunks_failed
     assert await agent.lookup(a, CPU) == 20, "no chunk of the decompressed sequence was evicted"
     n, kv = await agent.retrieve(a, CPU)
     assert n == 20 and kv.shape[2] == 20

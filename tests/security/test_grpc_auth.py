@@ -245,8 +245,8 @@ def test_the_controller_drives_streamed_agent_calls_with_the_token(
         agent = agent_thread(agent_config(lmcache_instance_id="sec_stream", enable_controller=True,
                                           controller_pull_url=c.grpc_target,
                                           extra_config={"auth_token_file": str(token_file)}))
-        poll("the agent registers", lambda: c.stub.QueryWorkerInfo(
-            pb.QueryWorkerInfoRequest(instance_id="sec_stream"), timeout=5).worker_infos)
+        poll("the agent registers", lambda: [w for w in c.stub.QueryWorkerInfo(
+            pb.QueryWorkerInfoRequest(instance_id="all"), timeout=5).worker_infos if w.instance_id == "sec_stream"])
         tokens = list(range(900, 908))
         kv = common_pb2.Tensor(dtype="float32", shape=[2, 1, 8, 4], data=bytes(range(64)) * 4)
         with channel(agent.target, security) as ch:
