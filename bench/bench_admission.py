@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import os
 import statistics
@@ -77,6 +78,10 @@ def process(args: list[str], log: Path, env: dict[str, str]) -> Iterator[subproc
 def kv_tensor(num_tokens: int, layers: int = 4, channels: int = 64) -> common_pb2.Tensor:
     data = (np.random.default_rng(0).standard_normal((2, layers, num_tokens, channels)) * 0.5).astype(np.float16)
     return common_pb2.Tensor(dtype="float16", shape=list(data.shape), data=data.tobytes())
+
+
+# What every error answer was (status and the start of its message), printed under the table.
+ERRORS: collections.Counter[str] = collections.Counter()
 
 
 class Phase:
@@ -174,7 +179,10 @@ async def bench(args: argparse.Namespace, grpc_target: str, http_base: str, toke
                     await request_of(stub)
                     return "ok"
                 except grpc.aio.AioRpcError as err:
-                    return "refused" if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else "error"
+                    if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        return "refused"
+                    ERRORS[f"gRPC {err.code().name}: {(err.details() or '')[:120]}"] += 1
+                    return "error"
             return call
         return make
 
@@ -186,7 +194,10 @@ async def bench(args: argparse.Namespace, grpc_target: str, http_base: str, toke
 
             async def call() -> str:
                 r = await client.request(method_, path, json=body)
-                return "ok" if r.status_code == 200 else "refused" if r.status_code == 429 else "error"
+                if r.status_code in (200, 429):
+                    return "ok" if r.status_code == 200 else "refused"
+                ERRORS[f"HTTP {r.status_code} {path}: {r.text[:120]}"] += 1
+                return "error"
             return call
         return make
 
@@ -307,6 +318,8 @@ def main() -> int:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         print(row)
+    for what, n in ERRORS.most_common():
+        print(f"error x{n}: {what}")
     return 0
 
 

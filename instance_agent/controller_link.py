@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 from typing import TYPE_CHECKING
 
 import grpc
 
 from kvmesh.api.controller.v1 import controller_pb2, controller_pb2_grpc
-from kvmesh.core.channels import aio_channel
+from kvmesh.core.channels import aio_channel, channel
 
 from .storage import ADMIT
 
@@ -60,9 +61,35 @@ class ControllerLink:
         self._channel = aio_channel(self.target, agent.config.security, options=GRPC_OPTIONS)
         self._stub = controller_pb2_grpc.ControllerStub(self._channel)
         self._task: asyncio.Task[None] | None = None
+        # Heartbeats also go out from a thread of their own, on a blocking channel: an agent whose event
+        # loop is busy (hundreds of streams at once, a big tensor converted) is alive, and must not miss
+        # its beats and be marked down by load. The loop's own beats stay: they notice a controller
+        # that forgot this worker and register again.
+        self._beats_stop = threading.Event()
+        self._beats: threading.Thread | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="kvmesh-controller-link")
+        self._beats = threading.Thread(target=self._beat_from_thread, name="kvmesh-heartbeats", daemon=True)
+        self._beats.start()
+
+    def _beat_from_thread(self) -> None:
+        """Every heartbeat interval, while registered, a Heartbeat that needs nothing of the event loop."""
+        from .lifecycle import GRPC_OPTIONS
+
+        a = self.agent
+        with channel(self.target, a.config.security, options=GRPC_OPTIONS) as ch:
+            stub = controller_pb2_grpc.ControllerStub(ch)
+            while not self._beats_stop.wait(self.heartbeat_s):
+                secret = self.secret
+                if not (self.registered and secret):
+                    continue
+                try:
+                    stub.Heartbeat(controller_pb2.HeartbeatRequest(
+                        instance_id=a.config.lmcache_instance_id, worker_id=a.worker_id, secret=secret),
+                        timeout=self.call_timeout_s)
+                except grpc.RpcError as err:  # the loop's link reports and handles failures
+                    logger.debug("heartbeat from the heartbeat thread failed: %s", err.code())
 
     def enqueue(self, kind: str, location: str, key: str, token_end: int) -> None:
         """Queue a storage event for the controller (on the agent's loop)."""
@@ -73,6 +100,10 @@ class ControllerLink:
         self._wake.set()
 
     async def stop(self) -> None:
+        self._beats_stop.set()
+        if self._beats is not None:
+            await asyncio.to_thread(self._beats.join, self.call_timeout_s + 1.0)
+            self._beats = None
         if self._task is not None:
             self._task.cancel()
             try:

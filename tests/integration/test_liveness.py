@@ -49,3 +49,21 @@ def test_stall_credit_is_not_silence() -> None:
     reg.credit_stall(4.9)  # the controller itself stalled for all but 0.1 s of those 5 s
     assert reg.sweep(now_mono=now) == ([], []) and a.state == UP
     assert reg.sweep(now_mono=now + 1.0)[0] == [a] and a.state == DOWN
+
+
+def test_an_agent_with_a_busy_loop_stays_up(controller: ControllerThread, start_agent) -> None:  # noqa: ANN001
+    """The agent's own event loop blocked (hundreds of streams, a big tensor converted) for over four
+    of its timeouts: its heartbeats go out from a thread of their own, so it is not marked down."""
+    agent, _client = start_agent("busy", heartbeat=HEARTBEAT)
+    service = controller.server.service  # type: ignore[union-attr]
+    wait_until(lambda: agent.agent.controller_connected, timeout=10, what="agent connected")
+    state = lambda: controller.sync(lambda: service.registry.get("busy", 0).state)  # noqa: E731
+    wait_until(lambda: state() == UP, timeout=10, what="worker up")
+    blocked = agent._loop.call_soon_threadsafe(time.sleep, 2.5)  # noqa: SLF001 - the agent's loop, from outside
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        assert state() == UP, "a live agent with a busy loop was marked down"
+        time.sleep(0.1)
+    del blocked
+    assert controller.server.metrics.registry.get_sample_value(  # type: ignore[union-attr]
+        "kvmesh_workers", {"state": "down"}) == 0
