@@ -87,7 +87,8 @@ class ControllerLink:
                 try:
                     stub.Heartbeat(controller_pb2.HeartbeatRequest(
                         instance_id=a.config.lmcache_instance_id, worker_id=a.worker_id, secret=secret),
-                        timeout=self.call_timeout_s)
+                        # A beat a busy controller handles late still counts; one given up on never does.
+                        timeout=max(self.call_timeout_s, 2 * self.heartbeat_s))
                 except grpc.RpcError as err:  # the loop's link reports and handles failures
                     logger.debug("heartbeat from the heartbeat thread failed: %s", err.code())
 
