@@ -13,21 +13,13 @@ import contextlib
 import logging
 import socket
 import ssl
-from dataclasses import dataclass
 
 import uvicorn
 from starlette.types import ASGIApp
 
+from kvmesh.core.tls import TlsFiles
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """HTTPS: certificate and key (PEM); with ``ca`` given, clients must present a certificate it signed."""
-
-    cert: str
-    key: str
-    ca: str | None = None
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -59,9 +51,10 @@ class UvicornServer:
                  max_connections: int | None = None) -> None:
         self._host = host
         self.port = port
-        self.tls = tls
+        # HTTPS only when the files name a certificate (with a CA, clients must present one it signed).
+        self.tls = tls if tls is not None and tls.server_enabled else None
         kwargs = {}
-        if tls is not None:
+        if tls is not None and self.tls is not None:
             kwargs = {"ssl_certfile": tls.cert, "ssl_keyfile": tls.key, "ssl_ca_certs": tls.ca,
                       "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.ca else ssl.CERT_NONE}
         self._config = uvicorn.Config(

@@ -13,7 +13,7 @@ from kvmesh.core.grpc_server import HealthService, MeshServer
 
 from .gateway import Gateway, GatewayLimits
 from .grpc_service import generic_handler
-from .http_server import TlsFiles, UvicornServer
+from .http_server import UvicornServer
 from .metrics import ControllerMetrics
 from .rpc_table import SERVICE, build
 from .service import ControllerService
@@ -44,8 +44,7 @@ class ControllerServer:
         self.gateway = Gateway(self.rpcs, self.metrics, limits, token=self.auth_token)
         self._grpc: MeshServer | None = None
         self._health = HealthService()
-        tls = TlsFiles(sec.tls_cert, sec.tls_key, sec.tls_ca) if sec.tls_cert and sec.tls_key else None
-        self._http = UvicornServer(self.gateway.app, s.host, s.port, max_header_bytes=s.max_header_bytes, tls=tls,
+        self._http = UvicornServer(self.gateway.app, s.host, s.port, max_header_bytes=s.max_header_bytes, tls=sec.tls,
                                    shutdown_grace=s.shutdown_grace, max_connections=s.http_max_connections)
         self._sweeper: asyncio.Task[None] | None = None
         self.grpc_port = 0

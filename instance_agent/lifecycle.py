@@ -14,8 +14,6 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import grpc
-
 from kvmesh.core.grpc_server import MeshServer
 from kvmesh.errors import InvalidArgument, Unavailable
 

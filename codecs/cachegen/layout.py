@@ -16,7 +16,6 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from kvmesh.codecs.cachegen.quant import SEGMENT, num_segments
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from kvmesh.controller.__main__ import main as controller_main
-from kvmesh.controller.settings import ControllerSettings
 from kvmesh.core.auth import TokenFileError
 from kvmesh.core.security import SecuritySettings
 
