@@ -23,7 +23,7 @@ import torch
 from kvmesh.codecs.cachegen import native as _native
 from kvmesh.codecs.cachegen import quant
 from kvmesh.codecs.cachegen.layout import StreamLayout
-from kvmesh.codecs.cachegen.predict import LayerPredictor
+from kvmesh.codecs.cachegen.predict import LayerPredictor, levels_from_spans
 from kvmesh.codecs.cachegen.rounding import QueryProfile, check_mode
 from kvmesh.codecs.errors import CodecError
 
@@ -135,6 +135,59 @@ class CpuBackend:
         w, b = predictor.weights(kv, layer)
         return _native.predict(x.contiguous(), w, b)
 
+    # -- cross-layer prediction, fused per (K/V, layer) step ---------------------------------------
+    # codec.py's _quantize_predicted and _add_predictions run on any backend from the stages above;
+    # on the CPU these two do the same steps with three compiled calls per (K/V, layer) and no torch
+    # glue (~60 steps a chunk, each a few hundred microseconds of torch ops otherwise). Same bits:
+    # tests/codecs/test_fused_prediction.py checks them against the stage-by-stage loop.
+
+    def quantize_predicted(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int],
+                           key_profile: QueryProfile | None, predictor: LayerPredictor,
+                           protect: tuple[bytes, torch.Tensor, torch.Tensor | None] | None
+                           ) -> tuple[torch.Tensor, list[SideTensors], np.ndarray, np.ndarray]:
+        """codec.CacheGenCodec._quantize_predicted (see there) for x fp32 [2, L, R, C]."""
+        _, L, R, C = x.shape
+        x = x.to(torch.float32).contiguous()
+        dec = torch.empty_like(x)
+        q = torch.empty(x.shape, dtype=torch.uint8)
+        sides = [[torch.empty(shape, dtype=dt) for shape, dt in quant.side_spec(modes[kv], L, R, C)] for kv in (0, 1)]
+        views = [[_layer_views(s, modes[kv], layer) for layer in range(L)] for kv, s in enumerate(sides)]
+        levels = np.array(levels, dtype=np.int64)
+        used = np.zeros((2, L), dtype=bool)
+        masks, rows = _protected_by_layer(protect, L, R)
+        pred, resid = torch.empty(R, C), torch.empty(R, C)
+        for layer in range(L):
+            for kv in (0, 1):
+                src, p = x[kv, layer], None
+                if layer:
+                    w, b = predictor.weights(kv, layer)
+                    feats = (dec[0, layer - 1], dec[1, layer - 1]) + ((dec[0, layer],) if kv else ())
+                    _native.predict_parts(feats, w, b, pred)
+                    sx, sr = _native.layer_residual(src, pred, modes[kv], resid)
+                    fewer = levels_from_spans(int(levels[kv, layer]), sx, sr)
+                    if fewer < levels[kv, layer]:
+                        src, p, levels[kv, layer], used[kv, layer] = resid, pred, fewer, True
+                prof = key_profile.layer(layer) if kv == 0 and key_profile is not None else None
+                _native.quantize_layer(src, int(levels[kv, layer]), modes[kv], views[kv][layer], q[kv, layer],
+                                       dec[kv, layer], prof, p, *((masks[kv, layer], rows[kv][layer])
+                                                                if masks is not None and masks[kv, layer].any()
+                                                                else (None, None)))
+        return q, sides, levels, used
+
+    def add_predictions(self, out: torch.Tensor, used: np.ndarray, predictor: LayerPredictor,
+                        protect: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
+        """codec.CacheGenCodec._add_predictions (see there) for out fp32 [2, L, R, C] (contiguous)."""
+        _, L, R, C = out.shape
+        masks, rows = _protected_by_layer((b"",) + tuple(protect) if protect is not None else None, L, R)
+        for layer in range(L):
+            for kv in (0, 1):
+                if used[kv, layer]:
+                    w, b = predictor.weights(kv, layer)
+                    feats = (out[0, layer - 1], out[1, layer - 1]) + ((out[0, layer],) if kv else ())
+                    _native.predict_parts(feats, w, b, out[kv, layer], add=True)
+                if masks is not None and masks[kv, layer].any():
+                    out[kv, layer][torch.from_numpy(masks[kv, layer].astype(bool))] = rows[kv][layer]
+
     def histogram(self, q: torch.Tensor, layout: StreamLayout) -> np.ndarray:
         """int64 [S, 256]: how often each symbol occurs in each stream."""
         return _native.histogram(self._u8(q), layout)
@@ -162,6 +215,26 @@ class CpuBackend:
                     layout: StreamLayout, flags: np.ndarray | None = None) -> torch.Tensor:
         """Inverse of rans_encode (with the same flags): q uint8 [2, L, T, C]; CodecError on a corrupt stream."""
         return torch.from_numpy(_native.decode(words, counts, np.asarray(center), np.asarray(table), layout, flags))
+
+
+def _layer_views(side: SideTensors, mode: int, layer: int) -> list[np.ndarray]:
+    """Numpy views of one layer's part of a mode's side tensors (quant.side_spec), for quantize_layer."""
+    if mode in (quant.MODE_CHANNEL, quant.MODE_TOKEN):  # [2, L, ...]: lo then hi
+        return [side[0][0, layer].numpy(), side[0][1, layer].numpy()]
+    return [t[layer].numpy() for t in side]
+
+
+def _protected_by_layer(protect: tuple[bytes, torch.Tensor, torch.Tensor | None] | None, L: int, R: int
+                        ) -> tuple[np.ndarray | None, list[list[torch.Tensor]]]:
+    """(mask uint8 [2, L, R] or None, the protected rows of each (K/V, layer) as the decoder restores
+    them): codec.py's section 7 rows are in (K/V, layer, token) order."""
+    if protect is None or protect[2] is None:
+        return None, []
+    mask = protect[1].cpu().numpy().astype(np.uint8)
+    ends = np.cumsum(mask.sum(axis=2, dtype=np.int64).reshape(-1)).tolist()
+    rows = protect[2].to(torch.float32).contiguous()
+    per = [rows[a:b] for a, b in zip([0] + ends[:-1], ends)]
+    return mask, [per[kv * L:(kv + 1) * L] for kv in (0, 1)]
 
 
 def _triton() -> Backend:

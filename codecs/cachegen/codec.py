@@ -365,6 +365,9 @@ class CacheGenCodec(Codec):
         level counts that give the residual about the step the KV would get at ``levels``. A layer whose
         residual would need as many levels as the KV itself is coded as itself. Returns (q, sides, the
         level counts, bool [2, L]: which layers were predicted)."""
+        fused = getattr(self.backend, "quantize_predicted", None)
+        if fused is not None:  # the CPU: the same steps, compiled (backends.CpuBackend)
+            return fused(x, levels, modes, self.key_profile, self.predictor, protect)
         _, L, R, C = x.shape
         dev = x.device
         dec = torch.empty_like(x)
@@ -404,6 +407,9 @@ class CacheGenCodec(Codec):
         """Decoder side of _quantize_predicted: out fp32 [2, L, R, C] holds the dequantized residuals;
         adds the predictions of the layers ``used`` marks, in the encoder's order, and restores the
         protected rows."""
+        fused = getattr(self.backend, "add_predictions", None)
+        if fused is not None:  # the CPU: the same steps, compiled (backends.CpuBackend)
+            return fused(out, used, self.predictor, protect)
         mask, rows = protect if protect is not None else (None, None)
         restored = _restored_rows(mask, rows, out)
         for layer in range(out.shape[1]):

@@ -19,6 +19,7 @@ The residual x - P is quantized with the level's mode; the decoded value is dequ
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,9 +131,28 @@ def residual_levels(base: int, x: torch.Tensor, r: torch.Tensor, mode: int) -> i
             return t.abs().amax(dim=2).reshape(-1).cpu().double().numpy()
         return (t.amax(dim=2) - t.amin(dim=2)).reshape(-1).cpu().double().numpy()
 
-    sx, sr = spans(x), spans(r)
+    return levels_from_spans(base, spans(x), spans(r))
+
+
+def quantile_linear(a: np.ndarray, q: float) -> float:
+    """np.quantile(a, q) (its default "linear" method) for a float64 [n >= 1] without NaN, with the same
+    float64 operations (virtual index (n - 1) q, then numpy's two-sided lerp), so the same value, at a
+    tenth of np.quantile's cost: a chunk's encoder asks it ~30 times."""
+    s = np.sort(a)
+    v = (s.size - 1) * q
+    lo = math.floor(v)
+    hi = min(lo + 1, s.size - 1)
+    g = v - lo
+    x, y = float(s[lo]), float(s[hi])
+    d = y - x
+    return y - d * (1 - g) if g >= 0.5 else x + d * g
+
+
+def levels_from_spans(base: int, sx: np.ndarray, sr: np.ndarray) -> int:
+    """residual_levels from the spans it compares (float64 [n] each, n = 1 in channel modes): the
+    CPU's fused encoder (native.layer_residual) computes them in its pass over the residual."""
     ok = sx > 0
-    ratio = float(np.quantile(sr[ok] / sx[ok], TOKEN_RATIO_QUANTILE)) if ok.any() else 1.0
+    ratio = quantile_linear(sr[ok] / sx[ok], TOKEN_RATIO_QUANTILE) if ok.any() else 1.0
     bm1 = (base - 1) * min(ratio, 1e6)
     if (base - 1) % 2 == 0:
         out = 2 * max(1, int(np.rint(bm1 / 2)))

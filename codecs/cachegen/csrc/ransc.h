@@ -83,7 +83,11 @@ RANSC_METHOD(quantize);    /* quantize.c */
 RANSC_METHOD(round_keys);
 RANSC_METHOD(dequantize);
 RANSC_METHOD(row_sums);
+RANSC_METHOD(f16_bounds);
+RANSC_METHOD(quantize_layer);
+RANSC_METHOD(layer_residual);
 RANSC_METHOD(predict);     /* predict.c */
+RANSC_METHOD(predict_parts);
 RANSC_METHOD(encode);      /* rans.c */
 RANSC_METHOD(decode);
 #undef RANSC_METHOD

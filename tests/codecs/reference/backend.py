@@ -62,6 +62,9 @@ def protected_rows(x: torch.Tensor, thresholds: tuple[float, float]) -> torch.Te
 
 class ReferenceBackend(CpuBackend):
     name = "reference"
+    # the stage-by-stage loop of codec.py, not CpuBackend's fused steps, runs the prediction
+    quantize_predicted = None
+    add_predictions = None
 
     def quantize_half(self, x: torch.Tensor, levels: np.ndarray, mode: int, key_profile: QueryProfile | None = None
                       ) -> tuple[torch.Tensor, SideTensors]:
