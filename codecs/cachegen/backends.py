@@ -155,23 +155,24 @@ class CpuBackend:
         levels = np.array(levels, dtype=np.int64)
         used = np.zeros((2, L), dtype=bool)
         masks, rows = _protected_by_layer(protect, L, R)
-        pred, resid = torch.empty(R, C), torch.empty(R, C)
+        # numpy views throughout: the loop runs ~60 steps a chunk, and a numpy slice costs a tenth of a tensor's
+        xn, dn, qn = x.numpy(), dec.numpy(), q.numpy()
+        pred, resid = np.empty((R, C), np.float32), np.empty((R, C), np.float32)
         for layer in range(L):
             for kv in (0, 1):
-                src, p = x[kv, layer], None
+                src, p, lv = xn[kv, layer], None, int(levels[kv, layer])
                 if layer:
                     w, b = predictor.weights(kv, layer)
-                    feats = (dec[0, layer - 1], dec[1, layer - 1]) + ((dec[0, layer],) if kv else ())
-                    _native.predict_parts(feats, w, b, pred)
+                    _native.predict_parts((dn[0, layer - 1], dn[1, layer - 1], dn[0, layer])[:2 + kv], w, b, pred)
                     sx, sr = _native.layer_residual(src, pred, modes[kv], resid)
-                    fewer = levels_from_spans(int(levels[kv, layer]), sx, sr)
-                    if fewer < levels[kv, layer]:
-                        src, p, levels[kv, layer], used[kv, layer] = resid, pred, fewer, True
+                    fewer = levels_from_spans(lv, sx, sr)
+                    if fewer < lv:
+                        src, p, lv, used[kv, layer] = resid, pred, fewer, True
+                        levels[kv, layer] = fewer
                 prof = key_profile.layer(layer) if kv == 0 and key_profile is not None else None
-                _native.quantize_layer(src, int(levels[kv, layer]), modes[kv], views[kv][layer], q[kv, layer],
-                                       dec[kv, layer], prof, p, *((masks[kv, layer], rows[kv][layer])
-                                                                if masks is not None and masks[kv, layer].any()
-                                                                else (None, None)))
+                protected = masks is not None and masks[kv, layer].any()
+                _native.quantize_layer(src, lv, modes[kv], views[kv][layer], qn[kv, layer], dn[kv, layer], prof, p,
+                                       masks[kv, layer] if protected else None, rows[kv][layer] if protected else None)
         return q, sides, levels, used
 
     def add_predictions(self, out: torch.Tensor, used: np.ndarray, predictor: LayerPredictor,
@@ -179,12 +180,13 @@ class CpuBackend:
         """codec.CacheGenCodec._add_predictions (see there) for out fp32 [2, L, R, C] (contiguous)."""
         _, L, R, C = out.shape
         masks, rows = _protected_by_layer((b"",) + tuple(protect) if protect is not None else None, L, R)
+        on = out.numpy()
         for layer in range(L):
             for kv in (0, 1):
                 if used[kv, layer]:
                     w, b = predictor.weights(kv, layer)
-                    feats = (out[0, layer - 1], out[1, layer - 1]) + ((out[0, layer],) if kv else ())
-                    _native.predict_parts(feats, w, b, out[kv, layer], add=True)
+                    _native.predict_parts((on[0, layer - 1], on[1, layer - 1], on[0, layer])[:2 + kv], w, b, on[kv, layer],
+                                          add=True)
                 if masks is not None and masks[kv, layer].any():
                     out[kv, layer][torch.from_numpy(masks[kv, layer].astype(bool))] = rows[kv][layer]
 

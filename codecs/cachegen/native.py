@@ -194,26 +194,32 @@ def predict(x: torch.Tensor, w: np.ndarray, b: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def predict_parts(parts: tuple[torch.Tensor, ...], w: np.ndarray, b: np.ndarray, out: torch.Tensor,
-                  add: bool = False) -> torch.Tensor:
-    """predict with the features read in place: parts, 1 to 3 contiguous fp32 [R, C'] tensors, are the
-    features [R, len(parts) * C'] side by side (predict.features' concatenation, never made); the
-    prediction goes into out fp32 [R, C] (contiguous), or is added to it with add."""
+def _np(t: np.ndarray | torch.Tensor) -> np.ndarray:
+    return t if isinstance(t, np.ndarray) else t.numpy()
+
+
+def predict_parts(parts: tuple[np.ndarray | torch.Tensor, ...], w: np.ndarray, b: np.ndarray,
+                  out: np.ndarray | torch.Tensor, add: bool = False) -> np.ndarray | torch.Tensor:
+    """predict with the features read in place: parts, 1 to 3 contiguous fp32 [R, C'] arrays (numpy or
+    CPU tensors), are the features [R, len(parts) * C'] side by side (predict.features'
+    concatenation, never made); the prediction goes into out fp32 [R, C] (contiguous), or is added
+    to it with add."""
     R, K = parts[0].shape
-    xs = [p.numpy() for p in parts]
-    xs += [xs[0]] * (3 - len(xs))
-    _ransc.predict_parts(len(parts), *xs, R, K, w.shape[1], w, b, out.numpy(), bool(add))
+    x0 = _np(parts[0])
+    x1 = _np(parts[1]) if len(parts) > 1 else x0
+    x2 = _np(parts[2]) if len(parts) > 2 else x0
+    _ransc.predict_parts(len(parts), x0, x1, x2, R, K, w.shape[1], w, b, _np(out), bool(add))
     return out
 
 
-def layer_residual(target: torch.Tensor, pred: torch.Tensor, mode: int, out: torch.Tensor
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def layer_residual(target: np.ndarray | torch.Tensor, pred: np.ndarray | torch.Tensor, mode: int,
+                   out: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """out = target - pred (fp32 [R, C], contiguous each) and (target's spans, the residual's spans) as
     predict.residual_levels compares them, float64 (one value in channel modes, else one per token)."""
     R, C = target.shape
     n = 1 if mode in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP) else R
     spans = np.empty(2 * n, np.float32)
-    _ransc.layer_residual(target.numpy(), pred.numpy(), R, C, mode, out.numpy(), spans)
+    _ransc.layer_residual(_np(target), _np(pred), R, C, mode, _np(out), spans)
     s = spans.astype(np.float64)
     return s[:n], s[n:]
 
@@ -221,24 +227,36 @@ def layer_residual(target: torch.Tensor, pred: torch.Tensor, mode: int, out: tor
 _EMPTY = np.zeros(0, np.uint8)
 
 
-def quantize_layer(x: torch.Tensor, levels: int, mode: int, side: list[np.ndarray], q: torch.Tensor,
-                   y: torch.Tensor, profile: QueryProfile | None = None, pred: torch.Tensor | None = None,
-                   mask: np.ndarray | None = None, restored: torch.Tensor | None = None) -> None:
+def profile_args(profile: QueryProfile) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """(cols, factor, recip, heads, head_dim) of a 1-layer profile for quantize_layer, cached on it."""
+    cache = profile.__dict__.setdefault("_native_args", {})
+    if "args" not in cache:
+        profile.check(1, profile.channels)
+        cols = device_factors(profile, torch.device("cpu"))[0].numpy()
+        cache["args"] = (cols, profile.factor, profile.recip, profile.kv_heads, profile.head_dim)
+    return cache["args"]
+
+
+def quantize_layer(x: np.ndarray | torch.Tensor, levels: int, mode: int, side: list[np.ndarray],
+                   q: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, profile: QueryProfile | None = None,
+                   pred: np.ndarray | torch.Tensor | None = None, mask: np.ndarray | None = None,
+                   restored: np.ndarray | torch.Tensor | None = None) -> None:
     """One layer of one of K or V, whole, in one compiled pass (the CPU's fused encoder): x fp32 [R, C]
     contiguous -> its side tensors into ``side`` (numpy views of the layer's part of each side tensor,
     as quant.side_spec lays them out: [lo, hi] for modes 0 and 1, [a] for 2, [lo, d] for 3), its
     symbols into q uint8 [R, C] (rounded along ``profile``, a 1-layer profile, when given), and the
     values the decoder will have into y fp32 [R, C]: the dequantized symbols, plus ``pred`` when
     given, with the rows ``mask`` (uint8 [R]) marks replaced in order by ``restored`` fp32 [n, C].
-    The same bits as quantize_half, dequantize_half, the sum and the protected-row restore."""
+    Arrays: numpy or CPU tensors. The same bits as quantize_half, dequantize_half, the sum and the
+    protected-row restore."""
     R, C = x.shape
     flags = 0
     cols = factor = recip = _EMPTY
     heads = head_dim = 0
     if profile is not None:
-        profile.check(1, C)
-        cols = device_factors(profile, torch.device("cpu"))[0].numpy()
-        factor, recip, heads, head_dim = profile.factor, profile.recip, profile.kv_heads, profile.head_dim
+        if profile.layers != 1 or profile.channels != C:
+            profile.check(1, C)
+        cols, factor, recip, heads, head_dim = profile_args(profile)
         flags |= 1
     if pred is not None:
         flags |= 2
@@ -247,9 +265,9 @@ def quantize_layer(x: torch.Tensor, levels: int, mode: int, side: list[np.ndarra
     lo16 = side[0]
     hi16 = side[1] if mode in (quant.MODE_CHANNEL, quant.MODE_TOKEN) else _EMPTY
     d32 = side[1] if mode == quant.MODE_CHANNEL_SHARED_STEP else _EMPTY
-    _ransc.quantize_layer(x.numpy(), R, C, mode, float(levels - 1), lo16, hi16, d32, q.numpy(), y.numpy(),
-                          pred.numpy() if pred is not None else _EMPTY, mask if mask is not None else _EMPTY,
-                          restored.numpy() if restored is not None else _EMPTY, cols, factor, recip, heads,
+    _ransc.quantize_layer(_np(x), R, C, mode, float(levels - 1), lo16, hi16, d32, _np(q), _np(y),
+                          _np(pred) if pred is not None else _EMPTY, mask if mask is not None else _EMPTY,
+                          _np(restored) if restored is not None else _EMPTY, cols, factor, recip, heads,
                           head_dim, flags)
 
 

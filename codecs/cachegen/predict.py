@@ -151,8 +151,11 @@ def quantile_linear(a: np.ndarray, q: float) -> float:
 def levels_from_spans(base: int, sx: np.ndarray, sr: np.ndarray) -> int:
     """residual_levels from the spans it compares (float64 [n] each, n = 1 in channel modes): the
     CPU's fused encoder (native.layer_residual) computes them in its pass over the residual."""
-    ok = sx > 0
-    ratio = quantile_linear(sr[ok] / sx[ok], TOKEN_RATIO_QUANTILE) if ok.any() else 1.0
+    if sx.size == 1:  # channel modes: the quantile of one ratio is that ratio (the same float64 value)
+        ratio = float(sr[0]) / float(sx[0]) if sx[0] > 0 else 1.0
+    else:
+        ok = sx > 0
+        ratio = quantile_linear(sr[ok] / sx[ok], TOKEN_RATIO_QUANTILE) if ok.any() else 1.0
     bm1 = (base - 1) * min(ratio, 1e6)
     if (base - 1) % 2 == 0:
         out = 2 * max(1, int(np.rint(bm1 / 2)))
