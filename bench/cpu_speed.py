@@ -3,6 +3,7 @@
     python bench/cpu_speed.py [--passes 5] [--methods cachegen,cachegen+qp,cachegen+lp,cachegen+qp+lp] [--profile]
     python bench/cpu_speed.py --baseline DIR [--passes 15]   # A/B against another build, interleaved
     python bench/cpu_speed.py --breakdown [--methods cachegen+qp+lp] [--passes 20]   # where each ms goes
+    python bench/cpu_speed.py --integer-estimate   # what integer prediction would cost (needs gcc, AVX512-VNNI)
 
 --baseline DIR: DIR is a built kvmesh tree of another commit (``git archive <commit> | tar -x -C /tmp/base;
 cd /tmp/base; python setup.py build``: DIR = /tmp/base/build/lib.<platform>). Two worker processes, one
@@ -17,6 +18,12 @@ with them, but needs the model). Prints a table (best of --passes, MB/s of fp16 
 
 --breakdown: the encode and decode of a chunk stage by stage: each stage's own CPU time (its callees'
 taken out), the best of --passes per stage, so the table says where every millisecond goes.
+
+--integer-estimate: the format's prediction is fp32 with every product rounded before its sum, which
+no CPU runs faster than one multiply and one add per term (16 terms a cycle with AVX-512 here). It
+times that (predict.c) against integer dot products of the same shapes (int16 x int16 and uint8 x
+int8 into int32, AVX512-VNNI, the same 6 x 64 register blocking), compiled here with gcc from the
+source below: what an integer or fixed-point prediction format would cost. Not a codec path.
 
 BLAS runs on one thread (OPENBLAS_NUM_THREADS=1): fitting the stand-in predictor must not leave
 OpenBLAS threads spinning on the other core while the codec is timed.
@@ -242,6 +249,87 @@ def breakdown(methods: list[str], passes: int) -> int:
     return 0
 
 
+_INT_KERNELS = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+/* x [R, F] with NB-byte groups of features, w [F / G, C, G]: each int32 lane adds G products a step. */
+#define KERNEL(NAME, XT, WT, G, DOT)                                                                    \
+void NAME(const XT *x, int R, int F, int C, const WT *w, int32_t *out) {                               \
+    for (int t = 0; t + 6 <= R; t += 6)                                                                 \
+        for (int j = 0; j + 64 <= C; j += 64) {                                                         \
+            __m512i a[6][4];                                                                            \
+            for (int r = 0; r < 6; r++) for (int v = 0; v < 4; v++) a[r][v] = _mm512_setzero_si512();   \
+            for (int i = 0; i < F / G; i++) {                                                           \
+                __m512i wv[4];                                                                          \
+                for (int v = 0; v < 4; v++)                                                             \
+                    wv[v] = _mm512_loadu_si512((const void *)(w + ((size_t)i * C + j + 16 * v) * G));   \
+                for (int r = 0; r < 6; r++) {                                                           \
+                    int32_t g;                                                                          \
+                    memcpy(&g, x + (size_t)(t + r) * F + G * i, 4);                                     \
+                    const __m512i xb = _mm512_set1_epi32(g);                                            \
+                    for (int v = 0; v < 4; v++) a[r][v] = DOT(a[r][v], xb, wv[v]);                      \
+                }                                                                                       \
+            }                                                                                           \
+            for (int r = 0; r < 6; r++) for (int v = 0; v < 4; v++)                                     \
+                _mm512_storeu_si512((void *)(out + (size_t)(t + r) * C + j + 16 * v), a[r][v]);         \
+        }                                                                                               \
+}
+KERNEL(pred_i16, int16_t, int16_t, 2, _mm512_dpwssd_epi32)
+KERNEL(pred_u8, uint8_t, int8_t, 4, _mm512_dpbusd_epi32)
+"""
+
+
+def integer_estimate(passes: int) -> int:
+    """Per-chunk cost of the fp32 prediction (the format's) against integer dot products of its shapes."""
+    import ctypes
+    import subprocess
+    import tempfile
+
+    import numpy as np
+
+    from kvmesh.codecs.cachegen import native
+
+    chunk = load_chunks()[0]
+    _, L, T, C = chunk.shape
+    R = (T - 1) // 6 * 6  # the rest tokens, whole 6-row blocks (the integer kernels have no row tail)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, lib = Path(tmp, "k.c"), Path(tmp, "k.so")
+        src.write_text(_INT_KERNELS)
+        subprocess.run(["gcc", "-O3", "-shared", "-fPIC", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-o", str(lib),
+                        str(src)], check=True)
+        k = ctypes.CDLL(str(lib))
+        g = np.random.default_rng(0)
+        ptr = ctypes.c_void_p
+        print(f"one core, {L - 1} predicted layers x (K: {2 * C} features, V: {3 * C}) x {R} rows x {C} channels "
+              f"per chunk, best of {passes}")
+        print("| arithmetic | K layer ms | V layer ms | chunk encode ms (all layers) | vs fp32 |")
+        print("| --- | --- | --- | --- | --- |")
+        rows = {}
+        for name in ("fp32, products rounded, then summed (the format)", "int16 x int16 -> int32 (vpdpwssd)",
+                     "uint8 x int8 -> int32 (vpdpbusd)"):
+            ms = []
+            for F in (2 * C, 3 * C):
+                out32 = np.empty((R, C), np.int32)
+                if name.startswith("fp32"):
+                    x, w = g.random((R, F), np.float32), g.random((F, C), np.float32)
+                    b, out = np.zeros(C, np.float32), np.empty((R, C), np.float32)
+                    fn = lambda: native._ransc.predict(x, R, F, C, w, b, out)  # noqa: E731
+                elif name.startswith("int16"):
+                    x, w = g.integers(-3000, 3000, (R, F), np.int16), g.integers(-3000, 3000, (F // 2, C, 2), np.int16)
+                    fn = lambda: k.pred_i16(ptr(x.ctypes.data), R, F, C, ptr(w.ctypes.data), ptr(out32.ctypes.data))  # noqa: E731
+                else:
+                    x, w = g.integers(0, 255, (R, F), np.uint8), g.integers(-100, 100, (F // 4, C, 4), np.int8)
+                    fn = lambda: k.pred_u8(ptr(x.ctypes.data), R, F, C, ptr(w.ctypes.data), ptr(out32.ctypes.data))  # noqa: E731
+                fn()
+                ms.append(best(fn, passes) * 1e3)
+            rows[name] = ms
+            total = (L - 1) * sum(ms)
+            base = (L - 1) * sum(next(iter(rows.values())))
+            print(f"| {name} | {ms[0]:.3f} | {ms[1]:.3f} | {total:.1f} | {base / total:.2f}x |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--passes", type=int, default=5)
@@ -249,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="cProfile one encode and one decode of each method")
     ap.add_argument("--baseline", help="a built kvmesh tree (its lib folder) to A/B against, interleaved")
     ap.add_argument("--breakdown", action="store_true", help="each stage's share of an encode and a decode")
+    ap.add_argument("--integer-estimate", action="store_true", help="fp32 prediction vs integer dot products")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -257,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         return ab(args.methods.split(","), args.baseline, args.passes)
     if args.breakdown:
         return breakdown(args.methods.split(","), args.passes)
+    if args.integer_estimate:
+        return integer_estimate(max(args.passes, 20))
     torch.set_num_threads(1)
     chunks = load_chunks()
     chunk = chunks[0]
