@@ -17,6 +17,109 @@ static inline uint8_t quant_one(float x, float lo, float inv, float top) {
     return (uint8_t)f;
 }
 
+/* 8-lane helpers for the layer step (GCC vector extensions: ymm where the clone has AVX2, else two
+ * xmm). A select is a bitwise blend, so min and max keep the reference's comparisons. */
+typedef float ls_vf __attribute__((vector_size(32)));
+typedef float ls_vfu __attribute__((vector_size(32), aligned(4)));
+typedef int32_t ls_vi __attribute__((vector_size(32)));
+#define LS_W 8
+ALWAYS_INLINE ls_vf ls_sel(ls_vi m, ls_vf a, ls_vf b) { return (ls_vf)(((ls_vi)a & m) | ((ls_vi)b & ~m)); }
+ALWAYS_INLINE ls_vf ls_abs(ls_vf v) { const ls_vi mask = {0}; return (ls_vf)((ls_vi)v & ~(mask + (int32_t)0x80000000)); }
+ALWAYS_INLINE float f_abs(float v) { uint32_t u; memcpy(&u, &v, 4); u &= 0x7FFFFFFFu; memcpy(&v, &u, 4); return v; }
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define LS_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LS_CLONES
+#endif
+
+/* min, max and max |.| of a row of C values (torch.amin, amax, abs().amax: exact, any order). */
+LS_CLONES
+static void row_reduce(const float *a, Py_ssize_t C, float *mn_out, float *mx_out, float *am_out) {
+    float mn = a[0], mx = a[0], am = f_abs(a[0]);
+    Py_ssize_t c = 0;
+    if (C >= LS_W) {
+        ls_vf vmn = *(const ls_vfu *)a, vmx = vmn, vam = ls_abs(vmn);
+        for (c = LS_W; c + LS_W <= C; c += LS_W) {
+            const ls_vf v = *(const ls_vfu *)(a + c), av = ls_abs(v);
+            vmn = ls_sel(v < vmn, v, vmn);
+            vmx = ls_sel(v > vmx, v, vmx);
+            vam = ls_sel(av > vam, av, vam);
+        }
+        mn = vmn[0], mx = vmx[0], am = vam[0];
+        for (int i = 1; i < LS_W; i++) {
+            mn = vmn[i] < mn ? vmn[i] : mn;
+            mx = vmx[i] > mx ? vmx[i] : mx;
+            am = vam[i] > am ? vam[i] : am;
+        }
+    }
+    for (; c < C; c++) {
+        const float v = a[c], av = f_abs(v);
+        mn = v < mn ? v : mn;
+        mx = v > mx ? v : mx;
+        am = av > am ? av : am;
+    }
+    *mn_out = mn, *mx_out = mx, *am_out = am;
+}
+
+/* Per channel min and max over rows t0 .. t1-1 of a [., C] into mn, mx [C]. */
+LS_CLONES
+static void col_minmax(const float *a, Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t C, float *restrict mn, float *restrict mx) {
+    memcpy(mn, a + t0 * C, (size_t)C * sizeof(float));
+    memcpy(mx, a + t0 * C, (size_t)C * sizeof(float));
+    for (Py_ssize_t t = t0 + 1; t < t1; t++) {
+        const float *restrict ar = a + t * C;
+        for (Py_ssize_t c = 0; c < C; c++) {
+            const float v = ar[c];
+            mn[c] = v < mn[c] ? v : mn[c];
+            mx[c] = v > mx[c] ? v : mx[c];
+        }
+    }
+}
+
+typedef uint8_t ls_vq __attribute__((vector_size(8)));
+typedef uint8_t ls_vb __attribute__((vector_size(32)));
+
+/* quant_one over a row of C values, LS_W lanes at a time: lo and inv per element (lr, ir) or, when
+ * lr is NULL, the scalars ls, is. The same fp32 operations as quant_one, lane by lane. */
+ALWAYS_INLINE void quant_row(const float *restrict xr, uint8_t *restrict qr, const float *lr, const float *ir,
+                             float ls, float is, float top, Py_ssize_t C) {
+    const ls_vf zero = {0}, half = zero + 0.5f, topv = zero + top;
+    Py_ssize_t c = 0;
+    for (; c + LS_W <= C; c += LS_W) {
+        const ls_vf lo = lr != NULL ? *(const ls_vfu *)(lr + c) : zero + ls;
+        const ls_vf inv = lr != NULL ? *(const ls_vfu *)(ir + c) : zero + is;
+        ls_vf v = *(const ls_vfu *)(xr + c) - lo;
+        v = v * inv;
+        v = v + half;
+        ls_vf f = __builtin_convertvector(__builtin_convertvector(v, ls_vi), ls_vf);  /* truncation */
+        f = f + __builtin_convertvector(f > v, ls_vf);  /* one step down where that rounded up: floor */
+        f = ls_sel(f < zero, zero, f);
+        f = ls_sel(f > topv, topv, f);
+        const ls_vb bytes = (ls_vb)__builtin_convertvector(f, ls_vi);  /* each lane in 0 .. 255: its low byte */
+        const ls_vq qv = __builtin_shufflevector(bytes, bytes, 0, 4, 8, 12, 16, 20, 24, 28);
+        memcpy(qr + c, &qv, sizeof qv);
+    }
+    for (; c < C; c++) qr[c] = quant_one(xr[c], lr != NULL ? lr[c] : ls, lr != NULL ? ir[c] : is, top);
+}
+
+/* quant.quantize's elementwise step over a whole [L, T, C] (ransc_quantize). */
+LS_CLONES
+static void quantize_all(const float *x, uint8_t *q, const float *lo, const float *inv, const float *bm,
+                         Py_ssize_t layers, Py_ssize_t T, Py_ssize_t C, Py_ssize_t nseg, int per_channel) {
+    for (Py_ssize_t l = 0; l < layers; l++)
+        for (Py_ssize_t t = 0; t < T; t++) {
+            const float *xr = x + (l * T + t) * C;
+            uint8_t *qr = q + (l * T + t) * C;
+            if (per_channel) {
+                const Py_ssize_t g = (l * nseg + t / SEGMENT) * C;
+                quant_row(xr, qr, lo + g, inv + g, 0.0f, 0.0f, bm[l], C);
+            } else {
+                quant_row(xr, qr, NULL, NULL, lo[l * T + t], inv[l * T + t], bm[l], C);
+            }
+        }
+}
+
 RANSC_DOC(ransc_quantize_doc,
 "quantize(x, layers, tokens, channels, lo, inv, bm1, per_channel, q_out)\n\n"
 "The elementwise step of quant.quantize, fused: q = uint8(min(max(floor((x - lo) * inv + 0.5), 0), Bm1)),\n"
@@ -47,21 +150,7 @@ PyObject *ransc_quantize(PyObject *self, PyObject *args) {
         uint8_t *q = (uint8_t *)qb.buf;
         const Py_ssize_t T = tokens, C = channels, nseg = sh.nseg;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t l = 0; l < layers; l++) {
-            const float top = bm[l];
-            for (Py_ssize_t t = 0; t < T; t++) {
-                const float *xr = x + (l * T + t) * C;
-                uint8_t *qr = q + (l * T + t) * C;
-                if (per_channel) {
-                    const Py_ssize_t g = (l * nseg + t / SEGMENT) * C;
-                    const float *lr = lo + g, *ir = inv + g;
-                    for (Py_ssize_t c = 0; c < C; c++) qr[c] = quant_one(xr[c], lr[c], ir[c], top);
-                } else {
-                    const float lr = lo[l * T + t], ir = inv[l * T + t];
-                    for (Py_ssize_t c = 0; c < C; c++) qr[c] = quant_one(xr[c], lr, ir, top);
-                }
-            }
-        }
+        quantize_all(x, q, lo, inv, bm, layers, T, C, nseg, per_channel);
         Py_END_ALLOW_THREADS
     }
     ret = Py_None;
@@ -393,92 +482,6 @@ done:
 #define MODE_TOKEN 1
 #define MODE_TOKEN_SYMMETRIC 2
 #define MODE_CHANNEL_SHARED_STEP 3
-
-/* 8-lane helpers for the layer step (GCC vector extensions: ymm where the clone has AVX2, else two
- * xmm). A select is a bitwise blend, so min and max keep the reference's comparisons. */
-typedef float ls_vf __attribute__((vector_size(32)));
-typedef float ls_vfu __attribute__((vector_size(32), aligned(4)));
-typedef int32_t ls_vi __attribute__((vector_size(32)));
-#define LS_W 8
-ALWAYS_INLINE ls_vf ls_sel(ls_vi m, ls_vf a, ls_vf b) { return (ls_vf)(((ls_vi)a & m) | ((ls_vi)b & ~m)); }
-ALWAYS_INLINE ls_vf ls_abs(ls_vf v) { const ls_vi mask = {0}; return (ls_vf)((ls_vi)v & ~(mask + (int32_t)0x80000000)); }
-ALWAYS_INLINE float f_abs(float v) { uint32_t u; memcpy(&u, &v, 4); u &= 0x7FFFFFFFu; memcpy(&v, &u, 4); return v; }
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define LS_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define LS_CLONES
-#endif
-
-/* min, max and max |.| of a row of C values (torch.amin, amax, abs().amax: exact, any order). */
-LS_CLONES
-static void row_reduce(const float *a, Py_ssize_t C, float *mn_out, float *mx_out, float *am_out) {
-    float mn = a[0], mx = a[0], am = f_abs(a[0]);
-    Py_ssize_t c = 0;
-    if (C >= LS_W) {
-        ls_vf vmn = *(const ls_vfu *)a, vmx = vmn, vam = ls_abs(vmn);
-        for (c = LS_W; c + LS_W <= C; c += LS_W) {
-            const ls_vf v = *(const ls_vfu *)(a + c), av = ls_abs(v);
-            vmn = ls_sel(v < vmn, v, vmn);
-            vmx = ls_sel(v > vmx, v, vmx);
-            vam = ls_sel(av > vam, av, vam);
-        }
-        mn = vmn[0], mx = vmx[0], am = vam[0];
-        for (int i = 1; i < LS_W; i++) {
-            mn = vmn[i] < mn ? vmn[i] : mn;
-            mx = vmx[i] > mx ? vmx[i] : mx;
-            am = vam[i] > am ? vam[i] : am;
-        }
-    }
-    for (; c < C; c++) {
-        const float v = a[c], av = f_abs(v);
-        mn = v < mn ? v : mn;
-        mx = v > mx ? v : mx;
-        am = av > am ? av : am;
-    }
-    *mn_out = mn, *mx_out = mx, *am_out = am;
-}
-
-/* Per channel min and max over rows t0 .. t1-1 of a [., C] into mn, mx [C]. */
-LS_CLONES
-static void col_minmax(const float *a, Py_ssize_t t0, Py_ssize_t t1, Py_ssize_t C, float *restrict mn, float *restrict mx) {
-    memcpy(mn, a + t0 * C, (size_t)C * sizeof(float));
-    memcpy(mx, a + t0 * C, (size_t)C * sizeof(float));
-    for (Py_ssize_t t = t0 + 1; t < t1; t++) {
-        const float *restrict ar = a + t * C;
-        for (Py_ssize_t c = 0; c < C; c++) {
-            const float v = ar[c];
-            mn[c] = v < mn[c] ? v : mn[c];
-            mx[c] = v > mx[c] ? v : mx[c];
-        }
-    }
-}
-
-typedef uint8_t ls_vq __attribute__((vector_size(8)));
-typedef uint8_t ls_vb __attribute__((vector_size(32)));
-
-/* quant_one over a row of C values, LS_W lanes at a time: lo and inv per element (lr, ir) or, when
- * lr is NULL, the scalars ls, is. The same fp32 operations as quant_one, lane by lane. */
-ALWAYS_INLINE void quant_row(const float *restrict xr, uint8_t *restrict qr, const float *lr, const float *ir,
-                             float ls, float is, float top, Py_ssize_t C) {
-    const ls_vf zero = {0}, half = zero + 0.5f, topv = zero + top;
-    Py_ssize_t c = 0;
-    for (; c + LS_W <= C; c += LS_W) {
-        const ls_vf lo = lr != NULL ? *(const ls_vfu *)(lr + c) : zero + ls;
-        const ls_vf inv = lr != NULL ? *(const ls_vfu *)(ir + c) : zero + is;
-        ls_vf v = *(const ls_vfu *)(xr + c) - lo;
-        v = v * inv;
-        v = v + half;
-        ls_vf f = __builtin_convertvector(__builtin_convertvector(v, ls_vi), ls_vf);  /* truncation */
-        f = f + __builtin_convertvector(f > v, ls_vf);  /* one step down where that rounded up: floor */
-        f = ls_sel(f < zero, zero, f);
-        f = ls_sel(f > topv, topv, f);
-        const ls_vb bytes = (ls_vb)__builtin_convertvector(f, ls_vi);  /* each lane in 0 .. 255: its low byte */
-        const ls_vq qv = __builtin_shufflevector(bytes, bytes, 0, 4, 8, 12, 16, 20, 24, 28);
-        memcpy(qr + c, &qv, sizeof qv);
-    }
-    for (; c < C; c++) qr[c] = quant_one(xr[c], lr != NULL ? lr[c] : ls, lr != NULL ? ir[c] : is, top);
-}
 
 /* q and y of rows 0 .. R-1 (one layer): q = quant_one per element unless have_q (rounded already),
  * y = q * step + lo (+ pred), rows marked in mask replaced by the next restored row. Groups: per
