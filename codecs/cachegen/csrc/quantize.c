@@ -23,8 +23,9 @@ typedef float ls_vf __attribute__((vector_size(32)));
 typedef float ls_vfu __attribute__((vector_size(32), aligned(4)));
 typedef int32_t ls_vi __attribute__((vector_size(32)));
 #define LS_W 8
-ALWAYS_INLINE ls_vf ls_sel(ls_vi m, ls_vf a, ls_vf b) { return (ls_vf)(((ls_vi)a & m) | ((ls_vi)b & ~m)); }
-ALWAYS_INLINE ls_vf ls_abs(ls_vf v) { const ls_vi mask = {0}; return (ls_vf)((ls_vi)v & ~(mask + (int32_t)0x80000000)); }
+/* macros, not functions: a 32-byte vector argument or return value changes the ABI between builds */
+#define ls_sel(m, a, b) ((ls_vf)(((ls_vi)(a) & (m)) | ((ls_vi)(b) & ~(m))))
+#define ls_abs(v) ((ls_vf)((ls_vi)(v) & (0x7FFFFFFF + (ls_vi){0})))
 ALWAYS_INLINE float f_abs(float v) { uint32_t u; memcpy(&u, &v, 4); u &= 0x7FFFFFFFu; memcpy(&v, &u, 4); return v; }
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
