@@ -54,8 +54,7 @@ def _reference_layer(x: torch.Tensor, levels: int, mode: int, profile: QueryProf
     return q[0], side, y
 
 
-@pytest.mark.parametrize("rows, channels, heads", [(1, 8, 1), (5, 24, 3), (64, 16, 2), (300, 24, 2), (513, 12, 1),
-                                                   (255, 192, 3)])
+@pytest.mark.parametrize("rows, channels, heads", [(1, 8, 1), (5, 24, 3), (64, 16, 2), (300, 24, 2), (513, 12, 1), (257, 40, 2)])
 @pytest.mark.parametrize("mode", quant.MODES)
 @pytest.mark.parametrize("extras", ["plain", "profile", "pred+rows", "all"])
 def test_quantize_layer_equals_the_stages(rows: int, channels: int, heads: int, mode: int, extras: str) -> None:
@@ -99,7 +98,7 @@ def test_layer_residual_gives_the_spans_residual_levels_uses(mode: int, rows: in
 
 @pytest.mark.parametrize("narrow", [False, True], ids=["widest", "narrow"])
 @pytest.mark.parametrize("parts", [1, 2, 3])
-@pytest.mark.parametrize("rows, width, channels", [(1, 1, 1), (7, 24, 24), (13, 40, 56), (255, 192, 192), (0, 3, 5)])
+@pytest.mark.parametrize("rows, width, channels", [(1, 1, 1), (7, 24, 24), (13, 40, 56), (255, 64, 72), (0, 3, 5)])
 def test_predict_parts_equals_predict_on_the_concatenated_features(parts: int, rows: int, width: int, channels: int,
                                                                    narrow: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if narrow:
@@ -119,7 +118,7 @@ def test_predict_parts_equals_predict_on_the_concatenated_features(parts: int, r
 
 @pytest.mark.parametrize("level", ["default", "hq", "compact"])
 @pytest.mark.parametrize("profiled", [False, True], ids=["no-profile", "profile"])
-@pytest.mark.parametrize("shape", [(3, 40, 24), (4, 300, 16), (2, 2, 8), (3, 1, 24)])
+@pytest.mark.parametrize("shape", [(3, 40, 24), (2, 270, 8), (2, 2, 8), (3, 1, 24)])
 def test_fused_and_stage_by_stage_containers_are_the_same_bytes(level: str, profiled: bool,
                                                                 shape: tuple[int, int, int]) -> None:
     L, T, C = shape
