@@ -98,7 +98,14 @@ ALWAYS_INLINE void quant_row(const float *restrict xr, uint8_t *restrict qr, con
         f = ls_sel(f < zero, zero, f);
         f = ls_sel(f > topv, topv, f);
         const ls_vb bytes = (ls_vb)__builtin_convertvector(f, ls_vi);  /* each lane in 0 .. 255: its low byte */
+#if defined(__clang__) || __GNUC__ >= 12
         const ls_vq qv = __builtin_shufflevector(bytes, bytes, 0, 4, 8, 12, 16, 20, 24, 28);
+#else  /* GCC before 12: __builtin_shuffle, the low 8 bytes of its result */
+        const ls_vb sel = {0, 4, 8, 12, 16, 20, 24, 28};
+        const ls_vb packed = __builtin_shuffle(bytes, sel);
+        ls_vq qv;
+        memcpy(&qv, &packed, sizeof qv);
+#endif
         memcpy(qr + c, &qv, sizeof qv);
     }
     for (; c < C; c++) qr[c] = quant_one(xr[c], lr != NULL ? lr[c] : ls, lr != NULL ? ir[c] : is, top);
