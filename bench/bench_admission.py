@@ -251,6 +251,9 @@ def main() -> int:
                    help="open loop: requests/s offered over all connections (default: closed loop)")
     p.add_argument("--only", default="", help="run only the phases whose name contains one of these "
                    "comma-separated words (e.g. 'grpc compress')")
+    p.add_argument("--heartbeat-port", type=int, default=None,
+                   help="the controller's --heartbeat-port (default: its own default, a free port; -1 serves "
+                        "heartbeats on the main gRPC port, as before the heartbeat server)")
     p.add_argument("--profile-controller", default=None, metavar="FILE",
                    help="run the controller under cProfile, its profile written to FILE")
     args = p.parse_args()
@@ -268,6 +271,8 @@ def main() -> int:
         controller_args = [*launcher, "--host", "127.0.0.1", "--port", str(http_port),
                            "--monitor-port", str(grpc_port), "--event-db", args.event_db or str(tmp / "events.sqlite3"),
                            "--log-level", "WARNING"]
+        if args.heartbeat_port is not None:
+            controller_args += ["--heartbeat-port", str(args.heartbeat_port)]
         cfg = {"chunk_size": args.chunk_size, "local_cpu": True, "max_local_cpu_size": 1.0, "enable_controller": True,
                "lmcache_instance_id": INSTANCE, "controller_pull_url": f"127.0.0.1:{grpc_port}",
                "lmcache_worker_ports": agent_port, "lmcache_worker_heartbeat_time": 1.0, "p2p_host": "127.0.0.1",

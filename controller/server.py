@@ -13,6 +13,7 @@ from kvmesh.core.grpc_server import HealthService, MeshServer
 
 from .gateway import Gateway, GatewayLimits
 from .grpc_service import generic_handler
+from .heartbeat_server import HeartbeatServer
 from .http_server import UvicornServer
 from .metrics import ControllerMetrics
 from .rpc_table import SERVICE, build
@@ -48,6 +49,16 @@ class ControllerServer:
                                    shutdown_grace=s.shutdown_grace, max_connections=s.http_max_connections)
         self._sweeper: asyncio.Task[None] | None = None
         self.grpc_port = 0
+        self._heartbeats: HeartbeatServer | None = None
+        if s.heartbeat_port >= 0:
+            self._heartbeats = HeartbeatServer(sec, [r for r in self.rpcs if r.name == "Heartbeat"], s.host,
+                                               s.heartbeat_port, options=_GRPC_OPTIONS,
+                                               shutdown_grace=min(1.0, s.shutdown_grace))
+
+    @property
+    def heartbeat_port(self) -> int:
+        """The heartbeat server's port (0 when there is none)."""
+        return self.service.heartbeat_port
 
     @property
     def http_port(self) -> int:
@@ -60,16 +71,20 @@ class ControllerServer:
         await server.start(serving=False)
         self._grpc = server
         try:
+            if self._heartbeats is not None:
+                self.service.heartbeat_port = await self._heartbeats.start()
             await self._http.start()
         except BaseException:
+            if self._heartbeats is not None:
+                await self._heartbeats.stop()
             await server.stop(None)
             self._grpc = None
             raise
         self._sweeper = asyncio.create_task(self._sweep_loop())
         await server.set_serving()
-        logger.info("controller serving HTTP%s on %s:%s and gRPC on %s:%s", "S" if self._http.tls else "",
-                    self.settings.host, self.http_port,
-                    self.settings.host, self.grpc_port)
+        logger.info("controller serving HTTP%s on %s:%s and gRPC on %s:%s (heartbeats: %s)",
+                    "S" if self._http.tls else "", self.settings.host, self.http_port, self.settings.host,
+                    self.grpc_port, f"port {self.heartbeat_port}" if self.heartbeat_port else "the gRPC port")
 
     async def _sweep_loop(self) -> None:
         # The service's sweeper measures the loop's stalls, so that they never count as worker silence.
@@ -84,6 +99,8 @@ class ControllerServer:
                 await self._sweeper
             self._sweeper = None
         await self.service.close()
+        if self._heartbeats is not None:
+            await self._heartbeats.stop()
         if self._grpc is not None:
             await self._grpc.stop(self.settings.shutdown_grace)
             self._grpc = None

@@ -69,6 +69,8 @@ class ControllerService:
         # (instance, worker) -> event id -> the task driving that worker's part of the event.
         self._worker_tasks: dict[tuple[str, int], dict[str, asyncio.Task[None]]] = {}
         self._event_tasks: set[asyncio.Task[None]] = set()
+        # The heartbeat server's port, advertised to agents at registration (0: none; beat here).
+        self.heartbeat_port = 0
 
     def handlers(self) -> dict[str, Callable[..., object]]:
         """RPC name (as in the proto) -> the coroutine (or async generator) that serves it."""
@@ -556,11 +558,14 @@ class ControllerService:
             await self.agents.forget(old.target)
         self._update_worker_gauge()
         return pb.RegisterWorkerResponse(worker_timeout_seconds=self.registry.down_after(worker),
-                                         secret=worker.secret)
+                                         secret=worker.secret, heartbeat_port=self.heartbeat_port)
 
     async def heartbeat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
-        worker = self.registry.heartbeat(req.instance_id, req.worker_id, req.secret)
-        self._update_worker_gauge()
+        """Served on the main loop and on the heartbeat server's thread alike: it touches only the
+        registry's lock-guarded liveness state and the (thread-safe) metrics."""
+        worker, revived = self.registry.heartbeat(req.instance_id, req.worker_id, req.secret)
+        if revived:
+            self._update_worker_gauge()
         return pb.HeartbeatResponse(registered=worker is not None)
 
     async def deregister_worker(self, req: pb.DeregisterWorkerRequest) -> pb.DeregisterWorkerResponse:
@@ -589,6 +594,8 @@ class ControllerService:
     def sweep(self) -> None:
         """Mark silent workers down (failing their in-flight events) and prune the event table."""
         newly_down, dropped = self.registry.sweep()
+        if newly_down:
+            self.metrics.workers_marked_down_total.inc(len(newly_down))
         for w in newly_down:
             silent = self.registry.silence(w)
             self._fail_worker_events(w, f"worker {w.worker_id} of instance {w.instance_id!r} at {w.target} "
