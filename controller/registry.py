@@ -20,6 +20,12 @@ endpoint is refused (ALREADY_EXISTS) while it is up, and every later call of the
 The lookup index holds, per worker and location, the chunk keys the worker reported admitted, bounded
 per worker; it is answered with the same chunk keys the agents compute. A worker's index is
 *complete* (authoritative) once its full resync has arrived whole and nothing was truncated.
+
+Beside it, the *form* of indexed chunks (raw, or the method it is encoded with, and its stored bytes),
+as the worker's agent last reported it in the progress of a compress or decompress event. A form is
+known only from that progress and forgotten whenever the chunk's key is reported again (an ADMIT: a
+new chunk, form unknown), evicted, resynced or fails an operation; a controller that does not know a
+chunk's form asks the agent. Admission uses it to end at once an event that has nothing to do.
 """
 from __future__ import annotations
 
@@ -44,6 +50,8 @@ _HEX = frozenset("0123456789abcdef")
 # Bounds of what one registration may declare.
 MAX_NAME_CHARS = 256
 MAX_CHOICES = 64
+# The form of a raw (not encoded) chunk.
+RAW_FORM = ""
 
 
 class SpanKeys:
@@ -104,6 +112,8 @@ class Worker:
     # location -> chunk key (16 bytes) -> token_end of the prefix it completes.
     index: dict[str, dict[bytes, int]] = field(default_factory=dict)
     index_entries: int = 0
+    # location -> chunk key -> (form: RAW_FORM or a method, stored bytes), for indexed chunks only.
+    forms: dict[str, dict[bytes, tuple[str, int]]] = field(default_factory=dict)
     # True once a full resync arrived whole and nothing was dropped: the index is authoritative.
     index_complete: bool = False
     resyncing: bool = False
@@ -140,6 +150,7 @@ class Worker:
         self.index = {}
         self.index_entries = 0
         self.truncated = False
+        self.forms = {}
 
 
 class Registry:
@@ -326,10 +337,50 @@ class Registry:
                 held = worker.index.get(location)
                 if held is not None and held.pop(key, None) is not None:
                     worker.index_entries -= 1
+            known = worker.forms.get(location)
+            if known:
+                known.pop(key, None)  # a new chunk under this key, or none: its form is unknown
         if worker.resyncing and not more:
             worker.resyncing = False
             worker.index_complete = not worker.truncated
         return worker
+
+    # --- chunk forms ---------------------------------------------------------------------------------
+    @staticmethod
+    def note_form(worker: Worker, location: str, keys: SpanKeys, chunk_index: int, form: str | None,
+                  nbytes: int) -> None:
+        """Chunk ``chunk_index`` of ``keys`` is in ``form`` with ``nbytes`` stored, as the agent just
+        reported (None: unknown, e.g. the operation failed on it). Only indexed chunks are noted, so
+        the forms stay within the index's bound."""
+        span = keys.get(worker.chunk_size, chunk_index)
+        if span is None:
+            return
+        key = span[0]
+        known = worker.forms.setdefault(location, {})
+        if form is None or nbytes <= 0 or key not in worker.index.get(location, ()):
+            known.pop(key, None)
+        else:
+            known[key] = (form, nbytes)
+
+    @staticmethod
+    def chunks_in_form(worker: Worker, location: str, keys: SpanKeys, num_chunks: int,
+                       form: str) -> list[tuple[bytes, int, int, int]] | None:
+        """(key, token start, token end, stored bytes) of the first ``num_chunks`` chunks of ``keys``
+        when the worker's index holds every one of them in ``form``; None when any is not, or unknown."""
+        known = worker.forms.get(location)
+        held = worker.index.get(location)
+        if not known or not held:
+            return None
+        out: list[tuple[bytes, int, int, int]] = []
+        for i in range(num_chunks):
+            span = keys.get(worker.chunk_size, i)
+            if span is None or span[0] not in held:
+                return None
+            got = known.get(span[0])
+            if got is None or got[0] != form:
+                return None
+            out.append((span[0], i * worker.chunk_size, span[1], got[1]))
+        return out
 
     # --- liveness ----------------------------------------------------------------------------------
     def credit_stall(self, seconds: float) -> None:

@@ -75,9 +75,13 @@ def http_route(method: descriptor.MethodDescriptor) -> HttpRoute | None:
 
 def _instrumented(name: str, handler: Callable[[message.Message], object], streaming: bool,
                   metrics: ControllerMetrics) -> Callable[[message.Message], object]:
+    # The children of the common case, looked up once (labels() costs ~10 µs a call).
+    ok = metrics.requests_total.labels(rpc=name, code=grpc.StatusCode.OK.name)
+    duration = metrics.request_duration_seconds.labels(rpc=name)
+
     def record(code: grpc.StatusCode, start: float) -> None:
-        metrics.requests_total.labels(rpc=name, code=code.name).inc()
-        metrics.request_duration_seconds.labels(rpc=name).observe(time.perf_counter() - start)
+        (ok if code == grpc.StatusCode.OK else metrics.requests_total.labels(rpc=name, code=code.name)).inc()
+        duration.observe(time.perf_counter() - start)
 
     def code_of(err: BaseException) -> grpc.StatusCode:
         if isinstance(err, KVMeshError):

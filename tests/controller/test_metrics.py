@@ -26,6 +26,7 @@ CONTRACT = {
     "kvmesh_admission_lookups": "counter",
     "kvmesh_loop_lag_seconds": "gauge",
     "kvmesh_workers_marked_down": "counter",
+    "kvmesh_events_answered_from_index": "counter",
 }
 
 
