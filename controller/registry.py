@@ -6,7 +6,7 @@ after ``worker_timeout`` of silence. Silence is measured on a liveness clock tha
 controller itself could not serve heartbeats (``credit_stall``: the sweeper's own lateness), so a
 stalled event loop never turns a live worker down.
 
-Heartbeats are served on a thread of their own (``heartbeat_server``), apart from the event loop
+Heartbeats are served on threads of their own (``heartbeat_server``), apart from the event loop
 that serves everything else, so that a loop merely *busy* with requests (not stalled: the credit
 does not apply) cannot delay them either. The liveness state (the worker table's membership, each
 worker's last-seen times and up/down state, the stall credit) is therefore guarded by a

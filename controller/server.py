@@ -8,6 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+
+import grpc
+
+from kvmesh.api.controller.v1 import controller_pb2 as pb
+from kvmesh.errors import KVMeshError
 
 from kvmesh.core.grpc_server import HealthService, MeshServer
 
@@ -51,9 +57,25 @@ class ControllerServer:
         self.grpc_port = 0
         self._heartbeats: HeartbeatServer | None = None
         if s.heartbeat_port >= 0:
-            self._heartbeats = HeartbeatServer(sec, [r for r in self.rpcs if r.name == "Heartbeat"], s.host,
-                                               s.heartbeat_port, options=_GRPC_OPTIONS,
-                                               shutdown_grace=min(1.0, s.shutdown_grace))
+            self._heartbeats = HeartbeatServer(sec, self._counted_beat, s.host, s.heartbeat_port,
+                                               options=_GRPC_OPTIONS, shutdown_grace=min(1.0, s.shutdown_grace))
+
+    def _counted_beat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        """A heartbeat on the heartbeat server's threads, counted and timed as every Controller RPC."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return self.service.beat(req)
+        except KVMeshError as err:
+            code = err.grpc_code
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            raise
+        finally:
+            m = self.metrics
+            m.requests_total.labels(rpc="Heartbeat", code=code.name).inc()
+            m.request_duration_seconds.labels(rpc="Heartbeat").observe(time.perf_counter() - start)
 
     @property
     def heartbeat_port(self) -> int:

@@ -617,7 +617,10 @@ class ControllerService:
                                          secret=worker.secret, heartbeat_port=self.heartbeat_port)
 
     async def heartbeat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
-        """Served on the main loop and on the heartbeat server's thread alike: it touches only the
+        return self.beat(req)
+
+    def beat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        """A heartbeat, from any thread (the main loop's, the heartbeat server's): it touches only the
         registry's lock-guarded liveness state and the (thread-safe) metrics."""
         worker, revived = self.registry.heartbeat(req.instance_id, req.worker_id, req.secret)
         if revived:
