@@ -25,7 +25,9 @@ Beside it, the *form* of indexed chunks (raw, or the method it is encoded with, 
 as the worker's agent last reported it in the progress of a compress or decompress event. A form is
 known only from that progress and forgotten whenever the chunk's key is reported again (an ADMIT: a
 new chunk, form unknown), evicted, resynced or fails an operation; a controller that does not know a
-chunk's form asks the agent. Admission uses it to end at once an event that has nothing to do.
+chunk's form asks the agent. Admission uses it to end at once an event that has nothing to do; as
+with the index itself, an eviction whose report is still on its way can make that answer name a chunk
+that has just left.
 """
 from __future__ import annotations
 
