@@ -42,6 +42,8 @@ MAX_BACKOFF_S = 10.0
 MAX_EVENTS_PER_REPORT = 50_000
 # Deadlines missed in a row for this long: the controller counts as unreachable, register again.
 SLOW_CONTROLLER_S = 30.0
+# How a heartbeat port that cannot be reached answers: refused, or dropped until the deadline.
+_UNREACHED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 def heartbeat_target(controller_target: str, heartbeat_port: int) -> str:
@@ -223,10 +225,11 @@ class ControllerLink:
         try:
             resp = await self._beat_stub.Heartbeat(request, timeout=self.call_timeout_s)
         except grpc.RpcError as err:
-            if self.beat_target == self.target or err.code() != grpc.StatusCode.UNAVAILABLE:
+            if self.beat_target == self.target or err.code() not in _UNREACHED:
                 raise
-            # The heartbeat port cannot be reached (a firewall, a controller restarted on another
-            # port): beat at the main address, which also tells whether this worker is still known.
+            # The heartbeat port cannot be reached (a firewall or a Service that does not forward it,
+            # which drops rather than refuses: a deadline; a controller restarted on another port):
+            # beat at the main address, which also tells whether this worker is still known.
             logger.warning("controller heartbeat server %s unreachable (%s); sending heartbeats to %s",
                            self.beat_target, err.details(), self.target)
             await self._use_beat_target(self.target)

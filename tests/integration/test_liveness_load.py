@@ -214,3 +214,25 @@ def test_an_agent_falls_back_to_the_main_address(start_agent_with: Starter) -> N
     assert server.metrics.registry.get_sample_value("kvmesh_workers_marked_down_total") == 0
     assert server.service.registry.counts() == {"up": 1, "down": 0}
     assert link.registrations == 1
+
+
+def test_an_agent_falls_back_when_the_heartbeat_port_drops_calls(start_agent_with: Starter) -> None:
+    """A heartbeat port that swallows calls (a Service that does not forward it) gives deadlines, not
+    refusals: the agent falls back to the main address as well, and stays up."""
+    import socket
+
+    with socket.socket() as hole:  # accepts connections (the kernel's backlog) and never answers
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)
+        controller, start_agent = start_agent_with(health_check_interval=0.05)
+        server = controller.server
+        assert server is not None
+        server.service.heartbeat_port = hole.getsockname()[1]  # what registrations advertise from now on
+        agent, _client = start_agent("dropped", heartbeat=1.0)  # down after 3 s of silence
+        link = agent.agent._link  # noqa: SLF001
+        wait_until(lambda: link.beat_target == controller.grpc_target, timeout=15,
+                   what="the agent beats at the main address")
+        time.sleep(1.5)  # more beats at the main address
+        assert server.metrics.registry.get_sample_value("kvmesh_workers_marked_down_total") == 0
+        assert server.service.registry.counts() == {"up": 1, "down": 0}
+        assert link.registrations == 1
