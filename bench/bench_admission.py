@@ -4,13 +4,15 @@ and over the HTTP gateway, with a real ``kvmesh-controller`` and a real ``kvmesh
     python bench/bench_admission.py [--connections 8] [--seconds 5] [--tokens 1024] [--chunk-size 256]
 
 The agent holds ``--tokens`` tokens of KV (compressed once beforehand, so later compresses find every
-chunk already in the asked form and the agents' side stays small); the controller's lookup index
-holds them, so admission answers ``num_tokens`` from the index without an agent round trip. Each
+chunk already in the asked form); the controller's lookup index holds them and knows their form (from
+that first event's progress), so admission answers ``num_tokens`` from the index and ends each later
+compress at once, with no agent call (the "no agent call" column: the share of compresses so ended). Each
 phase runs ``--connections`` concurrent clients (one connection each: a gRPC channel, an HTTP
 keep-alive connection) for ``--seconds``, every client sending its next request as soon as the last
 one answered. Latency is measured in the client (client overhead included). Prints one markdown
 row per phase: requests, requests/s, p50/p99/max latency in ms, refusals (429 /
-RESOURCE_EXHAUSTED), the share of admissions answered from the index, and the controller process's
+RESOURCE_EXHAUSTED), the share of admissions whose prefix came from the index, the share of events
+ended at admission with no agent call, and the controller process's
 CPU time per request (user + system, from /proc: a figure that holds on a loaded machine, where
 latencies do not).
 
@@ -94,15 +96,17 @@ class Phase:
         self.errors = 0
         self.seconds = 0.0
 
-    def row(self, index_share: str = "", cpu_seconds: float = 0.0) -> str:
+    def row(self, index_share: str = "", cpu_seconds: float = 0.0, settled_share: str = "") -> str:
         lat = sorted(self.latencies)
         n = len(lat)
         if not n:
-            return f"| {self.name} | 0 | - | - | - | - | {self.refused} | {self.errors} | {index_share} | - |"
+            return (f"| {self.name} | 0 | - | - | - | - | {self.refused} | {self.errors} | {index_share} | "
+                    f"{settled_share} | - |")
         p = lambda q: lat[min(n - 1, int(q * n))] * 1000  # noqa: E731
         cpu = f"{cpu_seconds / (n + self.refused) * 1e6:,.0f}"
         return (f"| {self.name} | {n} | {n / self.seconds:,.0f} | {statistics.median(lat) * 1000:.2f} | "
-                f"{p(0.99):.2f} | {lat[-1] * 1000:.1f} | {self.refused} | {self.errors} | {index_share} | {cpu} |")
+                f"{p(0.99):.2f} | {lat[-1] * 1000:.1f} | {self.refused} | {self.errors} | {index_share} | "
+                f"{settled_share} | {cpu} |")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -213,17 +217,21 @@ async def bench(args: argparse.Namespace, grpc_target: str, http_base: str, toke
     try:
         for name, make, admission in phases:
             before = (metric(http_base, "kvmesh_admission_lookups_total", 'source="index"', headers),
-                      metric(http_base, "kvmesh_admission_lookups_total", 'source="agent"', headers))
+                      metric(http_base, "kvmesh_admission_lookups_total", 'source="agent"', headers),
+                      metric(http_base, "kvmesh_events_answered_from_index_total", 'operation="compress"', headers))
             cpu0 = cpu_seconds(controller_pid)
             label = f"{name} ({args.connections} conn{f', {args.rate:g}/s offered' if args.rate else ''})"
             phase = await run_phase(Phase(label), args.connections, args.seconds, make, args.rate)
             cpu = cpu_seconds(controller_pid) - cpu0
-            share = ""
+            share = settled = ""
             if admission:
                 index = metric(http_base, "kvmesh_admission_lookups_total", 'source="index"', headers) - before[0]
                 agent = metric(http_base, "kvmesh_admission_lookups_total", 'source="agent"', headers) - before[1]
                 share = f"{100 * index / max(1.0, index + agent):.0f}%"
-            rows.append(phase.row(share, cpu))
+                ended = metric(http_base, "kvmesh_events_answered_from_index_total", 'operation="compress"',
+                               headers) - before[2]
+                settled = f"{100 * ended / max(1.0, index + agent):.0f}%"
+            rows.append(phase.row(share, cpu, settled))
             # Admission runs ahead of the agent: let the events of a phase drain before the next one.
             deadline = time.monotonic() + 300
             while (metric(http_base, "kvmesh_events_in_flight", 'operation="compress"', headers) > 0
@@ -251,10 +259,14 @@ def main() -> int:
                    help="open loop: requests/s offered over all connections (default: closed loop)")
     p.add_argument("--only", default="", help="run only the phases whose name contains one of these "
                    "comma-separated words (e.g. 'grpc compress')")
+    p.add_argument("--heartbeat-port", type=int, default=None,
+                   help="the controller's --heartbeat-port (default: its own default, a free port; -1 serves "
+                        "heartbeats on the main gRPC port, as before the heartbeat server)")
     p.add_argument("--profile-controller", default=None, metavar="FILE",
                    help="run the controller under cProfile, its profile written to FILE")
     args = p.parse_args()
     token = load_token(args.auth_token_file)
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     env = {"KVMESH_AUTH_TOKEN_FILE": args.auth_token_file} if args.auth_token_file else {}
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     with tempfile.TemporaryDirectory(prefix="kvmesh-bench-") as tmp_s:
@@ -268,6 +280,8 @@ def main() -> int:
         controller_args = [*launcher, "--host", "127.0.0.1", "--port", str(http_port),
                            "--monitor-port", str(grpc_port), "--event-db", args.event_db or str(tmp / "events.sqlite3"),
                            "--log-level", "WARNING"]
+        if args.heartbeat_port is not None:
+            controller_args += ["--heartbeat-port", str(args.heartbeat_port)]
         cfg = {"chunk_size": args.chunk_size, "local_cpu": True, "max_local_cpu_size": 1.0, "enable_controller": True,
                "lmcache_instance_id": INSTANCE, "controller_pull_url": f"127.0.0.1:{grpc_port}",
                "lmcache_worker_ports": agent_port, "lmcache_worker_heartbeat_time": 1.0, "p2p_host": "127.0.0.1",
@@ -311,11 +325,13 @@ def main() -> int:
                     last = update
                 assert last.event.status == common_pb2.COMPLETED, last.event.error
             rows = asyncio.run(bench(args, grpc_target, http_base, token, first.event_id, method, controller.pid))
+    print(f"load average before: {load_before}, after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"controller admission on loopback: {os.cpu_count()} CPUs, {args.tokens} tokens in "
           f"{-(-args.tokens // args.chunk_size)} chunks of {args.chunk_size}, method {method}, "
           f"{args.seconds:.0f} s per phase\n")
-    print("| phase | requests | req/s | p50 ms | p99 ms | max ms | refused | errors | from index | controller CPU µs/req |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| phase | requests | req/s | p50 ms | p99 ms | max ms | refused | errors | from index | no agent call "
+          "| controller CPU µs/req |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         print(row)
     for what, n in ERRORS.most_common():

@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from kvmesh.core.auth import TokenFileError
 from kvmesh.core.requestid import configure_logging
 from kvmesh.core.security import SecuritySettings
 
@@ -24,6 +25,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ControllerSettings:
     p.add_argument("--port", type=int, default=d.port, help="HTTP/JSON gateway and /metrics (default: %(default)s)")
     p.add_argument("--monitor-port", type=int, default=d.monitor_port,
                    help="gRPC Controller service, for agents and stubs (default: %(default)s)")
+    p.add_argument("--heartbeat-port", type=int, default=d.heartbeat_port,
+                   help="agents' heartbeats, served on a thread of their own so that no request delays them; "
+                        "advertised to agents when they register (default: %(default)s, a free port; "
+                        "-1: none, heartbeats go to --monitor-port)")
     p.add_argument("--health-check-interval", type=float, default=d.health_check_interval,
                    help="seconds between worker liveness checks (default: %(default)s)")
     p.add_argument("--lmcache-worker-timeout", type=float, default=d.worker_timeout, dest="worker_timeout",

@@ -488,6 +488,23 @@ def _parse_big(rpc: Rpc, body: bytes, variables: dict[str, str], max_tokens: int
     return _build(rpc, fields, variables, max_tokens)
 
 
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _plain_tokens(desc: descriptor.Descriptor, tokens: object) -> list[int] | None:
+    """``tokens`` when it can go into the message's repeated int64 field as it is: a list of JSON
+    integers within int64. ParseDict converts such a list item by item in Python (~1.5 ms per 1,000
+    tokens, most of an HTTP compress); ``extend`` does it in C. Anything else (strings of digits, which
+    proto3 JSON allows, floats, bools, out of range) is left to ParseDict and its error messages."""
+    field = desc.fields_by_name.get("tokens")
+    if (field is None or field.type != field.TYPE_INT64 or not isinstance(tokens, list) or not tokens
+            or not all(type(t) is int for t in tokens)):
+        return None
+    if min(tokens) < _INT64[0] or max(tokens) > _INT64[1]:  # type: ignore[type-var]
+        return None
+    return tokens  # type: ignore[return-value]
+
+
 def _build(rpc: Rpc, fields: dict[str, object], variables: dict[str, str], max_tokens: int) -> message.Message:
     """Merge path variables into ``fields`` and convert them to the RPC's request message (the token
     count is checked first: converting a list costs far more than counting it)."""
@@ -505,8 +522,13 @@ def _build(rpc: Rpc, fields: dict[str, object], variables: dict[str, str], max_t
     if "tokens" in desc.fields_by_name and isinstance(tokens, list) and len(tokens) > max_tokens:
         raise ResourceExhausted(f"{len(tokens)} tokens is over the limit of {max_tokens} (--max-tokens)")
     msg = rpc.request_cls()
+    direct = _plain_tokens(desc, tokens)
+    if direct is not None:
+        fields = {k: v for k, v in fields.items() if k != "tokens"}
     try:
         json_format.ParseDict(fields, msg, ignore_unknown_fields=False)
+        if direct is not None:
+            msg.tokens.extend(direct)  # type: ignore[attr-defined]
     except json_format.ParseError as err:
         raise InvalidArgument(str(err).replace("\n", " ")) from None
     except RecursionError:

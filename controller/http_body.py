@@ -1,9 +1,6 @@
-"""Request bodies of the HTTP gateway: read within bounds, parsed without stalling the event loop.
-
-A body is counted while it streams in: a declared ``Content-Length`` over the limit is refused before
-a byte of the body is read, a chunked body as soon as it crosses the limit. Every byte held in memory
-is also reserved from one budget shared by all connections, so that many concurrent uploads cannot
-add up past it (the gateway answers 429 with ``Retry-After`` then).
+"""Request bodies of the HTTP gateway: read within bounds (``kvmesh.core.http_body``, the mechanism the
+engine's API shares: counted while streaming, one memory budget over all connections, a time bound),
+and parsed without stalling the event loop.
 
 Big bodies are parsed in a worker thread by ``parse_json_object``: it walks objects and arrays in
 Python (each scalar decoded by the C scanner), so the thread gives the GIL back every few
@@ -12,13 +9,14 @@ milliseconds instead of holding it for a whole ``json.loads`` (1 s for 20 MB), a
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-from kvmesh.errors import DeadlineExceeded, InvalidArgument, KVMeshError, ResourceExhausted, TooBusy
+from kvmesh.core.http_body import BodyBudget, BodyTimeout, BodyTooLarge, Reservation, declared_length, read_body
+from kvmesh.errors import InvalidArgument, ResourceExhausted
+
+__all__ = ["BodyBudget", "BodyTimeout", "BodyTooLarge", "Reservation", "declared_length", "read_body",
+           "MAX_JSON_DEPTH", "TooManyTokens", "parse_json_object"]
 
 # Arrays and objects deeper than this are refused (json.loads would recurse up to ~1,000 levels and
 # then raise RecursionError); no kvmesh message nests more than a few levels.
@@ -26,92 +24,6 @@ MAX_JSON_DEPTH = 64
 
 _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
-
-
-class BodyTooLarge(ResourceExhausted):
-    """The body is over the per-request limit (HTTP 413)."""
-
-
-class BodyTimeout(KVMeshError):
-    """The body did not arrive in time (HTTP 408): a slow sender must not hold memory and a slot."""
-
-    grpc_code = DeadlineExceeded.grpc_code
-    http_status = 408
-
-
-class BodyBudget:
-    """Bytes of request bodies held in memory, across all connections, under one cap.
-
-    Only the event loop touches it (no lock needed): reservations are taken while a body is read
-    and given back when the request is done.
-    """
-
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError(f"the body budget must be at least 1 byte, got {limit}")
-        self.limit = limit
-        self.used = 0
-
-    def reserve(self, n: int) -> None:
-        """Take ``n`` bytes, or raise TooBusy when that would go over the cap."""
-        if self.used + n > self.limit:
-            raise TooBusy(f"the gateway holds {self.used} bytes of request bodies, and {n} more would go over "
-                          f"its cap of {self.limit} bytes (--max-total-body-bytes); retry shortly", retry_after=1.0)
-        self.used += n
-
-    def release(self, n: int) -> None:
-        self.used = max(0, self.used - n)
-
-
-@dataclass
-class Reservation:
-    """What one request holds of the budget; ``close()`` gives it all back."""
-
-    budget: BodyBudget
-    held: int = 0
-
-    def take(self, n: int) -> None:
-        self.budget.reserve(n)
-        self.held += n
-
-    def close(self) -> None:
-        self.budget.release(self.held)
-        self.held = 0
-
-
-def declared_length(value: str | None) -> int | None:
-    """The ``Content-Length`` as a number (uvicorn/h11 already refused malformed or conflicting ones)."""
-    if value is None:
-        return None
-    return int(value)
-
-
-async def read_body(chunks: AsyncIterator[bytes], declared: int | None, limit: int,
-                    reservation: Reservation, timeout: float) -> bytes:
-    """The whole body, refused with BodyTooLarge as soon as it is known to be over ``limit``.
-
-    A declared length over the limit is refused before anything is read; what arrives is counted
-    and reserved from the shared budget piece by piece (what is really held, so a client that only
-    announces a big body holds nothing), and the whole body must arrive within ``timeout`` seconds.
-    """
-    if declared is not None and declared > limit:
-        raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes "
-                           "(--max-body-bytes)")
-    parts: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(timeout):
-            async for piece in chunks:
-                if not piece:
-                    continue
-                size += len(piece)
-                if size > limit:
-                    raise BodyTooLarge(f"request body is over the limit of {limit} bytes (--max-body-bytes)")
-                reservation.take(len(piece))
-                parts.append(piece)
-    except TimeoutError:
-        raise BodyTimeout(f"the request body did not arrive within {timeout:g} s ({size} bytes came)") from None
-    return b"".join(parts)
 
 
 class TooManyTokens(ResourceExhausted):

@@ -55,6 +55,12 @@ class ControllerMetrics:
             "kvmesh_admission_lookups_total",
             "Stored-prefix lookups of operations, by source: the controller's index or an agent round trip.",
             ["source"], registry=r)
+        self.events_answered_from_index_total = Counter(
+            "kvmesh_events_answered_from_index_total",
+            "Compress/decompress events ended at admission with no agent call: the index held every chunk "
+            "already in the asked form.", ["operation"], registry=r)
+        self.workers_marked_down_total = Counter(
+            "kvmesh_workers_marked_down_total", "Workers marked down for missing their heartbeats.", registry=r)
         self.loop_lag_seconds = Gauge(
             "kvmesh_loop_lag_seconds", "How late the controller's liveness sweep last ran (event-loop stall).",
             registry=r)

@@ -6,6 +6,13 @@ after ``worker_timeout`` of silence. Silence is measured on a liveness clock tha
 controller itself could not serve heartbeats (``credit_stall``: the sweeper's own lateness), so a
 stalled event loop never turns a live worker down.
 
+Heartbeats are served on threads of their own (``heartbeat_server``), apart from the event loop
+that serves everything else, so that a loop merely *busy* with requests (not stalled: the credit
+does not apply) cannot delay them either. The liveness state (the worker table's membership, each
+worker's last-seen times and up/down state, the stall credit) is therefore guarded by a
+``threading.Lock``; the rest of the registry (the lookup index, registration details) is touched by
+the event loop only.
+
 A registered (instance, worker) belongs to the endpoint (ip:port) that registered it: another
 endpoint is refused (ALREADY_EXISTS) while it is up, and every later call of the worker
 (heartbeat, KV reports, deregistration) must carry the secret its registration returned.
@@ -13,12 +20,21 @@ endpoint is refused (ALREADY_EXISTS) while it is up, and every later call of the
 The lookup index holds, per worker and location, the chunk keys the worker reported admitted, bounded
 per worker; it is answered with the same chunk keys the agents compute. A worker's index is
 *complete* (authoritative) once its full resync has arrived whole and nothing was truncated.
+
+Beside it, the *form* of indexed chunks (raw, or the method it is encoded with, and its stored bytes),
+as the worker's agent last reported it in the progress of a compress or decompress event. A form is
+known only from that progress and forgotten whenever the chunk's key is reported again (an ADMIT: a
+new chunk, form unknown), evicted, resynced or fails an operation; a controller that does not know a
+chunk's form asks the agent. Admission uses it to end at once an event that has nothing to do; as
+with the index itself, an eviction whose report is still on its way can make that answer name a chunk
+that has just left.
 """
 from __future__ import annotations
 
 import hmac
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,6 +52,8 @@ _HEX = frozenset("0123456789abcdef")
 # Bounds of what one registration may declare.
 MAX_NAME_CHARS = 256
 MAX_CHOICES = 64
+# The form of a raw (not encoded) chunk.
+RAW_FORM = ""
 
 
 class SpanKeys:
@@ -96,6 +114,8 @@ class Worker:
     # location -> chunk key (16 bytes) -> token_end of the prefix it completes.
     index: dict[str, dict[bytes, int]] = field(default_factory=dict)
     index_entries: int = 0
+    # location -> chunk key -> (form: RAW_FORM or a method, stored bytes), for indexed chunks only.
+    forms: dict[str, dict[bytes, tuple[str, int]]] = field(default_factory=dict)
     # True once a full resync arrived whole and nothing was dropped: the index is authoritative.
     index_complete: bool = False
     resyncing: bool = False
@@ -132,6 +152,7 @@ class Worker:
         self.index = {}
         self.index_entries = 0
         self.truncated = False
+        self.forms = {}
 
 
 class Registry:
@@ -153,6 +174,9 @@ class Registry:
         self._workers: dict[tuple[str, int], Worker] = {}
         # Seconds during which the controller could not serve heartbeats (its loop stalled).
         self._stall_credit = 0.0
+        # Guards the liveness state against the heartbeat thread: membership of ``_workers``, each
+        # worker's seen times and state, the stall credit. Held for microseconds, never across I/O.
+        self._liveness = threading.Lock()
 
     # --- agents' calls ---------------------------------------------------------------------------
     def _validate_registration(self, instance_id: str, worker_id: int, ip: str, port: int, chunk_size: int,
@@ -188,6 +212,18 @@ class Registry:
         """
         self._validate_registration(instance_id, worker_id, ip, port, chunk_size, heartbeat_interval,
                                     peer_init_url, methods, locations, model_files)
+        with self._liveness:
+            worker = self._register_locked(instance_id=instance_id, worker_id=worker_id, ip=ip, port=port,
+                                           peer_init_url=peer_init_url, methods=methods, locations=locations,
+                                           chunk_size=chunk_size, heartbeat_interval=heartbeat_interval,
+                                           secret=secret, model_files=model_files)
+        logger.info("worker %s/%s registered at %s (methods %s, locations %s, chunk_size %s)",
+                    instance_id, worker_id, worker.target, list(methods), list(locations), chunk_size)
+        return worker
+
+    def _register_locked(self, *, instance_id: str, worker_id: int, ip: str, port: int, peer_init_url: str,
+                         methods: Sequence[str], locations: Sequence[str], chunk_size: int,
+                         heartbeat_interval: float, secret: str, model_files: Sequence[str]) -> Worker:
         old = self._workers.get((instance_id, worker_id))
         if old is None and len(self._workers) >= self.max_workers:
             raise ResourceExhausted(f"{len(self._workers)} workers are registered, the most this controller keeps "
@@ -210,9 +246,6 @@ class Registry:
             # it; not authoritative meanwhile.
             worker.index, worker.index_entries = old.index, old.index_entries
         self._workers[(instance_id, worker_id)] = worker
-        logger.info("worker %s/%s registered at %s (methods %s, locations %s, chunk_size %s)%s",
-                    instance_id, worker_id, worker.target, list(methods), list(locations), chunk_size,
-                    " (renewed)" if renewal else "")
         return worker
 
     def _authorized(self, instance_id: str, worker_id: int, secret: str, what: str) -> Worker | None:
@@ -231,22 +264,26 @@ class Registry:
         worker.seen_mono = time.monotonic()
         worker.credit_at_seen = self._stall_credit
 
-    def heartbeat(self, instance_id: str, worker_id: int, secret: str = "") -> Worker | None:
-        """Record a heartbeat; None when the worker is unknown (it must re-register)."""
-        worker = self._authorized(instance_id, worker_id, secret, "heartbeat")
-        if worker is None:
-            return None
-        self._seen(worker)
-        if worker.state == DOWN:
-            logger.info("worker %s/%s is up again", instance_id, worker_id)
+    def heartbeat(self, instance_id: str, worker_id: int, secret: str = "") -> tuple[Worker | None, bool]:
+        """Record a heartbeat: (the worker, whether it was down and is up again); (None, False) when
+        the worker is unknown (it must re-register). Safe from any thread."""
+        with self._liveness:
+            worker = self._authorized(instance_id, worker_id, secret, "heartbeat")
+            if worker is None:
+                return None, False
+            self._seen(worker)
+            revived = worker.state == DOWN
             worker.state = UP
-        return worker
+        if revived:
+            logger.info("worker %s/%s is up again", instance_id, worker_id)
+        return worker, revived
 
     def deregister(self, instance_id: str, worker_id: int, secret: str = "") -> Worker | None:
-        worker = self._authorized(instance_id, worker_id, secret, "deregistration")
-        if worker is None:
-            return None
-        return self._workers.pop((instance_id, worker_id), None)
+        with self._liveness:
+            worker = self._authorized(instance_id, worker_id, secret, "deregistration")
+            if worker is None:
+                return None
+            return self._workers.pop((instance_id, worker_id), None)
 
     def _check_kv_events(self, worker: Worker,
                          events: Sequence[tuple[int, str, str, int]]) -> list[tuple[int, str, bytes, int]]:
@@ -302,21 +339,65 @@ class Registry:
                 held = worker.index.get(location)
                 if held is not None and held.pop(key, None) is not None:
                     worker.index_entries -= 1
+            known = worker.forms.get(location)
+            if known:
+                known.pop(key, None)  # a new chunk under this key, or none: its form is unknown
         if worker.resyncing and not more:
             worker.resyncing = False
             worker.index_complete = not worker.truncated
         return worker
+
+    # --- chunk forms ---------------------------------------------------------------------------------
+    @staticmethod
+    def note_form(worker: Worker, location: str, keys: SpanKeys, chunk_index: int, form: str | None,
+                  nbytes: int) -> None:
+        """Chunk ``chunk_index`` of ``keys`` is in ``form`` with ``nbytes`` stored, as the agent just
+        reported (None: unknown, e.g. the operation failed on it). Only indexed chunks are noted, so
+        the forms stay within the index's bound."""
+        span = keys.get(worker.chunk_size, chunk_index)
+        if span is None:
+            return
+        key = span[0]
+        known = worker.forms.setdefault(location, {})
+        if form is None or nbytes <= 0 or key not in worker.index.get(location, ()):
+            known.pop(key, None)
+        else:
+            known[key] = (form, nbytes)
+
+    @staticmethod
+    def chunks_in_form(worker: Worker, location: str, keys: SpanKeys, num_chunks: int,
+                       form: str) -> list[tuple[bytes, int, int, int]] | None:
+        """(key, token start, token end, stored bytes) of the first ``num_chunks`` chunks of ``keys``
+        when the worker's index holds every one of them in ``form``; None when any is not, or unknown."""
+        known = worker.forms.get(location)
+        held = worker.index.get(location)
+        if not known or not held:
+            return None
+        out: list[tuple[bytes, int, int, int]] = []
+        for i in range(num_chunks):
+            span = keys.get(worker.chunk_size, i)
+            if span is None or span[0] not in held:
+                return None
+            got = known.get(span[0])
+            if got is None or got[0] != form:
+                return None
+            out.append((span[0], i * worker.chunk_size, span[1], got[1]))
+        return out
 
     # --- liveness ----------------------------------------------------------------------------------
     def credit_stall(self, seconds: float) -> None:
         """The controller could not serve heartbeats for ``seconds`` (its loop stalled): that time is
         not counted as any worker's silence."""
         if seconds > 0:
-            self._stall_credit += seconds
+            with self._liveness:
+                self._stall_credit += seconds
 
     def silence(self, worker: Worker, now_mono: float | None = None) -> float:
         """Seconds since the worker's last heartbeat, less the time the controller itself stalled."""
-        now_mono = time.monotonic() if now_mono is None else now_mono
+        with self._liveness:
+            return self._silence(worker, time.monotonic() if now_mono is None else now_mono)
+
+    def _silence(self, worker: Worker, now_mono: float) -> float:
         return max(0.0, now_mono - worker.seen_mono - (self._stall_credit - worker.credit_at_seen))
 
     def down_after(self, worker: Worker) -> float:
@@ -328,30 +409,32 @@ class Registry:
     def sweep(self, now_mono: float | None = None) -> tuple[list[Worker], list[Worker]]:
         """Mark silent workers down and drop long-silent ones; (newly down, dropped)."""
         now_mono = time.monotonic() if now_mono is None else now_mono
-        newly_down: list[Worker] = []
+        newly_down: list[tuple[Worker, float]] = []
         dropped: list[Worker] = []
-        for key, worker in list(self._workers.items()):
-            silent = self.silence(worker, now_mono)
-            if silent > max(self.worker_timeout, self.down_after(worker)):
-                del self._workers[key]
-                dropped.append(worker)
-                if worker.state == UP:
-                    newly_down.append(worker)
-            elif worker.state == UP and silent > self.down_after(worker):
-                worker.state = DOWN
-                newly_down.append(worker)
-        for w in newly_down:
+        with self._liveness:
+            for key, worker in list(self._workers.items()):
+                silent = self._silence(worker, now_mono)
+                if silent > max(self.worker_timeout, self.down_after(worker)):
+                    del self._workers[key]
+                    dropped.append(worker)
+                    if worker.state == UP:
+                        newly_down.append((worker, silent))
+                elif worker.state == UP and silent > self.down_after(worker):
+                    worker.state = DOWN
+                    newly_down.append((worker, silent))
+        for w, silent in newly_down:
             logger.warning("worker %s/%s missed its heartbeats (silent %.1fs): marked down",
-                           w.instance_id, w.worker_id, self.silence(w, now_mono))
+                           w.instance_id, w.worker_id, silent)
         for w in dropped:
             logger.warning("worker %s/%s silent for over %.0fs: dropped", w.instance_id, w.worker_id,
                            self.worker_timeout)
-        return newly_down, dropped
+        return [w for w, _ in newly_down], dropped
 
     def counts(self) -> dict[str, int]:
         out = {UP: 0, DOWN: 0}
-        for w in self._workers.values():
-            out[w.state] += 1
+        with self._liveness:
+            for w in self._workers.values():
+                out[w.state] += 1
         return out
 
     # --- queries -------------------------------------------------------------------------------------

@@ -8,11 +8,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+
+import grpc
+
+from kvmesh.api.controller.v1 import controller_pb2 as pb
+from kvmesh.errors import KVMeshError
 
 from kvmesh.core.grpc_server import HealthService, MeshServer
 
 from .gateway import Gateway, GatewayLimits
 from .grpc_service import generic_handler
+from .heartbeat_server import HeartbeatServer
 from .http_server import UvicornServer
 from .metrics import ControllerMetrics
 from .rpc_table import SERVICE, build
@@ -48,6 +55,32 @@ class ControllerServer:
                                    shutdown_grace=s.shutdown_grace, max_connections=s.http_max_connections)
         self._sweeper: asyncio.Task[None] | None = None
         self.grpc_port = 0
+        self._heartbeats: HeartbeatServer | None = None
+        if s.heartbeat_port >= 0:
+            self._heartbeats = HeartbeatServer(sec, self._counted_beat, s.host, s.heartbeat_port,
+                                               options=_GRPC_OPTIONS, shutdown_grace=min(1.0, s.shutdown_grace))
+
+    def _counted_beat(self, req: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        """A heartbeat on the heartbeat server's threads, counted and timed as every Controller RPC."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return self.service.beat(req)
+        except KVMeshError as err:
+            code = err.grpc_code
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            raise
+        finally:
+            m = self.metrics
+            m.requests_total.labels(rpc="Heartbeat", code=code.name).inc()
+            m.request_duration_seconds.labels(rpc="Heartbeat").observe(time.perf_counter() - start)
+
+    @property
+    def heartbeat_port(self) -> int:
+        """The heartbeat server's port (0 when there is none)."""
+        return self.service.heartbeat_port
 
     @property
     def http_port(self) -> int:
@@ -60,16 +93,20 @@ class ControllerServer:
         await server.start(serving=False)
         self._grpc = server
         try:
+            if self._heartbeats is not None:
+                self.service.heartbeat_port = await self._heartbeats.start()
             await self._http.start()
         except BaseException:
+            if self._heartbeats is not None:
+                await self._heartbeats.stop()
             await server.stop(None)
             self._grpc = None
             raise
         self._sweeper = asyncio.create_task(self._sweep_loop())
         await server.set_serving()
-        logger.info("controller serving HTTP%s on %s:%s and gRPC on %s:%s", "S" if self._http.tls else "",
-                    self.settings.host, self.http_port,
-                    self.settings.host, self.grpc_port)
+        logger.info("controller serving HTTP%s on %s:%s and gRPC on %s:%s (heartbeats: %s)",
+                    "S" if self._http.tls else "", self.settings.host, self.http_port, self.settings.host,
+                    self.grpc_port, f"port {self.heartbeat_port}" if self.heartbeat_port else "the gRPC port")
 
     async def _sweep_loop(self) -> None:
         # The service's sweeper measures the loop's stalls, so that they never count as worker silence.
@@ -84,6 +121,8 @@ class ControllerServer:
                 await self._sweeper
             self._sweeper = None
         await self.service.close()
+        if self._heartbeats is not None:
+            await self._heartbeats.stop()
         if self._grpc is not None:
             await self._grpc.stop(self.settings.shutdown_grace)
             self._grpc = None

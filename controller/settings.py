@@ -13,6 +13,10 @@ class ControllerSettings:
     port: int = 9000
     # gRPC Controller service (0: a free port).
     monitor_port: int = 9001
+    # Heartbeats only, served on a thread of their own so that no request can delay them; on --host,
+    # advertised to agents when they register (0: a free port; -1: no such server, heartbeats are
+    # served with everything else on monitor_port).
+    heartbeat_port: int = 0
     # How often worker liveness and the event table's bounds are checked.
     health_check_interval: float = 1.0
     # A worker silent this long is dropped from the registry (LMCache's --lmcache-worker-timeout).
@@ -81,6 +85,9 @@ class ControllerSettings:
         for name in ("port", "monitor_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
+        if not -1 <= self.heartbeat_port < 65536:
+            raise ValueError(f"heartbeat_port must be in 0..65535 (0: a free port), or -1 for none, "
+                             f"got {self.heartbeat_port}")
         self._check_state_bounds()
 
     def _check_state_bounds(self) -> None:

@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvmesh.core.auth import bearer_ok
+from kvmesh.core.http_body import BodyLimit
 from kvmesh.engine.completion import Completion, CompletionRunner, TokenLogprob, encode, encode_chat
 from kvmesh.engine.metrics import EngineMetrics
 from kvmesh.engine.protocol import (
@@ -222,36 +223,6 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(status_code=413)
 
 
-class BodySizeLimit:
-    """413 in OpenAI's shape for a body over the limit: at once when ``Content-Length`` says so, else
-    as soon as the bytes read pass it (a chunked body is never held whole beyond the limit)."""
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = [v for k, v in scope["headers"] if k == b"content-length"]
-        if declared and declared[0].isdigit() and int(declared[0]) > self.max_body_bytes:
-            await too_large(self.max_body_bytes)(scope, receive, send)
-            return
-        seen = 0
-
-        async def counting_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
-                    raise BodyTooLarge()  # FastAPI passes HTTP errors raised while reading the body through
-            return message
-
-        await self.app(scope, counting_receive, send)
-
-
 def too_large(max_body_bytes: int) -> JSONResponse:
     return error_response(413, f"the request body is larger than this server's limit of {max_body_bytes} bytes")
 
@@ -365,7 +336,8 @@ class EngineAPI:
             return await self.chat(req, request.receive)
 
         paths = frozenset(getattr(r, "path", "") for r in app.routes)
-        app.add_middleware(BodySizeLimit, max_body_bytes=max_body_bytes)
+        # The body bound is kvmesh's one mechanism (kvmesh.core.http_body), answering in OpenAI's shape.
+        app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes, refuse=too_large, over=BodyTooLarge)
         app.add_middleware(BearerAuth, token=token)
         app.add_middleware(CountRequests, metrics=self.metrics, routes=lambda: paths)
         return app

@@ -10,6 +10,11 @@ RegisterWorker returns a secret that proves later calls come from this agent: he
 and deregistration carry it, and a re-registration presents it to keep it. A controller that is
 slow to answer (a deadline passes) is not a controller that is gone: the link keeps its
 registration and retries, and registers again only after ``SLOW_CONTROLLER_S`` of such failures.
+
+Heartbeats go to the controller's heartbeat server when its RegisterWorker answer names one
+(``heartbeat_port``, on the host this agent dials): there they are served on a thread of their own,
+so that a controller busy with requests never turns this live worker down. With no such port (an
+older controller), or when that port cannot be reached, they go to the controller's main address.
 """
 from __future__ import annotations
 
@@ -37,6 +42,17 @@ MAX_BACKOFF_S = 10.0
 MAX_EVENTS_PER_REPORT = 50_000
 # Deadlines missed in a row for this long: the controller counts as unreachable, register again.
 SLOW_CONTROLLER_S = 30.0
+# How a heartbeat port that cannot be reached answers: refused, or dropped until the deadline.
+_UNREACHED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def heartbeat_target(controller_target: str, heartbeat_port: int) -> str:
+    """Where heartbeats go: the controller's host with its heartbeat port, or its main address when
+    it advertised none (0) or its address has no ``:port`` to replace."""
+    head, sep, port = controller_target.rpartition(":")
+    if heartbeat_port <= 0 or not sep or not port.isdigit() or not head:
+        return controller_target
+    return f"{head}:{heartbeat_port}"
 
 
 class ControllerLink:
@@ -58,9 +74,15 @@ class ControllerLink:
         self._slow_since: float | None = None
         self._pending: list[controller_pb2.KVEvent] = []
         self._wake = asyncio.Event()
+        self._grpc_options = GRPC_OPTIONS
         self._channel = aio_channel(self.target, agent.config.security, options=GRPC_OPTIONS)
         self._stub = controller_pb2_grpc.ControllerStub(self._channel)
         self._task: asyncio.Task[None] | None = None
+        # Where heartbeats go (the controller's heartbeat server, else its main address), and the
+        # loop's channel there (None: the main channel).
+        self.beat_target = self.target
+        self._beat_channel: grpc.aio.Channel | None = None
+        self._beat_stub = self._stub
         # Heartbeats also go out from a thread of their own, on a blocking channel: an agent whose event
         # loop is busy (hundreds of streams at once, a big tensor converted) is alive, and must not miss
         # its beats and be marked down by load. The loop's own beats stay: they notice a controller
@@ -78,19 +100,31 @@ class ControllerLink:
         from .lifecycle import GRPC_OPTIONS
 
         a = self.agent
-        with channel(self.target, a.config.security, options=GRPC_OPTIONS) as ch:
-            stub = controller_pb2_grpc.ControllerStub(ch)
+        target = ""
+        ch: grpc.Channel | None = None
+        stub: controller_pb2_grpc.ControllerStub | None = None
+        try:
             while not self._beats_stop.wait(self.heartbeat_s):
                 secret = self.secret
                 if not (self.registered and secret):
                     continue
+                if self.beat_target != target or ch is None:  # (re)registered with another heartbeat port
+                    if ch is not None:
+                        ch.close()
+                    target = self.beat_target
+                    ch = channel(target, a.config.security, options=GRPC_OPTIONS)
+                    stub = controller_pb2_grpc.ControllerStub(ch)
+                assert stub is not None
                 try:
                     stub.Heartbeat(controller_pb2.HeartbeatRequest(
                         instance_id=a.config.lmcache_instance_id, worker_id=a.worker_id, secret=secret),
                         # A beat a busy controller handles late still counts; one given up on never does.
                         timeout=max(self.call_timeout_s, 2 * self.heartbeat_s))
                 except grpc.RpcError as err:  # the loop's link reports and handles failures
-                    logger.debug("heartbeat from the heartbeat thread failed: %s", err.code())
+                    logger.debug("heartbeat to %s from the heartbeat thread failed: %s", target, err.code())
+        finally:
+            if ch is not None:
+                ch.close()
 
     def enqueue(self, kind: str, location: str, key: str, token_end: int) -> None:
         """Queue a storage event for the controller (on the agent's loop)."""
@@ -121,6 +155,7 @@ class ControllerLink:
                 logger.info("deregistering from %s failed (%s); the controller will time the worker out",
                             self.target, err.code())
         self._set_registered(False)
+        await self._use_beat_target(self.target)
         await self._channel.close()
 
     def _set_registered(self, value: bool) -> None:
@@ -143,6 +178,7 @@ class ControllerLink:
         a = self.agent
         resp = await self._stub.RegisterWorker(self._registration(), timeout=self.call_timeout_s)
         self.secret = resp.secret
+        await self._use_beat_target(heartbeat_target(self.target, resp.heartbeat_port))
         # Events queued before the snapshot are in it; those after it follow as increments.
         self._pending.clear()
         self._collecting = True
@@ -170,10 +206,34 @@ class ControllerLink:
                 secret=self.secret), timeout=self.call_timeout_s)
             del self._pending[:len(batch)]
 
+    async def _use_beat_target(self, target: str) -> None:
+        """Send heartbeats (the loop's and the thread's) to ``target`` from now on."""
+        if target == self.beat_target:
+            return
+        old, self._beat_channel = self._beat_channel, None
+        self._beat_stub = self._stub
+        if target != self.target:
+            self._beat_channel = aio_channel(target, self.agent.config.security, options=self._grpc_options)
+            self._beat_stub = controller_pb2_grpc.ControllerStub(self._beat_channel)
+        self.beat_target = target
+        if old is not None:
+            await old.close()
+
     async def _heartbeat(self) -> None:
-        resp = await self._stub.Heartbeat(controller_pb2.HeartbeatRequest(
-            instance_id=self.agent.config.lmcache_instance_id, worker_id=self.agent.worker_id, secret=self.secret),
-            timeout=self.call_timeout_s)
+        request = controller_pb2.HeartbeatRequest(
+            instance_id=self.agent.config.lmcache_instance_id, worker_id=self.agent.worker_id, secret=self.secret)
+        try:
+            resp = await self._beat_stub.Heartbeat(request, timeout=self.call_timeout_s)
+        except grpc.RpcError as err:
+            if self.beat_target == self.target or err.code() not in _UNREACHED:
+                raise
+            # The heartbeat port cannot be reached (a firewall or a Service that does not forward it,
+            # which drops rather than refuses: a deadline; a controller restarted on another port):
+            # beat at the main address, which also tells whether this worker is still known.
+            logger.warning("controller heartbeat server %s unreachable (%s); sending heartbeats to %s",
+                           self.beat_target, err.details(), self.target)
+            await self._use_beat_target(self.target)
+            resp = await self._stub.Heartbeat(request, timeout=self.call_timeout_s)
         if not resp.registered:
             logger.warning("controller %s does not know this worker (it restarted?); registering again", self.target)
             self._set_registered(False)

@@ -25,6 +25,8 @@ CONTRACT = {
     "kvmesh_watchers_dropped": "counter",
     "kvmesh_admission_lookups": "counter",
     "kvmesh_loop_lag_seconds": "gauge",
+    "kvmesh_workers_marked_down": "counter",
+    "kvmesh_events_answered_from_index": "counter",
 }
 
 

@@ -345,12 +345,14 @@ class RegisterWorkerRequest(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., ip: _Optional[str] = ..., port: _Optional[int] = ..., peer_init_url: _Optional[str] = ..., methods: _Optional[_Iterable[str]] = ..., locations: _Optional[_Iterable[str]] = ..., chunk_size: _Optional[int] = ..., heartbeat_interval_seconds: _Optional[float] = ..., secret: _Optional[str] = ..., model_files: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
-    __slots__ = ("worker_timeout_seconds", "secret")
+    __slots__ = ("worker_timeout_seconds", "secret", "heartbeat_port")
     WORKER_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_PORT_FIELD_NUMBER: _ClassVar[int]
     worker_timeout_seconds: float
     secret: str
-    def __init__(self, worker_timeout_seconds: _Optional[float] = ..., secret: _Optional[str] = ...) -> None: ...
+    heartbeat_port: int
+    def __init__(self, worker_timeout_seconds: _Optional[float] = ..., secret: _Optional[str] = ..., heartbeat_port: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("instance_id", "worker_id", "secret")
