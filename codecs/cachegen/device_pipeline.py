@@ -91,20 +91,47 @@ class _Staging:
 _staging = _Staging()
 
 
+@contextlib.contextmanager
+def _sync_allowed(device: torch.device) -> Iterator[None]:
+    """Lifts torch.cuda.set_sync_debug_mode for the seam's own copies: bench/gpu_check.py runs the
+    pipeline with the mode at "error", so any other synchronisation on the way raises there."""
+    mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
+    if mode:
+        torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        if mode:
+            torch.cuda.set_sync_debug_mode(mode)
+
+
 def to_host(t: torch.Tensor, what: str) -> np.ndarray:
     """The pipeline's only device-to-host copies (each one synchronises with the device's queue)."""
     _note("d2h", what, t, t.device)
-    if what == "container":
-        return _staging.copy(t.contiguous())
-    return t.cpu().numpy()
+    with _sync_allowed(t.device):
+        if what == "container":
+            return _staging.copy(t.contiguous())
+        return t.cpu().numpy()
 
 
-def to_device(a: np.ndarray | bytes, device: torch.device, what: str) -> torch.Tensor:
-    """The pipeline's only host-to-device copies (uint8)."""
+def to_device(a: np.ndarray | bytes | memoryview, device: torch.device, what: str) -> torch.Tensor:
+    """The pipeline's only host-to-device copies (uint8). A read-only buffer (bytes) is copied from as
+    is: torch.frombuffer's warning about writing is moot, nothing writes to it."""
     arr = np.frombuffer(a, np.uint8) if isinstance(a, (bytes, bytearray, memoryview)) else a
-    t = torch.from_numpy(arr) if arr.flags.writeable else torch.frombuffer(bytearray(arr), dtype=torch.uint8)
+    with _quiet_readonly():
+        t = torch.from_numpy(arr)
     _note("h2d", what, t, device)
-    return t.to(device)
+    with _sync_allowed(device):
+        return t.to(device)
+
+
+@contextlib.contextmanager
+def _quiet_readonly() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        yield
 
 
 # ---- encode -------------------------------------------------------------------------------------
