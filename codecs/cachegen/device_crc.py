@@ -98,7 +98,9 @@ def _multmodp(a, b):
     for k in range(32):
         bit = (a >> (31 - k)) & 1
         p = p ^ tl.where(bit != 0, b, tl.zeros_like(b))
-        b = (b >> 1) ^ tl.where((b & 1) != 0, tl.full(b.shape, 0xEDB88320, tl.uint32), tl.zeros_like(b))
+        # POLY as int32 bits: a literal above 2^31 is not an int32 constant on every Triton
+        poly = tl.full(b.shape, -306674912, tl.int32).to(tl.uint32, bitcast=True)
+        b = (b >> 1) ^ tl.where((b & 1) != 0, poly, tl.zeros_like(b))
     return p
 
 

@@ -22,7 +22,9 @@ each layer's level count from the data, which decides the stream layout on the h
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import functools
 import struct
 import threading
 import zlib
@@ -69,13 +71,13 @@ def _note(direction: str, what: str, t: torch.Tensor, dev: torch.device) -> None
 
 
 class _Staging:
-    """One page-locked host buffer per device for the container copy (a pageable copy runs at a fraction
-    of the bus speed); it grows to the largest container copied, never beyond MAX_STAGING."""
+    """One page-locked host buffer per thread for the container copy (a pageable copy runs at a fraction
+    of the bus speed); it grows to the largest container copied, never beyond MAX_STAGING. Per thread:
+    the copy is read (joined into the bytes returned) after to_host returns."""
 
     MAX_STAGING = 1 << 31
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
         self.buf: torch.Tensor | None = None
 
     def copy(self, t: torch.Tensor) -> np.ndarray:
@@ -88,7 +90,7 @@ class _Staging:
         return self.buf[:n].numpy()
 
 
-_staging = _Staging()
+_staging = threading.local()
 
 
 @contextlib.contextmanager
@@ -110,7 +112,9 @@ def to_host(t: torch.Tensor, what: str) -> np.ndarray:
     _note("d2h", what, t, t.device)
     with _sync_allowed(t.device):
         if what == "container":
-            return _staging.copy(t.contiguous())
+            if not hasattr(_staging, "buf"):
+                _staging.buf = _Staging()
+            return _staging.buf.copy(t.contiguous())
         return t.cpu().numpy()
 
 
@@ -216,7 +220,8 @@ class _Region:
 
 def encodable(codec: object, kv: torch.Tensor) -> bool:
     """Whether the device pipeline writes this chunk (else codec.py's path, same bytes)."""
-    return getattr(codec, "predictor", None) is None and kv.dim() == 4 and kv.shape[2] > codec.level.lead_tokens
+    return (getattr(codec, "predictor", None) is None and isinstance(kv, torch.Tensor) and kv.dim() == 4
+            and kv.shape[2] > codec.level.lead_tokens)
 
 
 def _check_structure(kv: object) -> torch.Tensor:
@@ -307,10 +312,12 @@ def encode(codec: object, kv: torch.Tensor) -> bytes:
         raise CodecError("cachegen stores fp16 bounds: values beyond +-65504 cannot be encoded (use 'lossless')")
     host = to_host(buf[:z + l5 + l6 + l7], "container")
 
-    packed = []
-    for r in regions:
+    def deflate(r: _Region) -> bytes:
         raw = host[r.start:r.start + r.size]
-        packed.append(_deflate_split(raw) if r.split else cg.pack_meta(raw.tobytes()))
+        return _deflate_split(raw) if r.split else cg.pack_meta(raw.tobytes())
+
+    # zlib releases the GIL: the four sections deflate side by side (the host's share of an encode)
+    packed = list(_zlib_pool().map(deflate, regions)) if z >= _PARALLEL_ZLIB else [deflate(r) for r in regions]
     family = TABLE_FAMILY_VERSION | (channel_group(C).bit_length() - 1) << 4
     variant = cg.VARIANT_PROTECTED if level.protects else 0
     params = (cg._PARAMS.pack(modes[0], modes[1], quant.SEGMENT, family, lead)
@@ -321,6 +328,15 @@ def encode(codec: object, kv: torch.Tensor) -> bytes:
     tail_len = l5 + l6 + l7
     crc_all = dcrc.crc32_combine(zlib.crc32(head), crc_tail ^ dcrc.crc32_zeros(tail_len), tail_len)
     return b"".join([head, memoryview(host)[z:], struct.pack("<I", crc_all)])
+
+
+_PARALLEL_ZLIB = 1 << 16  # raw bytes of sections 1-4 above which they deflate on threads
+
+
+@functools.lru_cache(maxsize=1)
+def _zlib_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Four threads (one per zlib section), shared by every codec in the process."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvmesh-zlib")
 
 
 def _deflate_split(split: np.ndarray) -> bytes:

@@ -212,3 +212,16 @@ def test_chunks_the_pipeline_leaves_to_codec_py_still_match() -> None:
     blob = cpu.encode(kv)
     assert tri.encode(kv.to(DEVICE)) == blob
     assert torch.equal(bits(tri.decode(blob).cpu()), bits(cpu.decode(blob)))
+
+
+def test_gpu_check_sync_check_runs_here() -> None:
+    """bench/gpu_check.py's transfer check (on a GPU it also turns every other synchronisation into an
+    error) passes interpreted; the script needs nothing installed beyond what the GPU box has."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.sync_check(DEVICE, quick=True) == []
