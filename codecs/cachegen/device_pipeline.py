@@ -450,16 +450,20 @@ def _plan(codec: object, blob: bytes | bytearray | memoryview) -> _Plan | None:
     if len(lead_raw) > cg.lead_bytes(L, lead, C) or (len(lead_raw) == 0) != (lead == 0):
         raise CodecError("corrupt cachegen container: lead token section has the wrong size")
     rest = T - lead
-    lead_bytes = bytes(cg.unpack_side(lead_raw, cg.lead_bytes(L, lead, C), "lead token"))
     if len(meta) > 4 * L * C * quant.num_segments(rest):
         raise CodecError("corrupt cachegen container: stream meta section is too long")
     for raw, mode in ((kside, kmode), (vside, vmode)):
         if not 0 < len(raw) <= cg.side_bytes(mode, L, rest, C):
             raise CodecError("corrupt cachegen container: side information has the wrong size")
-    side_raw = [bytes(cg.unpack_side(raw, cg.side_bytes(mode, L, rest, C), "side information"))
-                for raw, mode in ((kside, kmode), (vside, vmode))]
     n_coded = 2 * L * C * quant.num_segments(rest) // group
-    meta_raw = cg.unpack_meta(meta, 2 * n_coded * group)
+    jobs = [(cg.unpack_side, lead_raw, cg.lead_bytes(L, lead, C), "lead token"),
+            (cg.unpack_side, kside, cg.side_bytes(kmode, L, rest, C), "side information"),
+            (cg.unpack_side, vside, cg.side_bytes(vmode, L, rest, C), "side information"),
+            (cg.unpack_meta, meta, 2 * n_coded * group, "stream meta")]
+    inflate = (lambda job: bytes(job[0](*job[1:])))
+    big = sum(len(j[1]) for j in jobs) >= _PARALLEL_ZLIB // 4
+    # zlib releases the GIL: the four sections inflate side by side (the host's share of a decode)
+    lead_bytes, *side_raw, meta_raw = _zlib_pool().map(inflate, jobs) if big else map(inflate, jobs)
     if len(lens) < cg._COUNTS.size:
         raise CodecError("corrupt cachegen container: stream lengths section too short")
     _, width = cg._COUNTS.unpack_from(lens, 0)

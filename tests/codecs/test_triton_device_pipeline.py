@@ -225,3 +225,16 @@ def test_gpu_check_sync_check_runs_here() -> None:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.sync_check(DEVICE, quick=True) == []
+
+
+def test_zlib_sections_on_threads_write_and_read_the_same(monkeypatch) -> None:
+    """Sections 1-4 deflate (encode) and inflate (decode) on the pipeline's threads above a size: the
+    same bytes and tensors as one after the other."""
+    monkeypatch.setattr(dp, "_PARALLEL_ZLIB", 0)
+    kv = kv_like(2, 30, 8, dtype=torch.float16, seed=8)
+    cpu, tri = get_codec("cachegen", backend="cpu"), get_codec("cachegen", backend="triton")
+    blob = cpu.encode(kv)
+    assert tri.encode(kv.to(DEVICE)) == blob
+    plan = dp._plan(tri, blob)
+    monkeypatch.setattr(dp, "_PARALLEL_ZLIB", 1 << 40)
+    assert dp._plan(tri, blob).raw == plan.raw
