@@ -254,7 +254,11 @@ def encode(codec: object, kv: torch.Tensor) -> bytes:
     modes = (level.key_mode, level.value_mode)
     lead = min(level.lead_tokens, T)
     rest = T - lead
-    x = kv.detach().to(dev)
+    x = kv.detach()
+    if x.device != dev:  # a chunk still on the host: the one copy in (through the seam, so it is counted)
+        _note("h2d", "input", x, dev)
+        with _sync_allowed(dev):
+            x = x.to(dev)
     amax = x.abs().amax().to(torch.float32)
     flags = torch.stack([~torch.isfinite(amax), amax > quant.FP16_MAX]).to(torch.int64)
 
