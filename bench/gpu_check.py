@@ -7,9 +7,14 @@
    real SmolLM2 chunks in bench/data/realkv_chunks.safetensors when that file is present;
    GPU blobs decode on the CPU and CPU blobs on the GPU to the same tensors.
 2. The Triton kernel tests (tests/codecs/test_triton_*.py) on the GPU, when pytest is installed.
-3. A table of GB/s of fp16 input, CUDA-event timed after warm-up, for a device-to-device copy, the
-   quantizer, the statistics, the rANS coder, the device-resident encode/decode pipelines and the whole
-   codec (bytes out / bytes in, transfers and container included), on a large batch.
+3. No synchronisation on the way: one encode and one decode run with torch.cuda.set_sync_debug_mode
+   at "error" (the pipeline's transfer seam lifts it for its own copies: the sizes/flags read and the
+   container copy), so any other synchronising call raises; and the copies counted (device_pipeline).
+4. A table of GB/s of fp16 input, CUDA-event timed after warm-up, for a device-to-device copy, the
+   quantizer, the statistics, the rANS coder, the container assembly and CRC, the device-resident
+   encode/decode pipelines and the whole codec (tensor -> bytes and bytes -> tensor, transfers and
+   container included) on a [2, 30, 8192, 192] fp16 input; the host's share (the zlib of sections 1-4,
+   which FORMAT.md pins to the writer's zlib), and the goals of issue 17 met or missed.
 Installs nothing (the GPU box has torch, triton and numpy, not transformers or safetensors), and needs
 no installed kvmesh: the repository is put on the import path as setup.py maps it. Exits 1 on any
 byte mismatch or failed test.
@@ -191,7 +196,8 @@ def kernel_tests(device: torch.device) -> int:
     except ImportError:
         print("kernel tests: pytest is not installed here; skipped (the byte checks above exercise every kernel)")
         return 0
-    files = [str(REPO / "tests" / "codecs" / f) for f in ("test_triton_kernels.py", "test_triton_codec.py")]
+    files = [str(REPO / "tests" / "codecs" / f)
+             for f in ("test_triton_kernels.py", "test_triton_codec.py", "test_triton_device_pipeline.py")]
     print(f"kernel tests on {device.type}: pytest -q {' '.join(Path(f).name for f in files)}")
     return int(pytest.main(["-q", "-p", "no:cacheprovider", "--rootdir", str(REPO), *files]))
 
@@ -216,9 +222,83 @@ def timed(fn: Callable[[], object], device: torch.device, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def throughput(device: torch.device, quick: bool) -> None:
+def sync_check(device: torch.device, quick: bool) -> list[str]:
+    """Encode and decode once with every synchronisation an error, but the seam's own copies; the
+    copies counted. Returns failures."""
+    from kvmesh.codecs import get_codec
+    from kvmesh.codecs.cachegen import device_pipeline as dp
+
+    failures = []
+    shape = (2, 40, 24) if quick else (30, 1024, 192)
+    kv = kv_like(*shape, torch.float16, seed=3, device=device.type)
+    for method in ("cachegen", "cachegen-hq"):
+        codec = get_codec(method, backend="triton")
+        blob = codec.encode(kv)  # warm-up: compiles, caches the layout's constant arrays
+        codec.decode(blob)
+        strict = device.type == "cuda"
+        if strict:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with dp.record_transfers() as enc_log:
+                again = codec.encode(kv)
+            with dp.record_transfers() as dec_log:
+                out = codec.decode(blob)
+        except RuntimeError as e:
+            failures.append(f"{method}: a synchronising call on the way: {e}")
+            continue
+        finally:
+            if strict:
+                torch.cuda.set_sync_debug_mode(0)
+        enc = [(d, w) for d, w, _, _ in enc_log]
+        dec = [(d, w) for d, w, _, _ in dec_log]
+        ok = (again == blob and enc == [("d2h", "sizes, crc, flags"), ("d2h", "container")]
+              and dec == [("h2d", "blob"), ("h2d", "inflated sections 1-4"), ("d2h", "flags")]
+              and out.shape == kv.shape)
+        print(f"sync check {method} {list(kv.shape)}: encode copies {[(d, w, n) for d, w, _, n in enc_log]}; "
+              f"decode copies {[(d, w, n) for d, w, _, n in dec_log]}; "
+              f"{'no other synchronisation' if strict else '(interpreted: sync mode not checked)'}; "
+              f"{'ok' if ok else 'MISMATCH'}", flush=True)
+        if not ok:
+            failures.append(f"{method}: transfers {enc} / {dec} or bytes differ")
+    return failures
+
+
+def host_share(codec: object, kv: torch.Tensor, iters: int) -> tuple[float, float, int]:
+    """(seconds of zlib deflate, seconds of zlib inflate, raw bytes) of sections 1-4 for kv: the part of
+    encode/decode FORMAT.md leaves to the host's zlib."""
+    from kvmesh.codecs import container
+    from kvmesh.codecs.cachegen import codec as cg
+
+    blob = codec.encode(kv)
+    header, sections = container.unpack(blob)
+    _, L, T, C = header.shape
+    kmode, vmode, _, _, lead = cg._PARAMS.unpack_from(sections[0], 0)
+    rest = T - lead
+    sizes = [cg.lead_bytes(L, lead, C), cg.side_bytes(kmode, L, rest, C), cg.side_bytes(vmode, L, rest, C)]
+    raws = [bytes(cg.unpack_side(sections[i + 1], n, "x")) for i, n in enumerate(sizes)]
+    meta = cg.stream_meta(blob)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        for r in raws:
+            cg.pack_side(r)
+        cg.pack_meta(meta)
+    deflate = (time.perf_counter() - t0) / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        for i, n in enumerate(sizes):
+            cg.unpack_side(sections[i + 1], n, "x")
+        cg.unpack_meta(sections[4], len(meta))
+    inflate = (time.perf_counter() - t0) / iters
+    return deflate, inflate, sum(map(len, raws)) + len(meta)
+
+
+def throughput(device: torch.device, quick: bool) -> list[str]:
     from kvmesh.codecs import get_codec
     from kvmesh.codecs.cachegen import delta
+    from kvmesh.codecs.cachegen import device_crc as dcrc
+    from kvmesh.codecs.cachegen import device_pipeline as dp
+    from kvmesh.codecs.cachegen import triton_rans as tr
     from kvmesh.codecs.cachegen.layout import channel_group, stream_layout
 
     shape = (2, 40, 24) if quick else (30, 8192, 192)
@@ -233,7 +313,10 @@ def throughput(device: torch.device, quick: bool) -> None:
     def row(stage: str, method: str, sec: float) -> None:
         print(f"| {stage} | {method} | {sec * 1e3:.3f} | {nbytes / sec / 1e9:.1f} |", flush=True)
 
-    row("device-to-device copy (torch clone)", "-", timed(lambda: kv.clone(), device, iters))
+    copy_s = timed(lambda: kv.clone(), device, iters)
+    row("device-to-device copy (torch clone)", "-", copy_s)
+    gbps = (lambda sec: nbytes / sec / 1e9)
+    goals: list[tuple[str, float, float]] = []  # (what, measured, goal)
     for method in ("cachegen", "cachegen-hq"):
         codec = get_codec(method, backend="triton")
         be = codec.backend
@@ -246,15 +329,28 @@ def throughput(device: torch.device, quick: bool) -> None:
         qs = delta.forward(q, levels, flags)  # the symbols the streams carry (delta streams: differences)
         words, counts = be.rans_encode_device(qs, center, table, layout)
         blob = codec.encode(kv)
-        row("quantize (fp16 in, q + bounds out)", method, timed(lambda: be.quantize(kv, levels, modes), device, iters))
+        quant_s = timed(lambda: be.quantize(kv, levels, modes), device, iters)
+        row("quantize (fp16 in, q + bounds out)", method, quant_s)
+        print(f"| quantize / device-to-device copy | {method} | - | {copy_s / quant_s:.2f} (goal >= 0.8) |", flush=True)
+        goals.append((f"{method}: quantize / copy", copy_s / quant_s, 0.8))
         prof = synthetic_profile(layers, channels)
         row("quantize with query-aware key rounding (synthetic profile)", method,
             timed(lambda: be.quantize(kv, levels, modes, key_profile=prof), device, iters))
         row("statistics (histogram, centre, table)", method, timed(lambda: be.stats_device(q, layout), device, iters))
         row("statistics with delta streams (2 passes, costs, choice)", method,
             timed(lambda: be.stream_models_device(q, layout, lv.delta), device, iters))
-        row("rANS encode (kernel + compaction)", method,
-            timed(lambda: be.rans_encode_device(qs, center, table, layout), device, iters))
+        rans_s = timed(lambda: be.rans_encode_device(qs, center, table, layout), device, iters)
+        row("rANS encode (kernel + compaction)", method, rans_s)
+        goals.append((f"{method}: rANS encode kernel GB/s", gbps(rans_s), 200.0))
+        buf = torch.zeros(len(blob) * 4, dtype=torch.uint8, device=device)
+        nblob = torch.full((1,), len(blob), dtype=torch.int64, device=device)
+        row(f"device CRC-32 of a container-sized buffer ({len(blob)} bytes, bound 4x)", method,
+            timed(lambda: dcrc.raw_crc(buf, 0, nblob, buf.numel(), device.type == "cpu"), device, iters))
+        scratch, cnt, width = be.rans_encode_scratch(qs, center, table, layout)
+        row("words compaction into the container (bytes, device offsets)", method,
+            timed(lambda: tr.compact_into(scratch, cnt, width, buf, nblob * 0, device.type == "cpu"), device, iters))
+        row("stream lengths packed on the device (section 5)", method,
+            timed(lambda: dp._pack_counts(cnt), device, iters))
 
         def enc_pipeline():
             q2, _ = be.quantize(kv, levels, modes)
@@ -262,8 +358,9 @@ def throughput(device: torch.device, quick: bool) -> None:
             return be.rans_encode_device(delta.forward(q2, levels, f2), c2, t2, layout)
 
         row("encode pipeline on device (quantize + stats with delta + rANS)", method, timed(enc_pipeline, device, iters))
-        row("codec.encode (tensor -> bytes: checks, D2H, container)", method,
-            timed(lambda: codec.encode(kv), device, max(1, iters // 2)))
+        enc_s = timed(lambda: codec.encode(kv), device, max(1, iters // 2))
+        row("codec.encode: tensor -> bytes (device pipeline, one copy out, host zlib of sections 1-4)", method, enc_s)
+        goals.append((f"{method}: tensor -> bytes GB/s", gbps(enc_s), 50.0))
         row("rANS decode", method, timed(lambda: be.rans_decode_device(words, counts, center, table, layout),
                                           device, iters))
         row("dequantize (q + bounds in, fp16 out)", method,
@@ -274,8 +371,12 @@ def throughput(device: torch.device, quick: bool) -> None:
             return be.dequantize(delta.inverse(q2, levels, flags), sides, levels, modes, dtype=torch.float16)
 
         row("decode pipeline on device (rANS + delta inverse + dequantize)", method, timed(dec_pipeline, device, iters))
-        row("codec.decode (bytes -> GPU tensor: H2D, checks, container)", method,
-            timed(lambda: codec.decode(blob), device, max(1, iters // 2)))
+        dec_s = timed(lambda: codec.decode(blob), device, max(1, iters // 2))
+        row("codec.decode: bytes -> tensor on the device (one copy in, checks on the device)", method, dec_s)
+        goals.append((f"{method}: bytes -> tensor GB/s", gbps(dec_s), 50.0))
+        deflate, inflate, zraw = host_share(codec, kv, max(1, iters // 2))
+        row(f"host zlib deflate of sections 1-4 ({zraw} raw bytes; FORMAT.md pins them to zlib)", method, deflate)
+        row("host zlib inflate of sections 1-4", method, inflate)
         print(f"| (size) | {method} | {len(blob)} bytes | ratio {nbytes / len(blob):.2f} vs fp16 |", flush=True)
         if method == "cachegen" and layers > 1:
             pcodec = get_codec(method, backend="triton", predictor=synthetic_predictor(layers, channels))
@@ -285,6 +386,10 @@ def throughput(device: torch.device, quick: bool) -> None:
                 timed(lambda: be.predict(x, pcodec.predictor, 1, 1), device, iters))
             row("codec.encode with a layer predictor (synthetic)", method, timed(lambda: pcodec.encode(kv), device, max(1, iters // 2)))
             row("codec.decode with a layer predictor (synthetic)", method, timed(lambda: pcodec.decode(pblob), device, max(1, iters // 2)))
+    print("\n| goal (issue 17, item 3) | measured | goal | |\n| --- | --- | --- | --- |")
+    for what, got, want in goals:
+        print(f"| {what} | {got:.2f} | >= {want} | {'met' if got >= want else 'MISSED'} |")
+    return [w for w, got, want in goals if got < want]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,8 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         rc_tests = kernel_tests(device)
         print(f"kernel tests: exit {rc_tests} ({time.perf_counter() - t1:.1f} s)\n", flush=True)
+    sync_failures = sync_check(device, args.quick)
+    ck.failures.extend(sync_failures)
     if not args.no_bench:
-        throughput(device, args.quick)
+        missed = throughput(device, args.quick)
+        if missed and not interp:
+            print(f"goals missed (not a failure of the check): {', '.join(missed)}")
     for f in ck.failures:
         print("FAIL:", f)
     print(f"total {time.perf_counter() - t0:.1f} s", flush=True)

@@ -55,19 +55,45 @@ def container_overhead(n_sections: int) -> int:
     return FIXED_HEADER_BYTES + 4 * n_sections + CRC_BYTES
 
 
-def pack(codec_id: int, level_id: int, dtype: torch.dtype, shape: tuple[int, ...], sections: list[bytes]) -> bytes:
-    if len(sections) > MAX_SECTIONS:
-        raise CodecError(f"too many sections: {len(sections)}")
+def pack_head(codec_id: int, level_id: int, dtype: torch.dtype, shape: tuple[int, ...],
+              section_lengths: list[int] | tuple[int, ...]) -> bytes:
+    """The fixed header and the section table: the bytes before the first section. (For writers that
+    assemble the sections elsewhere, e.g. on a GPU, and know only their lengths here.)"""
+    if len(section_lengths) > MAX_SECTIONS:
+        raise CodecError(f"too many sections: {len(section_lengths)}")
     if len(shape) != 4 or any(not 0 <= int(d) < 2**32 for d in shape):
         raise CodecError(f"shape {tuple(shape)} cannot be stored")
-    head = _FIXED.pack(MAGIC, FORMAT_VERSION, codec_id, level_id, DTYPE_CODES[dtype], 4, len(sections), 0, *map(int, shape))
-    lengths = struct.pack(f"<{len(sections)}I", *(len(s) for s in sections))
-    body = b"".join([head, lengths, *sections])
+    head = _FIXED.pack(MAGIC, FORMAT_VERSION, codec_id, level_id, DTYPE_CODES[dtype], 4, len(section_lengths), 0,
+                       *map(int, shape))
+    return head + struct.pack(f"<{len(section_lengths)}I", *map(int, section_lengths))
+
+
+def pack(codec_id: int, level_id: int, dtype: torch.dtype, shape: tuple[int, ...], sections: list[bytes]) -> bytes:
+    body = b"".join([pack_head(codec_id, level_id, dtype, shape, [len(s) for s in sections]), *sections])
     return body + struct.pack("<I", zlib.crc32(body))
 
 
 def read_header(blob: bytes | bytearray | memoryview) -> Header:
     """Parses and checks the header and the checksum; raises CodecError on anything wrong."""
+    header = read_header_unverified(blob)
+    mv = memoryview(blob).cast("B") if not isinstance(blob, memoryview) else blob.cast("B")
+    (crc,) = struct.unpack_from("<I", mv, len(mv) - CRC_BYTES)
+    if zlib.crc32(mv[: len(mv) - CRC_BYTES]) != crc:
+        raise CodecError(CHECKSUM_MISMATCH)
+    return header
+
+
+CHECKSUM_MISMATCH = "corrupt container: checksum mismatch"
+
+
+def stored_crc(blob: bytes | bytearray | memoryview) -> int:
+    """The CRC-32 a container stores in its last 4 bytes (for a reader that checks it elsewhere)."""
+    return struct.unpack_from("<I", blob, len(blob) - CRC_BYTES)[0]
+
+
+def read_header_unverified(blob: bytes | bytearray | memoryview) -> Header:
+    """read_header without the checksum: for a reader that checks the CRC elsewhere (on a GPU) and
+    raises CHECKSUM_MISMATCH itself. Every structural check is made here."""
     mv = memoryview(blob).cast("B") if not isinstance(blob, memoryview) else blob.cast("B")
     if len(mv) < FIXED_HEADER_BYTES + CRC_BYTES:
         raise CodecError(f"not a kvmesh container: {len(mv)} bytes is shorter than any header")
@@ -87,15 +113,20 @@ def read_header(blob: bytes | bytearray | memoryview) -> Header:
     if end_lengths + sum(lengths) + CRC_BYTES != len(mv):
         raise CodecError(
             f"truncated or corrupt container: sections say {end_lengths + sum(lengths) + CRC_BYTES} bytes, got {len(mv)}")
-    (crc,) = struct.unpack_from("<I", mv, len(mv) - CRC_BYTES)
-    if zlib.crc32(mv[: len(mv) - CRC_BYTES]) != crc:
-        raise CodecError("corrupt container: checksum mismatch")
     return Header(codec_id, level_id, CODE_DTYPES[dtype_code], tuple(shape), tuple(lengths))
 
 
 def unpack(blob: bytes | bytearray | memoryview) -> tuple[Header, list[memoryview]]:
     """Checks the container and returns its header and its sections (views into blob)."""
-    header = read_header(blob)
+    return _sections(read_header(blob), blob)
+
+
+def unpack_unverified(blob: bytes | bytearray | memoryview) -> tuple[Header, list[memoryview]]:
+    """unpack without the checksum (read_header_unverified)."""
+    return _sections(read_header_unverified(blob), blob)
+
+
+def _sections(header: Header, blob: bytes | bytearray | memoryview) -> tuple[Header, list[memoryview]]:
     mv = memoryview(blob).cast("B")
     pos = FIXED_HEADER_BYTES + 4 * len(header.section_lengths)
     sections = []

@@ -313,6 +313,11 @@ class CacheGenCodec(Codec):
 
     # -- encode ----------------------------------------------------------------------------------
     def encode(self, kv: torch.Tensor) -> bytes:
+        if self.backend.name == "triton":
+            from kvmesh.codecs.cachegen import device_pipeline
+
+            if device_pipeline.encodable(self, kv):  # on the device end to end: the same bytes
+                return device_pipeline.encode(self, kv)
         kv = check_kv(kv)
         if float(kv.abs().amax()) > quant.FP16_MAX:
             raise CodecError("cachegen stores fp16 bounds: values beyond +-65504 cannot be encoded (use 'lossless')")
@@ -431,6 +436,12 @@ class CacheGenCodec(Codec):
 
     # -- decode ----------------------------------------------------------------------------------
     def decode(self, blob: bytes, device: torch.device | str | None = None) -> torch.Tensor:
+        if self.backend.name == "triton":
+            from kvmesh.codecs.cachegen import device_pipeline
+
+            out = device_pipeline.decode(self, blob)  # on the device end to end (None: not this container)
+            if out is not None:
+                return out if device is None else out.to(device)
         # a protecting level also reads its containers written before protection existed (7 sections)
         allowed = (N_SECTIONS, N_SECTIONS_PROTECTED) if self.level.protects else (N_SECTIONS,)
         header, sections = self._unpack(blob, allowed + (N_SECTIONS_PREDICTED,))

@@ -31,8 +31,11 @@ DELTA_FLAG = 0x80  # bit 7 of a stream's table byte: the stream holds d, not q
 TABLE_MASK = 0x7F
 
 
-def _alphabet(levels: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """int32 [2, L, 1, 1]: the alphabet size B of each (K/V, layer), on like's device."""
+def _alphabet(levels: np.ndarray | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """int32 [2, L, 1, 1]: the alphabet size B of each (K/V, layer), on like's device. A tensor already
+    there (the Triton backend caches one per layout) spares a host-to-device copy, which synchronises."""
+    if isinstance(levels, torch.Tensor) and levels.device == like.device:
+        return levels.to(torch.int32).reshape(2, -1, 1, 1)
     return torch.as_tensor(np.asarray(levels, np.int64), device=like.device).to(torch.int32).reshape(2, -1, 1, 1)
 
 

@@ -42,6 +42,9 @@ class _Tables:
             e_pos += t.freq.size
             d_pos += t.slot_to_symbol.size
             c_pos += t.cost.size
+        # 256 identity entries (f = 4096, c = 0) after the last table: a symbol >= its alphabet (only
+        # from input the device pipeline rejects once at the end, e.g. NaN) then reads inside the array
+        enc.append(np.full(256, 4096, np.int32))
         self.enc = torch.from_numpy(np.concatenate(enc)).to(device)
         self.dec = torch.from_numpy(np.concatenate(dec)).to(device)
         if max(int(c.max()) for c in cost) * 256 >= 2**31:
@@ -92,10 +95,34 @@ class _LayoutLanes:
         self.tabs = tabs
         self.enc_off = torch.from_numpy(enc_off).to(device)
         self.dec_off = torch.from_numpy(dec_off).to(device)
+        # Per-call constants kept on the device: a host-to-device copy synchronises the host with the queue.
+        self.alphabet = torch.from_numpy(np.asarray(layout.levels, np.int64)).to(device)  # [2, L]
+        self.group_rows = [(int(g), torch.from_numpy(rows).to(device)) for g, rows in layout.groups]
+        self.coded_lengths = torch.from_numpy(layout.coded_lengths.astype(np.int32)).to(device)
+        self._half_masks: dict[tuple[bool, bool], torch.Tensor] = {}
+        self._layout = layout
         # The interpreter pays per step, so it loops only as far as the longest stream; compiled kernels
         # keep one specialisation (NMAX is a compile-time constant).
         longest = int(layout.lengths.max()) if layout.lengths.size else 0
         self.nmax = longest if device.type == "cpu" else quant.SEGMENT
+
+    def half_mask(self, halves: tuple[bool, bool]) -> torch.Tensor:
+        """bool [S] on the device: the streams that may be delta streams (delta.half_mask), cached."""
+        m = self._half_masks.get(halves)
+        if m is None:
+            m = self._half_masks[halves] = torch.from_numpy(delta.half_mask(self._layout, halves)).to(self.alpha.device)
+        return m
+
+    def stream_costs(self, hist: torch.Tensor, center: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """delta.stream_costs_device with this layout's row indices already on the device."""
+        dev = hist.device
+        c, t = center.to(torch.int64), table.to(torch.int64)
+        out = torch.zeros(self._layout.num_streams, dtype=torch.int64, device=dev)
+        for b, r in self.group_rows:
+            shift = torch.remainder(torch.arange(b, device=dev)[None, :] + c[r][:, None], b)
+            hr = torch.gather(hist[r].to(torch.int64), 1, shift)
+            out[r] = (hr * delta._cost_table(b, str(dev))[t[r]]).sum(dim=1)
+        return out
 
     def table_offsets(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = table.to(torch.int64)
@@ -245,13 +272,12 @@ class TritonBackend:
         if not any(halves):
             center, table = self.stats_device(q, layout)
             return center, table, torch.zeros(layout.num_streams, dtype=torch.bool, device=self.device)
+        ll = self._layout(layout)
         hist = self.histogram(q, layout)
         center, table = self.choose_tables_device(hist, layout)
-        hist_d = self.histogram(delta.forward(q, layout.levels), layout)
+        hist_d = self.histogram(delta.forward(q, ll.alphabet), layout)
         center_d, table_d = self.choose_tables_device(hist_d, layout)
-        allowed = torch.from_numpy(delta.half_mask(layout, halves)).to(self.device)
-        flags = (delta.stream_costs_device(hist_d, center_d, table_d, layout)
-                 < delta.stream_costs_device(hist, center, table, layout)) & allowed
+        flags = (ll.stream_costs(hist_d, center_d, table_d) < ll.stream_costs(hist, center, table)) & ll.half_mask(halves)
         return torch.where(flags, center_d, center), torch.where(flags, table_d, table), flags
 
     def stats(self, q: torch.Tensor, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
@@ -282,12 +308,24 @@ class TritonBackend:
 
     def rans_encode_device(self, q: torch.Tensor, center: np.ndarray | torch.Tensor, table: np.ndarray | torch.Tensor,
                            layout: StreamLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        scratch, counts, width = self.rans_encode_scratch(q, center, table, layout)
+        return tr.compact(scratch, counts, width, self.interpret), counts
+
+    def rans_encode_scratch(self, q: torch.Tensor, center: np.ndarray | torch.Tensor,
+                            table: np.ndarray | torch.Tensor, layout: StreamLayout
+                            ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The coder's output before compaction, without synchronising: (scratch uint16 [coded streams,
+        width + 2] with each stream's words at the end of its row, words per coded stream int32, width)."""
         ll = self._layout(layout)
         q = q.to(self.device).contiguous()
         c = self._dev(center, torch.uint8)
         enc_off, _ = ll.table_offsets(self._dev(table, torch.int64))
-        return tr.rans_encode(q, ll.coded, ll.lengths, c, ll.alpha, enc_off, ll.tabs.enc, ll.nmax,
-                              interpret=self.interpret)
+        return tr.rans_encode_scratch(q, ll.coded, ll.lengths, c, ll.alpha, enc_off, ll.tabs.enc, ll.nmax,
+                                      interpret=self.interpret)
+
+    def layout_lanes(self, layout: StreamLayout) -> "_LayoutLanes":
+        """The layout's per-stream and per-lane arrays on the device (cached)."""
+        return self._layout(layout)
 
     def rans_decode(self, words: np.ndarray | torch.Tensor, counts: np.ndarray | torch.Tensor,
                     center: np.ndarray | torch.Tensor, table: np.ndarray | torch.Tensor,

@@ -302,6 +302,15 @@ def rans_encode(sym: torch.Tensor, lanes: Lanes, lengths: torch.Tensor, center: 
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes every coded stream (one per lane); lengths, center, alpha and tab_off are per model
     stream. Returns (words uint16 [total], counts int32 [lanes]) on sym's device."""
+    scratch, counts, width = rans_encode_scratch(sym, lanes, lengths, center, alpha, tab_off, enc_tab, nmax, interpret)
+    return compact(scratch, counts, width, interpret), counts
+
+
+def rans_encode_scratch(sym: torch.Tensor, lanes: Lanes, lengths: torch.Tensor, center: torch.Tensor,
+                        alpha: torch.Tensor, tab_off: torch.Tensor, enc_tab: torch.Tensor, nmax: int,
+                        interpret: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """rans_encode before compaction (nothing synchronises): (scratch uint16 [lanes * (width + 2)],
+    each lane's words at the end of its row, counts int32 [lanes], width = nmax * group)."""
     s_count = lanes.n
     dev = sym.device
     width = nmax * lanes.group
@@ -313,7 +322,7 @@ def rans_encode(sym: torch.Tensor, lanes: Lanes, lengths: torch.Tensor, center: 
         _rans_encode_kernel[grid](sym, lanes.lane_base, lanes.lane_stream, lanes.lane_model, lengths, center, alpha,
                                   tab_off, enc_tab, scratch, counts, lanes.n, lanes.sym_step, lanes.model_step,
                                   NMAX=nmax, G=lanes.group, BLOCK=block)
-    return compact(scratch, counts, width, interpret), counts
+    return scratch, counts, width
 
 
 def compact(scratch: torch.Tensor, counts: torch.Tensor, nmax: int, interpret: bool = False) -> torch.Tensor:
@@ -384,3 +393,40 @@ def stream_stats(sym: torch.Tensor | None, lanes: Lanes, lengths: torch.Tensor, 
         if not use_dot:
             _stats_kernel[grid](*args, DOT=False, **consts)
     return center, table
+
+
+@triton.jit
+def _compact_bytes_kernel(scratch_ptr, count_ptr, offset_ptr, out_ptr, dst_ptr, n_streams,
+                          NMAX: tl.constexpr, ROWS: tl.constexpr, WBLOCK: tl.constexpr):
+    """_compact_kernel writing little-endian bytes at a byte position read from the device (dst_ptr):
+    the words section may start at any byte of a container."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    valid = rows < n_streams
+    cnt = tl.load(count_ptr + rows, mask=valid, other=0)
+    off = tl.load(offset_ptr + rows, mask=valid, other=0)
+    dst = tl.load(dst_ptr)
+    w = tl.arange(0, WBLOCK)
+    m = valid[:, None] & (w[None, :] < cnt[:, None])
+    src = rows.to(tl.int64)[:, None] * (NMAX + 2) + (NMAX + 2 - cnt)[:, None] + w[None, :]
+    vals = tl.load(scratch_ptr + src, mask=m, other=0).to(tl.int32)
+    at = dst + 2 * (off[:, None] + w[None, :])
+    tl.store(out_ptr + at, (vals & 255).to(tl.uint8), mask=m)
+    tl.store(out_ptr + at + 1, ((vals >> 8) & 255).to(tl.uint8), mask=m)
+
+
+def compact_into(scratch: torch.Tensor, counts: torch.Tensor, nmax: int, out: torch.Tensor, dst: torch.Tensor,
+                 interpret: bool = False) -> torch.Tensor:
+    """Writes the coded streams' words (rans_encode_scratch's rows) as uint16 little-endian bytes into
+    out (uint8) from byte dst (int64 [1] on the device) on, in stream order, without synchronising.
+    Returns the byte length (int64 [1] on the device)."""
+    s_count = counts.numel()
+    c64 = counts.to(torch.int64)
+    if s_count == 0:
+        return torch.zeros(1, dtype=torch.int64, device=out.device)
+    ends = torch.cumsum(c64, 0)
+    offsets = ends - c64
+    wblock = triton.next_power_of_2(nmax + 2)
+    rows = max(1, min(64 if interpret else 4, 8192 // wblock * (16 if interpret else 1)))
+    _compact_bytes_kernel[(triton.cdiv(s_count, rows),)](scratch, counts, offsets, out, dst, s_count,
+                                                        NMAX=nmax, ROWS=rows, WBLOCK=wblock)
+    return 2 * ends[-1:]

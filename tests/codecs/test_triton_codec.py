@@ -135,3 +135,57 @@ def test_bytes_identical_with_a_layer_predictor(method: str) -> None:
     assert want != get_codec(method, backend="cpu").encode(kv)
     assert tri.encode(kv.to(DEVICE)) == want
     assert torch.equal(bits(tri.decode(want).cpu()), bits(cpu.decode(want)))
+
+
+# ---- the device pipeline (device_pipeline.py) on every container form ------------------------------
+
+@pytest.mark.parametrize("channels", [6, 7])  # 2 and 1 channels per coded stream
+def test_bytes_identical_with_small_channel_groups(channels: int) -> None:
+    kv = kv_like(2, 30, channels, dtype=torch.float16, seed=channels)
+    kv[1, 1, 3] *= 0.02
+    check_same(kv, "cachegen")
+
+
+def _repack(blob: bytes, params: bytes | None = None, sections: list[bytes] | None = None) -> bytes:
+    from kvmesh.codecs import container
+
+    header, secs = container.unpack(blob)
+    parts = [bytes(s) for s in secs] if sections is None else sections
+    if params is not None:
+        parts[0] = params
+    return container.pack(header.codec_id, header.level_id, header.dtype, header.shape, parts)
+
+
+def test_device_decode_reads_every_older_container_form(monkeypatch) -> None:
+    """Containers written before the variant byte, before section 7, before coded streams (G = 1) and
+    with sections 1-4 raw: the device decodes each to the CPU's tensor."""
+    import kvmesh.codecs.cachegen.codec as cm
+    from kvmesh.codecs import container
+    from kvmesh.codecs.cachegen import quant
+
+    cpu, tri = codecs("cachegen")
+    kv = kv_like(2, 40, 8, dtype=torch.float16, seed=21)
+    kv[1, 0, 5] *= 0.02
+    blob = cpu.encode(kv)
+    header, secs = container.unpack(blob)
+    params = bytes(secs[0])
+    _, L, T, C = header.shape
+    kmode, vmode = params[0], params[1]
+    rest = T - params[5]
+    raw = [bytes(cm.unpack_side(secs[1], cm.lead_bytes(L, params[5], C), "x")),
+           bytes(cm.unpack_side(secs[2], cm.side_bytes(kmode, L, rest, C), "x")),
+           bytes(cm.unpack_side(secs[3], cm.side_bytes(vmode, L, rest, C), "x")),
+           cm.unpack_meta(secs[4], 4 * L * C * quant.num_segments(rest))]
+    monkeypatch.setattr(cm, "channel_group", lambda channels: 1)
+    g1 = cpu.encode(kv)
+    monkeypatch.undo()
+    forms = {
+        "no variant byte": _repack(blob, params[:-1]),
+        "no section 7": _repack(blob, sections=[params[:-1], *map(bytes, secs[1:7])]),
+        "G = 1": g1,
+        "sections 1-4 raw": _repack(blob, sections=[params, *raw, *map(bytes, secs[5:])]),
+    }
+    for name, old in forms.items():
+        want = cpu.decode(old)
+        got = tri.decode(old)
+        assert torch.equal(bits(got.cpu()), bits(want)), name

@@ -1,0 +1,618 @@
+"""The cachegen container made and read on the device (the Triton backend's encode and decode).
+
+encode: the chunk goes in once; quantization, statistics, rANS, the stream-length packing (section 5),
+the words (6), the protected rows (7) and the CRC of those sections are all computed by kernels and
+torch ops into ONE device buffer, with no host synchronisation on the way. The input checks (finite,
+|x| <= 65504) are device flags. At the end one small copy brings the sizes, the CRC and the flags
+(the one synchronisation), and one copy brings the finished bytes.
+
+What the host still does, and why: sections 1-4 (side tensors, stream meta; ~2-7% of a container) are
+stored as zlib streams when that is shorter, and FORMAT.md pins their bytes to the writer's zlib
+(level 6). No GPU deflate makes zlib's bytes, so those sections travel in the same one copy as raw bytes
+(already byte-split on the device) and the host deflates them, builds the 28-byte header and section
+table and joins the CRCs algebraically (device_crc.crc32_combine: no pass over the device's bytes).
+
+decode: the blob goes to the device once (plus the inflated sections 1-4, again the format's zlib);
+the CRC, the stream-length unpacking and every validation of the streams run there as flags; one
+synchronisation at the end reads them and raises the CPU path's CodecError.
+
+Every device<->host copy goes through :func:`to_host` / :func:`to_device`: the seam the tests count.
+Cross-layer prediction and chunks with no rest tokens keep codec.py's path (the prediction chooses
+each layer's level count from the data, which decides the stream layout on the host).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from kvmesh.codecs import container
+from kvmesh.codecs.base import SUPPORTED_DTYPES
+from kvmesh.codecs.cachegen import delta, quant
+from kvmesh.codecs.cachegen import device_crc as dcrc
+from kvmesh.codecs.cachegen import triton_quant as tq
+from kvmesh.codecs.cachegen import triton_rans as tr
+from kvmesh.codecs.cachegen.layout import channel_group, stream_layout
+from kvmesh.codecs.cachegen.tables import TABLE_FAMILY_VERSION
+from kvmesh.codecs.errors import CodecError
+
+# ---- the transfer seam --------------------------------------------------------------------------
+
+_trace = threading.local()
+
+
+@contextlib.contextmanager
+def record_transfers() -> Iterator[list[tuple[str, str, str, int]]]:
+    """Collects (direction "d2h"/"h2d", what, device type of the device side, bytes) of every copy the
+    pipeline makes in this thread while the block runs."""
+    log: list[tuple[str, str, str, int]] = []
+    old = getattr(_trace, "log", None)
+    _trace.log = log
+    try:
+        yield log
+    finally:
+        _trace.log = old
+
+
+def _note(direction: str, what: str, t: torch.Tensor, dev: torch.device) -> None:
+    log = getattr(_trace, "log", None)
+    if log is not None:
+        log.append((direction, what, dev.type, t.numel() * t.element_size()))
+
+
+class _Staging:
+    """One page-locked host buffer per thread for the container copy (a pageable copy runs at a fraction
+    of the bus speed); it grows to the largest container copied, never beyond MAX_STAGING. Per thread:
+    the copy is read (joined into the bytes returned) after to_host returns."""
+
+    MAX_STAGING = 1 << 31
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+
+    def copy(self, t: torch.Tensor) -> np.ndarray:
+        n = t.numel()
+        if t.device.type != "cuda" or n > self.MAX_STAGING:
+            return t.cpu().numpy()
+        if self.buf is None or self.buf.numel() < n:
+            self.buf = torch.empty(max(n, 1 << 20), dtype=torch.uint8, pin_memory=True)
+        self.buf[:n].copy_(t)
+        return self.buf[:n].numpy()
+
+
+_staging = threading.local()
+
+
+@contextlib.contextmanager
+def _sync_allowed(device: torch.device) -> Iterator[None]:
+    """Lifts torch.cuda.set_sync_debug_mode for the seam's own copies: bench/gpu_check.py runs the
+    pipeline with the mode at "error", so any other synchronisation on the way raises there."""
+    mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
+    if mode:
+        torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        if mode:
+            torch.cuda.set_sync_debug_mode(mode)
+
+
+def to_host(t: torch.Tensor, what: str) -> np.ndarray:
+    """The pipeline's only device-to-host copies (each one synchronises with the device's queue)."""
+    _note("d2h", what, t, t.device)
+    with _sync_allowed(t.device):
+        if what == "container":
+            if not hasattr(_staging, "buf"):
+                _staging.buf = _Staging()
+            return _staging.buf.copy(t.contiguous())
+        return t.cpu().numpy()
+
+
+def to_device(a: np.ndarray | bytes | memoryview, device: torch.device, what: str) -> torch.Tensor:
+    """The pipeline's only host-to-device copies (uint8). A read-only buffer (bytes) is copied from as
+    is: torch.frombuffer's warning about writing is moot, nothing writes to it."""
+    arr = np.frombuffer(a, np.uint8) if isinstance(a, (bytes, bytearray, memoryview)) else a
+    with _quiet_readonly():
+        t = torch.from_numpy(arr)
+    _note("h2d", what, t, device)
+    with _sync_allowed(device):
+        return t.to(device)
+
+
+@contextlib.contextmanager
+def _quiet_readonly() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        yield
+
+
+# ---- encode -------------------------------------------------------------------------------------
+
+@triton.jit
+def _protect_rows_kernel(x_ptr, mask_ptr, pos_ptr, n_ptr, out_ptr, off_ptr, nmask, n_rows, C,
+                         BLOCK_R: tl.constexpr, CPAD: tl.constexpr):
+    """Section 7's rows: each masked row r of x [rows, C] (its index p among them in pos) quantized with
+    mode 1 at 256 levels, as _protect_encode does; lo16 at byte 2p, hi16 at 2n + 2p and the symbols at
+    4n + p·C after the mask, the section starting at off_ptr[0]. Unmasked rows read nothing."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = r < n_rows
+    sel = tl.load(mask_ptr + r, mask=rm, other=0) != 0
+    c = tl.arange(0, CPAD)
+    m = sel[:, None] & (c < C)[None, :]
+    x = tl.load(x_ptr + r.to(tl.int64)[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+    lo16 = tq._round_down_fp16(tl.where(sel, tl.min(tl.where(m, x, float("inf")), axis=1), 0.0))
+    hi16 = tq._round_up_fp16(tl.where(sel, tl.max(tl.where(m, x, float("-inf")), axis=1), 0.0))
+    lo = lo16.to(tl.float32)
+    q = tq._quantize(x, lo[:, None], (hi16.to(tl.float32) - lo)[:, None], 256.0)
+    p = tl.load(pos_ptr + r, mask=rm, other=0)
+    n = tl.load(n_ptr)
+    base = tl.load(off_ptr) + nmask
+    lob = lo16.to(tl.int16, bitcast=True).to(tl.int32)
+    hib = hi16.to(tl.int16, bitcast=True).to(tl.int32)
+    tl.store(out_ptr + base + 2 * p, (lob & 255).to(tl.uint8), mask=sel)
+    tl.store(out_ptr + base + 2 * p + 1, ((lob >> 8) & 255).to(tl.uint8), mask=sel)
+    tl.store(out_ptr + base + 2 * n + 2 * p, (hib & 255).to(tl.uint8), mask=sel)
+    tl.store(out_ptr + base + 2 * n + 2 * p + 1, ((hib >> 8) & 255).to(tl.uint8), mask=sel)
+    tl.store(out_ptr + base + 4 * n + p[:, None] * C + c[None, :], q, mask=m)
+
+
+def _flat_bytes(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The little-endian bytes of tensors (codec._tensor_bytes) as one uint8 tensor on their device."""
+    return torch.cat([t.detach().contiguous().view(torch.uint8).reshape(-1) for t in tensors])
+
+
+def _split(raw: torch.Tensor) -> torch.Tensor:
+    """pack_side's byte split, on the device: the bytes at even offsets, then those at odd offsets."""
+    return torch.cat([raw[0::2], raw[1::2]])
+
+
+def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """bool/0-1 [n] -> uint8 [ceil(n / 8)], LSB first, padding bits zero (np.packbits little)."""
+    n = bits.numel()
+    pad = (-n) % 8
+    b = bits.to(torch.uint8)
+    if pad:
+        b = torch.cat([b, b.new_zeros(pad)])
+    w = (1 << torch.arange(8, device=b.device, dtype=torch.int32))
+    return (b.reshape(-1, 8).to(torch.int32) * w).sum(dim=1).to(torch.uint8)
+
+
+def _pack_counts(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """codec.pack_uints on the device: (uint8 [3 + 2n]: base, width, the packed values, zero beyond the
+    section's end; its length int64 [1]). Widths are at most 16 bits (a count is below 2^16)."""
+    dev = counts.device
+    n = counts.numel()
+    c = counts.to(torch.int64)
+    base = c.min()
+    v = c - base
+    k = torch.arange(16, device=dev, dtype=torch.int64)
+    width = ((v.max() >> k) > 0).sum()
+    bits = ((v[:, None] >> k[None, :]) & 1).to(torch.uint8)
+    pos = torch.arange(n, device=dev, dtype=torch.int64)[:, None] * width + k[None, :]
+    dump = 16 * n
+    pos = torch.where(k[None, :] < width, pos, dump)  # bits past the width would land in the next value
+    flat = torch.zeros(dump + 1, dtype=torch.uint8, device=dev)
+    flat.scatter_(0, pos.reshape(-1), bits.reshape(-1))
+    packed = _pack_bits(flat[:dump])
+    head = torch.stack([base & 255, (base >> 8) & 255, width]).to(torch.uint8)
+    return torch.cat([head, packed]), (3 + (n * width + 7) // 8).reshape(1)
+
+
+@dataclass
+class _Region:
+    """A host-known span of the device buffer holding one zlib-candidate section's raw bytes."""
+    start: int
+    size: int
+    split: bool  # sections 1-3 (byte-split before deflating) vs section 4 (deflated as is)
+
+
+def encodable(codec: object, kv: torch.Tensor) -> bool:
+    """Whether the device pipeline writes this chunk (else codec.py's path, same bytes)."""
+    return (getattr(codec, "predictor", None) is None and isinstance(kv, torch.Tensor) and kv.dim() == 4
+            and kv.shape[2] > codec.level.lead_tokens)
+
+
+def _check_structure(kv: object) -> torch.Tensor:
+    """base.check_kv's checks that need no look at the values (those are device flags)."""
+    if not isinstance(kv, torch.Tensor):
+        raise CodecError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+    if kv.dtype not in SUPPORTED_DTYPES:
+        raise CodecError(f"kv dtype must be float16, bfloat16 or float32, got {kv.dtype}")
+    if kv.dim() != 4 or kv.shape[0] != 2:
+        raise CodecError(f"kv must have shape [2, layers, tokens, channels], got {list(kv.shape)}")
+    if any(d < 1 for d in kv.shape[1:]):
+        raise CodecError(f"kv needs at least one layer, token and channel, got {list(kv.shape)}")
+    if any(d >= 2**32 for d in kv.shape):
+        raise CodecError(f"kv dimension too large: {list(kv.shape)}")
+    return kv
+
+
+def encode(codec: object, kv: torch.Tensor) -> bytes:
+    """CacheGenCodec.encode on the Triton backend for chunks :func:`encodable` accepts: the same bytes."""
+    from kvmesh.codecs.cachegen import codec as cg
+
+    kv = _check_structure(kv)
+    be = codec.backend
+    dev = be.device
+    _, L, T, C = kv.shape
+    if codec.key_profile is not None:
+        codec.key_profile.check(L, C)
+    level = codec.level
+    levels = level.levels_for(L)
+    modes = (level.key_mode, level.value_mode)
+    lead = min(level.lead_tokens, T)
+    rest = T - lead
+    x = kv.detach()
+    if x.device != dev:  # a chunk still on the host: the one copy in (through the seam, so it is counted)
+        _note("h2d", "input", x, dev)
+        with _sync_allowed(dev):
+            x = x.to(dev)
+    amax = x.abs().amax().to(torch.float32)
+    flags = torch.stack([~torch.isfinite(amax), amax > quant.FP16_MAX]).to(torch.int64)
+
+    lead_q, lead_sides = be.quantize(x[:, :, :lead], np.full((2, L), cg.LEAD_LEVELS), cg.LEAD_MODES)
+    lead_raw = _flat_bytes([*lead_sides[0], *lead_sides[1], lead_q])
+    xr = x[:, :, lead:].contiguous()
+    q, sides = be.quantize(xr, levels, modes, key_profile=codec.key_profile)
+    layout = stream_layout(L, rest, C, levels, channel_group(C))
+    ll = be.layout_lanes(layout)
+    center, table, dflags = be.stream_models_device(q, layout, level.delta)
+    qs = delta.forward(q, ll.alphabet, dflags) if any(level.delta) else q
+    scratch, counts, width = be.rans_encode_scratch(qs, center, table, layout)
+    meta = torch.cat([center, table | (dflags.to(torch.uint8) << 7)])
+
+    # the device buffer: [sections 1-4 raw (host-known sizes) | sections 5, 6, 7 (device-known sizes)]
+    zsrc = [(_split(lead_raw), True), (_split(_flat_bytes(sides[0])), True), (_split(_flat_bytes(sides[1])), True),
+            (meta, False)]
+    regions, pos = [], 0
+    for t, split in zsrc:
+        regions.append(_Region(pos, t.numel(), split))
+        pos += t.numel()
+    z = pos
+    n_coded = layout.num_coded
+    max5 = 3 + 2 * n_coded
+    max6 = 2 * int(layout.coded_lengths.sum() + 2 * n_coded)
+    nmask = (2 * L * rest + 7) // 8
+    max7 = cg.protected_bytes(L, rest, C, 2 * L * rest) if level.protects else 0
+    buf = torch.empty(z + max(max5, 1) + max6 + max7, dtype=torch.uint8, device=dev)
+    for (t, _), r in zip(zsrc, regions):
+        buf[r.start:r.start + r.size].copy_(t)
+    sec5, len5 = _pack_counts(counts)
+    buf[z:z + max5].copy_(sec5)
+    len6 = tr.compact_into(scratch, counts, width, buf, z + len5, be.interpret)
+    len7 = torch.zeros(1, dtype=torch.int64, device=dev)
+    if level.protects:
+        off7 = z + len5 + len6
+        mask = cg.protected_rows(xr, level.protect).reshape(-1)
+        n = mask.sum().reshape(1)
+        buf.index_copy_(0, off7 + torch.arange(nmask, device=dev), _pack_bits(mask))
+        rows = 2 * L * rest
+        pos_rows = torch.cumsum(mask.to(torch.int64), 0) - 1
+        cpad = triton.next_power_of_2(C)
+        block_r = max(1, min(256 if be.interpret else 16, 4096 // cpad))
+        _protect_rows_kernel[(triton.cdiv(rows, block_r),)](
+            xr, mask.to(torch.uint8), pos_rows, n, buf, off7, nmask, rows, C, BLOCK_R=block_r, CPAD=cpad,
+            **tq._opts(be.interpret, 4))
+        len7 = nmask + n * (4 + C)
+    tail = len5 + len6 + len7
+    crc = dcrc.raw_crc(buf, z, tail, max(max5, 1) + max6 + max7, be.interpret)
+    info = to_host(torch.cat([len5, len6, len7, crc.to(torch.int64) & 0xFFFFFFFF, flags]), "sizes, crc, flags")
+    l5, l6, l7, crc_tail, nonfinite, too_big = (int(v) for v in info)
+    if nonfinite:
+        raise CodecError("kv contains inf or NaN values; refusing to encode")
+    if too_big:
+        raise CodecError("cachegen stores fp16 bounds: values beyond +-65504 cannot be encoded (use 'lossless')")
+    host = to_host(buf[:z + l5 + l6 + l7], "container")
+
+    def deflate(r: _Region) -> bytes:
+        raw = host[r.start:r.start + r.size]
+        return _deflate_split(raw) if r.split else cg.pack_meta(raw.tobytes())
+
+    # zlib releases the GIL: the four sections deflate side by side (the host's share of an encode)
+    packed = list(_zlib_pool().map(deflate, regions)) if z >= _PARALLEL_ZLIB else [deflate(r) for r in regions]
+    family = TABLE_FAMILY_VERSION | (channel_group(C).bit_length() - 1) << 4
+    variant = cg.VARIANT_PROTECTED if level.protects else 0
+    params = (cg._PARAMS.pack(modes[0], modes[1], quant.SEGMENT, family, lead)
+              + (levels - 1).astype(np.uint8).tobytes() + bytes([variant]))
+    lengths = [len(params), *(len(p) for p in packed), l5, l6] + ([l7] if level.protects else [])
+    head = b"".join([container.pack_head(codec.codec_id, codec.level_id, kv.dtype, tuple(kv.shape), lengths),
+                     params, *packed])
+    tail_len = l5 + l6 + l7
+    crc_all = dcrc.crc32_combine(zlib.crc32(head), crc_tail ^ dcrc.crc32_zeros(tail_len), tail_len)
+    return b"".join([head, memoryview(host)[z:], struct.pack("<I", crc_all)])
+
+
+_PARALLEL_ZLIB = 1 << 16  # raw bytes of sections 1-4 above which they deflate on threads
+
+
+@functools.lru_cache(maxsize=1)
+def _zlib_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Four threads (one per zlib section), shared by every codec in the process."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvmesh-zlib")
+
+
+def _deflate_split(split: np.ndarray) -> bytes:
+    """pack_side from its byte-split input: the zlib stream when shorter, else the raw (unsplit) bytes."""
+    packed = zlib.compress(split.tobytes(), 6)
+    if len(packed) < split.size:
+        return packed
+    half = (split.size + 1) // 2
+    raw = np.empty(split.size, np.uint8)
+    raw[0::2], raw[1::2] = split[:half], split[half:]
+    return raw.tobytes()
+
+
+# ---- decode -------------------------------------------------------------------------------------
+
+@triton.jit
+def _restore_rows_kernel(blob_ptr, mask_ptr, pos_ptr, n_ptr, off, out_ptr, bad_ptr, n_rows, R, T, lead, C,
+                         BLOCK_R: tl.constexpr, CPAD: tl.constexpr):
+    """Section 7 read back: each masked rest row r (p-th of n) gets lo16, hi16 and its symbols from the
+    blob (off = where the rows start, after the mask) dequantized with mode 1 at 256 levels, written into
+    out [2, L, T, C] at token lead + r % R, in out's dtype; a non-finite bound sets bad_ptr[0]."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = r < n_rows
+    sel = tl.load(mask_ptr + r, mask=rm, other=0) != 0
+    p = tl.load(pos_ptr + r, mask=rm, other=0)
+    n = tl.load(n_ptr)
+    lo_at = off + 2 * p
+    hi_at = off + 2 * n + 2 * p
+    lob = tl.load(blob_ptr + lo_at, mask=sel, other=0).to(tl.int32) | (tl.load(blob_ptr + lo_at + 1, mask=sel, other=0).to(tl.int32) << 8)
+    hib = tl.load(blob_ptr + hi_at, mask=sel, other=0).to(tl.int32) | (tl.load(blob_ptr + hi_at + 1, mask=sel, other=0).to(tl.int32) << 8)
+    lo16 = lob.to(tl.int16).to(tl.float16, bitcast=True)
+    hi16 = hib.to(tl.int16).to(tl.float16, bitcast=True)
+    lo = lo16.to(tl.float32)
+    hi = hi16.to(tl.float32)
+    finite = (tl.abs(lo) < float("inf")) & (tl.abs(hi) < float("inf"))
+    tl.atomic_max(bad_ptr + tl.zeros_like(r), (~finite).to(tl.int32), mask=sel)
+    c = tl.arange(0, CPAD)
+    m = sel[:, None] & (c < C)[None, :]
+    q = tl.load(blob_ptr + off + 4 * n + p[:, None] * C + c[None, :], mask=m, other=0)
+    y = tq._dequantize(q, lo[:, None], (hi - lo)[:, None], 256.0)
+    row = (r // R).to(tl.int64) * T + lead + r % R
+    tl.store(out_ptr + row[:, None] * C + c[None, :], y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# the order codec.py's decode checks things in: the first failed check names the error
+_ERRORS = (
+    container.CHECKSUM_MISMATCH,
+    "corrupt cachegen container: negative quantization span",
+    "corrupt cachegen container: non-finite quantization side information",
+    "corrupt cachegen container: stream center or table index out of range",
+    "corrupt cachegen container: stream word counts do not match the stored words",
+    "corrupt rANS data: stream {k}: it does not end in the initial state having read exactly its words",
+    "corrupt cachegen container: protected mask has padding bits set",
+    "corrupt cachegen container: protected section has the wrong size",
+    "corrupt cachegen container: non-finite quantization side information",
+)
+
+
+@dataclass
+class _Plan:
+    """What the host reads from a container's header and small sections before the device runs."""
+    L: int
+    T: int
+    C: int
+    lead: int
+    modes: tuple[int, int]
+    levels: np.ndarray
+    group: int
+    offsets: list[int]  # byte offset of each section in the blob
+    lengths: tuple[int, ...]
+    raw: list[bytes]  # sections 1-4 as raw bytes (inflated)
+    protected: bool  # section 7 present and to be read
+
+
+def _plan(codec: object, blob: bytes | bytearray | memoryview) -> _Plan | None:
+    """Host checks of everything but the checksum and the streams (codec.decode's, in its words), or None
+    for containers the device pipeline leaves to codec.py (cross-layer prediction, no rest tokens)."""
+    from kvmesh.codecs.cachegen import codec as cg
+    from kvmesh.codecs.cachegen.layout import MAX_CODED_GROUP
+    from kvmesh.codecs.registry import method_for_ids
+
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise CodecError(f"blob must be bytes, got {type(blob).__name__}")
+    header, sections = container.unpack_unverified(blob)
+    if header.codec_id != codec.codec_id:
+        raise CodecError(f"container was written by codec {method_for_ids(header.codec_id, header.level_id)!r}, "
+                         f"not {codec.name!r}")
+    allowed = ((cg.N_SECTIONS, cg.N_SECTIONS_PROTECTED) if codec.level.protects else (cg.N_SECTIONS,)) \
+        + (cg.N_SECTIONS_PREDICTED,)
+    if len(sections) not in allowed:
+        raise CodecError(f"corrupt container: {len(sections)} sections, {codec.name} writes "
+                         f"{' or '.join(map(str, allowed))}")
+    if header.shape[0] != 2 or any(d < 1 for d in header.shape):
+        raise CodecError(f"corrupt container: bad shape {header.shape}")
+    _, L, T, C = header.shape
+    variant = cg._read_variant(sections, L)
+    params, lead_raw, kside, vside, meta, lens = sections[:6]
+    kmode, vmode, segment, family, lead = cg._PARAMS.unpack_from(params, 0)
+    if variant & cg.VARIANT_PREDICTED or lead >= T:
+        return None
+    if kmode not in quant.MODES or vmode not in quant.MODES:
+        raise CodecError(f"corrupt cachegen container: bad parameters (modes {kmode}, {vmode}, lead {lead})")
+    group = 1 << (family >> 4)
+    if segment != quant.SEGMENT or family & 0xF != TABLE_FAMILY_VERSION or group > MAX_CODED_GROUP or C % group:
+        raise CodecError(f"cachegen container uses segment {segment} / table family {family & 0xF} / "
+                         f"{group} channels per stream; this build reads {quant.SEGMENT} / "
+                         f"{TABLE_FAMILY_VERSION} / a power of two <= {MAX_CODED_GROUP} dividing {C}")
+    levels = np.frombuffer(params[cg._PARAMS.size: cg._PARAMS.size + 2 * L], np.uint8).astype(np.int64).reshape(2, L) + 1
+    if levels.min() < 2:
+        raise CodecError("corrupt cachegen container: a layer has fewer than 2 levels")
+    if len(lead_raw) > cg.lead_bytes(L, lead, C) or (len(lead_raw) == 0) != (lead == 0):
+        raise CodecError("corrupt cachegen container: lead token section has the wrong size")
+    rest = T - lead
+    if len(meta) > 4 * L * C * quant.num_segments(rest):
+        raise CodecError("corrupt cachegen container: stream meta section is too long")
+    for raw, mode in ((kside, kmode), (vside, vmode)):
+        if not 0 < len(raw) <= cg.side_bytes(mode, L, rest, C):
+            raise CodecError("corrupt cachegen container: side information has the wrong size")
+    n_coded = 2 * L * C * quant.num_segments(rest) // group
+    jobs = [(cg.unpack_side, lead_raw, cg.lead_bytes(L, lead, C), "lead token"),
+            (cg.unpack_side, kside, cg.side_bytes(kmode, L, rest, C), "side information"),
+            (cg.unpack_side, vside, cg.side_bytes(vmode, L, rest, C), "side information"),
+            (cg.unpack_meta, meta, 2 * n_coded * group, "stream meta")]
+    inflate = (lambda job: bytes(job[0](*job[1:])))
+    big = sum(len(j[1]) for j in jobs) >= _PARALLEL_ZLIB // 4
+    # zlib releases the GIL: the four sections inflate side by side (the host's share of a decode)
+    lead_bytes, *side_raw, meta_raw = _zlib_pool().map(inflate, jobs) if big else map(inflate, jobs)
+    if len(lens) < cg._COUNTS.size:
+        raise CodecError("corrupt cachegen container: stream lengths section too short")
+    _, width = cg._COUNTS.unpack_from(lens, 0)
+    if width > 16 or len(lens) != cg._COUNTS.size + (n_coded * width + 7) // 8:
+        raise CodecError("corrupt cachegen container: stream lengths section has the wrong size")
+    protected = bool(variant & cg.VARIANT_BITS) and (codec.level.protects or len(sections[cg.N_SECTIONS]) > 0)
+    if protected and len(sections[cg.N_SECTIONS]) < (2 * L * rest + 7) // 8:
+        raise CodecError("corrupt cachegen container: protected section shorter than its mask")
+    offsets, pos = [], container.FIXED_HEADER_BYTES + 4 * len(sections)
+    for n in header.section_lengths:
+        offsets.append(pos)
+        pos += n
+    return _Plan(L, T, C, lead, (kmode, vmode), levels, group, offsets, header.section_lengths,
+                 [lead_bytes, *side_raw, meta_raw], protected)
+
+
+def decode(codec: object, blob: bytes | bytearray | memoryview) -> torch.Tensor | None:
+    """CacheGenCodec.decode on the Triton backend, or None for containers it leaves to codec.py. Raises
+    the CodecError codec.py would (a container whose checksum fails: the checksum error first)."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise CodecError(f"blob must be bytes, got {type(blob).__name__}")
+    header = container.read_header_unverified(blob)  # the structure first, as codec.py's reader
+    try:
+        plan = _plan(codec, blob)
+    except CodecError:
+        if zlib.crc32(memoryview(blob)[:len(blob) - container.CRC_BYTES]) != container.stored_crc(blob):
+            raise CodecError(container.CHECKSUM_MISMATCH) from None  # what codec.py says first
+        raise
+    if plan is None:
+        return None
+    return _decode_on_device(codec, blob, plan, header.dtype)
+
+
+def _decode_on_device(codec: object, blob: bytes | bytearray | memoryview, plan: _Plan,
+                      dtype: torch.dtype) -> torch.Tensor:
+    from kvmesh.codecs.cachegen import codec as cg
+
+    be = codec.backend
+    dev = be.device
+    L, T, C, lead = plan.L, plan.T, plan.C, plan.lead
+    rest = T - lead
+    # the inflated sections 1-4, each at a 4-byte aligned offset (so fp16/fp32 views need no copy)
+    parts, starts, pos = [], [], 0
+    for raw in plan.raw:
+        starts.append(pos)
+        parts.append(raw + bytes((-len(raw)) % 4))
+        pos += len(parts[-1])
+    b = to_device(memoryview(blob), dev, "blob")
+    extra = to_device(b"".join(parts), dev, "inflated sections 1-4")
+    flags = torch.zeros(len(_ERRORS), dtype=torch.int64, device=dev)
+    n_body = len(blob) - container.CRC_BYTES
+    want = container.stored_crc(blob) ^ dcrc.crc32_zeros(n_body)
+    crc = dcrc.raw_crc(b, 0, torch.full((1,), n_body, dtype=torch.int64, device=dev), n_body, be.interpret)
+    flags[0] = (crc.to(torch.int64) & 0xFFFFFFFF) != want
+
+    def tensors(start: int, spec: list[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+        out, at = [], start
+        for shape, dt in spec:
+            n = int(np.prod(shape)) * (2 if dt == torch.float16 else 4)
+            t = extra[at:at + n]
+            t = (t if at % 4 == 0 else t.clone()).view(dt).reshape(shape)
+            if dt == torch.float32:
+                flags[1] |= (t < 0).any()
+            flags[2] |= ~torch.isfinite(t).all()
+            out.append(t)
+            at += n
+        return out
+
+    lspec = quant.side_spec(quant.MODE_TOKEN, L, lead, C)
+    nside = cg.side_bytes(quant.MODE_TOKEN, L, lead, C)
+    lk, lv = tensors(starts[0], lspec), tensors(starts[0] + nside, lspec)
+    lq = extra[starts[0] + 2 * nside: starts[0] + 2 * nside + 2 * L * lead * C].reshape(2, L, lead, C)
+    kmode, vmode = plan.modes
+    sides = [tensors(starts[1], quant.side_spec(kmode, L, rest, C)),
+             tensors(starts[2], quant.side_spec(vmode, L, rest, C))]
+    layout = stream_layout(L, rest, C, plan.levels, plan.group)
+    ll = be.layout_lanes(layout)
+    S = layout.num_streams
+    meta = extra[starts[3]:starts[3] + 2 * S]
+    center, tb = meta[:S], meta[S:]
+    dflags = tb >= delta.DELTA_FLAG
+    table = tb & delta.TABLE_MASK
+    ok = (center.to(torch.int32) < ll.alpha) & (table < 64)
+    flags[3] = ~ok.all()
+    center = torch.where(ok, center, torch.zeros_like(center))
+    table = torch.where(ok, table, torch.zeros_like(table))
+
+    counts = _unpack_counts(b, plan.offsets[5], layout.num_coded, blob)
+    len6 = plan.lengths[6]
+    good = (counts >= 2).all() & (counts <= ll.coded_lengths + 2).all() & (2 * counts.sum() == len6)
+    flags[4] = ~good
+    counts = torch.where(good, counts, torch.zeros_like(counts)).to(torch.int32)  # 0: the kernel reads nothing
+    o6 = plan.offsets[6]
+    words = b[o6:o6 + len6]
+    words = (words if o6 % 2 == 0 else words.clone()).view(torch.uint16)
+    q, status = be.rans_decode_device(words, counts, center, table, layout)
+    bad = status == 0
+    flags[5] = bad.sum()
+    first_bad = torch.argmax(bad.to(torch.int32)).reshape(1).to(torch.int64)
+    q = delta.inverse(q, ll.alphabet, dflags)  # any stream may be a delta stream (bit 7 of its table byte)
+    out = torch.empty(2, L, T, C, dtype=dtype, device=dev)
+    lead_out = be.dequantize(lq, [lk, lv], np.full((2, L), cg.LEAD_LEVELS), cg.LEAD_MODES, dtype=dtype)
+    rest_out = be.dequantize(q, sides, plan.levels, plan.modes, dtype=dtype)
+    out[:, :, :lead] = lead_out
+    out[:, :, lead:] = rest_out
+    if plan.protected:
+        _restore_rows(b, plan, out, flags, be.interpret)
+    info = to_host(torch.cat([flags, first_bad]), "flags")
+    for i, f in enumerate(info[:len(_ERRORS)]):
+        if f:
+            raise CodecError(_ERRORS[i].format(k=int(info[-1])))
+    return out
+
+
+def _unpack_counts(b: torch.Tensor, off: int, n: int, blob: bytes | bytearray | memoryview) -> torch.Tensor:
+    """codec.unpack_uints on the device: section 5 at byte off of the blob b -> int64 [n]. The base and
+    width (3 bytes, sizes already checked) are read from the host's copy."""
+    base, width = struct.unpack_from("<HB", blob, off)
+    if width == 0:
+        return torch.full((n,), base, dtype=torch.int64, device=b.device)
+    nbytes = (n * width + 7) // 8
+    raw = b[off + 3: off + 3 + nbytes]
+    bits = (raw[:, None].to(torch.int64) >> torch.arange(8, device=b.device)) & 1
+    v = bits.reshape(-1)[:n * width].reshape(n, width) << torch.arange(width, device=b.device)
+    return v.sum(dim=1) + base
+
+
+def _restore_rows(b: torch.Tensor, plan: _Plan, out: torch.Tensor, flags: torch.Tensor, interpret: bool) -> None:
+    """Section 7 on the device: its checks as flags 6-8, its rows written over out's rest tokens."""
+    L, T, C, lead = plan.L, plan.T, plan.C, plan.lead
+    rest = T - lead
+    rows = 2 * L * rest
+    nmask = (rows + 7) // 8
+    o7, len7 = plan.offsets[7], plan.lengths[7]
+    bits = ((b[o7:o7 + nmask, None].to(torch.int32) >> torch.arange(8, device=b.device)) & 1).reshape(-1)
+    flags[6] = bits[rows:].any() if bits.numel() > rows else False
+    mask = bits[:rows]
+    n = mask.sum().to(torch.int64).reshape(1)
+    size_ok = (nmask + n * (4 + C)) == len7
+    flags[7] = ~size_ok
+    mask = torch.where(size_ok, mask, torch.zeros_like(mask)).to(torch.uint8)  # a bad size reads no row
+    pos = torch.cumsum(mask.to(torch.int64), 0) - 1
+    bad = torch.zeros(1, dtype=torch.int32, device=b.device)
+    cpad = triton.next_power_of_2(C)
+    block_r = max(1, min(256 if interpret else 16, 4096 // cpad))
+    _restore_rows_kernel[(triton.cdiv(rows, block_r),)](b, mask, pos, n, o7 + nmask, out, bad, rows, rest, T, lead, C,
+                                                       BLOCK_R=block_r, CPAD=cpad, **tq._opts(interpret, 4))
+    flags[8] = bad[0].to(torch.int64)

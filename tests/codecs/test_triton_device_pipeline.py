@@ -1,0 +1,240 @@
+"""The device pipeline (device_pipeline.py): the container made and read on the device.
+
+Interpreted on a CPU-only machine, the "device" is the CPU: these tests cannot see a GPU stall. What
+they prove there: every copy between host and device goes through the pipeline's one seam (to_host /
+to_device) and an encode makes exactly two device-to-host copies (the few bytes of sizes, CRC and
+flags: the one synchronisation; then the finished container), a decode exactly one copy of the blob
+(plus the inflated zlib sections) to the device and one of the flags back; and no pipeline code reads
+a tensor's value on the host (item, bool, int, float, tolist, numpy, cpu) anywhere else. On a GPU,
+bench/gpu_check.py runs the same encode and decode under torch.cuda.set_sync_debug_mode.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import struct
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from kvmesh.codecs import CodecError, container, get_codec
+from tests.codecs.conftest import bits, kv_like
+from tests.codecs.test_triton_kernels import DEVICE, load_kernels
+
+load_kernels()
+
+from kvmesh.codecs.cachegen import codec as cg  # noqa: E402
+from kvmesh.codecs.cachegen import device_crc as dcrc  # noqa: E402
+from kvmesh.codecs.cachegen import device_pipeline as dp  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def interpret_env(monkeypatch):
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+_PIPELINE_FILES = tuple(os.path.join("codecs", "cachegen", f) for f in
+                        ("device_pipeline.py", "device_crc.py", "triton_backend.py", "triton_rans.py",
+                         "triton_quant.py", "delta.py", "codec.py", "quant.py"))
+_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
+
+
+def _in_seam(frame) -> bool:
+    """Whether the call comes from within device_pipeline.to_host (the staging copy included)."""
+    for _ in range(4):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "to_host" and frame.f_code.co_filename.endswith("device_pipeline.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Fails on any host read of a tensor's value made directly by pipeline code, except inside the
+    transfer seam (to_host). Calls from elsewhere (torch, the Triton interpreter) pass."""
+    originals = {name: getattr(torch.Tensor, name) for name in _READS}
+    seen: list[str] = []
+
+    def guard(name):
+        orig = originals[name]
+
+        def wrapper(self, *a, **k):
+            frame = sys._getframe(1)
+            path = frame.f_code.co_filename
+            if path.endswith(_PIPELINE_FILES) and not _in_seam(frame):
+                seen.append(f"{name} at {os.path.basename(path)}:{frame.f_lineno} ({frame.f_code.co_name})")
+            return orig(self, *a, **k)
+        return wrapper
+
+    for name in _READS:
+        setattr(torch.Tensor, name, guard(name))
+    try:
+        yield seen
+    finally:
+        for name, orig in originals.items():
+            setattr(torch.Tensor, name, orig)
+
+
+def test_encode_copies_once_and_never_reads_on_the_way() -> None:
+    kv = kv_like(2, 37, 24, dtype=torch.float16, seed=2)
+    kv[1, 0, 4] *= 0.02  # a protected row: section 7 is assembled on the device too
+    cpu, tri = get_codec("cachegen", backend="cpu"), get_codec("cachegen", backend="triton")
+    tri.encode(kv.to(DEVICE))  # warm-up: the layout's constant arrays go to the device once, cached
+    with dp.record_transfers() as log, no_host_reads() as reads:
+        blob = tri.encode(kv.to(DEVICE))
+    assert blob == cpu.encode(kv)
+    assert reads == [], f"the encode read device values on the host outside the seam: {reads}"
+    assert [(d, what) for d, what, _, _ in log] == [("d2h", "sizes, crc, flags"), ("d2h", "container")], log
+    assert all(dev == DEVICE.type for _, _, dev, _ in log)
+    assert log[0][3] <= 64, "the synchronising read is a few bytes"
+    head = container.FIXED_HEADER_BYTES + 4 * 8 + len(container.unpack(blob)[1][0])
+    # the container copy holds sections 1-4 raw (the host deflates them) and sections 5-7 as stored
+    sections = container.unpack(blob)[1]
+    assert log[1][3] == len(blob) - head - sum(len(s) for s in sections[1:5]) - 4 + dp_raw_sizes(blob)
+
+
+def dp_raw_sizes(blob: bytes) -> int:
+    """Bytes of sections 1-4 before deflating (what the device hands the host for zlib)."""
+    header, sections = container.unpack(blob)
+    _, L, T, C = header.shape
+    kmode, vmode, _, _, lead = cg._PARAMS.unpack_from(sections[0], 0)
+    rest = T - lead
+    return (cg.lead_bytes(L, lead, C) + cg.side_bytes(kmode, L, rest, C) + cg.side_bytes(vmode, L, rest, C)
+            + 4 * L * C * -(-rest // 256))
+
+
+def test_decode_copies_the_blob_once_and_never_reads_on_the_way() -> None:
+    kv = kv_like(2, 37, 24, dtype=torch.float32, seed=3)
+    kv[1, 1, 7] *= 0.02
+    cpu, tri = get_codec("cachegen", backend="cpu"), get_codec("cachegen", backend="triton")
+    blob = cpu.encode(kv)
+    tri.decode(blob)
+    with dp.record_transfers() as log, no_host_reads() as reads:
+        out = tri.decode(blob)
+    assert torch.equal(bits(out.cpu()), bits(cpu.decode(blob)))
+    assert reads == [], f"the decode read device values on the host outside the seam: {reads}"
+    assert [(d, what) for d, what, _, _ in log] == [
+        ("h2d", "blob"), ("h2d", "inflated sections 1-4"), ("d2h", "flags")], log
+    assert log[0][3] == len(blob)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN/inf: the input is refused
+@pytest.mark.parametrize("method", ["cachegen", "cachegen-hq"])
+def test_encode_input_errors_are_the_cpu_paths(method: str) -> None:
+    cpu, tri = get_codec(method, backend="cpu"), get_codec(method, backend="triton")
+    for value in (float("nan"), float("inf"), 70000.0):
+        kv = kv_like(1, 6, 8, dtype=torch.float32, seed=1)
+        kv[1, 0, 3, 2] = value
+        with pytest.raises(CodecError) as want:
+            cpu.encode(kv)
+        with pytest.raises(CodecError) as got:
+            tri.encode(kv.to(DEVICE))
+        assert str(got.value) == str(want.value)
+    with pytest.raises(CodecError, match="shape"):
+        tri.encode(torch.zeros(3, 1, 4, 4, device=DEVICE))
+
+
+def test_corrupt_sections_with_a_valid_checksum_raise_the_cpu_paths_error() -> None:
+    """A flipped bit in each section, the CRC made right again: the device flags name what the CPU's
+    checks name (checked once, at the end)."""
+    cpu, tri = get_codec("cachegen", backend="cpu"), get_codec("cachegen", backend="triton")
+    kv = kv_like(2, 21, 8, dtype=torch.float32, seed=5)
+    kv[1, 0, 3] *= 0.02
+    blob = cpu.encode(kv)
+    header, sections = container.unpack(blob)
+    rng = random.Random(4)
+    pos = container.FIXED_HEADER_BYTES + 4 * len(sections)
+    for s in sections:
+        for _ in range(2 if len(s) else 0):
+            bad = bytearray(blob)
+            at = pos + rng.randrange(len(s))
+            bad[at] ^= 1 << rng.randrange(8)
+            bad[-4:] = struct.pack("<I", zlib.crc32(bytes(bad[:-4])))
+            try:
+                want = ("decodes", cpu.decode(bytes(bad)))
+            except CodecError as e:
+                want = ("error", str(e))
+            try:
+                got = ("decodes", tri.decode(bytes(bad)))
+            except CodecError as e:
+                got = ("error", str(e))
+            assert got[0] == want[0], f"byte {at}: {got} vs {want}"
+            if got[0] == "error":
+                assert got[1] == want[1], f"byte {at}"
+            else:
+                assert torch.equal(bits(got[1].cpu()), bits(want[1]))
+        pos += len(s)
+    bad = bytearray(blob)
+    bad[len(blob) // 2] ^= 4
+    with pytest.raises(CodecError, match="checksum mismatch"):
+        tri.decode(bytes(bad))
+
+
+def test_device_crc_is_zlibs() -> None:
+    for a, b in ((b"", b"x"), (b"kvmesh", b" container"), (bytes(range(256)) * 3, b"\x00" * 17)):
+        assert dcrc.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+    for n in (0, 1, 7, 1000):
+        assert dcrc.crc32_zeros(n) == zlib.crc32(bytes(n))
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, 700, dtype=np.uint8)
+    buf = torch.from_numpy(data).to(DEVICE)
+    for start, n, bound in ((0, 0, 1), (3, 1, 1), (5, 63, 64), (0, 64, 64), (9, 65, 200), (11, 689, 689)):
+        raw = dcrc.raw_crc(buf, start, torch.full((1,), n, dtype=torch.int64, device=DEVICE), bound,
+                           interpret=DEVICE.type == "cpu")
+        assert (int(raw.item()) & 0xFFFFFFFF) ^ dcrc.crc32_zeros(n) == zlib.crc32(data[start:start + n].tobytes())
+
+
+@pytest.mark.parametrize("values", [[5], [7, 7, 7], [2, 3, 1026, 40], list(range(2, 300, 7)), [65535, 0]])
+def test_stream_lengths_pack_like_the_cpu(values: list[int]) -> None:
+    counts = torch.tensor(values, dtype=torch.int32, device=DEVICE)
+    packed, length = dp._pack_counts(counts)
+    want = cg.pack_uints(np.asarray(values, np.int64))
+    assert int(length.item()) == len(want)
+    assert bytes(packed.cpu().numpy()[:len(want)]) == want
+    assert not packed.cpu().numpy()[len(want):].any()
+    blob = bytes(7) + want
+    back = dp._unpack_counts(torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(DEVICE), 7, len(values), blob)
+    assert back.cpu().tolist() == values
+
+
+def test_chunks_the_pipeline_leaves_to_codec_py_still_match() -> None:
+    """One token (no rest tokens) goes through codec.py's path on the Triton backend: same bytes."""
+    kv = kv_like(2, 1, 8, dtype=torch.float16, seed=9)
+    cpu, tri = get_codec("cachegen", backend="cpu"), get_codec("cachegen", backend="triton")
+    assert not dp.encodable(tri, kv)
+    blob = cpu.encode(kv)
+    assert tri.encode(kv.to(DEVICE)) == blob
+    assert torch.equal(bits(tri.decode(blob).cpu()), bits(cpu.decode(blob)))
+
+
+def test_gpu_check_sync_check_runs_here() -> None:
+    """bench/gpu_check.py's transfer check (on a GPU it also turns every other synchronisation into an
+    error) passes interpreted; the script needs nothing installed beyond what the GPU box has."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.sync_check(DEVICE, quick=True) == []
+
+
+def test_zlib_sections_on_threads_write_and_read_the_same(monkeypatch) -> None:
+    """Sections 1-4 deflate (encode) and inflate (decode) on the pipeline's threads above a size: the
+    same bytes and tensors as one after the other."""
+    monkeypatch.setattr(dp, "_PARALLEL_ZLIB", 0)
+    kv = kv_like(2, 30, 8, dtype=torch.float16, seed=8)
+    cpu, tri = get_codec("cachegen", backend="cpu"), get_codec("cachegen", backend="triton")
+    blob = cpu.encode(kv)
+    assert tri.encode(kv.to(DEVICE)) == blob
+    plan = dp._plan(tri, blob)
+    monkeypatch.setattr(dp, "_PARALLEL_ZLIB", 1 << 40)
+    assert dp._plan(tri, blob).raw == plan.raw
