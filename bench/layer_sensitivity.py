@@ -42,9 +42,20 @@ from kvmesh.codecs.cachegen import quant  # noqa: E402
 from kvmesh.codecs.cachegen.levels import LEVELS, REFERENCE_LAYERS  # noqa: E402
 
 
-def sensitivity(method: str, source: str, n_windows: int) -> tuple[np.ndarray, float]:
-    """(float [2, layers]: mean KL with only that (K/V, layer) decoded, the mean KL with all decoded)."""
-    codec = rk.make_codec(method, "cpu")
+def sensitivity(method: str, source: str, n_windows: int, files: str | None = None) -> tuple[np.ndarray, float]:
+    """(float [2, layers]: mean KL with only that (K/V, layer) decoded, the mean KL with all decoded).
+    files: a model-files root; the codec is then ``method`` (a plain method name) with the model's files."""
+    if files:
+        from kvmesh.codecs import get_codec
+        from kvmesh.codecs.model_files import find_model_files
+        from kvmesh.engine.calibrate import BUILTIN_MODEL
+
+        found = find_model_files(BUILTIN_MODEL, [files])
+        if found is None:
+            raise SystemExit(f"no model files for {BUILTIN_MODEL} under {files}")
+        codec = get_codec(method, backend="cpu", **found.codec_options(method))
+    else:
+        codec = rk.make_codec(method, "cpu")
     parts: np.ndarray | None = None
     whole = 0.0
     for i, window in enumerate(rk.windows(source, n_windows)):
@@ -99,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uniform", help="K,V: measure at these level counts in every layer instead of the "
                         "level's own (cachegen-hq's table came from --uniform 64,33)")
     parser.add_argument("--save", help="write the measured KL parts to this .npz")
+    parser.add_argument("--files", help="a model-files root: measure METHOD (a plain method name) with the model's "
+                                        "files from there instead of bench/realkv.py's +qp/+lp")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(rk.MAX_THREADS, torch.get_num_threads())))
     level = args.method.split("+")[0].removeprefix("cachegen").removeprefix("-") or "default"
@@ -106,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         k, v = (int(n) for n in args.uniform.split(","))
         LEVELS[level] = dataclasses.replace(LEVELS[level], key_levels=(k,) * REFERENCE_LAYERS,
                                             value_levels=(v,) * REFERENCE_LAYERS)
-    parts, whole = sensitivity(args.method, args.source, args.windows)
+    parts, whole = sensitivity(args.method, args.source, args.windows, args.files)
     if args.save:
         np.savez(args.save, parts=parts, whole=whole)
     base = LEVELS[level].levels_for(parts.shape[1])

@@ -165,24 +165,33 @@ def levels_from_spans(base: int, sx: np.ndarray, sr: np.ndarray) -> int:
 
 # -- fitting ---------------------------------------------------------------------------------------
 
-def _ridge(x: np.ndarray, y: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
-    """Least squares y ~ x @ w + b in float64 with a relative ridge; (w fp32, b fp32)."""
-    x1 = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
-    a = x1.T @ x1
+def _solve(gram: np.ndarray, xty: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge least squares from the normal equations of [x | 1] (the bias column last): (w fp32, b fp32)."""
+    a = gram.copy()
     a[np.diag_indices_from(a)] += ridge * float(np.mean(np.diag(a)))
-    sol = np.linalg.solve(a, x1.T @ y)
+    sol = np.linalg.solve(a, xty)
     return sol[:-1].astype(np.float32), sol[-1].astype(np.float32)
 
 
 def _fit_weights(exact: torch.Tensor, inputs: torch.Tensor, ridge: float) -> dict[str, np.ndarray]:
-    """exact, inputs fp32 [2, L, N, C] (the rows of many chunks side by side)."""
-    L = exact.shape[1]
+    """exact, inputs fp32 [2, L, N, C] (the rows of many chunks side by side). Per layer one float64
+    Gram matrix of [K'[l-1] | V'[l-1] | K'[l] | 1] serves both fits: the key features are its first 2C
+    columns (and the bias), so the keys' normal equations are a sub-block of the values'."""
+    L, N, C = exact.shape[1], exact.shape[2], exact.shape[3]
     out: dict[str, list[np.ndarray]] = {"key_weights": [], "key_bias": [], "value_weights": [], "value_bias": []}
+    ones = torch.ones(N, 1, dtype=torch.float64)
+    key_cols = np.r_[0:2 * C, 3 * C]
     for layer in range(1, L):
-        for kv, name in ((0, "key"), (1, "value")):
-            w, b = _ridge(features(inputs, kv, layer).double().numpy(), exact[kv, layer].double().numpy(), ridge)
-            out[f"{name}_weights"].append(w)
-            out[f"{name}_bias"].append(b)
+        x = torch.cat([features(inputs, 1, layer).double(), ones], dim=1)  # [N, 3C + 1]
+        gram = (x.T @ x).numpy()
+        y = torch.stack([exact[0, layer], exact[1, layer]]).double()  # [2, N, C]
+        xty = torch.einsum("nf,knc->kfc", x, y).numpy()  # [2, 3C + 1, C]
+        w, b = _solve(gram[np.ix_(key_cols, key_cols)], xty[0][key_cols], ridge)
+        out["key_weights"].append(w)
+        out["key_bias"].append(b)
+        w, b = _solve(gram, xty[1], ridge)
+        out["value_weights"].append(w)
+        out["value_bias"].append(b)
     return {k: np.stack(v) for k, v in out.items()}
 
 
