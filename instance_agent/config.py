@@ -460,6 +460,22 @@ def with_model(config: AgentConfig, model: str | None, model_files: str | None =
     return dataclasses.replace(config, **changes) if changes else config
 
 
+# An engine's connector config (vLLM's kv_transfer_config "kv_connector_extra_config") -> the agent key.
+ENGINE_MODEL_KEYS = {"kvmesh_model": "model", "kvmesh_model_files": "model_files"}
+
+
+def engine_agent_config(config: AgentConfig, served_model: str | None,
+                        connector_extra: Mapping[str, Any] | None = None) -> AgentConfig:
+    """The agent config of an engine's connector (vLLM's): the engine's model name (``vllm serve
+    MODEL``'s MODEL, a Hugging Face id or a local path, looked up as given) fills ``model`` unless
+    the config names one; the connector's extra config ``kvmesh_model`` / ``kvmesh_model_files``
+    override both."""
+    config = with_model(config, served_model)
+    given = {key: str(connector_extra[name]) for name, key in ENGINE_MODEL_KEYS.items()
+             if connector_extra and connector_extra.get(name)}
+    return dataclasses.replace(config, **given) if given else config
+
+
 def config_from_dict(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,
                      source: str | None = None) -> AgentConfig:
     """An ``AgentConfig`` from a yaml mapping, with ``LMCACHE_<KEY>`` overrides from ``env``."""

@@ -146,3 +146,24 @@ def test_kvmesh_agent_with_a_model_that_has_no_files_serves_and_says_so(tmp_path
     assert health.error_code == 0 and list(health.model_files) == []
     log = (tmp_path / "agent.log").read_text()
     assert "no codec files for model 'nobody/no-such-model'" in log and "kvmesh-model-files" in log
+
+
+def test_an_engines_model_name_finds_its_files(tmp_path: Path, files_root: Path, caplog) -> None:
+    """The vLLM connector's part (engine_agent_config; the connector itself needs vllm): vLLM's model
+    name, as given to `vllm serve`, looks the files up; the config's model and the connector's extra
+    config override it."""
+    from kvmesh.instance_agent.config import engine_agent_config
+
+    plain = make_config(None, model_files=str(files_root))
+    cfg = engine_agent_config(plain, MODEL)
+    assert cfg.model == MODEL and cfg.find_model_files().folder == files_root / model_key(MODEL)
+    local = "/srv/models/Tiny-LM"  # a local path is a name too: kvmesh-model-files makes its files the same way
+    save_model_files(local, predictors={"default": _predictor(0.5)}, root=files_root)
+    assert engine_agent_config(plain, local).find_model_files().folder == files_root / "--srv--models--Tiny-LM"
+    named = engine_agent_config(make_config(None, model=MODEL, model_files=str(files_root)), local)
+    assert named.model == MODEL and "names model" in caplog.text  # the config's own key wins, with a warning
+    other = tmp_path / "elsewhere"
+    save_model_files("alias", predictors={"default": _predictor(0.25)}, root=other)
+    over = engine_agent_config(plain, MODEL, {"kvmesh_model": "alias", "kvmesh_model_files": str(other)})
+    assert over.model == "alias" and over.find_model_files().folder == other / "alias"
+    assert engine_agent_config(plain, None).model is None
