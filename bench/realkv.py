@@ -80,6 +80,16 @@ SOURCES: dict[str, tuple[str, str, str]] = {
     "heldout": ("brotli==1.2.1", "brotli-1.2.1/tests/testdata/alice29.txt", "alice29.txt"),
     # calibration only (the query profile of cachegen's key rounding): neither evaluation text
     "calibration": ("brotli==1.2.1", "brotli-1.2.1/tests/testdata/lcet10.txt", "lcet10.txt"),
+    # the four held-out texts of bench/model_files_quality.py (issue 17.1): never tuned on, never in
+    # the calibration corpus (engine/data/calibration/)
+    # fiction: *As You Like It* (Canterbury corpus; public domain)
+    "fiction": ("brotli==1.2.1", "brotli-1.2.1/tests/testdata/asyoulik.txt", "asyoulik.txt"),
+    # technical: the reStructuredText specification (docutils' docs are public domain)
+    "technical": ("docutils==0.21.2", "docutils-0.21.2/docs/ref/rst/restructuredtext.txt", "restructuredtext.txt"),
+    # legal: the GNU GPL version 3 (verbatim copies allowed)
+    "legal": ("docutils==0.21.2", "docutils-0.21.2/licenses/gpl-3-0.txt", "gpl-3-0.txt"),
+    # source code: brotli's encoder, C (MIT)
+    "code": ("brotli==1.2.1", "brotli-1.2.1/c/enc/encode.c", "brotli-encode.c"),
 }
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,8 +103,10 @@ CHUNKS_FILE = REPO / "bench" / "data" / "realkv_chunks.safetensors"
 def _fetch_sdist_member(requirement: str, member: str) -> bytes:
     """Download the sdist with pip (no build, no dependencies) and read one file out of the archive."""
     with tempfile.TemporaryDirectory(prefix="kvmesh-sdist-") as tmp:
+        # pip prepares an sdist's metadata even to download it; in an isolated build environment, so
+        # that a venv without `wheel` (bdist_wheel) can still fetch setuptools-based sdists
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-               "--no-build-isolation", requirement, "-d", tmp]
+               requirement, "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed: {proc.stderr.strip()[-2000:]}")
