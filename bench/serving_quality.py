@@ -138,6 +138,7 @@ def measure(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[list[
             hit = cached_runner.complete(tokens, greedy)
             record(raw, hit, fresh.output_tokens, hit.output_tokens)
             for level in levels:
+                assert cached_runner.complete(tokens, SamplingParams(max_tokens=1, temperature=0.0)).cached_tokens > 0
                 t0 = time.perf_counter()
                 final = run_op(stub, "compress", tokens, level.name)
                 level.compress_s.append(time.perf_counter() - t0)
@@ -145,7 +146,10 @@ def measure(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[list[
                 level.bytes_after += final.bytes_after
                 coded = cached_runner.complete(tokens, greedy)
                 record(level, coded, fresh.output_tokens, hit.output_tokens)
-                run_op(stub, "decompress", tokens, "")
+                # Back to the prefill's own float16 KV for the next level (a decompress would leave
+                # this level's decoded, lossy values): drop the chunks and store them again.
+                stub.Clear(agent_pb2.ClearRequest(location=CPU, tokens=tokens), timeout=60)
+                cached_runner.complete(tokens, SamplingParams(max_tokens=1, temperature=0.0))
         channel.close()
     return [raw, *levels], files
 
