@@ -122,6 +122,7 @@ def agent_config(args: argparse.Namespace, model: Any, tokenizer: Any) -> Any:
 def measure(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[list[Level], list[str]]:
     config = agent_config(args, model, tokenizer)
     greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    prefill = Level("fresh prefill (no cache)")
     raw = Level("raw")
     levels = [Level(m) for m in args.methods.split(",") if m]
     with EmbeddedAgent(config, worker_id=0, metrics_port=-1) as agent:
@@ -136,6 +137,7 @@ def measure(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[list[
             fresh = fresh_runner.complete(tokens, greedy)
             cached_runner.complete(tokens, SamplingParams(max_tokens=1, temperature=0.0))  # stores the chunks
             hit = cached_runner.complete(tokens, greedy)
+            record(prefill, fresh, fresh.output_tokens, hit.output_tokens)
             record(raw, hit, fresh.output_tokens, hit.output_tokens)
             for level in levels:
                 assert cached_runner.complete(tokens, SamplingParams(max_tokens=1, temperature=0.0)).cached_tokens > 0
@@ -151,7 +153,7 @@ def measure(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[list[
                 stub.Clear(agent_pb2.ClearRequest(location=CPU, tokens=tokens), timeout=60)
                 cached_runner.complete(tokens, SamplingParams(max_tokens=1, temperature=0.0))
         channel.close()
-    return [raw, *levels], files
+    return [prefill, raw, *levels], files
 
 
 def record(level: Level, result: Any, fresh: list[int], raw: list[int]) -> None:
@@ -182,10 +184,11 @@ def report(args: argparse.Namespace, levels: list[Level], files: list[str]) -> N
               f"{fresh_eq}/{total} ({fresh_eq / total:.0%}) | {lv.first_raw}/{prompts} | "
               f"{raw_eq}/{total} ({raw_eq / total:.0%}) | {prefix:.1f} | {comp} |")
     print("\nper prompt: tokens equal to the raw hit's (of {n}), and the common prefix".format(n=n))
-    print("| prompt | " + " | ".join(lv.name for lv in levels[1:]) + " |")
-    print("|---|" + "---|" * (len(levels) - 1))
+    coded = levels[2:]
+    print("| prompt | " + " | ".join(lv.name for lv in coded) + " |")
+    print("|---|" + "---|" * len(coded))
     for i in range(prompts):
-        cells = [f"{lv.vs_raw[i][0]} ({lv.vs_raw[i][1]})" for lv in levels[1:]]
+        cells = [f"{lv.vs_raw[i][0]} ({lv.vs_raw[i][1]})" for lv in coded]
         print(f"| {i + 1} | " + " | ".join(cells) + " |")
 
 
