@@ -7,6 +7,13 @@ starts an ``EmbeddedAgent`` with the LMCache-style config (so the controller see
 instance), and serves ``/v1/completions``, ``/v1/chat/completions``, ``/tokenize``, ``/detokenize``,
 ``/v1/models``, ``/health``, ``/version`` and ``/metrics`` on uvicorn until SIGINT/SIGTERM.
 
+The agent's cachegen methods use the model's codec files (query profile, layer predictors, level
+schedules: kvmesh.codecs.model_files), looked up in ``--model-files DIR``, ``$KVMESH_MODEL_FILES``
+and ``$KVMESH_CACHE_DIR/model-files``; when none holds them the first start makes them once (about a
+minute on two cores, a progress line each step) into the cache folder (or DIR). ``--no-model-files``
+turns this off; ``--prepare-only`` converts the model and finds or makes its files, then exits
+(scripts/setup.sh runs it so that the first real start is quick).
+
 With a token (``--auth-token-file`` or ``$KVMESH_AUTH_TOKEN_FILE``) every route but ``/health`` needs
 ``Authorization: Bearer <token>`` (the OpenAI client's ``api_key``); without one it only binds loopback.
 """
@@ -46,6 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="dtype of the KV chunks stored through the agent (float16 as a GPU engine stores them)")
     p.add_argument("--no-kv-cache", action="store_true",
                    help="run without the agent: every request prefills from scratch")
+    p.add_argument("--model-files", default=None, metavar="DIR",
+                   help="model-files folder searched first for the model's codec files, and where they are "
+                        "made when none are found (default: $KVMESH_MODEL_FILES, then $KVMESH_CACHE_DIR/model-files)")
+    p.add_argument("--no-model-files", action="store_true",
+                   help="neither look up nor make the model's codec files: cachegen runs without them "
+                        "(a lower ratio; extra_config.cachegen_* paths still apply)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="convert the model and find or make its codec files, then exit (no server)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--auth-token-file", default=None,
                    help="file holding the bearer token every route but /health needs (default: "
@@ -107,6 +122,14 @@ async def _serve(args: argparse.Namespace, config: Any, token: str | None) -> in
     model, tokenizer = await asyncio.to_thread(load_model, getattr(torch, args.dtype))
     logger.info("model loaded in %.1fs", time.perf_counter() - started)
     max_len = args.max_model_len or int(getattr(model.config, "max_position_embeddings", 2048))
+    if config is not None or args.prepare_only:
+        config = await asyncio.to_thread(with_model_files, args, config, model, tokenizer)
+    if args.prepare_only:
+        found = config.find_model_files() if config is not None and config.model else None
+        print(f"kvmesh-serve: model ready in {converted_dir()}; codec files "
+              f"{'in ' + str(found.folder) if found is not None else 'none (turned off or could not be made)'}",
+              flush=True)
+        return 0
 
     agent = None
     registries: list[CollectorRegistry] = []
@@ -139,6 +162,30 @@ async def _serve(args: argparse.Namespace, config: Any, token: str | None) -> in
         if agent is not None:
             await asyncio.to_thread(agent.stop)
     return 0
+
+
+def with_model_files(args: argparse.Namespace, config: Any, model: Any, tokenizer: Any) -> Any:
+    """The agent config naming the served model (and ``--model-files``), its codec files found or
+    made once (kvmesh.engine.model.ensure_model_files); with ``--no-model-files`` a config naming no
+    model. Files that cannot be made are logged: the engine then serves without them."""
+    import dataclasses
+
+    from kvmesh.engine.model import ensure_model_files
+    from kvmesh.instance_agent.config import AgentConfig, with_model
+
+    if config is None:  # --prepare-only with --no-kv-cache: the defaults' folders
+        config = AgentConfig()
+    if args.no_model_files:
+        return dataclasses.replace(config, model=None)
+    config = with_model(config, DEFAULT_MODEL_NAME, args.model_files)
+    if config.model != DEFAULT_MODEL_NAME:  # the config names another model: look its files up only
+        return config
+    try:
+        ensure_model_files(model, tokenizer, DEFAULT_MODEL_NAME, config.model_file_roots(), root=config.model_files)
+    except Exception as err:  # noqa: BLE001 - a failed calibration must not stop the engine serving
+        logger.warning("could not make the codec files of %s (%s: %s): serving without them (cachegen at a "
+                       "lower ratio)", DEFAULT_MODEL_NAME, type(err).__name__, err)
+    return config
 
 
 def agent_config(args: argparse.Namespace) -> Any:

@@ -23,7 +23,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +146,36 @@ def load_model(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     model.eval()
     return model, tokenizer
+
+
+def ensure_model_files(model: Any, tokenizer: Any, name: str, roots: Sequence[str | os.PathLike[str]],
+                       root: str | os.PathLike[str] | None = None,
+                       progress: Callable[[str], None] | None = None) -> Any:
+    """The codec files of the loaded ``model`` (kvmesh.codecs.model_files.ModelFiles), found over
+    ``roots`` or, when none holds them, made once into ``root`` (default: the cache folder).
+
+    Making them runs the calibration forward passes (kvmesh.engine.calibrate, about a minute on two
+    cores); a file lock beside the folder makes two processes starting at once make them once (the
+    second waits, then finds the first one's). ``progress`` gets a line per step."""
+    from kvmesh.codecs.model_files import find_model_files, model_folder, model_key
+
+    found = find_model_files(name, list(roots))
+    if found is not None:
+        return found
+    from kvmesh.engine.calibrate import make_model_files
+
+    say = progress or (lambda line: logger.info("%s", line))
+    target = model_folder(name, root)
+    # Not calibrate's own lock name (.<key>.lock, taken while the folder is swapped in): flock is per
+    # open file, so holding that one here would block its own swap.
+    with _locked(target.parent / f".{model_key(name)}.make.lock"):
+        found = find_model_files(name, [target.parent, *roots])  # another process may have made them meanwhile
+        if found is not None:
+            say(f"codec files of {name}: made meanwhile by another process, in {found.folder}")
+            return found
+        say(f"codec files of {name}: none found in {', '.join(str(r) for r in roots)}; making them once into "
+            f"{target} (calibration forward passes and fits, ~1-2 min on 2 cores)")
+        started = time.perf_counter()
+        make_model_files(model, tokenizer, name, root=target.parent, progress=say)
+        say(f"codec files of {name}: made in {time.perf_counter() - started:.0f} s")
+    return find_model_files(name, [target.parent])

@@ -13,6 +13,11 @@ vLLM builds the connector twice: once for its scheduler, once in each worker.
 - The scheduler side asks rank 0's agent, over its gRPC ``Lookup``, how long a prefix it holds,
   and tells vLLM how many tokens it will load (never the last prompt token: its logits are needed).
 
+The agent's cachegen methods use the served model's codec files (kvmesh.codecs.model_files), looked
+up by vLLM's model name (``vllm serve MODEL``'s MODEL as given) unless the agent config's ``model``,
+or ``kvmesh_model`` / ``kvmesh_model_files`` in ``kv_connector_extra_config``, name others; make them
+once with ``kvmesh-model-files MODEL``. Without them the agent warns at start and codes without them.
+
 Loads and saves are synchronous (inside ``start_load_kv`` and ``wait_for_save``): simple and
 correct; the agent's chunks are decoded on the agent's codec threads either way.
 
@@ -138,12 +143,16 @@ def _slots(block_ids: list[int], block_size: int, start: int, end: int) -> torch
 class KVMeshConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        from kvmesh.instance_agent.config import load_config
+        from kvmesh.instance_agent.config import ENGINE_MODEL_KEYS, engine_agent_config, load_config
 
         self._block_size = vllm_config.cache_config.block_size
-        self._config = load_config()
         self._location = self._kv_transfer_config.get_from_extra_config("kvmesh_location", None) or None
         model_config = vllm_config.model_config
+        # The served model's name looks its codec files up (the agent config's `model:` or the
+        # connector's extra config kvmesh_model / kvmesh_model_files override it).
+        self._config = engine_agent_config(
+            load_config(), getattr(model_config, "model", None),
+            {k: self._kv_transfer_config.get_from_extra_config(k, None) for k in ENGINE_MODEL_KEYS})
         self._num_kv_heads = model_config.get_num_kv_heads(vllm_config.parallel_config)
         self._head_size = model_config.get_head_size()
         # Scheduler side

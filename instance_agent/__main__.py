@@ -12,7 +12,7 @@ from kvmesh.core.requestid import configure_logging
 from kvmesh.core.security import SecuritySettings
 from kvmesh.errors import KVMeshError
 
-from .config import AgentConfig, load_config, with_security_flags
+from .config import AgentConfig, load_config, with_model_flags, with_security_flags
 
 logger = logging.getLogger("kvmesh.instance_agent")
 
@@ -24,6 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="port of /metrics (default 9101 + worker id; 0 a free port; negative disables)")
     p.add_argument("--host", default=None, help="address to bind and register (default: p2p_host or localhost)")
+    p.add_argument("--model", default=None,
+                   help="the served model's name (a Hugging Face id): its codec files (query profile, layer "
+                        "predictor) are looked up by it (config key 'model')")
+    p.add_argument("--model-files", default=None, metavar="DIR",
+                   help="a model-files folder (holding <model key>/ folders) searched first, before "
+                        "$KVMESH_MODEL_FILES and $KVMESH_CACHE_DIR/model-files (config key 'model_files')")
     p.add_argument("--log-level", default=os.environ.get("KVMESH_LOG_LEVEL", "INFO"))
     SecuritySettings.add_arguments(p)
     return p
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(args.log_level, stream=sys.stderr)
     try:
-        config = with_security_flags(load_config(args.config), args)
+        config = with_model_flags(with_security_flags(load_config(args.config), args), args)
         return asyncio.run(_serve(args, config))
     except KVMeshError as err:
         logger.error("cannot start: %s", err.message)

@@ -65,6 +65,10 @@ class AgentConfig:
     p2p_host: str | None = None
     p2p_init_ports: list[int] = field(default_factory=list)
     extra_config: dict[str, Any] = field(default_factory=dict)
+    # kvmesh's own keys: the served model's name (its codec files are looked up by it) and a
+    # model-files folder searched before $KVMESH_MODEL_FILES and the cache folder.
+    model: str | None = None
+    model_files: str | None = None
     # Keys of the file that kvmesh does not know (warned about at load).
     unknown_keys: list[str] = field(default_factory=list)
     source: str | None = None
@@ -112,6 +116,60 @@ class AgentConfig:
             return load(os.path.expanduser(str(path)))
         except CodecError as e:
             raise ConfigError(f"config key 'extra_config.{key}': {e}") from None
+
+    def model_file_roots(self) -> list[Path]:
+        """The folders searched for the model's files, in order: ``model_files`` (when set), then
+        $KVMESH_MODEL_FILES's folders and the cache folder (kvmesh.codecs.model_files)."""
+        from kvmesh.codecs.model_files import default_roots
+
+        first = [Path(self.model_files).expanduser()] if self.model_files else []
+        return first + [r for r in default_roots() if r not in first]
+
+    def find_model_files(self) -> Any:
+        """The ModelFiles found for ``model`` over model_file_roots(), or None (also when no model is set)."""
+        if not self.model:
+            return None
+        from kvmesh.codecs import CodecError
+        from kvmesh.codecs.model_files import find_model_files
+
+        try:
+            return find_model_files(self.model, self.model_file_roots())
+        except CodecError as e:  # a model name that gives no folder name
+            raise ConfigError(f"config key 'model': {e}") from None
+
+    def codec_options(self, methods: list[str]) -> dict[str, dict[str, Any]]:
+        """Per cachegen method of ``methods``: get_codec's key_profile, predictor and schedule.
+
+        The model's files (``model``, found over model_file_roots()) come first; the explicit
+        extra_config.cachegen_key_profile / cachegen_layer_predictor paths win over them, for every
+        method. A model named but without files is logged as a warning saying how to make them:
+        the agent still serves, its cachegen methods without them (a lower ratio)."""
+        from kvmesh.codecs import CodecError, method_options
+
+        found = self.find_model_files()
+        if self.model and found is None:
+            logger.warning("no codec files for model %r in %s: the cachegen methods run without them (a lower "
+                           "ratio). Make them once with `kvmesh-model-files %s` (or kvmesh-serve makes its "
+                           "model's own), or name the files in extra_config.cachegen_key_profile / "
+                           "cachegen_layer_predictor", self.model,
+                           ", ".join(str(r) for r in self.model_file_roots()), self.model)
+        explicit = {k: v for k, v in (("key_profile", self.key_profile()),
+                                      ("predictor", self.layer_predictor())) if v is not None}
+        out: dict[str, dict[str, Any]] = {}
+        for method in methods:
+            takes = method_options(method)
+            if "predictor" not in takes:  # model files are for the cachegen methods only
+                continue
+            try:
+                opts = found.codec_options(method) if found is not None else {}
+            except CodecError as e:
+                raise ConfigError(f"the model files of {self.model!r} in {found.folder}: {e}") from None
+            opts.update(explicit)
+            out[method] = {k: v for k, v in opts.items() if k in takes}
+        if found is not None:
+            logger.info("codec files of model %r from %s: %s", self.model, found.folder,
+                        ", ".join(sorted(p.name for p in _files_of(found))))
+        return _share_predictors(out)
 
     @property
     def remote_method(self) -> str:
@@ -175,6 +233,21 @@ class AgentConfig:
     @property
     def host(self) -> str:
         return self.p2p_host or "localhost"
+
+
+def _files_of(found: Any) -> list[Path]:
+    return [p for p in (found.key_profile, *found.predictors.values(), *found.schedules.values()) if p is not None]
+
+
+def _share_predictors(options: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One object per distinct predictor (by its id): the methods that fall back on the default
+    level's predictor load it once each; keeping one copy saves ~20 MB a model."""
+    seen: dict[bytes, Any] = {}
+    for opts in options.values():
+        predictor = opts.get("predictor")
+        if predictor is not None:
+            opts["predictor"] = seen.setdefault(predictor.ident, predictor)
+    return options
 
 
 # How each key is read: a parser taking the yaml value (or the environment's string) and the key.
@@ -276,6 +349,8 @@ _PARSERS: dict[str, Callable[[Any, str], Any]] = {
     "p2p_host": _as_opt_str,
     "p2p_init_ports": _as_int_list,
     "extra_config": _as_dict,
+    "model": _as_opt_str,
+    "model_files": _as_opt_str,
 }
 _ALIASES = {"controller_url": "controller_pull_url", "lmcache_worker_port": "lmcache_worker_ports"}
 
@@ -362,6 +437,43 @@ def with_security_flags(config: AgentConfig, args: Any) -> AgentConfig:
     if not given:
         return config
     return dataclasses.replace(config, extra_config={**config.extra_config, **given})
+
+
+def with_model_flags(config: AgentConfig, args: Any) -> AgentConfig:
+    """``config`` with ``--model`` / ``--model-files`` put over its ``model`` / ``model_files`` keys."""
+    given = {key: getattr(args, key) for key in ("model", "model_files") if getattr(args, key, None)}
+    return dataclasses.replace(config, **given) if given else config
+
+
+def with_model(config: AgentConfig, model: str | None, model_files: str | None = None) -> AgentConfig:
+    """``config`` for an engine serving ``model`` (an embedding engine's own name for it): the
+    config's own ``model`` key wins (it may name a model the engine knows only by a path), with a
+    warning when the two differ; ``model_files`` (when given) replaces the config's folder."""
+    changes: dict[str, Any] = {}
+    if model and not config.model:
+        changes["model"] = model
+    elif model and config.model != model:
+        logger.warning("the agent config names model %r, the engine serves %r: the codec files are looked up "
+                       "for %r", config.model, model, config.model)
+    if model_files:
+        changes["model_files"] = model_files
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+# An engine's connector config (vLLM's kv_transfer_config "kv_connector_extra_config") -> the agent key.
+ENGINE_MODEL_KEYS = {"kvmesh_model": "model", "kvmesh_model_files": "model_files"}
+
+
+def engine_agent_config(config: AgentConfig, served_model: str | None,
+                        connector_extra: Mapping[str, Any] | None = None) -> AgentConfig:
+    """The agent config of an engine's connector (vLLM's): the engine's model name (``vllm serve
+    MODEL``'s MODEL, a Hugging Face id or a local path, looked up as given) fills ``model`` unless
+    the config names one; the connector's extra config ``kvmesh_model`` / ``kvmesh_model_files``
+    override both."""
+    config = with_model(config, served_model)
+    given = {key: str(connector_extra[name]) for name, key in ENGINE_MODEL_KEYS.items()
+             if connector_extra and connector_extra.get(name)}
+    return dataclasses.replace(config, **given) if given else config
 
 
 def config_from_dict(raw: Mapping[str, Any], env: Mapping[str, str] | None = None,

@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kvmesh import codecs
 from kvmesh.core.grpc_server import MeshServer
 from kvmesh.errors import InvalidArgument, Unavailable
 
@@ -73,8 +74,8 @@ class AgentCore:
             self._metrics_port_explicit = extra is not None
         else:
             self._metrics_port_wanted, self._metrics_port_explicit = metrics_port, True
-        self.codecs = CodecSet(extra_codecs, {"key_profile": config.key_profile(),
-                                              "predictor": config.layer_predictor()})
+        # The model's codec files (config model / model_files) and the explicit extra_config paths.
+        self.codecs = CodecSet(extra_codecs, method_options=config.codec_options(codecs.available_methods()))
         self.remote_method = config.remote_method
         if self.remote_method and self.remote_method not in self.codecs.available():
             raise ConfigError(f"config key 'remote_serde' is {config.remote_serde!r}: not a method here; use "

@@ -41,7 +41,8 @@ def describe_missing(missing: list[str], held: list[str], where: str) -> str:
     """A message naming the model files a chunk needs that ``where`` does not hold."""
     names = ", ".join(missing)
     return (f"it needs model file(s) {names} to decode, which {where} does not hold "
-            f"(extra_config.cachegen_layer_predictor; held there: {', '.join(held) or 'none'})")
+            f"(the config's model / model_files, or extra_config.cachegen_layer_predictor; held there: "
+            f"{', '.join(held) or 'none'})")
 
 
 class Codec(Protocol):
@@ -58,12 +59,17 @@ class CodecSet:
     ``extra`` are used as given.
     """
 
-    def __init__(self, extra: Mapping[str, Codec] | None = None, options: Mapping[str, object] | None = None) -> None:
+    def __init__(self, extra: Mapping[str, Codec] | None = None, options: Mapping[str, object] | None = None,
+                 method_options: Mapping[str, Mapping[str, object]] | None = None) -> None:
         """options: keyword options for the registry's codecs, each passed to the methods that take
-        it (codecs.method_options), e.g. {"key_profile": QueryProfile} for the cachegen levels."""
+        it (codecs.method_options), e.g. {"key_profile": QueryProfile} for the cachegen levels.
+        method_options: per method, options over those (the model's files: cachegen-hq has its own
+        predictor and level schedule; AgentConfig.codec_options makes them)."""
         self._extra = dict(extra or {})
         self._registry = codecs
         self._options = {k: v for k, v in (options or {}).items() if v is not None}
+        self._method_options = {m: {k: v for k, v in o.items() if v is not None}
+                                for m, o in (method_options or {}).items()}
         self._local = threading.local()
 
     def available(self) -> list[str]:
@@ -75,8 +81,19 @@ class CodecSet:
     def model_files(self) -> list[str]:
         """The model files the codecs decode with, as "kind:id": a container coded against one
         (cachegen with a layer predictor) decodes only where the same file is held."""
-        predictor = self._options.get("predictor")
-        return [f"{PREDICTOR_FILE}:{predictor.ident.hex()}"] if predictor is not None else []
+        held: list[str] = []
+        for opts in (self._options, *self._method_options.values()):
+            predictor = opts.get("predictor")
+            name = f"{PREDICTOR_FILE}:{predictor.ident.hex()}" if predictor is not None else None
+            if name is not None and name not in held:
+                held.append(name)
+        return held
+
+    def options_for(self, method: str) -> dict[str, object]:
+        """The keyword options the registry's ``method`` is made with."""
+        takes = self._registry.method_options(method)
+        opts = {**self._options, **self._method_options.get(method, {})}
+        return {k: v for k, v in opts.items() if k in takes}
 
     def missing_files(self, method: str, payload: bytes | None, held: list[str] | None = None) -> list[str]:
         """The model files a chunk encoded with ``method`` needs to decode that ``held`` (default:
@@ -100,8 +117,6 @@ class CodecSet:
         if codec is not None:
             return codec
         self.check(method)
-        takes = self._registry.method_options(method)
-        opts = {k: v for k, v in self._options.items() if k in takes}
-        codec = self._registry.get_codec(method, **opts)  # "auto": Triton on a GPU for methods that have it
+        codec = self._registry.get_codec(method, **self.options_for(method))  # "auto": Triton on a GPU for methods that have it
         cache[method] = codec
         return codec

@@ -9,7 +9,7 @@
 #   bash scripts/quickstart.sh status   # are they running?
 #
 # Logs, pid files and the bearer token (`token`, mode 0600, made once) go to .kvmesh-run/
-# (KVMESH_RUN_DIR); the engine's converted model to .kvmesh-run/cache (KVMESH_CACHE_DIR). Ports:
+# (KVMESH_RUN_DIR); the engine's converted model and its codec files to .kvmesh-run/cache (KVMESH_CACHE_DIR). Ports:
 # KVMESH_CONTROLLER_PORT (9000), KVMESH_MONITOR_PORT (9001), KVMESH_ENGINE_PORT (8000); the agent's own
 # ports come from the config (LMCACHE_CONFIG_FILE, default example.yaml) and its LMCACHE_<KEY>
 # overrides. KVMESH_SKIP_SETUP=1 skips scripts/setup.sh (an environment already set up).
@@ -117,7 +117,7 @@ start_bg controller kvmesh-controller --host localhost --port "$CONTROLLER_PORT"
 wait_http controller "http://localhost:$CONTROLLER_PORT/healthz"
 
 echo "quickstart: [3/4] starting kvmesh-serve on localhost:$ENGINE_PORT with LMCACHE_CONFIG_FILE=$CONFIG" \
-     "(the first start converts the model once, ~15-60 s)"
+     "(setup prepared the model and its codec files; without setup the first start makes them, ~1-3 min)"
 engine_env=("LMCACHE_CONFIG_FILE=$CONFIG")
 if [ -n "${KVMESH_MONITOR_PORT:-}" ]; then  # the agent must register where the controller listens
   engine_env+=("LMCACHE_CONTROLLER_PULL_URL=localhost:$MONITOR_PORT")

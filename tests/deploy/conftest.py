@@ -20,6 +20,7 @@ from tests.deploy.deploy_support import DEPLOY, tool
 from tests.deploy.mesh import (AUTH, CHUNK_SIZE, DEADLINE_S, ENGINE_ID, INSTANCE_ID, KV_SHAPE, LOCATION,
                                METHOD, NUM_CHUNKS, NUM_TOKENS, TOKEN, EngineRun, Mesh, Prometheus, http_json,
                                poll, prometheus_config, scrape)
+from tests.engine.serving import served_model_files
 from tests.support import VENV_BIN, free_port, running, wait_grpc_healthy, wait_http_ok
 
 ENDED = ("COMPLETED", "FAILED", "CANCELLED")
@@ -28,6 +29,7 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED")
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     tmp = tmp_path_factory.mktemp("mesh")
+    served_model_files()  # the engine's codec files, made once per environment (not within its start deadline)
     http_port, grpc_port, agent_port, metrics_port = (free_port() for _ in range(4))
     config = tmp / "lmcache.yaml"
     config.write_text(yaml.safe_dump({

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.engine.serving import served_model_files
 from tests.support import REPO, console_script, free_port, running, wait_http_ok
 
 INSTANCE = "lmcache_default_instance"  # example.yaml's
@@ -109,6 +110,7 @@ def wait_agent_connected(engine: str, timeout: float = 60.0) -> None:
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     logs = tmp_path_factory.mktemp("e2e-logs")
+    served_model_files()  # the engine finds SmolLM2's codec files: made once per environment, not per start
     http_port, grpc_port, engine_port = free_port(), free_port(), free_port()
     controller_args = [console_script("kvmesh-controller"), "--host", "localhost", "--port", str(http_port),
                        "--monitor-port", str(grpc_port)]

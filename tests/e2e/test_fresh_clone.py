@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine.serving import served_model_files
 from tests.support import REPO, free_port
 
 pytestmark = pytest.mark.slow
@@ -42,6 +43,7 @@ def clone_env(clone: Path) -> dict[str, str]:
     env.update({k: str(v) for k, v in ports.items()})
     env["KVMESH_BASE_VENV"] = sys.prefix
     env["KVMESH_CACHE_DIR"] = os.environ.get("KVMESH_CACHE_DIR") or str(REPO / ".kvmesh-run" / "cache")
+    env["KVMESH_MODEL_FILES"] = str(served_model_files().parent)  # the suite's, made once: setup finds them
     tools = REPO / ".tools"
     if all((tools / "bin" / t).exists() for t in TOOLS):
         env["TOOLS_DIR"] = str(tools.resolve())
@@ -69,7 +71,7 @@ def test_readme_quick_start_on_a_fresh_clone(tmp_path: Path) -> None:
         assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]
 
         # Visible progress: every stage of setup and of the quick start, in order.
-        stages = (["quickstart: [1/4]"] + [f"setup: [{n}/6]" for n in range(1, 7)]
+        stages = (["quickstart: [1/4]"] + [f"setup: [{n}/7]" for n in range(1, 8)]
                   + [f"quickstart: [{n}/4]" for n in range(2, 5)])
         positions = [out.find(s) for s in stages]
         assert -1 not in positions and positions == sorted(positions), out[:3000]

@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from tests.engine.serving import served_model_files
 from tests.support import REPO, free_port
 
 pytestmark = pytest.mark.slow
@@ -20,7 +21,8 @@ def test_quickstart_runs_the_flow_and_leaves_services_running(tmp_path) -> None:
              "KVMESH_ENGINE_PORT": free_port(), "LMCACHE_LMCACHE_WORKER_PORTS": free_port(),
              "LMCACHE_P2P_INIT_PORTS": free_port()}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "KVMESH_SKIP_SETUP": "1",
-           "KVMESH_RUN_DIR": str(tmp_path / "run")}
+           "KVMESH_RUN_DIR": str(tmp_path / "run"),
+           "KVMESH_MODEL_FILES": str(served_model_files().parent)}  # the suite's codec files, made once
     script = ["bash", str(REPO / "scripts" / "quickstart.sh")]
     try:
         proc = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)

@@ -3,6 +3,7 @@ own (small chunks, local CPU storage, no controller), started and waited for thr
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -21,10 +22,31 @@ def agent_yaml(path: Path) -> Path:
     return path
 
 
+@functools.cache
+def served_model_files() -> Path:
+    """The folder of SmolLM2's codec files in this environment's cache (where every kvmesh-serve the
+    tests start finds them), made here once if absent: so no test's server start pays for the
+    calibration (over a minute on a busy 2-core machine) and the suite makes them at most once."""
+    import torch
+
+    from kvmesh.codecs.model_files import find_model_files
+    from kvmesh.engine.model import ensure_model_files, load_model
+    from kvmesh.instance_agent.config import AgentConfig
+
+    roots = AgentConfig().model_file_roots()
+    found = find_model_files(MODEL, roots)
+    if found is None:
+        model, tokenizer = load_model(torch.float32)
+        found = ensure_model_files(model, tokenizer, MODEL, roots)
+    return found.folder
+
+
 @contextlib.contextmanager
 def kvmesh_serve(tmp: Path, args: Sequence[str] = (), env: dict[str, str] | None = None,
                  ready_path: str = "/health") -> Iterator[str]:
     """Runs ``kvmesh-serve`` on a free loopback port; yields its base URL once ``/health`` answers."""
+    if "--no-model-files" not in args and "--model-files" not in args:
+        served_model_files()
     port = free_port()
     log = tmp / "engine.log"
     argv = [console_script("kvmesh-serve"), "--port", str(port), "--threads", "1", *args]
