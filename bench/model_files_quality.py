@@ -71,15 +71,11 @@ def model_files(root: str | None, remake: bool, model: Any, tokenizer: Any) -> M
 
 
 def agent_config(files: ModelFiles) -> Any:
-    """The agent's config as kvmesh-serve writes it for the model's files (extra_config paths)."""
-    extra: dict[str, Any] = {}
-    if files.key_profile is not None:
-        extra["cachegen_key_profile"] = str(files.key_profile)
-    if files.predictor_for("cachegen") is not None:
-        extra["cachegen_layer_predictor"] = str(files.predictor_for("cachegen"))
+    """The agent's config as kvmesh-serve writes it: the served model's name and the folder its files
+    are looked up in (``model:`` / ``model_files:``), so every method gets its own level's files."""
     return config_from_dict({"chunk_size": rk.CHUNK_TOKENS, "local_cpu": True, "max_local_cpu_size": 2,
                              "lmcache_worker_ports": 0, "lmcache_instance_id": "bench-model-files",
-                             "extra_config": extra}, env={})
+                             "model": files.model, "model_files": str(files.folder.parent)}, env={})
 
 
 class Bench:
