@@ -20,8 +20,6 @@ which is then renamed into place (a reader never finds a half-made folder).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -29,7 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -43,6 +41,7 @@ from kvmesh.codecs.cachegen.predict import DEFAULT_RIDGE, LayerPredictor, fit
 from kvmesh.codecs.cachegen.rounding import DEFAULT_DAMP, QueryProfile
 from kvmesh.codecs.model_files import model_folder, model_key, save_model_files
 from kvmesh.engine.kv import kv_from_cache
+from kvmesh.engine.model import file_lock
 from kvmesh.engine.profile import _rotary_tap
 
 WINDOW_TOKENS = 1024
@@ -165,21 +164,10 @@ def _schedule(level: str, how: str, layers: int) -> tuple[list[int], list[int]]:
 # Writing
 # ----------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def _swap_into_place(made: Path, target: Path) -> None:
     """Renames the finished folder ``made`` to ``target``; a folder already there is moved aside first
     and dropped after, so ``target`` is at every moment either the old whole folder or the new one."""
-    with _locked(target.parent / f".{target.name}.lock"):
+    with file_lock(target.parent / f".{target.name}.lock"):
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))

@@ -81,7 +81,8 @@ def _is_current(target: Path, stamp: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
+def file_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive flock on ``lock_path`` (made if missing): one process at a time in the block."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+b") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
@@ -128,7 +129,7 @@ def ensure_converted() -> Path:
     if _is_current(target, stamp):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(target.parent / f".{MODEL_DIRNAME}.lock"):
+    with file_lock(target.parent / f".{MODEL_DIRNAME}.lock"):
         if not _is_current(target, stamp):  # another process may have finished while we waited
             _convert(gguf, target, stamp)
     return target
@@ -168,7 +169,7 @@ def ensure_model_files(model: Any, tokenizer: Any, name: str, roots: Sequence[st
     target = model_folder(name, root)
     # Not calibrate's own lock name (.<key>.lock, taken while the folder is swapped in): flock is per
     # open file, so holding that one here would block its own swap.
-    with _locked(target.parent / f".{model_key(name)}.make.lock"):
+    with file_lock(target.parent / f".{model_key(name)}.make.lock"):
         found = find_model_files(name, [target.parent, *roots])  # another process may have made them meanwhile
         if found is not None:
             say(f"codec files of {name}: made meanwhile by another process, in {found.folder}")

@@ -293,6 +293,23 @@ def _tensors_from(raw: memoryview, spec: list[tuple[tuple[int, ...], torch.dtype
     return out
 
 
+def read_params(params: bytes | memoryview, L: int, T: int, C: int) -> tuple[int, int, int, int, np.ndarray]:
+    """Section 0 checked: (key mode, value mode, lead tokens, channels per coded stream, levels [2, L]);
+    CodecError when a value is corrupt or from a format this build does not read."""
+    kmode, vmode, segment, family, lead = _PARAMS.unpack_from(params, 0)
+    if kmode not in quant.MODES or vmode not in quant.MODES or lead > T:
+        raise CodecError(f"corrupt cachegen container: bad parameters (modes {kmode}, {vmode}, lead {lead})")
+    group = 1 << (family >> 4)
+    if segment != quant.SEGMENT or family & 0xF != TABLE_FAMILY_VERSION or group > MAX_CODED_GROUP or C % group:
+        raise CodecError(f"cachegen container uses segment {segment} / table family {family & 0xF} / "
+                         f"{group} channels per stream; this build reads {quant.SEGMENT} / "
+                         f"{TABLE_FAMILY_VERSION} / a power of two <= {MAX_CODED_GROUP} dividing {C}")
+    levels = np.frombuffer(params[_PARAMS.size : _PARAMS.size + 2 * L], np.uint8).astype(np.int64).reshape(2, L) + 1
+    if levels.min() < 2:
+        raise CodecError("corrupt cachegen container: a layer has fewer than 2 levels")
+    return kmode, vmode, lead, group, levels
+
+
 class CacheGenCodec(Codec):
     codec_id = CODEC_ID
 
@@ -467,17 +484,7 @@ class CacheGenCodec(Codec):
             self.predictor.check(L, C)
             if not self.level.protects and len(protected):
                 raise CodecError("corrupt cachegen container: protected rows at a level that protects none")
-        kmode, vmode, segment, family, lead = _PARAMS.unpack_from(params, 0)
-        if kmode not in quant.MODES or vmode not in quant.MODES or lead > T:
-            raise CodecError(f"corrupt cachegen container: bad parameters (modes {kmode}, {vmode}, lead {lead})")
-        group = 1 << (family >> 4)
-        if segment != quant.SEGMENT or family & 0xF != TABLE_FAMILY_VERSION or group > MAX_CODED_GROUP or C % group:
-            raise CodecError(f"cachegen container uses segment {segment} / table family {family & 0xF} / "
-                             f"{group} channels per stream; this build reads {quant.SEGMENT} / "
-                             f"{TABLE_FAMILY_VERSION} / a power of two <= {MAX_CODED_GROUP} dividing {C}")
-        levels = np.frombuffer(params[_PARAMS.size : _PARAMS.size + 2 * L], np.uint8).astype(np.int64).reshape(2, L) + 1
-        if levels.min() < 2:
-            raise CodecError("corrupt cachegen container: a layer has fewer than 2 levels")
+        kmode, vmode, lead, group, levels = read_params(params, L, T, C)
         dev = self.backend.device
         parts = []
         if len(lead_raw) > lead_bytes(L, lead, C) or (len(lead_raw) == 0) != (lead == 0):

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from kvmesh.codecs import container
-from kvmesh.codecs.base import SUPPORTED_DTYPES
+from kvmesh.codecs.base import check_kv_structure
 from kvmesh.codecs.cachegen import delta, quant
 from kvmesh.codecs.cachegen import device_crc as dcrc
 from kvmesh.codecs.cachegen import triton_quant as tq
@@ -224,26 +224,11 @@ def encodable(codec: object, kv: torch.Tensor) -> bool:
             and kv.shape[2] > codec.level.lead_tokens)
 
 
-def _check_structure(kv: object) -> torch.Tensor:
-    """base.check_kv's checks that need no look at the values (those are device flags)."""
-    if not isinstance(kv, torch.Tensor):
-        raise CodecError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
-    if kv.dtype not in SUPPORTED_DTYPES:
-        raise CodecError(f"kv dtype must be float16, bfloat16 or float32, got {kv.dtype}")
-    if kv.dim() != 4 or kv.shape[0] != 2:
-        raise CodecError(f"kv must have shape [2, layers, tokens, channels], got {list(kv.shape)}")
-    if any(d < 1 for d in kv.shape[1:]):
-        raise CodecError(f"kv needs at least one layer, token and channel, got {list(kv.shape)}")
-    if any(d >= 2**32 for d in kv.shape):
-        raise CodecError(f"kv dimension too large: {list(kv.shape)}")
-    return kv
-
-
 def encode(codec: object, kv: torch.Tensor) -> bytes:
     """CacheGenCodec.encode on the Triton backend for chunks :func:`encodable` accepts: the same bytes."""
     from kvmesh.codecs.cachegen import codec as cg
 
-    kv = _check_structure(kv)
+    kv = check_kv_structure(kv)
     be = codec.backend
     dev = be.device
     _, L, T, C = kv.shape
@@ -419,7 +404,6 @@ def _plan(codec: object, blob: bytes | bytearray | memoryview) -> _Plan | None:
     """Host checks of everything but the checksum and the streams (codec.decode's, in its words), or None
     for containers the device pipeline leaves to codec.py (cross-layer prediction, no rest tokens)."""
     from kvmesh.codecs.cachegen import codec as cg
-    from kvmesh.codecs.cachegen.layout import MAX_CODED_GROUP
     from kvmesh.codecs.registry import method_for_ids
 
     if not isinstance(blob, (bytes, bytearray, memoryview)):
@@ -438,19 +422,9 @@ def _plan(codec: object, blob: bytes | bytearray | memoryview) -> _Plan | None:
     _, L, T, C = header.shape
     variant = cg._read_variant(sections, L)
     params, lead_raw, kside, vside, meta, lens = sections[:6]
-    kmode, vmode, segment, family, lead = cg._PARAMS.unpack_from(params, 0)
-    if variant & cg.VARIANT_PREDICTED or lead >= T:
-        return None
-    if kmode not in quant.MODES or vmode not in quant.MODES:
-        raise CodecError(f"corrupt cachegen container: bad parameters (modes {kmode}, {vmode}, lead {lead})")
-    group = 1 << (family >> 4)
-    if segment != quant.SEGMENT or family & 0xF != TABLE_FAMILY_VERSION or group > MAX_CODED_GROUP or C % group:
-        raise CodecError(f"cachegen container uses segment {segment} / table family {family & 0xF} / "
-                         f"{group} channels per stream; this build reads {quant.SEGMENT} / "
-                         f"{TABLE_FAMILY_VERSION} / a power of two <= {MAX_CODED_GROUP} dividing {C}")
-    levels = np.frombuffer(params[cg._PARAMS.size: cg._PARAMS.size + 2 * L], np.uint8).astype(np.int64).reshape(2, L) + 1
-    if levels.min() < 2:
-        raise CodecError("corrupt cachegen container: a layer has fewer than 2 levels")
+    if variant & cg.VARIANT_PREDICTED or cg._PARAMS.unpack_from(params, 0)[4] >= T:
+        return None  # the per-layer path (codec.py) decodes these
+    kmode, vmode, lead, group, levels = cg.read_params(params, L, T, C)
     if len(lead_raw) > cg.lead_bytes(L, lead, C) or (len(lead_raw) == 0) != (lead == 0):
         raise CodecError("corrupt cachegen container: lead token section has the wrong size")
     rest = T - lead
