@@ -23,7 +23,7 @@ import torch
 from kvmesh.codecs.cachegen import native as _native
 from kvmesh.codecs.cachegen import quant
 from kvmesh.codecs.cachegen.layout import StreamLayout
-from kvmesh.codecs.cachegen.predict import LayerPredictor, levels_from_spans
+from kvmesh.codecs.cachegen.predict import FLAG_FIXED, LayerPredictor, levels_from_spans
 from kvmesh.codecs.cachegen.rounding import QueryProfile, check_mode
 from kvmesh.codecs.errors import CodecError
 
@@ -59,6 +59,17 @@ class Backend(Protocol):
 
     def predict(self, x: torch.Tensor, predictor: LayerPredictor, kv: int, layer: int) -> torch.Tensor:
         """The cross-layer prediction of (kv, layer) from its features x fp32 [R, F]: fp32 [R, C]."""
+        ...
+
+    def to_fixed(self, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """A decoded layer y fp32 [R, C] as fixed-point features (predict.to_fixed): (X int16 [R, C'], sx),
+        C' >= C the backend's stored width (columns past C zero)."""
+        ...
+
+    def predict_fixed(self, parts: list[tuple[torch.Tensor, int]], predictor: LayerPredictor, kv: int,
+                      layer: int) -> torch.Tensor:
+        """The fixed-point prediction of (kv, layer) from its parts (to_fixed's results, in feature
+        order): fp32 [R, C]."""
         ...
 
     def stream_models(self, q: torch.Tensor, layout: StreamLayout, halves: tuple[bool, bool]
@@ -135,6 +146,20 @@ class CpuBackend:
         w, b = predictor.weights(kv, layer)
         return _native.predict(x.contiguous(), w, b)
 
+    def to_fixed(self, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """predict.to_fixed, compiled: (X int16 [R, even(C)], sx)."""
+        y = y.to(torch.float32).contiguous()
+        out = np.empty((y.shape[0], _native.even(y.shape[1])), np.int16)
+        sx = _native.to_fixed(y, out)
+        return torch.from_numpy(out), sx
+
+    def predict_fixed(self, parts: list[tuple[torch.Tensor, int]], predictor: LayerPredictor, kv: int,
+                      layer: int) -> torch.Tensor:
+        """The fixed-point prediction (predict.py) of (kv, layer): fp32 [R, C]."""
+        out = np.empty((parts[0][0].shape[0], predictor.channels), np.float32)
+        _native.predict_fixed(tuple((x.numpy(), sx) for x, sx in parts), predictor, kv, layer, out)
+        return torch.from_numpy(out)
+
     # -- cross-layer prediction, fused per (K/V, layer) step ---------------------------------------
     # codec.py's _quantize_predicted and _add_predictions run on any backend from the stages above;
     # on the CPU these two do the same steps with three compiled calls per (K/V, layer) and no torch
@@ -143,9 +168,10 @@ class CpuBackend:
 
     def quantize_predicted(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int],
                            key_profile: QueryProfile | None, predictor: LayerPredictor,
-                           protect: tuple[bytes, torch.Tensor, torch.Tensor | None] | None
+                           protect: tuple[bytes, torch.Tensor, torch.Tensor | None] | None, fixed: bool = True
                            ) -> tuple[torch.Tensor, list[SideTensors], np.ndarray, np.ndarray]:
-        """codec.CacheGenCodec._quantize_predicted (see there) for x fp32 [2, L, R, C]."""
+        """codec.CacheGenCodec._quantize_predicted (see there) for x fp32 [2, L, R, C]; fixed: the
+        fixed-point prediction (else the fp32 one of containers written before 2026-12-03)."""
         _, L, R, C = x.shape
         x = x.to(torch.float32).contiguous()
         dec = torch.empty_like(x)
@@ -158,12 +184,16 @@ class CpuBackend:
         # numpy views throughout: the loop runs ~60 steps a chunk, and a numpy slice costs a tenth of a tensor's
         xn, dn, qn = x.numpy(), dec.numpy(), q.numpy()
         pred, resid = np.empty((R, C), np.float32), np.empty((R, C), np.float32)
+        fx = _FixedLayers(L, R, C) if fixed else None
         for layer in range(L):
             for kv in (0, 1):
                 src, p, lv = xn[kv, layer], None, int(levels[kv, layer])
-                if layer:
+                if layer and fx is not None:
+                    _native.predict_fixed(fx.parts(kv, layer), predictor, kv, layer, pred)
+                elif layer:
                     w, b = predictor.weights(kv, layer)
                     _native.predict_parts((dn[0, layer - 1], dn[1, layer - 1], dn[0, layer])[:2 + kv], w, b, pred)
+                if layer:
                     sx, sr = _native.layer_residual(src, pred, modes[kv], resid)
                     fewer = levels_from_spans(lv, sx, sr)
                     if fewer < lv:
@@ -173,22 +203,30 @@ class CpuBackend:
                 protected = masks is not None and masks[kv, layer].any()
                 _native.quantize_layer(src, lv, modes[kv], views[kv][layer], qn[kv, layer], dn[kv, layer], prof, p,
                                        masks[kv, layer] if protected else None, rows[kv][layer] if protected else None)
+                if fx is not None:
+                    fx.take(dn[kv, layer], kv, layer)
         return q, sides, levels, used
 
     def add_predictions(self, out: torch.Tensor, used: np.ndarray, predictor: LayerPredictor,
                         protect: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
-        """codec.CacheGenCodec._add_predictions (see there) for out fp32 [2, L, R, C] (contiguous)."""
+        """codec.CacheGenCodec._add_predictions (see there) for out fp32 [2, L, R, C] (contiguous); used
+        uint8 [2, L]: section 8's flags (predict.FLAG_FP32 / FLAG_FIXED: which arithmetic, 0: none)."""
         _, L, R, C = out.shape
         masks, rows = _protected_by_layer((b"",) + tuple(protect) if protect is not None else None, L, R)
         on = out.numpy()
+        fx = _FixedLayers(L, R, C) if (np.asarray(used) == FLAG_FIXED).any() else None
         for layer in range(L):
             for kv in (0, 1):
-                if used[kv, layer]:
+                if used[kv, layer] == FLAG_FIXED:
+                    _native.predict_fixed(fx.parts(kv, layer), predictor, kv, layer, on[kv, layer], add=True)
+                elif used[kv, layer]:
                     w, b = predictor.weights(kv, layer)
                     _native.predict_parts((on[0, layer - 1], on[1, layer - 1], on[0, layer])[:2 + kv], w, b, on[kv, layer],
                                           add=True)
                 if masks is not None and masks[kv, layer].any():
                     out[kv, layer][torch.from_numpy(masks[kv, layer].astype(bool))] = rows[kv][layer]
+                if fx is not None:
+                    fx.take(on[kv, layer], kv, layer)
 
     def histogram(self, q: torch.Tensor, layout: StreamLayout) -> np.ndarray:
         """int64 [S, 256]: how often each symbol occurs in each stream."""
@@ -217,6 +255,24 @@ class CpuBackend:
                     layout: StreamLayout, flags: np.ndarray | None = None) -> torch.Tensor:
         """Inverse of rans_encode (with the same flags): q uint8 [2, L, T, C]; CodecError on a corrupt stream."""
         return torch.from_numpy(_native.decode(words, counts, np.asarray(center), np.asarray(table), layout, flags))
+
+
+class _FixedLayers:
+    """The fixed-point features (to_fixed) of the decoded layers of a chunk, each made once, as the
+    layers become final (prediction added, protected rows restored)."""
+
+    def __init__(self, L: int, R: int, C: int) -> None:
+        self.x = np.zeros((2, L, R, _native.even(C)), np.int16)
+        self.sx = np.zeros((2, L), np.int64)
+
+    def take(self, y: np.ndarray, kv: int, layer: int) -> None:
+        if kv == 0 or layer < self.x.shape[1] - 1:  # the last layer's values feed no prediction
+            self.sx[kv, layer] = _native.to_fixed(y, self.x[kv, layer])
+
+    def parts(self, kv: int, layer: int) -> tuple[tuple[np.ndarray, int], ...]:
+        """The features of (kv, layer)'s prediction: K'[l-1], V'[l-1] (and K'[l] for values)."""
+        keys = ((0, layer - 1), (1, layer - 1), (0, layer))[:2 + kv]
+        return tuple((self.x[k], int(self.sx[k])) for k in keys)
 
 
 def _layer_views(side: SideTensors, mode: int, layer: int) -> list[np.ndarray]:

@@ -46,7 +46,8 @@ from kvmesh.codecs.cachegen import delta, quant
 from kvmesh.codecs.cachegen.backends import Backend, get_backend
 from kvmesh.codecs.cachegen.layout import MAX_CODED_GROUP, channel_group, stream_layout
 from kvmesh.codecs.cachegen.levels import LEVELS, Level, load_schedule, with_schedule
-from kvmesh.codecs.cachegen.predict import ID_BYTES, LayerPredictor, features, residual_levels
+from kvmesh.codecs.cachegen.predict import (FLAG_FIXED, FLAG_FP32, ID_BYTES, LayerPredictor, features,
+                                            residual_levels)
 from kvmesh.codecs.cachegen.rounding import QueryProfile
 from kvmesh.codecs.cachegen.tables import NUM_TABLES, TABLE_FAMILY_VERSION
 from kvmesh.codecs.errors import CodecError
@@ -314,19 +315,23 @@ class CacheGenCodec(Codec):
     codec_id = CODEC_ID
 
     def __init__(self, level: Level, backend: Backend | None = None, key_profile: QueryProfile | None = None,
-                 predictor: LayerPredictor | None = None) -> None:
+                 predictor: LayerPredictor | None = None, fixed_prediction: bool = True) -> None:
         """key_profile: the serving model's query profile (rounding.py). The encoder then rounds keys
         along it: same format and decoder, fewer errors where the model's queries look. Without one,
         keys round to their nearest level.
         predictor: the serving model's layer predictor (predict.py). Each layer is then coded as its
         difference from a prediction made from the layers before it: ~18% fewer bytes; decoding such
-        a container needs the same predictor (its id is in the container)."""
+        a container needs the same predictor (its id is in the container).
+        fixed_prediction: the prediction's arithmetic the writer uses (FORMAT.md section 3): fixed-point
+        (the default since 2026-12-03), or False for the fp32 one of earlier containers (tests: those
+        still read). Readers follow each container's section 8."""
         self.level = level
         self.level_id = level.level_id
         self.name = "cachegen" if level.name == "default" else f"cachegen-{level.name}"
         self.backend = backend if backend is not None else get_backend("cpu")
         self.key_profile = key_profile
         self.predictor = predictor
+        self.fixed_prediction = fixed_prediction
 
     # -- encode ----------------------------------------------------------------------------------
     def encode(self, kv: torch.Tensor) -> bytes:
@@ -376,7 +381,8 @@ class CacheGenCodec(Codec):
         if self.level.protects or self.predictor is not None:
             sections.append(protect[0] if protect is not None else b"")
         if self.predictor is not None:
-            sections.append(self.predictor.ident + (used.astype(np.uint8).tobytes() if rest else bytes(2 * L)))
+            flag = FLAG_FIXED if self.fixed_prediction else FLAG_FP32
+            sections.append(self.predictor.ident + ((used * flag).astype(np.uint8).tobytes() if rest else bytes(2 * L)))
         return container.pack(self.codec_id, self.level_id, kv.dtype, tuple(kv.shape), sections)
 
     def _quantize_predicted(self, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int],
@@ -389,7 +395,7 @@ class CacheGenCodec(Codec):
         level counts, bool [2, L]: which layers were predicted)."""
         fused = getattr(self.backend, "quantize_predicted", None)
         if fused is not None:  # the CPU: the same steps, compiled (backends.CpuBackend)
-            return fused(x, levels, modes, self.key_profile, self.predictor, protect)
+            return fused(x, levels, modes, self.key_profile, self.predictor, protect, self.fixed_prediction)
         _, L, R, C = x.shape
         dev = x.device
         dec = torch.empty_like(x)
@@ -400,12 +406,13 @@ class CacheGenCodec(Codec):
         mask, rows = protect[1:] if protect is not None else (None, None)
         restored = _restored_rows(mask, rows, x)
         has_rows = mask.any(dim=2).cpu().numpy() if mask is not None else None  # [2, L]: any protected row
+        fixed: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}  # (kv, layer): to_fixed of the decoded layer
         for layer in range(L):
             for kv in (0, 1):
                 target = x[kv, layer:layer + 1]
                 pred = None
                 if layer:
-                    pred = self.backend.predict(features(dec, kv, layer), self.predictor, kv, layer)
+                    pred = self._predict(dec, fixed if self.fixed_prediction else None, kv, layer)
                     residual = target - pred
                     fewer = residual_levels(int(levels[kv, layer]), target, residual, modes[kv])
                     if fewer < levels[kv, layer]:
@@ -420,26 +427,42 @@ class CacheGenCodec(Codec):
                     y.add_(pred)  # the same fp32 sum as y + pred, in place
                 if restored is not None and has_rows[kv, layer]:
                     y.copy_(torch.where(mask[kv, layer, :, None], restored[kv, layer], y))
+                if self.fixed_prediction and (kv == 0 or layer < L - 1):  # the last values feed nothing
+                    fixed[kv, layer] = self.backend.to_fixed(y)
                 q[kv, layer] = ql[0]
                 parts[kv].append(side)
         return q, [_cat_sides(parts[kv], modes[kv]) for kv in (0, 1)], levels, used
 
+    def _predict(self, dec: torch.Tensor, fixed: dict[tuple[int, int], tuple[torch.Tensor, int]] | None,
+                 kv: int, layer: int) -> torch.Tensor:
+        """The prediction of (kv, layer >= 1) from the decoded layers before it: fixed-point from their
+        to_fixed forms when ``fixed`` holds them, else the fp32 arithmetic from dec fp32 [2, L, R, C]."""
+        if fixed is None:
+            return self.backend.predict(features(dec, kv, layer), self.predictor, kv, layer)
+        keys = ((0, layer - 1), (1, layer - 1), (0, layer))[:2 + kv]
+        return self.backend.predict_fixed([fixed[k] for k in keys], self.predictor, kv, layer)
+
     def _add_predictions(self, out: torch.Tensor, used: np.ndarray,
                          protect: tuple[torch.Tensor, torch.Tensor | None] | None) -> None:
         """Decoder side of _quantize_predicted: out fp32 [2, L, R, C] holds the dequantized residuals;
-        adds the predictions of the layers ``used`` marks, in the encoder's order, and restores the
-        protected rows."""
+        adds the predictions of the layers ``used`` (uint8 [2, L], section 8's flags) marks, each with the
+        arithmetic its flag names, in the encoder's order, and restores the protected rows."""
         fused = getattr(self.backend, "add_predictions", None)
         if fused is not None:  # the CPU: the same steps, compiled (backends.CpuBackend)
             return fused(out, used, self.predictor, protect)
         mask, rows = protect if protect is not None else (None, None)
         restored = _restored_rows(mask, rows, out)
-        for layer in range(out.shape[1]):
+        L = out.shape[1]
+        fixed: dict[tuple[int, int], tuple[torch.Tensor, int]] | None = {} if (used == FLAG_FIXED).any() else None
+        for layer in range(L):
             for kv in (0, 1):
                 if used[kv, layer]:
-                    out[kv, layer] = out[kv, layer] + self.backend.predict(features(out, kv, layer), self.predictor, kv, layer)
+                    pred = self._predict(out, fixed if used[kv, layer] == FLAG_FIXED else None, kv, layer)
+                    out[kv, layer] = out[kv, layer] + pred
                 if restored is not None:
                     out[kv, layer] = torch.where(mask[kv, layer, :, None], restored[kv, layer], out[kv, layer])
+                if fixed is not None and (kv == 0 or layer < L - 1):
+                    fixed[kv, layer] = self.backend.to_fixed(out[kv, layer])
 
     def encode_parts(self, kv: torch.Tensor) -> dict[str, int]:
         """Where the bytes of encode(kv) go, by section (for the benchmark)."""
@@ -473,7 +496,7 @@ class CacheGenCodec(Codec):
                 raise CodecError("corrupt cachegen container: predictor section has the wrong size")
             ident = raw[:ID_BYTES]
             used = np.frombuffer(raw[ID_BYTES:], np.uint8).reshape(2, L)
-            if used.max() > 1 or used[:, 0].any():
+            if used.max() > FLAG_FIXED or used[:, 0].any():
                 raise CodecError("corrupt cachegen container: bad predicted-layer flags")
             if self.predictor is None:
                 raise CodecError(f"this container was coded with cross-layer prediction (predictor {ident.hex()}): "
@@ -527,7 +550,7 @@ class CacheGenCodec(Codec):
             if protected is not None and (self.level.protects or len(protected)):
                 protect = _protect_decode(protected, rest_out.shape, rest_out.device)
             if predicted:
-                self._add_predictions(rest_out, used.astype(bool), protect)
+                self._add_predictions(rest_out, used, protect)
             elif protect is not None and protect[1] is not None:
                 rest_out[protect[0]] = protect[1]
             parts.append(rest_out)

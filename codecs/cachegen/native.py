@@ -20,6 +20,7 @@ import torch
 
 from kvmesh.codecs.cachegen import quant, rans
 from kvmesh.codecs.cachegen.layout import StreamLayout
+from kvmesh.codecs.cachegen.predict import SX_MAX, SX_MIN, LayerPredictor
 from kvmesh.codecs.cachegen.quant import SEGMENT
 from kvmesh.codecs.cachegen.rounding import QueryProfile, device_factors
 from kvmesh.codecs.cachegen.tables import NUM_TABLES, alphabet_tables
@@ -209,6 +210,47 @@ def predict_parts(parts: tuple[np.ndarray | torch.Tensor, ...], w: np.ndarray, b
     x1 = _np(parts[1]) if len(parts) > 1 else x0
     x2 = _np(parts[2]) if len(parts) > 2 else x0
     _ransc.predict_parts(len(parts), x0, x1, x2, R, K, w.shape[1], w, b, _np(out), bool(add))
+    return out
+
+
+def even(width: int) -> int:
+    """The stored width of fixed-point features: ``width`` rounded up to even (predict_fixed reads int16 pairs)."""
+    return width + (width & 1)
+
+
+def to_fixed(y: np.ndarray | torch.Tensor, out: np.ndarray) -> int:
+    """predict.to_fixed in one compiled pass: y fp32 [R, C] (contiguous) -> out int16 [R, even(C)] (the
+    padding column zero); returns sx."""
+    R, C = y.shape
+    return _ransc.to_fixed(_np(y), R, C, out.shape[1], out, SX_MIN, SX_MAX)
+
+
+def packed_fixed(predictor: LayerPredictor, kv: int, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(W int16 [P, even(C) / 2, C, 2], sw int32 [P, C], b fp32 [C]) of (kv, layer) as predict_fixed reads
+    them: LayerPredictor.fixed's weights, each part padded to an even width and its feature pairs
+    interleaved per column. Cached on the predictor."""
+    cache = predictor.__dict__.setdefault("_native_fixed", {})
+    if (kv, layer) not in cache:
+        w16, sw = predictor.fixed(kv, layer)
+        C = predictor.channels
+        P, Kp = w16.shape[0] // C, even(C)
+        padded = np.zeros((P, Kp, C), np.int16)
+        padded[:, :C] = w16.reshape(P, C, C)
+        packed = np.ascontiguousarray(padded.reshape(P, Kp // 2, 2, C).transpose(0, 1, 3, 2))
+        cache[kv, layer] = (packed, np.ascontiguousarray(sw, dtype=np.int32), predictor.weights(kv, layer)[1])
+    return cache[kv, layer]
+
+
+def predict_fixed(parts: tuple[tuple[np.ndarray, int], ...], predictor: LayerPredictor, kv: int, layer: int,
+                  out: np.ndarray | torch.Tensor, add: bool = False) -> np.ndarray | torch.Tensor:
+    """The fixed-point prediction of (kv, layer) (FORMAT.md section 3) from its parts, 2 or 3 (X int16
+    [R, even(C)] from to_fixed, sx) in feature order, into out fp32 [R, C] (or added to it with add)."""
+    w, sw, b = packed_fixed(predictor, kv, layer)
+    xs = [x for x, _ in parts] + [parts[0][0]] * (3 - len(parts))
+    sx = [e for _, e in parts] + [0] * (3 - len(parts))
+    R, Kp = xs[0].shape
+    _ransc.predict_fixed(len(parts), xs[0], xs[1], xs[2], sx[0], sx[1], sx[2], R, Kp, w.shape[2], w, sw, b,
+                         _np(out), bool(add))
     return out
 
 

@@ -16,7 +16,7 @@ from kvmesh.codecs.cachegen import delta, quant, rans
 from kvmesh.codecs.cachegen import triton_quant as tq
 from kvmesh.codecs.cachegen import triton_rans as tr
 from kvmesh.codecs.cachegen.layout import StreamLayout
-from kvmesh.codecs.cachegen.predict import LayerPredictor
+from kvmesh.codecs.cachegen.predict import LayerPredictor, part_scales, to_fixed
 from kvmesh.codecs.cachegen.rounding import QueryProfile
 from kvmesh.codecs.cachegen.tables import NUM_TABLES, alphabet_tables
 from kvmesh.codecs.errors import CodecError
@@ -214,6 +214,23 @@ class TritonBackend:
         """predict.py's prediction of (kv, layer) from its features x fp32 [R, F] (same values as the CPU's)."""
         w, b = predictor.device_weights(kv, layer, self.device)
         return tq.predict(x.to(self.device, torch.float32).contiguous(), w, b, self.interpret)
+
+    def to_fixed(self, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """predict.to_fixed on the device (torch ops: one amax read back for the scale)."""
+        return to_fixed(y.to(self.device, torch.float32))
+
+    def predict_fixed(self, parts: list[tuple[torch.Tensor, int]], predictor: LayerPredictor, kv: int,
+                      layer: int) -> torch.Tensor:
+        """The fixed-point prediction (predict.py) of (kv, layer) on the device (same values as the CPU's)."""
+        cache = predictor.__dict__.setdefault("_device_fixed", {})
+        key = (kv, layer, str(self.device))
+        if key not in cache:
+            w16, sw = predictor.fixed(kv, layer)
+            cache[key] = (torch.from_numpy(w16).to(self.device), torch.from_numpy(sw).to(self.device),
+                          predictor.device_weights(kv, layer, self.device)[1])
+        w, sw, b = cache[key]
+        x = torch.stack([t.to(self.device) for t, _ in parts])
+        return tq.predict_fixed(x, w, part_scales([e for _, e in parts], sw), b, self.interpret)
 
     def dequantize(self, q: torch.Tensor, sides: list[list[torch.Tensor]], levels: np.ndarray,
                    modes: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -346,3 +346,42 @@ def predict(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, interpret: bool =
         x.contiguous(), w.contiguous(), b.contiguous(), out, R, F, C, BLOCK_R=block_r, BLOCK_C=block_c,
         **_opts(interpret, 4))
     return out
+
+
+@triton.jit
+def _predict_fixed_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, P, R, K, C, BLOCK_R: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    # predict.py's fixed-point arithmetic: per part an exact int32 dot product (any order), then
+    # acc = acc + float(dot) * 2^-(sx + sw) in part order from acc = b (unfused fp32)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rm = rows < R
+    cm = cols < C
+    b = tl.load(b_ptr + cols, mask=cm, other=0.0)
+    acc = tl.broadcast_to(b[None, :], (BLOCK_R, BLOCK_C))
+    for p in range(0, P):
+        dot = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
+        for i in range(0, K):
+            xi = tl.load(x_ptr + (p * R + rows) * K + i, mask=rm, other=0).to(tl.int32)
+            wi = tl.load(w_ptr + (p * K + i) * C + cols, mask=cm, other=0).to(tl.int32)
+            dot += xi[:, None] * wi[None, :]
+        scale = tl.load(s_ptr + p * C + cols, mask=cm, other=0.0)
+        acc = acc + dot.to(tl.float32) * scale[None, :]
+    tl.store(out_ptr + rows[:, None] * C + cols[None, :], acc, mask=rm[:, None] & cm[None, :])
+
+
+def predict_fixed(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, b: torch.Tensor,
+                  interpret: bool = False) -> torch.Tensor:
+    """The fixed-point prediction (FORMAT.md section 3) on the device: x int16 [P, R, K] (the parts'
+    features), w int16 [P * K, C], scale fp32 [P, C] (predict.part_scales), b fp32 [C] -> fp32 [R, C]."""
+    P, R, K = x.shape
+    C = w.shape[1]
+    out = torch.empty(R, C, dtype=torch.float32, device=x.device)
+    if R == 0:
+        return out
+    block_r = min(triton.next_power_of_2(R), 256 if interpret else 32)
+    block_c = min(triton.next_power_of_2(C), 256 if interpret else 64)
+    _predict_fixed_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
+        x.contiguous(), w.contiguous(), scale.contiguous(), b.contiguous(), out, P, R, K, C, BLOCK_R=block_r,
+        BLOCK_C=block_c, **_opts(interpret, 4))
+    return out

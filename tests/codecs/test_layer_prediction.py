@@ -192,7 +192,7 @@ def test_forged_predictor_sections_are_rejected() -> None:
     flags[8] = 1  # layer 0 of K: never predicted
     with pytest.raises(CodecError, match="flags"):
         codec.decode(forge(sections[:8] + [bytes(flags)]))
-    flags[8], flags[9] = 0, 2
+    flags[8], flags[9] = 0, 3  # 1: fp32 prediction, 2: fixed-point; nothing else
     with pytest.raises(CodecError, match="flags"):
         codec.decode(forge(sections[:8] + [bytes(flags)]))
     # at a level that protects nothing, section 7 must be empty

@@ -13,6 +13,8 @@ static PyMethodDef methods[] = {
     {"round_keys", ransc_round_keys, METH_VARARGS, ransc_round_keys_doc},
     {"predict", ransc_predict, METH_VARARGS, ransc_predict_doc},
     {"predict_parts", ransc_predict_parts, METH_VARARGS, ransc_predict_parts_doc},
+    {"predict_fixed", ransc_predict_fixed, METH_VARARGS, ransc_predict_fixed_doc},
+    {"to_fixed", ransc_to_fixed, METH_VARARGS, ransc_to_fixed_doc},
     {"f16_bounds", ransc_f16_bounds, METH_VARARGS, ransc_f16_bounds_doc},
     {"quantize_layer", ransc_quantize_layer, METH_VARARGS, ransc_quantize_layer_doc},
     {"layer_residual", ransc_layer_residual, METH_VARARGS, ransc_layer_residual_doc},

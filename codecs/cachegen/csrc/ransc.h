@@ -88,6 +88,8 @@ RANSC_METHOD(quantize_layer);
 RANSC_METHOD(layer_residual);
 RANSC_METHOD(predict);     /* predict.c */
 RANSC_METHOD(predict_parts);
+RANSC_METHOD(predict_fixed);
+RANSC_METHOD(to_fixed);
 RANSC_METHOD(encode);      /* rans.c */
 RANSC_METHOD(decode);
 #undef RANSC_METHOD

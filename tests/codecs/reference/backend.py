@@ -17,7 +17,7 @@ from kvmesh.codecs.cachegen.rounding import QueryProfile
 from kvmesh.codecs.cachegen.tables import alphabet_tables
 from kvmesh.codecs.errors import CodecError
 
-from .predict import predict_reference
+from .predict import predict_fixed_reference, predict_reference, to_fixed_reference
 from .rounding import quantize_keys
 from .streams import deinterleave, element_stream_ids, from_streams, interleave, merged_tables, to_streams
 
@@ -86,6 +86,16 @@ class ReferenceBackend(CpuBackend):
     def predict(self, x: torch.Tensor, predictor: LayerPredictor, kv: int, layer: int) -> torch.Tensor:
         w, b = predictor.weights(kv, layer)
         return predict_reference(x.contiguous(), torch.from_numpy(w), torch.from_numpy(b))
+
+    def to_fixed(self, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+        x, sx = to_fixed_reference(y.cpu().numpy())
+        return torch.from_numpy(x), sx
+
+    def predict_fixed(self, parts: list[tuple[torch.Tensor, int]], predictor: LayerPredictor, kv: int,
+                      layer: int) -> torch.Tensor:
+        w, sw = predictor.fixed(kv, layer)
+        out = predict_fixed_reference([(x.numpy(), sx) for x, sx in parts], w, sw, predictor.weights(kv, layer)[1])
+        return torch.from_numpy(out)
 
     def histogram(self, q: torch.Tensor, layout: StreamLayout) -> np.ndarray:
         width = layout.max_levels  # count over the used alphabet only, then widen to 256 columns
