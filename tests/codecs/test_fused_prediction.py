@@ -118,18 +118,19 @@ def test_predict_parts_equals_predict_on_the_concatenated_features(parts: int, r
 
 @pytest.mark.parametrize("level", ["default", "hq", "compact"])
 @pytest.mark.parametrize("profiled", [False, True], ids=["no-profile", "profile"])
-@pytest.mark.parametrize("shape", [(3, 40, 24), (2, 270, 8), (2, 2, 8), (3, 1, 24)])
+@pytest.mark.parametrize("shape", [(3, 40, 24), (2, 270, 8), (2, 2, 8), (3, 1, 24), (3, 33, 7)])
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed-point", "fp32"])
 def test_fused_and_stage_by_stage_containers_are_the_same_bytes(level: str, profiled: bool,
-                                                                shape: tuple[int, int, int]) -> None:
+                                                                shape: tuple[int, int, int], fixed: bool) -> None:
     L, T, C = shape
     kv = related_kv(L, T, C, seed=T) if T > 2 else kv_like(L, T, C, seed=T)
     kv = kv.float()
     kv[1, :, T // 2] *= 0.05  # sink-like value rows: protected at every level that protects
     kv = kv.to(torch.float16)
     predictor = random_predictor(L, C, seed=T, scale=0.05)
-    profile = QueryProfile(correlated_moments(L, 2, C // 2, seed=L)) if profiled else None
-    fused = CacheGenCodec(LEVELS[level], CpuBackend(), profile, predictor)
-    stages = CacheGenCodec(LEVELS[level], ReferenceBackend(), profile, predictor)
+    profile = QueryProfile(correlated_moments(L, 2, C // 2, seed=L)) if profiled and C % 2 == 0 else None
+    fused = CacheGenCodec(LEVELS[level], CpuBackend(), profile, predictor, fixed_prediction=fixed)
+    stages = CacheGenCodec(LEVELS[level], ReferenceBackend(), profile, predictor, fixed_prediction=fixed)
     blob = fused.encode(kv)
     assert blob == stages.encode(kv)
     assert torch.equal(bits(fused.decode(blob)), bits(stages.decode(blob)))

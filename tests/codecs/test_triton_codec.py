@@ -137,6 +137,20 @@ def test_bytes_identical_with_a_layer_predictor(method: str) -> None:
     assert torch.equal(bits(tri.decode(want).cpu()), bits(cpu.decode(want)))
 
 
+def test_containers_with_fp32_prediction_decode_the_same_on_the_device() -> None:
+    """Containers written before fixed-point prediction (section 8 flags 1) still read on the device."""
+    from pathlib import Path
+
+    from kvmesh.codecs import LayerPredictor
+
+    data = Path(__file__).parent / "data"
+    blob = (data / "fp32_predicted.kvmc").read_bytes()
+    p = LayerPredictor.load(data / "fp32_predicted.predictor.npz")
+    want = get_codec("cachegen", backend="cpu", predictor=p).decode(blob)
+    got = get_codec("cachegen", backend="triton", predictor=p).decode(blob)
+    assert torch.equal(bits(got.cpu()), bits(want))
+
+
 # ---- the device pipeline (device_pipeline.py) on every container form ------------------------------
 
 @pytest.mark.parametrize("channels", [6, 7])  # 2 and 1 channels per coded stream

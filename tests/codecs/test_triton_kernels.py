@@ -345,6 +345,32 @@ def test_decode_rejects_bad_counts(backend) -> None:
         backend.rans_decode(words[:-1], counts, center, table, layout)
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("rows, channels", [(1, 1), (37, 24), (300, 40), (5, 200)])
+def test_fixed_prediction_kernel_equals_the_reference(rows: int, channels: int, parts: int) -> None:
+    """The device's fixed-point prediction (to_fixed in torch, the int32 kernel) gives the numpy
+    reference's features and bits."""
+    from kvmesh.codecs.cachegen import predict, triton_quant as tq
+    from tests.codecs.reference.predict import predict_fixed_reference, to_fixed_reference
+    from tests.codecs.test_layer_prediction import random_predictor
+
+    g = np.random.default_rng(rows + parts)
+    layers = [(g.standard_normal((rows, channels)) * m).astype(np.float32) for m in (20.0, 0.5, 3.0)][:parts]
+    want_parts = [to_fixed_reference(y) for y in layers]
+    got_parts = [predict.to_fixed(torch.from_numpy(y).to(DEVICE)) for y in layers]
+    for (x, sx), (gx, gsx) in zip(want_parts, got_parts):
+        assert sx == gsx and np.array_equal(gx.cpu().numpy(), x)
+    p = random_predictor(layers=2, channels=channels, seed=rows)
+    kv = parts - 2
+    w16, sw = p.fixed(kv, 1)
+    b = p.weights(kv, 1)[1]
+    want = predict_fixed_reference(want_parts, w16, sw, b)
+    scale = predict.part_scales([sx for _, sx in got_parts], torch.from_numpy(sw).to(DEVICE))
+    got = tq.predict_fixed(torch.stack([x for x, _ in got_parts]), torch.from_numpy(w16).to(DEVICE), scale,
+                           torch.from_numpy(b).to(DEVICE), interpret=DEVICE.type == "cpu")
+    assert np.array_equal(got.cpu().numpy().view(np.int32), want.view(np.int32))
+
+
 @pytest.mark.parametrize("rows, features, channels", [(1, 1, 1), (37, 72, 24), (300, 20, 200)])
 def test_prediction_kernel_equals_the_reference(rows: int, features: int, channels: int) -> None:
     from kvmesh.codecs.cachegen import triton_quant as tq
