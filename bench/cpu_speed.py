@@ -19,11 +19,12 @@ with them, but needs the model). Prints a table (best of --passes, MB/s of fp16 
 --breakdown: the encode and decode of a chunk stage by stage: each stage's own CPU time (its callees'
 taken out), the best of --passes per stage, so the table says where every millisecond goes.
 
---integer-estimate: the format's prediction is fp32 with every product rounded before its sum, which
-no CPU runs faster than one multiply and one add per term (16 terms a cycle with AVX-512 here). It
-times that (predict.c) against integer dot products of the same shapes (int16 x int16 and uint8 x
-int8 into int32, AVX512-VNNI, the same 6 x 64 register blocking), compiled here with gcc from the
-source below: what an integer or fixed-point prediction format would cost. Not a codec path.
+--integer-estimate: the fp32 prediction (containers before 2026-12-03) rounds every product before its
+sum, which no CPU runs faster than one multiply and one add per term (16 terms a cycle with AVX-512
+here). It times that (predict.c) and the format's fixed-point prediction (predict.c's predict_fixed,
+int16 features and weights, written since 2026-12-03) against bare integer dot products of the same
+shapes (int16 x int16 and uint8 x int8 into int32, AVX512-VNNI, the same 6 x 64 register blocking),
+compiled here with gcc from the source below: the floor each arithmetic could reach.
 
 BLAS runs on one thread (OPENBLAS_NUM_THREADS=1): fitting the stand-in predictor must not leave
 OpenBLAS threads spinning on the other core while the codec is timed.
@@ -283,7 +284,7 @@ KERNEL(pred_u8, uint8_t, int8_t, 4, _mm512_dpbusd_epi32)
 
 
 def integer_estimate(passes: int) -> int:
-    """Per-chunk cost of the fp32 prediction (the format's) against integer dot products of its shapes."""
+    """Per-chunk cost of the fp32 and the fixed-point prediction against bare integer dot products of their shapes."""
     import ctypes
     import subprocess
     import tempfile
@@ -308,8 +309,13 @@ def integer_estimate(passes: int) -> int:
         print("| arithmetic | K layer ms | V layer ms | chunk encode ms (all layers) | vs fp32 |")
         print("| --- | --- | --- | --- | --- |")
         rows = {}
-        for name in ("fp32, products rounded, then summed (the format)", "int16 x int16 -> int32 (vpdpwssd)",
-                     "uint8 x int8 -> int32 (vpdpbusd)"):
+        from kvmesh.codecs import LayerPredictor
+
+        stand_in = LayerPredictor(g.standard_normal((1, 2 * C, C)) / 30, np.zeros((1, C)),
+                                  g.standard_normal((1, 3 * C, C)) / 30, np.zeros((1, C)))
+        for name in ("fp32, products rounded, then summed (containers before 2026-12-03)",
+                     "fixed-point, the format since 2026-12-03 (predict_fixed: int16, vpdpwssd, + scaling)",
+                     "bare int16 x int16 -> int32 (vpdpwssd)", "bare uint8 x int8 -> int32 (vpdpbusd)"):
             ms = []
             for F in (2 * C, 3 * C):
                 out32 = np.empty((R, C), np.int32)
@@ -317,7 +323,12 @@ def integer_estimate(passes: int) -> int:
                     x, w = g.random((R, F), np.float32), g.random((F, C), np.float32)
                     b, out = np.zeros(C, np.float32), np.empty((R, C), np.float32)
                     fn = lambda: native._ransc.predict(x, R, F, C, w, b, out)  # noqa: E731
-                elif name.startswith("int16"):
+                elif name.startswith("fixed"):
+                    parts = tuple((g.integers(-32767, 32767, (R, C), np.int16), 10) for _ in range(F // C))
+                    out = np.empty((R, C), np.float32)
+                    kv = F // C - 2
+                    fn = lambda: native.predict_fixed(parts, stand_in, kv, 1, out)  # noqa: E731
+                elif name.startswith("bare int16"):
                     x, w = g.integers(-3000, 3000, (R, F), np.int16), g.integers(-3000, 3000, (F // 2, C, 2), np.int16)
                     fn = lambda: k.pred_i16(ptr(x.ctypes.data), R, F, C, ptr(w.ctypes.data), ptr(out32.ctypes.data))  # noqa: E731
                 else:

@@ -173,8 +173,10 @@ class CpuBackend:
         """codec.CacheGenCodec._quantize_predicted (see there) for x fp32 [2, L, R, C]; fixed: the
         fixed-point prediction (else the fp32 one of containers written before 2026-12-03)."""
         _, L, R, C = x.shape
-        x = x.to(torch.float32).contiguous()
-        dec = torch.empty_like(x)
+        x = x.to(torch.float32)
+        if x.stride()[2:] != (C, 1):  # each (K/V, layer) [R, C] must be one dense block (a token slice is)
+            x = x.contiguous()
+        dec = torch.empty(x.shape, dtype=torch.float32)
         q = torch.empty(x.shape, dtype=torch.uint8)
         sides = [[torch.empty(shape, dtype=dt) for shape, dt in quant.side_spec(modes[kv], L, R, C)] for kv in (0, 1)]
         views = [[_layer_views(s, modes[kv], layer) for layer in range(L)] for kv, s in enumerate(sides)]

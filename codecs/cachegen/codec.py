@@ -32,6 +32,7 @@ The statistic is an exact float64 sum, the median a selection: every device pick
 """
 from __future__ import annotations
 
+import math
 import os
 import struct
 import zlib
@@ -41,7 +42,7 @@ import numpy as np
 import torch
 
 from kvmesh.codecs import container
-from kvmesh.codecs.base import Codec, check_kv
+from kvmesh.codecs.base import Codec, check_kv_structure
 from kvmesh.codecs.cachegen import delta, quant
 from kvmesh.codecs.cachegen.backends import Backend, get_backend
 from kvmesh.codecs.cachegen.layout import MAX_CODED_GROUP, channel_group, stream_layout
@@ -340,8 +341,11 @@ class CacheGenCodec(Codec):
 
             if device_pipeline.encodable(self, kv):  # on the device end to end: the same bytes
                 return device_pipeline.encode(self, kv)
-        kv = check_kv(kv)
-        if float(kv.abs().amax()) > quant.FP16_MAX:
+        kv = check_kv_structure(kv)
+        top = float(kv.abs().amax())  # one reduction for both checks (check_kv's and the fp16 range)
+        if not math.isfinite(top):
+            raise CodecError("kv contains inf or NaN values; refusing to encode")
+        if top > quant.FP16_MAX:
             raise CodecError("cachegen stores fp16 bounds: values beyond +-65504 cannot be encoded (use 'lossless')")
         _, L, T, C = kv.shape
         if self.key_profile is not None:
@@ -366,7 +370,7 @@ class CacheGenCodec(Codec):
             if self.predictor is None:
                 q, sides = self.backend.quantize(x[:, :, lead:], levels, modes, key_profile=self.key_profile)
             else:  # the residuals' level counts are chosen per chunk (predict.residual_levels)
-                q, sides, levels, used = self._quantize_predicted(x[:, :, lead:].contiguous(), levels, modes, protect)
+                q, sides, levels, used = self._quantize_predicted(x[:, :, lead:], levels, modes, protect)
             layout = stream_layout(L, rest, C, levels, channel_group(C))
             center, table, flags = self.backend.stream_models(q, layout, self.level.delta)
             words, counts = self.backend.rans_encode(q, center, table, layout, flags)
