@@ -20,7 +20,7 @@ import torch
 
 from kvmesh.codecs.cachegen import quant, rans
 from kvmesh.codecs.cachegen.layout import StreamLayout
-from kvmesh.codecs.cachegen.predict import SX_MAX, SX_MIN, LayerPredictor
+from kvmesh.codecs.cachegen.predict import SX_MAX, SX_MIN, LayerPredictor, fixed_weights
 from kvmesh.codecs.cachegen.quant import SEGMENT
 from kvmesh.codecs.cachegen.rounding import QueryProfile, device_factors
 from kvmesh.codecs.cachegen.tables import NUM_TABLES, alphabet_tables
@@ -231,8 +231,8 @@ def packed_fixed(predictor: LayerPredictor, kv: int, layer: int) -> tuple[np.nda
     interleaved per column. Cached on the predictor."""
     cache = predictor.__dict__.setdefault("_native_fixed", {})
     if (kv, layer) not in cache:
-        w16, sw = predictor.fixed(kv, layer)
         C = predictor.channels
+        w16, sw = fixed_weights(predictor.weights(kv, layer)[0], C)  # not via predictor.fixed: one int16 copy
         P, Kp = w16.shape[0] // C, even(C)
         padded = np.zeros((P, Kp, C), np.int16)
         padded[:, :C] = w16.reshape(P, C, C)
