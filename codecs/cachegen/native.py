@@ -2,7 +2,8 @@
 
 The extension does the per-element work of the cachegen CPU path over a whole chunk: the elementwise
 quantize and dequantize steps (quant.py), query-aware key rounding (rounding.py), cross-layer
-prediction (predict.py), the protected-row sums (codec.py), histogram, center and table choice
+prediction (predict.py: the fixed-point arithmetic kvmesh writes, and the fp32 one of older
+containers), the protected-row sums (codec.py), histogram, center and table choice
 (alone, or fused with the delta-stream choice of delta.py), rANS encode and decode (taking and
 undoing delta streams' differences on the fly). It is the CPU's only implementation of those stages:
 it is required, and importing this module without it is an ImportError saying how to build it. The
