@@ -65,8 +65,15 @@ class SpanKeys:
 
     def __init__(self, tokens: Sequence[int]) -> None:
         self.tokens = tokens
+        self._list: list[int] | None = None
         # chunk_size -> ([(key bytes, token end)], last key)
         self._by_size: dict[int, tuple[list[tuple[bytes, int]], bytes]] = {}
+
+    def token_list(self) -> list[int]:
+        """The tokens as a list of ints, for an agent request."""
+        if self._list is None:
+            self._list = self.tokens if isinstance(self.tokens, list) else list(self.tokens)
+        return self._list
 
     def num_chunks(self, chunk_size: int) -> int:
         return -(-len(self.tokens) // chunk_size)
