@@ -80,7 +80,10 @@ class SpanKeys:
 
     def get(self, chunk_size: int, index: int) -> tuple[bytes, int] | None:
         """(key, token end) of chunk ``index``, or None past the end of the tokens."""
-        spans, last = self._by_size.get(chunk_size, ([], ROOT_KEY))
+        found = self._by_size.get(chunk_size)
+        if found is not None and index < len(found[0]):
+            return found[0][index]  # hashed already: an admission reads each chunk's key 2-3 times
+        spans, last = found or ([], ROOT_KEY)
         while len(spans) <= index:
             start = len(spans) * chunk_size
             if start >= len(self.tokens):
