@@ -97,6 +97,9 @@ class SteppingClock:
     def time(self) -> float:
         return self.now
 
+    def time_ns(self) -> int:
+        return int(self.now * 1e9)
+
 
 async def test_a_wall_clock_stepped_back_keeps_every_held_event_in_the_store(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
