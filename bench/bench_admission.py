@@ -12,9 +12,9 @@ keep-alive connection) for ``--seconds``, every client sending its next request 
 one answered. Latency is measured in the client (client overhead included). Prints one markdown
 row per phase: requests, requests/s, p50/p99/max latency in ms, refusals (429 /
 RESOURCE_EXHAUSTED), the share of admissions whose prefix came from the index, the share of events
-ended at admission with no agent call, and the controller process's
-CPU time per request (user + system, from /proc: a figure that holds on a loaded machine, where
-latencies do not).
+ended at admission with no agent call, the serving process's CPU time per request ("server CPU": the
+controller's, or the floor servicer's for the floor rows; user + system, from /proc: a figure that holds
+on a loaded machine, where latencies do not) and this process's ("client CPU").
 
 ``--rate R`` runs open loop instead: the clients together send R requests/s (each client at R/N,
 evenly spaced), which shows the latency of a controller that is not saturated; the default closed

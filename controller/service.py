@@ -120,6 +120,8 @@ class ControllerService:
 
     @staticmethod
     def _check_choice(kind: str, value: str, workers: Sequence[Worker], attr: str) -> None:
+        if value and workers and all(value in getattr(w, attr) for w in workers):
+            return  # the common case, without building the sets the message needs
         valid = set.intersection(*(set(getattr(w, attr)) for w in workers))
         if value not in valid:
             names = ", ".join(sorted(valid)) or "none"
