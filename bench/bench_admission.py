@@ -12,15 +12,21 @@ keep-alive connection) for ``--seconds``, every client sending its next request 
 one answered. Latency is measured in the client (client overhead included). Prints one markdown
 row per phase: requests, requests/s, p50/p99/max latency in ms, refusals (429 /
 RESOURCE_EXHAUSTED), the share of admissions whose prefix came from the index, the share of events
-ended at admission with no agent call, and the controller process's
-CPU time per request (user + system, from /proc: a figure that holds on a loaded machine, where
-latencies do not).
+ended at admission with no agent call, the serving process's CPU time per request ("server CPU": the
+controller's, or the floor servicer's for the floor rows; user + system, from /proc: a figure that holds
+on a loaded machine, where latencies do not) and this process's ("client CPU").
 
 ``--rate R`` runs open loop instead: the clients together send R requests/s (each client at R/N,
 evenly spaced), which shows the latency of a controller that is not saturated; the default closed
 loop shows the most it serves, where latency is the connections over the throughput.
 
 ``--profile-controller FILE`` runs the controller under cProfile and writes its profile to FILE.
+
+The floor: the same clients and requests against a no-op ``grpc.aio`` servicer of the Controller
+service in a process of its own (no interceptor, no token, a constant answer; it only parses the request
+and builds the response), the "floor" phases. They say what this machine's Python gRPC stack allows
+with 8 closed-loop connections, whatever the controller does. "client CPU" is this process's CPU time
+per request (the clients share the machine's two cores with the server).
 
 With ``KVMESH_AUTH_TOKEN_FILE`` (or ``--auth-token-file``) set, every process and call uses the token.
 """
@@ -82,6 +88,33 @@ def kv_tensor(num_tokens: int, layers: int = 4, channels: int = 64) -> common_pb
     return common_pb2.Tensor(dtype="float16", shape=list(data.shape), data=data.tobytes())
 
 
+def serve_floor(port: int) -> None:
+    """The floor: a no-op ``grpc.aio`` Controller servicer (Compress, CheckFinish) and health, no interceptor."""
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    async def compress(req: pb.CompressRequest, _ctx: grpc.aio.ServicerContext) -> pb.CompressResponse:
+        return pb.CompressResponse(event_id="Compress-" + "0" * 32, num_tokens=len(req.tokens))
+
+    async def check_finish(_req: pb.CheckFinishRequest, _ctx: grpc.aio.ServicerContext) -> pb.CheckFinishResponse:
+        return pb.CheckFinishResponse(status=common_pb2.COMPLETED, chunks_done=4, chunks_total=4)
+
+    service = pb.DESCRIPTOR.services_by_name["Controller"].full_name
+    handler = grpc.method_handlers_generic_handler(service, {
+        "Compress": grpc.unary_unary_rpc_method_handler(compress, pb.CompressRequest.FromString,
+                                                        pb.CompressResponse.SerializeToString),
+        "CheckFinish": grpc.unary_unary_rpc_method_handler(check_finish, pb.CheckFinishRequest.FromString,
+                                                           pb.CheckFinishResponse.SerializeToString)})
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+    asyncio.run(run())
+
+
 # What every error answer was (status and the start of its message), printed under the table.
 ERRORS: collections.Counter[str] = collections.Counter()
 
@@ -96,17 +129,19 @@ class Phase:
         self.errors = 0
         self.seconds = 0.0
 
-    def row(self, index_share: str = "", cpu_seconds: float = 0.0, settled_share: str = "") -> str:
+    def row(self, index_share: str = "", cpu_seconds: float = 0.0, settled_share: str = "",
+            client_cpu_seconds: float = 0.0) -> str:
         lat = sorted(self.latencies)
         n = len(lat)
         if not n:
             return (f"| {self.name} | 0 | - | - | - | - | {self.refused} | {self.errors} | {index_share} | "
-                    f"{settled_share} | - |")
+                    f"{settled_share} | - | - |")
         p = lambda q: lat[min(n - 1, int(q * n))] * 1000  # noqa: E731
         cpu = f"{cpu_seconds / (n + self.refused) * 1e6:,.0f}"
+        client = f"{client_cpu_seconds / (n + self.refused) * 1e6:,.0f}"
         return (f"| {self.name} | {n} | {n / self.seconds:,.0f} | {statistics.median(lat) * 1000:.2f} | "
                 f"{p(0.99):.2f} | {lat[-1] * 1000:.1f} | {self.refused} | {self.errors} | {index_share} | "
-                f"{settled_share} | {cpu} |")
+                f"{settled_share} | {cpu} | {client} |")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -160,7 +195,7 @@ def metric(http_base: str, name: str, labels: str, headers: dict[str, str]) -> f
 
 
 async def bench(args: argparse.Namespace, grpc_target: str, http_base: str, token: str | None,
-                event_id: str, method: str, controller_pid: int) -> list[str]:
+                event_id: str, method: str, controller_pid: int, floor: tuple[str, int] | None) -> list[str]:
     import httpx
 
     metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -171,10 +206,11 @@ async def bench(args: argparse.Namespace, grpc_target: str, http_base: str, toke
     channels: list[grpc.aio.Channel] = []
     http_clients: list[httpx.AsyncClient] = []
 
-    async def grpc_client(request_of: Callable[[controller_pb2_grpc.ControllerStub], Awaitable[object]]):  # noqa: ANN202
+    async def grpc_client(request_of: Callable[[controller_pb2_grpc.ControllerStub], Awaitable[object]],  # noqa: ANN202
+                          target: str = grpc_target):
         async def make(i: int) -> Callable[[], Awaitable[str]]:
             # One channel (one HTTP/2 connection) per client: distinct options keep gRPC from sharing it.
-            ch = grpc.aio.insecure_channel(grpc_target, options=[("grpc.bench_client", i)])
+            ch = grpc.aio.insecure_channel(target, options=[("grpc.bench_client", i)])
             channels.append(ch)
             stub = controller_pb2_grpc.ControllerStub(ch)
 
@@ -206,23 +242,32 @@ async def bench(args: argparse.Namespace, grpc_target: str, http_base: str, toke
         return make
 
     rows = []
+    check_finish = pb.CheckFinishRequest(event_id=event_id)
     phases = [
         ("gRPC Compress", await grpc_client(lambda s: s.Compress(compress, timeout=30, metadata=metadata)), True),
-        ("gRPC CheckFinish", await grpc_client(lambda s: s.CheckFinish(pb.CheckFinishRequest(event_id=event_id),
-                                                                       timeout=30, metadata=metadata)), False),
+        ("gRPC CheckFinish", await grpc_client(lambda s: s.CheckFinish(check_finish, timeout=30,
+                                                                       metadata=metadata)), False),
         ("HTTP POST /compress", await http_client("POST", "/compress", compress_json), True),
         ("HTTP POST /check_finish", await http_client("POST", "/check_finish", {"event_id": event_id}), False),
     ]
+    if floor is not None:
+        # The same clients and requests against the no-op servicer: what the gRPC stack allows.
+        phases[2:2] = [
+            ("floor: no-op gRPC Compress", await grpc_client(lambda s: s.Compress(compress, timeout=30), floor[0]),
+             None),
+            ("floor: no-op gRPC CheckFinish", await grpc_client(lambda s: s.CheckFinish(check_finish, timeout=30),
+                                                                floor[0]), None)]
     phases = [ph for ph in phases if not args.only or any(o.lower() in ph[0].lower() for o in args.only.split(","))]
     try:
         for name, make, admission in phases:
             before = (metric(http_base, "kvmesh_admission_lookups_total", 'source="index"', headers),
                       metric(http_base, "kvmesh_admission_lookups_total", 'source="agent"', headers),
                       metric(http_base, "kvmesh_events_answered_from_index_total", 'operation="compress"', headers))
-            cpu0 = cpu_seconds(controller_pid)
+            server_pid = floor[1] if admission is None and floor is not None else controller_pid
+            cpu0, client0 = cpu_seconds(server_pid), time.process_time()
             label = f"{name} ({args.connections} conn{f', {args.rate:g}/s offered' if args.rate else ''})"
             phase = await run_phase(Phase(label), args.connections, args.seconds, make, args.rate)
-            cpu = cpu_seconds(controller_pid) - cpu0
+            cpu, client_cpu = cpu_seconds(server_pid) - cpu0, time.process_time() - client0
             share = settled = ""
             if admission:
                 index = metric(http_base, "kvmesh_admission_lookups_total", 'source="index"', headers) - before[0]
@@ -231,7 +276,7 @@ async def bench(args: argparse.Namespace, grpc_target: str, http_base: str, toke
                 ended = metric(http_base, "kvmesh_events_answered_from_index_total", 'operation="compress"',
                                headers) - before[2]
                 settled = f"{100 * ended / max(1.0, index + agent):.0f}%"
-            rows.append(phase.row(share, cpu, settled))
+            rows.append(phase.row(share, cpu, settled, client_cpu))
             # Admission runs ahead of the agent: let the events of a phase drain before the next one.
             deadline = time.monotonic() + 300
             while (metric(http_base, "kvmesh_events_in_flight", 'operation="compress"', headers) > 0
@@ -264,7 +309,12 @@ def main() -> int:
                         "heartbeats on the main gRPC port, as before the heartbeat server)")
     p.add_argument("--profile-controller", default=None, metavar="FILE",
                    help="run the controller under cProfile, its profile written to FILE")
+    p.add_argument("--no-floor", action="store_true", help="skip the no-op gRPC servicer's phases")
+    p.add_argument("--serve-floor", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.serve_floor is not None:
+        serve_floor(args.serve_floor)
+        return 0
     token = load_token(args.auth_token_file)
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     env = {"KVMESH_AUTH_TOKEN_FILE": args.auth_token_file} if args.auth_token_file else {}
@@ -291,9 +341,14 @@ def main() -> int:
                       "--host", "127.0.0.1", "--log-level", "WARNING"]
         http_base = f"http://127.0.0.1:{http_port}"
         grpc_target = f"127.0.0.1:{grpc_port}"
+        floor_port = free_port()
+        floor_args = [sys.executable, str(Path(__file__).resolve()), "--serve-floor", str(floor_port)]
+        floor_process = contextlib.nullcontext(None) if args.no_floor else process(floor_args, tmp / "floor.log", {})
         with process(controller_args, tmp / "controller.log", env) as controller, \
-                process(agent_args, tmp / "agent.log", env):
+                process(agent_args, tmp / "agent.log", env), floor_process as floor:
             wait_grpc_healthy(grpc_target, timeout=60)
+            if not args.no_floor:
+                wait_grpc_healthy(f"127.0.0.1:{floor_port}", timeout=60)
             wait_http_ok(f"{http_base}/metrics", timeout=60)
             wait_grpc_healthy(f"127.0.0.1:{agent_port}", timeout=120)
             with grpc.insecure_channel(grpc_target) as ch, grpc.insecure_channel(
@@ -324,14 +379,15 @@ def main() -> int:
                                              metadata=metadata):
                     last = update
                 assert last.event.status == common_pb2.COMPLETED, last.event.error
-            rows = asyncio.run(bench(args, grpc_target, http_base, token, first.event_id, method, controller.pid))
+            rows = asyncio.run(bench(args, grpc_target, http_base, token, first.event_id, method, controller.pid,
+                                     None if floor is None else (f"127.0.0.1:{floor_port}", floor.pid)))
     print(f"load average before: {load_before}, after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"controller admission on loopback: {os.cpu_count()} CPUs, {args.tokens} tokens in "
           f"{-(-args.tokens // args.chunk_size)} chunks of {args.chunk_size}, method {method}, "
           f"{args.seconds:.0f} s per phase\n")
     print("| phase | requests | req/s | p50 ms | p99 ms | max ms | refused | errors | from index | no agent call "
-          "| controller CPU µs/req |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| server CPU µs/req | client CPU µs/req |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         print(row)
     for what, n in ERRORS.most_common():

@@ -65,15 +65,25 @@ class SpanKeys:
 
     def __init__(self, tokens: Sequence[int]) -> None:
         self.tokens = tokens
+        self._list: list[int] | None = None
         # chunk_size -> ([(key bytes, token end)], last key)
         self._by_size: dict[int, tuple[list[tuple[bytes, int]], bytes]] = {}
+
+    def token_list(self) -> list[int]:
+        """The tokens as a list of ints, for an agent request."""
+        if self._list is None:
+            self._list = self.tokens if isinstance(self.tokens, list) else list(self.tokens)
+        return self._list
 
     def num_chunks(self, chunk_size: int) -> int:
         return -(-len(self.tokens) // chunk_size)
 
     def get(self, chunk_size: int, index: int) -> tuple[bytes, int] | None:
         """(key, token end) of chunk ``index``, or None past the end of the tokens."""
-        spans, last = self._by_size.get(chunk_size, ([], ROOT_KEY))
+        found = self._by_size.get(chunk_size)
+        if found is not None and index < len(found[0]):
+            return found[0][index]  # hashed already: an admission reads each chunk's key 2-3 times
+        spans, last = found or ([], ROOT_KEY)
         while len(spans) <= index:
             start = len(spans) * chunk_size
             if start >= len(self.tokens):

@@ -8,8 +8,8 @@ interceptor sets it for the handler's task, answers it in the trailing metadata,
 from __future__ import annotations
 
 import logging
+import os
 import re
-import uuid
 from contextvars import ContextVar, Token
 
 METADATA_KEY = "x-request-id"
@@ -19,7 +19,9 @@ _current: ContextVar[str | None] = ContextVar("kvmesh_request_id", default=None)
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """32 random hex digits (128 bits, as a uuid4's hex but without building a UUID: 0.7 instead of
+    2.5-5 µs, paid on every call that arrives without an id)."""
+    return os.urandom(16).hex()
 
 
 def usable(value: str | bytes | None) -> str | None:

@@ -3,11 +3,13 @@ end FAILED with the restart as their reason; the file stays as bounded as the ta
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 from kvmesh.api.common.v1 import common_pb2
+from kvmesh.controller import events as events_module
 from kvmesh.controller.events import RESTARTED, EventStore, EventTable, event_db_path
 from kvmesh.controller.metrics import ControllerMetrics
 
@@ -64,6 +66,65 @@ async def test_store_is_bounded_like_the_table(tmp_path: Path) -> None:
     assert len(rows(path)) <= 20
     await t.flush(trim=True)
     assert set(rows(path)) == set(ids[-5:])
+    await t.close_store()
+
+
+async def test_every_write_drops_the_rows_of_events_the_table_dropped(tmp_path: Path) -> None:
+    """No count trim needed: each write's one range delete leaves exactly the events still held."""
+    path = tmp_path / "events.sqlite3"
+    t = EventTable(ControllerMetrics(), max_events=5)
+    t.attach_store(EventStore(path))
+    ids = []
+    for _ in range(20):
+        ev = t.create(common_pb2.PIN, instance_id="i")
+        t.finish(ev.event_id, common_pb2.COMPLETED)
+        ids.append(ev.event_id)
+        await t.flush(trim=False)
+        assert set(rows(path)) == set(ids[-5:])
+    running = t.create(common_pb2.PIN, instance_id="i")  # in flight: never dropped from the store
+    await t.flush(trim=False)
+    assert set(rows(path)) == {*ids[-4:], running.event_id}
+    await t.close_store()
+
+
+class SteppingClock:
+    """``time`` for the events module with a wall clock the test sets (monotonic stays real)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.monotonic = time.monotonic
+
+    def time(self) -> float:
+        return self.now
+
+    def time_ns(self) -> int:
+        return int(self.now * 1e9)
+
+
+async def test_a_wall_clock_stepped_back_keeps_every_held_event_in_the_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = SteppingClock(1_000_000.0)
+    monkeypatch.setattr(events_module, "time", clock)
+    path = tmp_path / "events.sqlite3"
+    t = EventTable(ControllerMetrics(), max_events=5)
+    t.attach_store(EventStore(path))
+    ids = []
+    for step in (0.0, 1.0, 2.0, -500.0, 1.0):  # the clock steps back by 500 s before the fourth
+        clock.now += step
+        ev = t.create(common_pb2.PIN, instance_id="i")
+        t.finish(ev.event_id, common_pb2.COMPLETED)
+        ids.append(ev.event_id)
+        await t.flush()
+    # The two events that ended "before" the held ones are held too: their rows stay.
+    assert set(rows(path)) == set(ids)
+    for _ in range(3):  # the table drops the three oldest; every event it holds keeps its row
+        clock.now += 1.0
+        ev = t.create(common_pb2.PIN, instance_id="i")
+        t.finish(ev.event_id, common_pb2.COMPLETED)
+        ids.append(ev.event_id)
+        await t.flush()
+    held = {ev.event_id for ev in t.recent()}
+    assert held == set(ids[3:]) and held <= set(rows(path))
     await t.close_store()
 
 

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import types
+import uuid
 
 import pytest
 
 from kvmesh.api.common.v1 import common_pb2
-from kvmesh.controller.events import EventTable
+from kvmesh.controller import events as events_module
+from kvmesh.controller.events import EventTable, new_event_id
 from kvmesh.controller.metrics import ControllerMetrics
 from kvmesh.errors import NotFound
 
@@ -145,3 +148,22 @@ def test_bounds_over_http() -> None:
             time.sleep(0.05)
         r = c.http("GET", f"/events/{ids[-1]}")
         assert r.status == 404 and "time-to-live" in r.body["error"]["message"]
+
+
+def test_event_ids_are_time_ordered_uuid7_in_lmcache_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Operation name + 32 hex digits (a UUIDv7): ids made in later milliseconds sort after earlier ones,
+    which keeps the event store's key index appending, and none repeat."""
+    now = [1_700_000_000_000_000_000]
+    monkeypatch.setattr(events_module, "time", types.SimpleNamespace(
+        time_ns=lambda: now[0], time=time.time, monotonic=time.monotonic))
+    ids = []
+    for _ in range(2000):
+        ids.append(new_event_id("Compress"))
+        now[0] += 1_000_000  # 1 ms
+    assert all(len(e) == len("Compress") + 32 and e.startswith("Compress") for e in ids)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    u = uuid.UUID(ids[0][len("Compress"):])
+    assert u.version == 7 and u.variant == uuid.RFC_4122
+    assert int(u.hex[:12], 16) == 1_700_000_000_000  # the Unix milliseconds lead
+    # Within one millisecond: still distinct (74 random bits).
+    assert len({new_event_id("Pin") for _ in range(2000)}) == 2000
