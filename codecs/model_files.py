@@ -8,7 +8,8 @@ kept per model in a *model-files folder*::
     <root>/<model key>/layer_predictor.npz          LayerPredictor.save, fitted for the default level
     <root>/<model key>/layer_predictor-<level>.npz  optional: fitted for that level (e.g. -hq)
     <root>/<model key>/levels-<level>.json          optional: the model's own level counts per layer
-                                                    for that level (levels.save_schedule; e.g. -hq)
+                                                    for that level (levels.save_schedule; the recipe
+                                                    writes -default and -hq)
 
 ``<model key>`` is the model's name with every character outside ``[A-Za-z0-9._-]`` replaced by
 ``--`` ("HuggingFaceTB/SmolLM2-135M-Instruct" -> "HuggingFaceTB--SmolLM2-135M-Instruct"). Roots are
