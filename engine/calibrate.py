@@ -49,7 +49,7 @@ CHUNK_TOKENS = 256
 RECIPE_FILE = "calibration.json"
 # Bumped whenever the recipe's output changes for the same model and text: a maker of cached files
 # compares it (RECIPE_FILE's "recipe_version") to know its files are stale.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 BUILTIN_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 Progress = Callable[[str], None]
@@ -68,6 +68,11 @@ class Recipe:
     # counts travel with the files (and a retuned table in a later release does not change old files);
     # "tuned" writes the recipe's own table for that level (TUNED_SCHEDULES), resolved the same way
     schedules: dict[str, str] = field(default_factory=lambda: {"default": "tuned", "hq": "builtin"})
+    # written into every schedule: a partial chunk's (the end of a stored prompt's) last this many rows are
+    # kept at 8 bits (levels.Level.tail_for). The first tokens generated after a prompt attend most to its
+    # last tokens: with SmolLM2, coding them at the default level's steps flipped the quick start's answer
+    # (BENCHMARKS.md, "Model files and quality"). Whole chunks are unchanged by it.
+    tail_tokens: int = 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,6 +204,16 @@ def _swap_into_place(made: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def recipe_version(folder: str | os.PathLike) -> int | None:
+    """The recipe version that made the files in ``folder`` (its RECIPE_FILE), or None when no recipe
+    made them (no or an unreadable RECIPE_FILE: files made some other way, left alone)."""
+    try:
+        version = json.loads((Path(folder) / RECIPE_FILE).read_text()).get("recipe_version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
 def corpus_digest(texts: dict[str, str]) -> str:
     h = hashlib.sha256()
     for name in sorted(texts):
@@ -223,11 +238,12 @@ def make_model_files(model: Any, tokenizer: Any, model_name: str, root: str | os
     moments, chunks = measure(model, windows, say)
     profile = QueryProfile(moments, recipe.damp)
     layers = int(model.config.num_hidden_layers)
-    schedules = {level: _schedule(level, how, layers) for level, how in recipe.schedules.items()}
+    schedules = {level: (*_schedule(level, how, layers), recipe.tail_tokens) for level, how in recipe.schedules.items()}
     predictors: dict[str, LayerPredictor] = {}
     for level in recipe.predictor_levels:
         t1 = time.perf_counter()  # refit on the KV as the level decodes it with the counts it will use
-        predictors[level] = fit(chunks, level=level, ridge=recipe.ridge, schedule=schedules.get(level))
+        counts = schedules[level][:2] if level in schedules else None  # the chunks are whole: no tail
+        predictors[level] = fit(chunks, level=level, ridge=recipe.ridge, schedule=counts)
         say(f"calibration: layer predictor for level {level} fitted on {len(chunks)} chunks "
             f"({time.perf_counter() - t1:.0f} s)")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,9 @@ def test_files_are_found_by_name_and_round_trip_the_models_kv(made: tuple[Path, 
     found = find_model_files(NAME, roots=[folder.parent])
     assert found is not None and found.key_profile is not None and "default" in found.predictors
     assert "hq" in found.schedules and "default" in found.schedules
-    assert found.codec_options("cachegen")["schedule"] == tuple(map(tuple, calibrate._schedule("default", "tuned", 30)))
+    assert found.codec_options("cachegen")["schedule"] == (*map(tuple, calibrate._schedule("default", "tuned", 30)),
+                                                            calibrate.Recipe.tail_tokens)
+    assert calibrate.recipe_version(folder) == calibrate.RECIPE_VERSION
     assert (folder / calibrate.RECIPE_FILE).is_file()
     assert any("wrote" in line for line in lines) and any("window 1/1" in line for line in lines)
     model, tokenizer = smollm2
