@@ -18,7 +18,7 @@ so that zero stays a level. cachegen-hq's counts came from this at the former un
 ``--uniform 64,33``) with ``--damp 1 --scale 1.15 --floor 32,17`` (the floor: no layer gets fewer than half the former
 steps, so that a layer another model needs is not starved by SmolLM2's table).
 
-    python bench/layer_sensitivity.py [--method cachegen-hq+qp+lp] [--source calibration] [--windows 8] [--damp 1] [--scale 1] [--floor 32,17] [--uniform 64,33]
+    python bench/layer_sensitivity.py [--method cachegen-hq+qp+lp | --method cachegen --files ROOT] [--source calibration] [--windows 8] [--only 1,2] [--save parts.npz] [--damp 1] [--scale 1] [--floor 32,17] [--uniform 64,33]
 
 Measure it on the calibration text, so that both evaluation texts stay unseen. Slow: 61 forward passes
 per window (~90 s per window on 2 cores). Results and their use are in BENCHMARKS.md ("Layer allocation").
@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,13 @@ from kvmesh.codecs.cachegen import quant  # noqa: E402
 from kvmesh.codecs.cachegen.levels import LEVELS, REFERENCE_LAYERS  # noqa: E402
 
 
-def sensitivity(method: str, source: str, n_windows: int, files: str | None = None) -> tuple[np.ndarray, float]:
+def sensitivity(method: str, source: str, n_windows: int, files: str | None = None,
+                save: str | None = None, only: Sequence[int] | None = None) -> tuple[np.ndarray, float]:
     """(float [2, layers]: mean KL with only that (K/V, layer) decoded, the mean KL with all decoded).
-    files: a model-files root; the codec is then ``method`` (a plain method name) with the model's files."""
+    files: a model-files root; the codec is then ``method`` (a plain method name) with the model's files.
+    save: an .npz rewritten after every window with the means so far (a long run can be stopped early).
+    only: measure just these of the ``n_windows`` evenly spaced windows (to spread one measurement over
+    processes; average the saved parts weighted by their "windows")."""
     if files:
         from kvmesh.codecs import get_codec
         from kvmesh.codecs.model_files import find_model_files
@@ -58,7 +63,9 @@ def sensitivity(method: str, source: str, n_windows: int, files: str | None = No
         codec = rk.make_codec(method, "cpu")
     parts: np.ndarray | None = None
     whole = 0.0
-    for i, window in enumerate(rk.windows(source, n_windows)):
+    chosen = [w for j, w in enumerate(rk.windows(source, n_windows)) if only is None or j in only]
+    n_windows = len(chosen)
+    for i, window in enumerate(chosen):
         t0 = time.perf_counter()
         rec = rk._window_record(window)
         ctx = rec["kv"][:, :, :rk.CONTEXT_TOKENS].float()
@@ -81,6 +88,8 @@ def sensitivity(method: str, source: str, n_windows: int, files: str | None = No
                 mixed[kv, layer] = decoded[kv, layer]
                 parts[kv, layer] += kl(mixed) / n_windows
         print(f"window {i + 1}/{n_windows}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        if save:
+            np.savez(save, parts=parts * n_windows / (i + 1), whole=whole * n_windows / (i + 1), windows=i + 1)
     assert parts is not None
     return parts, whole
 
@@ -109,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--floor", default="4,5", help="the fewest levels a K, V layer gets")
     parser.add_argument("--uniform", help="K,V: measure at these level counts in every layer instead of the "
                         "level's own (cachegen-hq's table came from --uniform 64,33)")
-    parser.add_argument("--save", help="write the measured KL parts to this .npz")
+    parser.add_argument("--save", help="write the measured KL parts to this .npz (after every window)")
+    parser.add_argument("--only", help="comma-separated indices: measure only these of the --windows windows")
     parser.add_argument("--files", help="a model-files root: measure METHOD (a plain method name) with the model's "
                                         "files from there instead of bench/realkv.py's +qp/+lp")
     args = parser.parse_args(argv)
@@ -119,13 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         k, v = (int(n) for n in args.uniform.split(","))
         LEVELS[level] = dataclasses.replace(LEVELS[level], key_levels=(k,) * REFERENCE_LAYERS,
                                             value_levels=(v,) * REFERENCE_LAYERS)
-    parts, whole = sensitivity(args.method, args.source, args.windows, args.files)
-    if args.save:
-        np.savez(args.save, parts=parts, whole=whole)
+    only = [int(i) for i in args.only.split(",")] if args.only else None
+    parts, whole = sensitivity(args.method, args.source, args.windows, args.files, args.save, only)
     base = LEVELS[level].levels_for(parts.shape[1])
     new = allocate(parts, base, (LEVELS[level].key_mode, LEVELS[level].value_mode), args.damp, args.scale,
                    tuple(int(v) for v in args.floor.split(",")))
-    print(f"\n{args.windows} windows of {args.source}, {args.method}: KL with everything decoded {whole * 1e3:.3f}e-3, "
+    print(f"\n{len(only) if only else args.windows} windows of {args.source}, {args.method}: KL with everything decoded {whole * 1e3:.3f}e-3, "
           f"sum of the per-layer parts {parts.sum() * 1e3:.3f}e-3")
     print(f"predicted KL at the allocation below: x{float((parts * ((base - 1) / (new - 1)) ** 2).sum() / parts.sum()):.2f} "
           f"(damp {args.damp}, scale {args.scale}, mean bits shift {float(np.log2((new - 1) / (base - 1)).mean()):+.3f})\n")

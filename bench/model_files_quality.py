@@ -45,7 +45,7 @@ import bench.realkv as rk  # noqa: E402
 from kvmesh.api.agent.v1 import agent_pb2, agent_pb2_grpc  # noqa: E402
 from kvmesh.codecs.model_files import ModelFiles, find_model_files  # noqa: E402
 from kvmesh.core.channels import channel as mesh_channel  # noqa: E402
-from kvmesh.engine.calibrate import BUILTIN_MODEL, make_model_files  # noqa: E402
+from kvmesh.engine.calibrate import BUILTIN_MODEL, RECIPE_VERSION, make_model_files, recipe_version  # noqa: E402
 from kvmesh.engine.completion import CompletionRunner  # noqa: E402
 from kvmesh.engine.sampling import SamplingParams  # noqa: E402
 from kvmesh.instance_agent.agent import EmbeddedAgent  # noqa: E402
@@ -58,9 +58,14 @@ CTX, CONT = rk.CONTEXT_TOKENS, rk.CONTINUATION_TOKENS
 
 
 def model_files(root: str | None, remake: bool, model: Any, tokenizer: Any) -> ModelFiles:
-    """The model's files: found under ``root`` (or the default roots), else made there once."""
+    """The model's files: found under ``root`` (or the default roots), else (or when an older recipe made
+    them) made there once."""
     roots = [root] if root else None
     found = None if remake else find_model_files(BUILTIN_MODEL, roots)
+    if found is not None and (recipe_version(found.folder) or RECIPE_VERSION) < RECIPE_VERSION:
+        print(f"{found.folder}: made by recipe version {recipe_version(found.folder)}, remaking them "
+              f"(this release's is {RECIPE_VERSION})", file=sys.stderr)
+        found = None
     if found is None:
         t0 = time.perf_counter()
         make_model_files(model, tokenizer, BUILTIN_MODEL, root, lambda m: print(m, file=sys.stderr, flush=True))

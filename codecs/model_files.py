@@ -8,7 +8,9 @@ kept per model in a *model-files folder*::
     <root>/<model key>/layer_predictor.npz          LayerPredictor.save, fitted for the default level
     <root>/<model key>/layer_predictor-<level>.npz  optional: fitted for that level (e.g. -hq)
     <root>/<model key>/levels-<level>.json          optional: the model's own level counts per layer
-                                                    for that level (levels.save_schedule; e.g. -hq)
+                                                    for that level, and how many of a partial chunk's
+                                                    last tokens to keep at 8 bits (levels.save_schedule;
+                                                    the recipe writes -default and -hq)
 
 ``<model key>`` is the model's name with every character outside ``[A-Za-z0-9._-]`` replaced by
 ``--`` ("HuggingFaceTB/SmolLM2-135M-Instruct" -> "HuggingFaceTB--SmolLM2-135M-Instruct"). Roots are
@@ -27,7 +29,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmesh.codecs.cachegen.levels import load_schedule, save_schedule
+from kvmesh.codecs.cachegen.levels import read_schedule, save_schedule
 from kvmesh.codecs.cachegen.predict import LayerPredictor
 from kvmesh.codecs.cachegen.rounding import QueryProfile
 from kvmesh.codecs.errors import CodecError
@@ -89,8 +91,8 @@ class ModelFiles:
             opts["predictor"] = LayerPredictor.load(predictor)
         schedule = self.schedules.get(_METHOD_LEVEL[method])
         if schedule is not None:  # only the method's own level's: a schedule is tuned for one level
-            _, keys, values = load_schedule(schedule)
-            opts["schedule"] = (keys, values)
+            _, keys, values, tail = read_schedule(schedule)
+            opts["schedule"] = (keys, values) if tail is None else (keys, values, tail)
         return opts
 
 
@@ -130,9 +132,11 @@ def codec_options(model: str, method: str = "cachegen", roots: list[str | os.Pat
 def save_model_files(model: str, key_profile: QueryProfile | None = None,
                      predictors: dict[str, LayerPredictor] | None = None,
                      root: str | os.PathLike | None = None,
-                     schedules: dict[str, tuple[list[int], list[int]]] | None = None) -> ModelFiles:
+                     schedules: dict[str, tuple[list[int], list[int]] | tuple[list[int], list[int], int]]
+                     | None = None) -> ModelFiles:
     """Writes a model's files (atomically, each) into ``model_folder(model, root)``; predictors and
-    schedules ((key counts, value counts) per layer) by level name ("default" is layer_predictor.npz).
+    schedules ((key counts, value counts) per layer, optionally then the tail tokens: Level.tail_for) by
+    level name ("default" is layer_predictor.npz).
     Returns what find_model_files then finds there."""
     folder = model_folder(model, root)
     if key_profile is not None:
@@ -141,10 +145,10 @@ def save_model_files(model: str, key_profile: QueryProfile | None = None,
         if level != "default" and level not in {v for v in _METHOD_LEVEL.values()}:
             raise CodecError(f"unknown level {level!r} for a layer predictor; levels: {', '.join(_METHOD_LEVEL.values())}")
         predictor.save(folder / (PREDICTOR_FILE if level == "default" else f"layer_predictor-{level}.npz"))
-    for level, (keys, values) in (schedules or {}).items():
+    for level, schedule in (schedules or {}).items():
         if level not in _METHOD_LEVEL.values():
             raise CodecError(f"unknown level {level!r} for a schedule; levels: {', '.join(_METHOD_LEVEL.values())}")
-        save_schedule(folder / f"levels-{level}.json", level, keys, values)
+        save_schedule(folder / f"levels-{level}.json", level, *schedule)
     found = _scan(model, folder)
     if found is None:
         raise CodecError("save_model_files needs a query profile, a layer predictor or a schedule")

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvmesh.codecs.cachegen.levels import LEVELS
+from kvmesh.codecs.cachegen.levels import LEVELS, with_schedule
 from kvmesh.codecs.cachegen.predict import DEFAULT_RIDGE, LayerPredictor, fit
 from kvmesh.codecs.cachegen.rounding import DEFAULT_DAMP, QueryProfile
 from kvmesh.codecs.model_files import model_folder, model_key, save_model_files
@@ -49,7 +49,7 @@ CHUNK_TOKENS = 256
 RECIPE_FILE = "calibration.json"
 # Bumped whenever the recipe's output changes for the same model and text: a maker of cached files
 # compares it (RECIPE_FILE's "recipe_version") to know its files are stale.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 3
 BUILTIN_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 Progress = Callable[[str], None]
@@ -65,8 +65,14 @@ class Recipe:
     ridge: float = DEFAULT_RIDGE  # the layer predictors' ridge (predict.py)
     predictor_levels: tuple[str, ...] = ("default",)  # a predictor fitted for each of these levels
     # level -> schedule: "builtin" writes the level's own table resolved to the model's depth, so the
-    # counts travel with the files (and a retuned table in a later release does not change old files)
-    schedules: dict[str, str] = field(default_factory=lambda: {"hq": "builtin"})
+    # counts travel with the files (and a retuned table in a later release does not change old files);
+    # "tuned" writes the recipe's own table for that level (TUNED_SCHEDULES), resolved the same way
+    schedules: dict[str, str] = field(default_factory=lambda: {"default": "tuned", "hq": "builtin"})
+    # written into every schedule: a partial chunk's (the end of a stored prompt's) last this many rows are
+    # kept at 8 bits (levels.Level.tail_for). The first tokens generated after a prompt attend most to its
+    # last tokens: with SmolLM2, coding them at the default level's steps flipped the quick start's answer
+    # (BENCHMARKS.md, "Model files and quality"). Whole chunks are unchanged by it.
+    tail_tokens: int = 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,10 +159,31 @@ def measure(model: Any, windows: Sequence[Sequence[int]], progress: Progress | N
     return (acc / torch.tensor(seen, dtype=torch.float64)[:, None, None, None]).numpy(), chunks
 
 
+# The default level's counts per layer (30-layer reference depth, sampled for other depths like the
+# named levels): SmolLM2-135M's own layer sensitivity with its recipe-v1 files on the calibration corpus
+# (bench/layer_sensitivity.py --method cachegen --files ROOT --source calibration; BENCHMARKS.md "Model
+# files and quality (issue 17.1)"), the bits moved to the layers whose decoded K/V move the output most
+# at about the same total. Never measured on an evaluation text.
+TUNED_SCHEDULES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    # measured at the built-in default table, 2 windows of lcet10 (bench/realkv.py "calibration", windows 1
+    # and 2 of 4), then --damp 0.5 --scale 0.95 --floor 4,5: predicted KL x0.63 at 0.06 bits fewer per layer
+    "default": ((9, 14, 22, 21, 15, 18, 20, 25, 24, 22, 44, 11, 17, 16, 23,
+                 20, 16, 33, 39, 18, 30, 23, 21, 35, 28, 10, 16, 9, 12, 11),
+                (11, 7, 7, 5, 7, 5, 5, 7, 9, 7, 9, 5, 7, 5, 7,
+                 9, 7, 11, 13, 7, 9, 9, 5, 11, 9, 5, 7, 5, 7, 5)),
+}
+
+
 def _schedule(level: str, how: str, layers: int) -> tuple[list[int], list[int]]:
-    if how != "builtin":
-        raise ValueError(f"unknown schedule source {how!r} for level {level!r}; valid: builtin")
-    counts = LEVELS[level].levels_for(layers)
+    """(key counts, value counts) for ``layers`` layers from a schedule source ("builtin" or "tuned")."""
+    if how == "builtin":
+        base = LEVELS[level]
+    elif how == "tuned" and level in TUNED_SCHEDULES:
+        base = with_schedule(LEVELS[level], *TUNED_SCHEDULES[level])
+    else:
+        valid = "builtin" + (", tuned" if level in TUNED_SCHEDULES else "")
+        raise ValueError(f"unknown schedule source {how!r} for level {level!r}; valid: {valid}")
+    counts = base.levels_for(layers)
     return [int(b) for b in counts[0]], [int(b) for b in counts[1]]
 
 
@@ -175,6 +202,16 @@ def _swap_into_place(made: Path, target: Path) -> None:
         os.replace(made, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recipe_version(folder: str | os.PathLike) -> int | None:
+    """The recipe version that made the files in ``folder`` (its RECIPE_FILE), or None when no recipe
+    made them (no or an unreadable RECIPE_FILE: files made some other way, left alone)."""
+    try:
+        version = json.loads((Path(folder) / RECIPE_FILE).read_text()).get("recipe_version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
 
 
 def corpus_digest(texts: dict[str, str]) -> str:
@@ -200,14 +237,15 @@ def make_model_files(model: Any, tokenizer: Any, model_name: str, root: str | os
     say(f"calibration: {len(windows)} windows, {sum(map(len, windows))} tokens of {', '.join(texts)}")
     moments, chunks = measure(model, windows, say)
     profile = QueryProfile(moments, recipe.damp)
+    layers = int(model.config.num_hidden_layers)
+    schedules = {level: (*_schedule(level, how, layers), recipe.tail_tokens) for level, how in recipe.schedules.items()}
     predictors: dict[str, LayerPredictor] = {}
     for level in recipe.predictor_levels:
-        t1 = time.perf_counter()
-        predictors[level] = fit(chunks, level=level, ridge=recipe.ridge)
+        t1 = time.perf_counter()  # refit on the KV as the level decodes it with the counts it will use
+        counts = schedules[level][:2] if level in schedules else None  # the chunks are whole: no tail
+        predictors[level] = fit(chunks, level=level, ridge=recipe.ridge, schedule=counts)
         say(f"calibration: layer predictor for level {level} fitted on {len(chunks)} chunks "
             f"({time.perf_counter() - t1:.0f} s)")
-    layers = int(model.config.num_hidden_layers)
-    schedules = {level: _schedule(level, how, layers) for level, how in recipe.schedules.items()}
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

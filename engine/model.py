@@ -155,27 +155,45 @@ def ensure_model_files(model: Any, tokenizer: Any, name: str, roots: Sequence[st
     """The codec files of the loaded ``model`` (kvmesh.codecs.model_files.ModelFiles), found over
     ``roots`` or, when none holds them, made once into ``root`` (default: the cache folder).
 
+    Files in ``root`` that an older recipe made (their calibration.json's ``recipe_version`` is below
+    kvmesh.engine.calibrate.RECIPE_VERSION) are made again, once: they were tuned for an older codec
+    and miss this release's size/quality. Files found elsewhere (a folder the user points at) are used
+    as they are, whatever made them.
+
     Making them runs the calibration forward passes (kvmesh.engine.calibrate, about a minute on two
     cores); a file lock beside the folder makes two processes starting at once make them once (the
     second waits, then finds the first one's). ``progress`` gets a line per step."""
     from kvmesh.codecs.model_files import find_model_files, model_folder, model_key
+    from kvmesh.engine.calibrate import RECIPE_VERSION, make_model_files, recipe_version
+
+    target = model_folder(name, root)
+
+    def stale(found: Any) -> int | None:
+        """The older recipe version that made ``found``, when it is the folder this call makes files into."""
+        if found is None or found.folder.resolve() != target.resolve():
+            return None
+        version = recipe_version(found.folder)
+        return version if version is not None and version < RECIPE_VERSION else None
 
     found = find_model_files(name, list(roots))
-    if found is not None:
+    if found is not None and stale(found) is None:
         return found
-    from kvmesh.engine.calibrate import make_model_files
-
     say = progress or (lambda line: logger.info("%s", line))
-    target = model_folder(name, root)
     # Not calibrate's own lock name (.<key>.lock, taken while the folder is swapped in): flock is per
     # open file, so holding that one here would block its own swap.
+    target.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(target.parent / f".{model_key(name)}.make.lock"):
         found = find_model_files(name, [target.parent, *roots])  # another process may have made them meanwhile
-        if found is not None:
+        old = stale(found)
+        if found is not None and old is None:
             say(f"codec files of {name}: made meanwhile by another process, in {found.folder}")
             return found
-        say(f"codec files of {name}: none found in {', '.join(str(r) for r in roots)}; making them once into "
-            f"{target} (calibration forward passes and fits, ~1-2 min on 2 cores)")
+        if old is not None:
+            say(f"codec files of {name} in {target} were made by recipe version {old}, this release's is "
+                f"{RECIPE_VERSION}: remaking them once (calibration forward passes and fits, ~1-2 min on 2 cores)")
+        else:
+            say(f"codec files of {name}: none found in {', '.join(str(r) for r in roots)}; making them once into "
+                f"{target} (calibration forward passes and fits, ~1-2 min on 2 cores)")
         started = time.perf_counter()
         make_model_files(model, tokenizer, name, root=target.parent, progress=say)
         say(f"codec files of {name}: made in {time.perf_counter() - started:.0f} s")

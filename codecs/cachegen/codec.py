@@ -46,7 +46,7 @@ from kvmesh.codecs.base import Codec, check_kv_structure
 from kvmesh.codecs.cachegen import delta, quant
 from kvmesh.codecs.cachegen.backends import Backend, get_backend
 from kvmesh.codecs.cachegen.layout import MAX_CODED_GROUP, channel_group, stream_layout
-from kvmesh.codecs.cachegen.levels import LEVELS, Level, load_schedule, with_schedule
+from kvmesh.codecs.cachegen.levels import LEVELS, Level, read_schedule, with_schedule
 from kvmesh.codecs.cachegen.predict import (FLAG_FIXED, FLAG_FP32, ID_BYTES, LayerPredictor, features,
                                             residual_levels)
 from kvmesh.codecs.cachegen.rounding import QueryProfile
@@ -193,8 +193,9 @@ def protected_bytes(layers: int, rest: int, channels: int, rows: int) -> int:
     return (2 * layers * rest + 7) // 8 + rows * (4 + channels)
 
 
-def protected_rows(x: torch.Tensor, thresholds: tuple[float, float]) -> torch.Tensor:
-    """bool [2, L, R]: the rows of x fp32 [2, L, R, C] to store at 8 bits (FORMAT.md section 3).
+def protected_rows(x: torch.Tensor, thresholds: tuple[float, float], tail: int = 0) -> torch.Tensor:
+    """bool [2, L, R]: the rows of x fp32 [2, L, R, C] to store at 8 bits (FORMAT.md section 3): the
+    sink-like rows below a threshold, and the last ``tail`` rows (K and V, every layer; Level.tail_for).
 
     s = the sum over channels of fp16(|x|) in float64: exact in any order (every term is a multiple of
     2^-24 below 2^16, so partial sums need < 53 bits for C <= 8192), hence the same on every device.
@@ -214,13 +215,15 @@ def protected_rows(x: torch.Tensor, thresholds: tuple[float, float]) -> torch.Te
             s = torch.abs(h).sum(dim=2, dtype=torch.float64)  # [L, R]
         ref = torch.median(s, dim=1, keepdim=True).values  # the lower middle value: a selection
         mask[kv] = s < float(threshold) * ref
+    if tail > 0:
+        mask[:, :, max(x.shape[2] - tail, 0):] = True
     return mask
 
 
-def _protect_encode(x: torch.Tensor, thresholds: tuple[float, float]
+def _protect_encode(x: torch.Tensor, thresholds: tuple[float, float], tail: int = 0
                     ) -> tuple[bytes, torch.Tensor, torch.Tensor | None]:
     """(section 7, mask bool [2, L, R], the protected rows as the decoder restores them fp32 [n, C] or None)."""
-    mask = protected_rows(x, thresholds)
+    mask = protected_rows(x, thresholds, tail)
     bits = np.packbits(mask.cpu().numpy().reshape(-1), bitorder="little").tobytes()
     rows = x[mask]  # [n, C] in (K/V, layer, token) order
     if rows.shape[0] == 0:
@@ -363,7 +366,7 @@ class CacheGenCodec(Codec):
         rest = T - lead
         protect = None
         if self.level.protects and rest:
-            protect = _protect_encode(x[:, :, lead:], self.level.protect)
+            protect = _protect_encode(x[:, :, lead:], self.level.protect, self.level.tail_for(T))
         if rest == 0:
             sections = [b"", lead_sec, b"", b"", b"", pack_uints(np.zeros(0, np.int64)), b""]
         else:
@@ -587,10 +590,12 @@ class CacheGenCodec(Codec):
 
 def make_codec(level_name: str, backend: str = "cpu", key_profile: QueryProfile | str | os.PathLike | None = None,
                predictor: LayerPredictor | str | os.PathLike | None = None,
-               schedule: tuple[Sequence[int], Sequence[int]] | str | os.PathLike | None = None) -> CacheGenCodec:
+               schedule: tuple[Sequence[int], Sequence[int]] | tuple[Sequence[int], Sequence[int], int | None]
+               | str | os.PathLike | None = None) -> CacheGenCodec:
     """key_profile: a QueryProfile or the path of one saved with QueryProfile.save; predictor: a
     LayerPredictor or the path of one saved with LayerPredictor.save; schedule: the model's own level
-    counts per layer, (key counts, value counts) or a file saved with levels.save_schedule for this level."""
+    counts per layer, (key counts, value counts) or (key counts, value counts, tail tokens: Level.tail_for),
+    or a file saved with levels.save_schedule for this level."""
     level = LEVELS[level_name]
     if key_profile is not None and not isinstance(key_profile, QueryProfile):
         if not isinstance(key_profile, (str, os.PathLike)):
@@ -602,10 +607,12 @@ def make_codec(level_name: str, backend: str = "cpu", key_profile: QueryProfile 
         predictor = LayerPredictor.load(predictor)
     if schedule is not None:
         if isinstance(schedule, (str, os.PathLike)):
-            name, keys, values = load_schedule(schedule)
+            name, keys, values, tail = read_schedule(schedule)
             if name != level_name:
                 raise CodecError(f"schedule {schedule} is for level {name!r}, not {level_name!r}")
+        elif isinstance(schedule, (tuple, list)) and len(schedule) in (2, 3):
+            keys, values, tail = schedule[0], schedule[1], (schedule[2] if len(schedule) == 3 else None)
         else:
-            keys, values = schedule
-        level = with_schedule(level, keys, values)
+            raise CodecError("schedule must be (key counts, value counts[, tail tokens]) or a schedule file path")
+        level = with_schedule(level, keys, values, tail)
     return CacheGenCodec(level, get_backend(backend), key_profile, predictor)

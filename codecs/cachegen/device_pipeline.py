@@ -280,7 +280,7 @@ def encode(codec: object, kv: torch.Tensor) -> bytes:
     len7 = torch.zeros(1, dtype=torch.int64, device=dev)
     if level.protects:
         off7 = z + len5 + len6
-        mask = cg.protected_rows(xr, level.protect).reshape(-1)
+        mask = cg.protected_rows(xr, level.protect, level.tail_for(T)).reshape(-1)
         n = mask.sum().reshape(1)
         buf.index_copy_(0, off7 + torch.arange(nmask, device=dev), _pack_bits(mask))
         rows = 2 * L * rest

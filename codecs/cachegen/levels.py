@@ -19,6 +19,9 @@ from kvmesh.codecs.cachegen.quant import MODE_CHANNEL_SHARED_STEP, MODE_TOKEN_SY
 from kvmesh.codecs.errors import CodecError
 
 REFERENCE_LAYERS = 30
+# kvmesh's and LMCache's chunk length: a chunk with fewer tokens is the partial last chunk of a stored
+# sequence (Level.tail_for)
+SHORT_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -36,10 +39,21 @@ class Level:
     # (K, V): may a stream code the differences of consecutive symbols where that is cheaper
     # (delta.py; lossless)? Keys gain 3.7% of a chunk; values 0.07%, not worth a second statistics pass
     delta: tuple[bool, bool] = (True, False)
+    # rows at the end of a chunk shorter than SHORT_CHUNK tokens (the last chunk of a stored prompt: the
+    # tokens the next generated ones attend to most) stored again at 8 bits, K and V, every layer
+    # (codec.py, "protected rows"); 0 = never
+    tail_tokens: int = 0
 
     @property
     def protects(self) -> bool:
-        return any(t > 0 for t in self.protect)
+        return any(t > 0 for t in self.protect) or self.tail_tokens > 0
+
+    def tail_for(self, tokens: int) -> int:
+        """How many of a ``tokens``-token chunk's last rows to protect: ``tail_tokens`` when the chunk is
+        shorter than SHORT_CHUNK (only the last chunk of a stored sequence is), else 0. Why: the first
+        tokens generated after a prompt attend most to its last tokens; coded at the level's few steps
+        they flipped the quick start's first generated token (BENCHMARKS.md, "Model files and quality")."""
+        return self.tail_tokens if 0 < tokens < SHORT_CHUNK else 0
 
     def levels_for(self, layers: int) -> np.ndarray:
         """int [2, layers]: quantization levels per (K/V, layer). A schedule of n entries (REFERENCE_LAYERS
@@ -96,37 +110,56 @@ LEVELS: dict[str, Level] = {
 SCHEDULE_FORMAT = "kvmesh-level-schedule-1"
 
 
-def with_schedule(level: Level, key_levels: Sequence[int], value_levels: Sequence[int]) -> Level:
-    """``level`` with a model's own per-layer level counts (its modes, protection and lead unchanged).
-    Writers only: the container stores the counts, so any decoder reads the result."""
+MAX_TAIL_TOKENS = 255  # a partial chunk has at most 255 tokens
+
+
+def with_schedule(level: Level, key_levels: Sequence[int], value_levels: Sequence[int],
+                  tail_tokens: int | None = None) -> Level:
+    """``level`` with a model's own per-layer level counts (its modes, protection and lead unchanged) and,
+    when given, its own ``tail_tokens`` (Level.tail_for). Writers only: the container stores the counts and
+    the protected rows, so any decoder reads the result."""
     k, v = tuple(int(b) for b in key_levels), tuple(int(b) for b in value_levels)
     if not k or len(k) != len(v):
         raise CodecError(f"a level schedule needs as many key as value counts (>= 1), got {len(k)} and {len(v)}")
     if min(k + v) < 2 or max(k + v) > 256:
         raise CodecError("level counts must lie in [2, 256]")
-    return dataclasses.replace(level, key_levels=k, value_levels=v)
+    if tail_tokens is None:
+        return dataclasses.replace(level, key_levels=k, value_levels=v)
+    if isinstance(tail_tokens, bool) or not isinstance(tail_tokens, int) or not 0 <= tail_tokens <= MAX_TAIL_TOKENS:
+        raise CodecError(f"tail_tokens must be an integer in [0, {MAX_TAIL_TOKENS}], got {tail_tokens!r}")
+    return dataclasses.replace(level, key_levels=k, value_levels=v, tail_tokens=tail_tokens)
 
 
-def save_schedule(path: str | os.PathLike, level: str, key_levels: Sequence[int], value_levels: Sequence[int]) -> Path:
-    """Writes a schedule (JSON: format, level, key_levels, value_levels) atomically."""
-    with_schedule(LEVELS[level], key_levels, value_levels)  # validates
+def save_schedule(path: str | os.PathLike, level: str, key_levels: Sequence[int], value_levels: Sequence[int],
+                  tail_tokens: int | None = None) -> Path:
+    """Writes a schedule (JSON: format, level, key_levels, value_levels, and tail_tokens when given) atomically."""
+    with_schedule(LEVELS[level], key_levels, value_levels, tail_tokens)  # validates
+    doc: dict[str, object] = {"format": SCHEDULE_FORMAT, "level": level, "key_levels": [int(b) for b in key_levels],
+                              "value_levels": [int(b) for b in value_levels]}
+    if tail_tokens is not None:
+        doc["tail_tokens"] = tail_tokens
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"format": SCHEDULE_FORMAT, "level": level, "key_levels": [int(b) for b in key_levels],
-                               "value_levels": [int(b) for b in value_levels]}) + "\n")
+    tmp.write_text(json.dumps(doc) + "\n")
     tmp.replace(path)
     return path
 
 
-def load_schedule(path: str | os.PathLike) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
-    """(level name, key counts, value counts) of a schedule file; CodecError if it is not one."""
+def read_schedule(path: str | os.PathLike) -> tuple[str, tuple[int, ...], tuple[int, ...], int | None]:
+    """(level name, key counts, value counts, tail_tokens or None when the file sets none) of a schedule
+    file; CodecError if it is not one."""
     try:
         doc = json.loads(Path(path).read_text())
         if doc.get("format") != SCHEDULE_FORMAT or doc.get("level") not in LEVELS:
             raise CodecError(f"{path} is not a kvmesh level schedule ({SCHEDULE_FORMAT}) of a known level")
-        k, v = tuple(doc["key_levels"]), tuple(doc["value_levels"])
+        k, v, tail = tuple(doc["key_levels"]), tuple(doc["value_levels"]), doc.get("tail_tokens")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CodecError(f"cannot read level schedule {path}: {e}") from None
-    with_schedule(LEVELS[doc["level"]], k, v)
-    return doc["level"], k, v
+    with_schedule(LEVELS[doc["level"]], k, v, tail)
+    return doc["level"], k, v, tail
+
+
+def load_schedule(path: str | os.PathLike) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    """(level name, key counts, value counts) of a schedule file; CodecError if it is not one."""
+    return read_schedule(path)[:3]

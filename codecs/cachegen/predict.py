@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -269,11 +269,13 @@ def _fit_weights(exact: torch.Tensor, inputs: torch.Tensor, ridge: float) -> dic
     return {k: np.stack(v) for k, v in out.items()}
 
 
-def fit(chunks: Iterable[torch.Tensor], level: str = "default", ridge: float = DEFAULT_RIDGE) -> LayerPredictor:
+def fit(chunks: Iterable[torch.Tensor], level: str = "default", ridge: float = DEFAULT_RIDGE,
+        schedule: tuple[Sequence[int], Sequence[int]] | None = None) -> LayerPredictor:
     """Fits a predictor to a model's KV chunks ([2, L, T, C], T >= 2 each; typically 256-token chunks
     of a few thousand tokens of text). Two passes: a least-squares fit on the exact KV, then a refit on
     the KV as ``level`` decodes it with that first predictor, so the weights expect the noise they will
-    see. The chunks' first token (stored apart by the codec) is left out."""
+    see (``schedule``: the model's own level counts the codec will use, if any). The chunks' first token
+    (stored apart by the codec) is left out."""
     from kvmesh.codecs.cachegen.codec import make_codec
 
     chunks = [c.detach().to(torch.float32).cpu() for c in chunks]
@@ -284,6 +286,6 @@ def fit(chunks: Iterable[torch.Tensor], level: str = "default", ridge: float = D
         raise ValueError("fitting needs chunks [2, L, T >= 2, C] of one model")
     exact = torch.cat([c[:, :, 1:] for c in chunks], dim=2)
     provisional = LayerPredictor(**_fit_weights(exact, exact, ridge))
-    codec = make_codec(level, "cpu", predictor=provisional)
+    codec = make_codec(level, "cpu", predictor=provisional, schedule=schedule)
     decoded = torch.cat([codec.decode(codec.encode(c)).to(torch.float32)[:, :, 1:] for c in chunks], dim=2)
     return LayerPredictor(**_fit_weights(exact, decoded, ridge))

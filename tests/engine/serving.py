@@ -30,12 +30,13 @@ def served_model_files() -> Path:
     import torch
 
     from kvmesh.codecs.model_files import find_model_files
+    from kvmesh.engine.calibrate import RECIPE_VERSION, recipe_version
     from kvmesh.engine.model import ensure_model_files, load_model
     from kvmesh.instance_agent.config import AgentConfig
 
     roots = AgentConfig().model_file_roots()
     found = find_model_files(MODEL, roots)
-    if found is None:
+    if found is None or (recipe_version(found.folder) or RECIPE_VERSION) < RECIPE_VERSION:  # absent or an older recipe's
         model, tokenizer = load_model(torch.float32)
         found = ensure_model_files(model, tokenizer, MODEL, roots)
     return found.folder

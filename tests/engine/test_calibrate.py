@@ -56,7 +56,10 @@ def test_files_are_found_by_name_and_round_trip_the_models_kv(made: tuple[Path, 
     assert _only_folder(folder.parent) == [folder.name]  # no staging folder left behind
     found = find_model_files(NAME, roots=[folder.parent])
     assert found is not None and found.key_profile is not None and "default" in found.predictors
-    assert "hq" in found.schedules
+    assert "hq" in found.schedules and "default" in found.schedules
+    assert found.codec_options("cachegen")["schedule"] == (*map(tuple, calibrate._schedule("default", "tuned", 30)),
+                                                            calibrate.Recipe.tail_tokens)
+    assert calibrate.recipe_version(folder) == calibrate.RECIPE_VERSION
     assert (folder / calibrate.RECIPE_FILE).is_file()
     assert any("wrote" in line for line in lines) and any("window 1/1" in line for line in lines)
     model, tokenizer = smollm2
@@ -123,3 +126,15 @@ def test_a_failed_make_leaves_nothing(tmp_path: Path, smollm2: Any, monkeypatch:
         make_model_files(*smollm2, NAME, tmp_path, texts={"tiny.txt": TEXT}, recipe=TINY)
     assert find_model_files(NAME, roots=[tmp_path]) is None
     assert _only_folder(tmp_path) == []
+
+
+def test_schedules_are_resolved_to_the_models_depth_from_a_known_source() -> None:
+    keys, values = calibrate._schedule("default", "tuned", 30)
+    assert (tuple(keys), tuple(values)) == calibrate.TUNED_SCHEDULES["default"]
+    keys12, values12 = calibrate._schedule("default", "tuned", 12)  # a shallower model samples the table
+    assert len(keys12) == len(values12) == 12 and keys12[0] == keys[0] and keys12[-1] == keys[-3]
+    assert calibrate._schedule("hq", "builtin", 30)[0] == list(calibrate.LEVELS["hq"].key_levels)
+    with pytest.raises(ValueError, match="valid: builtin$"):
+        calibrate._schedule("hq", "tuned", 30)
+    with pytest.raises(ValueError, match="valid: builtin, tuned"):
+        calibrate._schedule("default", "guessed", 30)
