@@ -1,20 +1,20 @@
 """The cachegen container made and read on the device (the Triton backend's encode and decode).
 
-encode: the chunk goes in once; quantization, statistics, rANS, the stream-length packing (section 5),
-the words (6), the protected rows (7) and the CRC of those sections are all computed by kernels and
-torch ops into ONE device buffer, with no host synchronisation on the way. The input checks (finite,
-|x| <= 65504) are device flags. At the end one small copy brings the sizes, the CRC and the flags
-(the one synchronisation), and one copy brings the finished bytes.
+encode: the chunk goes in once; quantization, statistics, rANS, sections 1-4 in their coded form
+(device_sidecode.py: byte planes rANS-coded against their own tables, the bytes the C path writes),
+the stream-length packing (section 5), the words (6), the protected rows (7) and the CRC of all of
+them are computed by kernels and torch ops into ONE device buffer, at offsets only the device knows,
+with no host synchronisation on the way. The input checks (finite, |x| <= 65504) are device flags. At
+the end one small copy brings the sizes, the CRC and the flags (the one synchronisation), and one copy
+brings the finished sections; the host adds the 28-byte header, the section table and section 0 (a few
+dozen bytes it knows) and joins the CRCs algebraically (device_crc.crc32_combine).
 
-What the host still does, and why: sections 1-4 (side tensors, stream meta; ~2-7% of a container) are
-stored as zlib streams when that is shorter, and FORMAT.md pins their bytes to the writer's zlib
-(level 6). No GPU deflate makes zlib's bytes, so those sections travel in the same one copy as raw bytes
-(already byte-split on the device) and the host deflates them, builds the 28-byte header and section
-table and joins the CRCs algebraically (device_crc.crc32_combine: no pass over the device's bytes).
-
-decode: the blob goes to the device once (plus the inflated sections 1-4, again the format's zlib);
-the CRC, the stream-length unpacking and every validation of the streams run there as flags; one
-synchronisation at the end reads them and raises the CPU path's CodecError.
+decode: the blob goes to the device once, with a small second copy of sections 1-4's block tables
+and word counts (the host reads them from its own copy of the blob: sidecode.parse, the C path's
+checks); the blocks, the CRC, the stream-length unpacking and every validation of the streams run
+there as flags; one synchronisation at the end reads them and raises the CPU path's CodecError.
+Containers written before 2026-12-03 (zlib sections 1-4, variant bit 2 clear) are inflated on the host
+and copied in instead of the tables.
 
 Every device<->host copy goes through :func:`to_host` / :func:`to_device`: the seam the tests count.
 Cross-layer prediction and chunks with no rest tokens keep codec.py's path (the prediction chooses
@@ -298,12 +298,12 @@ def encode(codec: object, kv: torch.Tensor) -> bytes:
     return b"".join([head, memoryview(host), struct.pack("<I", crc_all)])
 
 
-_PARALLEL_ZLIB = 1 << 16  # raw bytes of sections 1-4 above which they deflate on threads
+_PARALLEL_ZLIB = 1 << 16  # raw bytes of an older container's zlib sections 1-4 above which they inflate on threads
 
 
 @functools.lru_cache(maxsize=1)
 def _zlib_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Four threads (one per zlib section), shared by every codec in the process."""
+    """Four threads (one per zlib section of an older container), shared by every codec in the process."""
     return concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvmesh-zlib")
 
 
