@@ -7,9 +7,9 @@ smallest form of each plane and section is picked by device arithmetic and the p
 offsets known only on the device. The result is csrc/sidecode.c's bytes, bit for bit.
 
 decode: the host reads the small plane headers from its own copy of the blob (sidecode.parse: every
-check but the blocks' end states, in the C path's order), and the block tables and counts travel to the
-device in the same one copy as the blob; the blocks decode there and their end-state checks become
-flags, one per section.
+check but the blocks' end states, in the C path's order: a few hundred bytes a plane, no pass over the
+words), and the block tables and counts travel to the device in one small copy next to the blob's; the
+blocks decode there and their end-state checks become flags, one per section.
 """
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ from kvmesh.codecs.cachegen import triton_rans as tr
 from kvmesh.codecs.cachegen.sidecode import PLANES, SIDE_BLOCK, SPLIT, TABLE_BYTES, Plane
 
 _M = 4096
+# Scratch bytes after the container in the caller's buffer: masked-out writes land there, spread over
+# this many addresses (one address for all of them would serialise a GPU's stores on it).
+DUMP_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -101,12 +104,12 @@ def _pack_rows(values: torch.Tensor, width: torch.Tensor | int, valid: torch.Ten
 
 
 def _put(buf: torch.Tensor, src: torch.Tensor, length: torch.Tensor, dest: torch.Tensor, keep: torch.Tensor) -> None:
-    """Writes src[r, :length[r]] at buf[dest[r]:] for the rows kept; everything else lands on buf's last
-    byte (the dump, never part of a container)."""
+    """Writes src[r, :length[r]] at buf[dest[r]:] for the rows kept; everything else lands in buf's last
+    DUMP_BYTES (the dump, never part of a container)."""
     R, w = src.shape
     j = torch.arange(w, device=buf.device)
     ok = keep[:, None] & (j[None, :] < length[:, None])
-    idx = torch.where(ok, dest[:, None] + j[None, :], buf.numel() - 1)
+    idx = torch.where(ok, dest[:, None] + j[None, :], buf.numel() - DUMP_BYTES + j[None, :] % DUMP_BYTES)
     buf.index_put_((idx.reshape(-1),), src.reshape(-1))
 
 
@@ -139,7 +142,8 @@ def _tables(hist: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 def encode_into(raws: list[torch.Tensor], buf: torch.Tensor, interpret: bool) -> torch.Tensor:
     """Writes sections 1-4 (raws: their raw bytes, uint8 on the device) in their stored form one after
-    another from buf[0] on; returns their lengths (int64 [4] on the device). buf's last byte is scratch."""
+    another from buf[0] on; returns their lengths (int64 [4] on the device). buf's last DUMP_BYTES are
+    scratch."""
     dev = buf.device
     sh = _shape(tuple(int(r.numel()) for r in raws), str(dev))
     t = sh.t
@@ -231,7 +235,7 @@ def encode_into(raws: list[torch.Tensor], buf: torch.Tensor, interpret: bool) ->
 @dataclass
 class DecodePlan:
     """What the host read from sections 1-4 for the device: per section, None (raw), [] (empty) or its
-    planes; the block arrays (extra bytes of the blob's one copy) and their layout."""
+    planes; the block arrays (`extra`, copied to the device once, 8-byte aligned) and their counts."""
     offsets: list[int]  # each section's byte offset in the blob
     sizes: list[int]  # raw bytes of each section
     planes: list[list[Plane] | None]
