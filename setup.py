@@ -38,7 +38,7 @@ def _packages() -> tuple[list[str], dict[str, str]]:
 CSRC = "codecs/cachegen/csrc"
 RANSC = Extension(
     "kvmesh.codecs.cachegen._ransc",
-    sources=[f"{CSRC}/{name}.c" for name in ("common", "stats", "quantize", "predict", "rans", "module")],
+    sources=[f"{CSRC}/{name}.c" for name in ("common", "stats", "quantize", "predict", "rans", "sidecode", "module")],
     depends=[f"{CSRC}/ransc.h"],
     extra_compile_args=["-O3", "-ffp-contract=off"],
     optional=False,

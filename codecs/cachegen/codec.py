@@ -10,10 +10,9 @@ Container sections (FORMAT.md has the byte-level specification):
                 guessed from the section count; containers written before it still read)
   1 lead        the lead tokens: their fp16 bounds and uint8 symbols
   2 key side    quantization side information of K
-  3 value side  quantization side information of V (sections 1-3 each zlib-compressed, bytes split
-                by offset parity, when that is shorter)
-  4 stream meta center symbol per stream, then table index per stream (uint8 each, the whole section
-                zlib-compressed when that is shorter; bit 7 of a table byte marks a
+  3 value side  quantization side information of V (sections 1-4 each in its coded form, sidecode.py:
+                byte planes coded with rANS against their own tables, when that is shorter)
+  4 stream meta center symbol per stream, then table index per stream (uint8 each; bit 7 of a table byte marks a
                 delta stream: one that carries the differences of consecutive symbols, delta.py)
   5 lengths     words per coded stream (4 adjacent channels sharing one rANS state, layout.py), bit-packed
   6 words       the rANS words, uint16 little-endian, coded streams concatenated
@@ -43,7 +42,7 @@ import torch
 
 from kvmesh.codecs import container
 from kvmesh.codecs.base import Codec, check_kv_structure
-from kvmesh.codecs.cachegen import delta, quant
+from kvmesh.codecs.cachegen import delta, quant, sidecode
 from kvmesh.codecs.cachegen.backends import Backend, get_backend
 from kvmesh.codecs.cachegen.layout import MAX_CODED_GROUP, channel_group, stream_layout
 from kvmesh.codecs.cachegen.levels import LEVELS, Level, read_schedule, with_schedule
@@ -67,6 +66,8 @@ _COUNTS = struct.Struct("<HB")
 VARIANT_PROTECTED = 0x01  # section 7, protected rows
 VARIANT_PREDICTED = 0x02  # section 8, the layer predictor (section 7 then present, maybe empty)
 VARIANT_BITS = VARIANT_PROTECTED | VARIANT_PREDICTED
+# Bit 2: sections 1-4, where not raw, hold their coded form (sidecode.py) instead of a zlib stream.
+VARIANT_CODED = 0x04
 
 
 def _variant_sections(variant: int) -> int:
@@ -96,7 +97,7 @@ def _read_variant(sections: list[memoryview], L: int) -> int:
     params = sections[0]
     if len(params) == _PARAMS.size + 2 * L + 1:
         variant = params[-1]
-        if variant & ~VARIANT_BITS or variant == VARIANT_PREDICTED:
+        if variant & ~(VARIANT_BITS | VARIANT_CODED) or variant & VARIANT_BITS == VARIANT_PREDICTED:
             raise CodecError(f"corrupt cachegen container: unknown variant flags {variant:#04x}")
         if len(sections) != _variant_sections(variant):
             raise CodecError(f"corrupt cachegen container: its variant flags {variant:#04x} need "
@@ -129,17 +130,18 @@ def unpack_uints(raw: memoryview, n: int) -> np.ndarray:
 
 
 def pack_meta(meta: bytes) -> bytes:
-    """Section 4: the 2S stream meta bytes as a zlib stream when that is shorter (it is ~2.7x smaller on
-    real KV: value streams' centres are nearly all the middle level, neighbouring channels pick like
-    tables), else raw. A reader tells them apart by length (FORMAT.md §2)."""
-    packed = zlib.compress(meta, 6)
-    return packed if len(packed) < len(meta) else meta
+    """Section 4: the 2S stream meta bytes in their coded form (sidecode.py) when that is shorter (~2.7x
+    smaller on real KV: value streams' centres are nearly all the middle level, tables repeat), else raw."""
+    return sidecode.encode(meta, 4)
 
 
-def unpack_meta(raw: memoryview | bytes, n: int, what: str = "stream meta") -> bytes:
-    """The n stream meta bytes of section 4 (raw when it is n bytes long, else a zlib stream of them)."""
+def unpack_meta(raw: memoryview | bytes, n: int, what: str = "stream meta", coded: bool = False) -> bytes:
+    """The n stream meta bytes of section 4: raw when it is n bytes long, else the coded form (coded:
+    the container's variant bit 2) or a zlib stream of them (containers written before 2026-12-03)."""
     if len(raw) == n:
         return bytes(raw)
+    if coded:
+        return sidecode.decode(raw, n, 4, what)
     if len(raw) > n:
         raise CodecError(f"corrupt cachegen container: {what} section is too long")
     d = zlib.decompressobj()
@@ -153,18 +155,19 @@ def unpack_meta(raw: memoryview | bytes, n: int, what: str = "stream meta") -> b
 
 
 def pack_side(raw: bytes) -> bytes:
-    """Sections 1-3 (fp16/fp32 side tensors, lead symbols; always an even number of bytes): as a zlib
-    stream of the bytes at even offsets followed by those at odd offsets when that is shorter, else raw
-    (FORMAT.md §2). The split puts the fp16 exponents together: ~0.9% of a real chunk."""
-    a = np.frombuffer(raw, np.uint8)
-    packed = zlib.compress(np.concatenate([a[0::2], a[1::2]]).tobytes(), 6)
-    return packed if len(packed) < len(raw) else raw
+    """Sections 1-3 (fp16/fp32 side tensors, lead symbols; always an even number of bytes): their coded
+    form (sidecode.py: the bytes at even offsets, then those at odd offsets, as rANS-coded planes) when
+    that is shorter, else raw (FORMAT.md §2). The split puts the fp16 exponents together."""
+    return sidecode.encode(raw, 2)
 
 
-def unpack_side(raw: memoryview | bytes, n: int, what: str) -> memoryview | bytes:
-    """The n bytes of section 1, 2 or 3 (raw when it is n bytes long, else pack_side's zlib stream)."""
+def unpack_side(raw: memoryview | bytes, n: int, what: str, coded: bool = False) -> memoryview | bytes:
+    """The n bytes of section 1, 2 or 3: raw when it is n bytes long, else the coded form (coded: the
+    container's variant bit 2) or pack_side's zlib stream (containers written before 2026-12-03)."""
     if len(raw) == n:
         return raw
+    if coded:
+        return sidecode.decode(raw, n, 2, what)
     split = np.frombuffer(unpack_meta(raw, n, what), np.uint8)
     out = np.empty(n, np.uint8)
     out[0::2], out[1::2] = split[: (n + 1) // 2], split[(n + 1) // 2:]
@@ -176,7 +179,8 @@ def stream_meta(blob: bytes) -> bytes:
     header, sections = container.unpack(blob)
     _, L, T, C = header.shape
     rest = T - _PARAMS.unpack_from(sections[0], 0)[4]
-    return unpack_meta(sections[4], 4 * L * C * quant.num_segments(rest)) if rest > 0 else b""
+    coded = bool(_read_variant(sections, L) & VARIANT_CODED)
+    return unpack_meta(sections[4], 4 * L * C * quant.num_segments(rest), coded=coded) if rest > 0 else b""
 
 
 def side_bytes(mode: int, layers: int, tokens: int, channels: int) -> int:
@@ -382,7 +386,7 @@ class CacheGenCodec(Codec):
                         pack_uints(np.asarray(counts)), np.asarray(words, dtype="<u2").tobytes()]
         family = TABLE_FAMILY_VERSION | (channel_group(C).bit_length() - 1) << 4
         variant = (VARIANT_PROTECTED if self.level.protects or self.predictor is not None else 0) | \
-            (VARIANT_PREDICTED if self.predictor is not None else 0)
+            (VARIANT_PREDICTED if self.predictor is not None else 0) | VARIANT_CODED
         sections[0] = (_PARAMS.pack(modes[0], modes[1], quant.SEGMENT, family, lead)
                        + (levels - 1).astype(np.uint8).tobytes() + bytes([variant]))
         if self.level.protects or self.predictor is not None:
@@ -496,6 +500,7 @@ class CacheGenCodec(Codec):
         _, L, T, C = header.shape
         variant = _read_variant(sections, L)  # the explicit flag says which optional sections follow
         protected = sections[N_SECTIONS] if variant & VARIANT_BITS else None
+        coded = bool(variant & VARIANT_CODED)  # sections 1-4: coded form (else zlib), where not raw
         predicted = bool(variant & VARIANT_PREDICTED)
         if predicted:
             raw = bytes(sections[N_SECTIONS_PREDICTED - 1])
@@ -519,7 +524,7 @@ class CacheGenCodec(Codec):
         parts = []
         if len(lead_raw) > lead_bytes(L, lead, C) or (len(lead_raw) == 0) != (lead == 0):
             raise CodecError("corrupt cachegen container: lead token section has the wrong size")
-        lead_raw = unpack_side(lead_raw, lead_bytes(L, lead, C), "lead token")
+        lead_raw = unpack_side(lead_raw, lead_bytes(L, lead, C), "lead token", coded)
         if lead:
             spec = quant.side_spec(quant.MODE_TOKEN, L, lead, C)
             nside = side_bytes(quant.MODE_TOKEN, L, lead, C)
@@ -536,13 +541,13 @@ class CacheGenCodec(Codec):
             for raw, mode in ((kside, kmode), (vside, vmode)):
                 if not 0 < len(raw) <= side_bytes(mode, L, rest, C):
                     raise CodecError("corrupt cachegen container: side information has the wrong size")
-            kside, vside = (unpack_side(raw, side_bytes(mode, L, rest, C), "side information")
+            kside, vside = (unpack_side(raw, side_bytes(mode, L, rest, C), "side information", coded)
                             for raw, mode in ((kside, kmode), (vside, vmode)))
             layout = stream_layout(L, rest, C, levels, group)
             S = layout.num_streams
             sides = [[t.to(dev) for t in _tensors_from(raw, quant.side_spec(mode, L, rest, C))]
                      for raw, mode in ((kside, kmode), (vside, vmode))]
-            m = np.frombuffer(unpack_meta(meta, 2 * S), np.uint8)
+            m = np.frombuffer(unpack_meta(meta, 2 * S, coded=coded), np.uint8)
             center, flags, table = m[:S], m[S:] >= delta.DELTA_FLAG, m[S:] & delta.TABLE_MASK
             if np.any(center.astype(np.int64) >= layout.stream_levels) or np.any(table >= NUM_TABLES):
                 raise CodecError("corrupt cachegen container: stream center or table index out of range")

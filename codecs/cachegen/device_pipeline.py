@@ -1,20 +1,20 @@
 """The cachegen container made and read on the device (the Triton backend's encode and decode).
 
-encode: the chunk goes in once; quantization, statistics, rANS, the stream-length packing (section 5),
-the words (6), the protected rows (7) and the CRC of those sections are all computed by kernels and
-torch ops into ONE device buffer, with no host synchronisation on the way. The input checks (finite,
-|x| <= 65504) are device flags. At the end one small copy brings the sizes, the CRC and the flags
-(the one synchronisation), and one copy brings the finished bytes.
+encode: the chunk goes in once; quantization, statistics, rANS, sections 1-4 in their coded form
+(device_sidecode.py: byte planes rANS-coded against their own tables, the bytes the C path writes),
+the stream-length packing (section 5), the words (6), the protected rows (7) and the CRC of all of
+them are computed by kernels and torch ops into ONE device buffer, at offsets only the device knows,
+with no host synchronisation on the way. The input checks (finite, |x| <= 65504) are device flags. At
+the end one small copy brings the sizes, the CRC and the flags (the one synchronisation), and one copy
+brings the finished sections; the host adds the 28-byte header, the section table and section 0 (a few
+dozen bytes it knows) and joins the CRCs algebraically (device_crc.crc32_combine).
 
-What the host still does, and why: sections 1-4 (side tensors, stream meta; ~2-7% of a container) are
-stored as zlib streams when that is shorter, and FORMAT.md pins their bytes to the writer's zlib
-(level 6). No GPU deflate makes zlib's bytes, so those sections travel in the same one copy as raw bytes
-(already byte-split on the device) and the host deflates them, builds the 28-byte header and section
-table and joins the CRCs algebraically (device_crc.crc32_combine: no pass over the device's bytes).
-
-decode: the blob goes to the device once (plus the inflated sections 1-4, again the format's zlib);
-the CRC, the stream-length unpacking and every validation of the streams run there as flags; one
-synchronisation at the end reads them and raises the CPU path's CodecError.
+decode: the blob goes to the device once, with a small second copy of sections 1-4's block tables
+and word counts (the host reads them from its own copy of the blob: sidecode.parse, the C path's
+checks); the blocks, the CRC, the stream-length unpacking and every validation of the streams run
+there as flags; one synchronisation at the end reads them and raises the CPU path's CodecError.
+Containers written before 2026-12-03 (zlib sections 1-4, variant bit 2 clear) are inflated on the host
+and copied in instead of the tables.
 
 Every device<->host copy goes through :func:`to_host` / :func:`to_device`: the seam the tests count.
 Cross-layer prediction and chunks with no rest tokens keep codec.py's path (the prediction chooses
@@ -40,6 +40,8 @@ from kvmesh.codecs import container
 from kvmesh.codecs.base import check_kv_structure
 from kvmesh.codecs.cachegen import delta, quant
 from kvmesh.codecs.cachegen import device_crc as dcrc
+from kvmesh.codecs.cachegen import device_sidecode as dsc
+from kvmesh.codecs.cachegen import sidecode
 from kvmesh.codecs.cachegen import triton_quant as tq
 from kvmesh.codecs.cachegen import triton_rans as tr
 from kvmesh.codecs.cachegen.layout import channel_group, stream_layout
@@ -173,11 +175,6 @@ def _flat_bytes(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().contiguous().view(torch.uint8).reshape(-1) for t in tensors])
 
 
-def _split(raw: torch.Tensor) -> torch.Tensor:
-    """pack_side's byte split, on the device: the bytes at even offsets, then those at odd offsets."""
-    return torch.cat([raw[0::2], raw[1::2]])
-
-
 def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """bool/0-1 [n] -> uint8 [ceil(n / 8)], LSB first, padding bits zero (np.packbits little)."""
     n = bits.numel()
@@ -208,14 +205,6 @@ def _pack_counts(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     packed = _pack_bits(flat[:dump])
     head = torch.stack([base & 255, (base >> 8) & 255, width]).to(torch.uint8)
     return torch.cat([head, packed]), (3 + (n * width + 7) // 8).reshape(1)
-
-
-@dataclass
-class _Region:
-    """A host-known span of the device buffer holding one zlib-candidate section's raw bytes."""
-    start: int
-    size: int
-    split: bool  # sections 1-3 (byte-split before deflating) vs section 4 (deflated as is)
 
 
 def encodable(codec: object, kv: torch.Tensor) -> bool:
@@ -258,24 +247,21 @@ def encode(codec: object, kv: torch.Tensor) -> bytes:
     scratch, counts, width = be.rans_encode_scratch(qs, center, table, layout)
     meta = torch.cat([center, table | (dflags.to(torch.uint8) << 7)])
 
-    # the device buffer: [sections 1-4 raw (host-known sizes) | sections 5, 6, 7 (device-known sizes)]
-    zsrc = [(_split(lead_raw), True), (_split(_flat_bytes(sides[0])), True), (_split(_flat_bytes(sides[1])), True),
-            (meta, False)]
-    regions, pos = [], 0
-    for t, split in zsrc:
-        regions.append(_Region(pos, t.numel(), split))
-        pos += t.numel()
-    z = pos
+    # the device buffer: sections 1-4 in their coded form (sidecode.py), then 5, 6 and 7, at offsets only
+    # the device knows; device_sidecode's scratch after them
+    raws = [lead_raw, _flat_bytes(sides[0]), _flat_bytes(sides[1]), meta]
+    nraw = sum(r.numel() for r in raws)
     n_coded = layout.num_coded
     max5 = 3 + 2 * n_coded
     max6 = 2 * int(layout.coded_lengths.sum() + 2 * n_coded)
     nmask = (2 * L * rest + 7) // 8
     max7 = cg.protected_bytes(L, rest, C, 2 * L * rest) if level.protects else 0
-    buf = torch.empty(z + max(max5, 1) + max6 + max7, dtype=torch.uint8, device=dev)
-    for (t, _), r in zip(zsrc, regions):
-        buf[r.start:r.start + r.size].copy_(t)
+    bound = nraw + max(max5, 1) + max6 + max7
+    buf = torch.empty(bound + dsc.DUMP_BYTES, dtype=torch.uint8, device=dev)
+    len14 = dsc.encode_into(raws, buf, be.interpret)
+    z = len14.sum().reshape(1)
     sec5, len5 = _pack_counts(counts)
-    buf[z:z + max5].copy_(sec5)
+    buf.index_copy_(0, z + torch.arange(max5, device=dev), sec5[:max5])
     len6 = tr.compact_into(scratch, counts, width, buf, z + len5, be.interpret)
     len7 = torch.zeros(1, dtype=torch.int64, device=dev)
     if level.protects:
@@ -291,52 +277,34 @@ def encode(codec: object, kv: torch.Tensor) -> bytes:
             xr, mask.to(torch.uint8), pos_rows, n, buf, off7, nmask, rows, C, BLOCK_R=block_r, CPAD=cpad,
             **tq._opts(be.interpret, 4))
         len7 = nmask + n * (4 + C)
-    tail = len5 + len6 + len7
-    crc = dcrc.raw_crc(buf, z, tail, max(max5, 1) + max6 + max7, be.interpret)
-    info = to_host(torch.cat([len5, len6, len7, crc.to(torch.int64) & 0xFFFFFFFF, flags]), "sizes, crc, flags")
-    l5, l6, l7, crc_tail, nonfinite, too_big = (int(v) for v in info)
+    tail = z + len5 + len6 + len7
+    crc = dcrc.raw_crc(buf, 0, tail, bound, be.interpret)
+    info = to_host(torch.cat([len14, len5, len6, len7, flags, crc.to(torch.int64)]).to(torch.int32),
+                   "sizes, crc, flags")
+    *lens, nonfinite, too_big, crc_tail = (int(v) for v in info)
     if nonfinite:
         raise CodecError("kv contains inf or NaN values; refusing to encode")
     if too_big:
         raise CodecError("cachegen stores fp16 bounds: values beyond +-65504 cannot be encoded (use 'lossless')")
-    host = to_host(buf[:z + l5 + l6 + l7], "container")
-
-    def deflate(r: _Region) -> bytes:
-        raw = host[r.start:r.start + r.size]
-        return _deflate_split(raw) if r.split else cg.pack_meta(raw.tobytes())
-
-    # zlib releases the GIL: the four sections deflate side by side (the host's share of an encode)
-    packed = list(_zlib_pool().map(deflate, regions)) if z >= _PARALLEL_ZLIB else [deflate(r) for r in regions]
+    total = sum(lens)
+    host = to_host(buf[:total], "container")
     family = TABLE_FAMILY_VERSION | (channel_group(C).bit_length() - 1) << 4
-    variant = cg.VARIANT_PROTECTED if level.protects else 0
+    variant = (cg.VARIANT_PROTECTED if level.protects else 0) | cg.VARIANT_CODED
     params = (cg._PARAMS.pack(modes[0], modes[1], quant.SEGMENT, family, lead)
               + (levels - 1).astype(np.uint8).tobytes() + bytes([variant]))
-    lengths = [len(params), *(len(p) for p in packed), l5, l6] + ([l7] if level.protects else [])
-    head = b"".join([container.pack_head(codec.codec_id, codec.level_id, kv.dtype, tuple(kv.shape), lengths),
-                     params, *packed])
-    tail_len = l5 + l6 + l7
-    crc_all = dcrc.crc32_combine(zlib.crc32(head), crc_tail ^ dcrc.crc32_zeros(tail_len), tail_len)
-    return b"".join([head, memoryview(host)[z:], struct.pack("<I", crc_all)])
+    lengths = [len(params), *lens[:6]] + ([lens[6]] if level.protects else [])
+    head = container.pack_head(codec.codec_id, codec.level_id, kv.dtype, tuple(kv.shape), lengths) + params
+    crc_all = dcrc.crc32_combine(zlib.crc32(head), (crc_tail & 0xFFFFFFFF) ^ dcrc.crc32_zeros(total), total)
+    return b"".join([head, memoryview(host), struct.pack("<I", crc_all)])
 
 
-_PARALLEL_ZLIB = 1 << 16  # raw bytes of sections 1-4 above which they deflate on threads
+_PARALLEL_ZLIB = 1 << 16  # raw bytes of an older container's zlib sections 1-4 above which they inflate on threads
 
 
 @functools.lru_cache(maxsize=1)
 def _zlib_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Four threads (one per zlib section), shared by every codec in the process."""
+    """Four threads (one per zlib section of an older container), shared by every codec in the process."""
     return concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvmesh-zlib")
-
-
-def _deflate_split(split: np.ndarray) -> bytes:
-    """pack_side from its byte-split input: the zlib stream when shorter, else the raw (unsplit) bytes."""
-    packed = zlib.compress(split.tobytes(), 6)
-    if len(packed) < split.size:
-        return packed
-    half = (split.size + 1) // 2
-    raw = np.empty(split.size, np.uint8)
-    raw[0::2], raw[1::2] = split[:half], split[half:]
-    return raw.tobytes()
 
 
 # ---- decode -------------------------------------------------------------------------------------
@@ -373,6 +341,8 @@ def _restore_rows_kernel(blob_ptr, mask_ptr, pos_ptr, n_ptr, off, out_ptr, bad_p
 # the order codec.py's decode checks things in: the first failed check names the error
 _ERRORS = (
     container.CHECKSUM_MISMATCH,
+    *(f"corrupt cachegen container: {what} section: {sidecode._ERRORS[5]}"
+      for what in ("lead token", "side information", "side information", "stream meta")),
     "corrupt cachegen container: negative quantization span",
     "corrupt cachegen container: non-finite quantization side information",
     "corrupt cachegen container: stream center or table index out of range",
@@ -396,7 +366,8 @@ class _Plan:
     group: int
     offsets: list[int]  # byte offset of each section in the blob
     lengths: tuple[int, ...]
-    raw: list[bytes]  # sections 1-4 as raw bytes (inflated)
+    raw: list[bytes] | None  # sections 1-4 as raw bytes (inflated: containers with zlib sections)
+    coded: dsc.DecodePlan | None  # sections 1-4 in their coded form (variant bit 2): read on the device
     protected: bool  # section 7 present and to be read
 
 
@@ -434,14 +405,23 @@ def _plan(codec: object, blob: bytes | bytearray | memoryview) -> _Plan | None:
         if not 0 < len(raw) <= cg.side_bytes(mode, L, rest, C):
             raise CodecError("corrupt cachegen container: side information has the wrong size")
     n_coded = 2 * L * C * quant.num_segments(rest) // group
+    offsets, pos = [], container.FIXED_HEADER_BYTES + 4 * len(sections)
+    for n in header.section_lengths:
+        offsets.append(pos)
+        pos += n
     jobs = [(cg.unpack_side, lead_raw, cg.lead_bytes(L, lead, C), "lead token"),
             (cg.unpack_side, kside, cg.side_bytes(kmode, L, rest, C), "side information"),
             (cg.unpack_side, vside, cg.side_bytes(vmode, L, rest, C), "side information"),
             (cg.unpack_meta, meta, 2 * n_coded * group, "stream meta")]
-    inflate = (lambda job: bytes(job[0](*job[1:])))
-    big = sum(len(j[1]) for j in jobs) >= _PARALLEL_ZLIB // 4
-    # zlib releases the GIL: the four sections inflate side by side (the host's share of a decode)
-    lead_bytes, *side_raw, meta_raw = _zlib_pool().map(inflate, jobs) if big else map(inflate, jobs)
+    raws, coded = None, None
+    if variant & cg.VARIANT_CODED:  # the planes' headers here, their blocks on the device
+        planes = [sidecode.parse(stored, n, i + 1, what) for i, (_, stored, n, what) in enumerate(jobs)]
+        coded = dsc.decode_plan(offsets[1:5], [j[2] for j in jobs], planes)
+    else:
+        inflate = (lambda job: bytes(job[0](*job[1:])))
+        big = sum(len(j[1]) for j in jobs) >= _PARALLEL_ZLIB // 4
+        # zlib releases the GIL: the four sections inflate side by side (the host's share of a decode)
+        raws = list(_zlib_pool().map(inflate, jobs) if big else map(inflate, jobs))
     if len(lens) < cg._COUNTS.size:
         raise CodecError("corrupt cachegen container: stream lengths section too short")
     _, width = cg._COUNTS.unpack_from(lens, 0)
@@ -450,12 +430,8 @@ def _plan(codec: object, blob: bytes | bytearray | memoryview) -> _Plan | None:
     protected = bool(variant & cg.VARIANT_BITS) and (codec.level.protects or len(sections[cg.N_SECTIONS]) > 0)
     if protected and len(sections[cg.N_SECTIONS]) < (2 * L * rest + 7) // 8:
         raise CodecError("corrupt cachegen container: protected section shorter than its mask")
-    offsets, pos = [], container.FIXED_HEADER_BYTES + 4 * len(sections)
-    for n in header.section_lengths:
-        offsets.append(pos)
-        pos += n
-    return _Plan(L, T, C, lead, (kmode, vmode), levels, group, offsets, header.section_lengths,
-                 [lead_bytes, *side_raw, meta_raw], protected)
+    return _Plan(L, T, C, lead, (kmode, vmode), levels, group, offsets, header.section_lengths, raws, coded,
+                 protected)
 
 
 def decode(codec: object, blob: bytes | bytearray | memoryview) -> torch.Tensor | None:
@@ -483,15 +459,23 @@ def _decode_on_device(codec: object, blob: bytes | bytearray | memoryview, plan:
     dev = be.device
     L, T, C, lead = plan.L, plan.T, plan.C, plan.lead
     rest = T - lead
-    # the inflated sections 1-4, each at a 4-byte aligned offset (so fp16/fp32 views need no copy)
-    parts, starts, pos = [], [], 0
-    for raw in plan.raw:
+    # sections 1-4 raw, each at a 4-byte aligned offset of `extra` (so fp16/fp32 views need no copy)
+    sizes = [len(r) for r in plan.raw] if plan.raw is not None else plan.coded.sizes
+    starts, pos = [], 0
+    for n in sizes:
         starts.append(pos)
-        parts.append(raw + bytes((-len(raw)) % 4))
-        pos += len(parts[-1])
+        pos += n + (-n) % 4
     b = to_device(memoryview(blob), dev, "blob")
-    extra = to_device(b"".join(parts), dev, "inflated sections 1-4")
     flags = torch.zeros(len(_ERRORS), dtype=torch.int64, device=dev)
+    if plan.raw is not None:  # inflated on the host (zlib sections: containers written before 2026-12-03)
+        extra = to_device(b"".join(r + bytes((-len(r)) % 4) for r in plan.raw), dev, "inflated sections 1-4")
+    else:
+        tables = to_device(plan.coded.extra, dev, "block tables") if plan.coded.n_lanes else b[:0]
+        raws, bad = dsc.decode(b, tables, plan.coded, be.interpret)
+        flags[1:5] = bad
+        extra = torch.empty(pos, dtype=torch.uint8, device=dev)
+        for start, r in zip(starts, raws):
+            extra[start:start + r.numel()].copy_(r)
     n_body = len(blob) - container.CRC_BYTES
     want = container.stored_crc(blob) ^ dcrc.crc32_zeros(n_body)
     crc = dcrc.raw_crc(b, 0, torch.full((1,), n_body, dtype=torch.int64, device=dev), n_body, be.interpret)
@@ -504,8 +488,8 @@ def _decode_on_device(codec: object, blob: bytes | bytearray | memoryview, plan:
             t = extra[at:at + n]
             t = (t if at % 4 == 0 else t.clone()).view(dt).reshape(shape)
             if dt == torch.float32:
-                flags[1] |= (t < 0).any()
-            flags[2] |= ~torch.isfinite(t).all()
+                flags[5] |= (t < 0).any()
+            flags[6] |= ~torch.isfinite(t).all()
             out.append(t)
             at += n
         return out
@@ -525,21 +509,21 @@ def _decode_on_device(codec: object, blob: bytes | bytearray | memoryview, plan:
     dflags = tb >= delta.DELTA_FLAG
     table = tb & delta.TABLE_MASK
     ok = (center.to(torch.int32) < ll.alpha) & (table < 64)
-    flags[3] = ~ok.all()
+    flags[7] = ~ok.all()
     center = torch.where(ok, center, torch.zeros_like(center))
     table = torch.where(ok, table, torch.zeros_like(table))
 
     counts = _unpack_counts(b, plan.offsets[5], layout.num_coded, blob)
     len6 = plan.lengths[6]
     good = (counts >= 2).all() & (counts <= ll.coded_lengths + 2).all() & (2 * counts.sum() == len6)
-    flags[4] = ~good
+    flags[8] = ~good
     counts = torch.where(good, counts, torch.zeros_like(counts)).to(torch.int32)  # 0: the kernel reads nothing
     o6 = plan.offsets[6]
     words = b[o6:o6 + len6]
     words = (words if o6 % 2 == 0 else words.clone()).view(torch.uint16)
     q, status = be.rans_decode_device(words, counts, center, table, layout)
     bad = status == 0
-    flags[5] = bad.sum()
+    flags[9] = bad.sum()
     first_bad = torch.argmax(bad.to(torch.int32)).reshape(1).to(torch.int64)
     q = delta.inverse(q, ll.alphabet, dflags)  # any stream may be a delta stream (bit 7 of its table byte)
     out = torch.empty(2, L, T, C, dtype=dtype, device=dev)
@@ -577,11 +561,11 @@ def _restore_rows(b: torch.Tensor, plan: _Plan, out: torch.Tensor, flags: torch.
     nmask = (rows + 7) // 8
     o7, len7 = plan.offsets[7], plan.lengths[7]
     bits = ((b[o7:o7 + nmask, None].to(torch.int32) >> torch.arange(8, device=b.device)) & 1).reshape(-1)
-    flags[6] = bits[rows:].any() if bits.numel() > rows else False
+    flags[10] = bits[rows:].any() if bits.numel() > rows else False
     mask = bits[:rows]
     n = mask.sum().to(torch.int64).reshape(1)
     size_ok = (nmask + n * (4 + C)) == len7
-    flags[7] = ~size_ok
+    flags[11] = ~size_ok
     mask = torch.where(size_ok, mask, torch.zeros_like(mask)).to(torch.uint8)  # a bad size reads no row
     pos = torch.cumsum(mask.to(torch.int64), 0) - 1
     bad = torch.zeros(1, dtype=torch.int32, device=b.device)
@@ -589,4 +573,4 @@ def _restore_rows(b: torch.Tensor, plan: _Plan, out: torch.Tensor, flags: torch.
     block_r = max(1, min(256 if interpret else 16, 4096 // cpad))
     _restore_rows_kernel[(triton.cdiv(rows, block_r),)](b, mask, pos, n, o7 + nmask, out, bad, rows, rest, T, lead, C,
                                                        BLOCK_R=block_r, CPAD=cpad, **tq._opts(interpret, 4))
-    flags[8] = bad[0].to(torch.int64)
+    flags[12] = bad[0].to(torch.int64)

@@ -11,8 +11,8 @@ import torch
 
 from kvmesh.api.agent.v1 import agent_pb2
 from kvmesh.codecs import container, get_codec
-from kvmesh.codecs.cachegen.codec import (VARIANT_BITS, VARIANT_PREDICTED, VARIANT_PROTECTED, CacheGenCodec,
-                                          container_variant)
+from kvmesh.codecs.cachegen.codec import (VARIANT_BITS, VARIANT_CODED, VARIANT_PREDICTED, VARIANT_PROTECTED,
+                                          CacheGenCodec, container_variant)
 from kvmesh.codecs.cachegen.levels import LEVELS
 from kvmesh.instance_agent.wire import chunk_to_proto
 from tests.codecs.test_layer_prediction import random_predictor
@@ -24,8 +24,10 @@ TOKENS = list(range(700, 732))
 
 
 def without_variant_byte(blob: bytes) -> bytes:
-    """The same container as written before the variant byte existed."""
-    header, sections = container.unpack(blob)
+    """The same container as written before the variant byte existed (sections 1-4 then zlib streams)."""
+    from tests.codecs.reference.sidecode import zlib_form
+
+    header, sections = container.unpack(zlib_form(blob))
     parts = [bytes(sections[0])[:-1]] + [bytes(s) for s in sections[1:]]
     return container.pack(header.codec_id, header.level_id, header.dtype, header.shape, parts)
 
@@ -39,14 +41,14 @@ def test_the_container_says_its_variant_and_old_ones_still_read(tmp_path) -> Non
     cases = [(plain, 0, None), (protecting, VARIANT_PROTECTED, None), (predicted, VARIANT_BITS, pred.ident)]
     for codec, variant, ident in cases:
         blob = codec.encode(kv)
-        assert container_variant(blob) == (variant, ident)
-        assert bytes(container.unpack(blob)[1][0])[-1] == variant, "the variant byte ends section 0"
+        assert container_variant(blob) == (variant | VARIANT_CODED, ident)  # bit 2: coded sections 1-4
+        assert bytes(container.unpack(blob)[1][0])[-1] == variant | VARIANT_CODED, "the variant byte ends section 0"
         old = without_variant_byte(blob)
         assert container_variant(old) == (variant, ident), "old containers: by their section count"
         assert torch.equal(codec.decode(old), codec.decode(blob))
 
 
-@pytest.mark.parametrize("variant", [0x04, VARIANT_PREDICTED])
+@pytest.mark.parametrize("variant", [0x08, VARIANT_PREDICTED])
 def test_a_variant_byte_that_disagrees_is_corrupt(variant) -> None:
     from kvmesh.codecs import CodecError
 

@@ -14,6 +14,7 @@ import kvmesh.codecs as codecs
 from kvmesh.codecs import CodecError, container, get_codec
 
 from .conftest import kv_like
+from .reference.sidecode import raw_sections, zlib_form
 
 METHODS = ["cachegen", "cachegen-hq", "lossless", "int8", "int4", "fp8", "lmcache-cachegen"]
 
@@ -143,7 +144,8 @@ def test_forged_huge_shape_is_rejected_before_allocating():
             codec.decode(forged)
 
 
-# -- section 4, the stream meta: zlib-compressed when shorter (FORMAT.md §2) -----------------------
+# -- section 4, the stream meta: zlib-compressed when shorter in containers written before 2026-12-03
+# (FORMAT.md §2; their coded form is tests/codecs/test_side_sections.py's) ---------------------------
 
 def _resealed(blob: bytes, meta: bytes) -> bytes:
     header, sections = container.unpack(blob)
@@ -157,7 +159,7 @@ def test_stream_meta_is_compressed_and_raw_meta_still_reads():
 
     codec = get_codec("cachegen", backend="cpu")
     kv = kv_like(layers=3, tokens=120, channels=32, seed=4)
-    blob = codec.encode(kv)
+    blob = zlib_form(codec.encode(kv))  # as written before the coded form
     raw = stream_meta(blob)
     stored = bytes(container.unpack(blob)[1][4])
     assert len(stored) < len(raw) == 2 * 2 * 3 * 32  # 2 bytes for each of the 2·L·C streams
@@ -173,7 +175,7 @@ def test_forged_stream_meta_raises(forge: str):
     from kvmesh.codecs.cachegen.codec import stream_meta
 
     codec = get_codec("cachegen", backend="cpu")
-    blob = codec.encode(kv_like(layers=3, tokens=60, channels=64, seed=8))
+    blob = zlib_form(codec.encode(kv_like(layers=3, tokens=60, channels=64, seed=8)))
     raw = stream_meta(blob)
     meta = {
         "garbage": bytes(range(40)),
@@ -206,13 +208,7 @@ def _with_section(blob: bytes, i: int, data: bytes) -> bytes:
 
 def _raw_side(blob: bytes, i: int) -> bytes:
     """Section i (1-3) as stored before it could be compressed."""
-    from kvmesh.codecs.cachegen.codec import _PARAMS, lead_bytes, side_bytes, unpack_side
-
-    header, sections = container.unpack(blob)
-    _, L, T, C = header.shape
-    kmode, vmode, _, _, lead = _PARAMS.unpack_from(sections[0], 0)
-    n = lead_bytes(L, lead, C) if i == 1 else side_bytes((kmode, vmode)[i - 2], L, T - lead, C)
-    return bytes(unpack_side(sections[i], n, "test"))
+    return raw_sections(blob)[i - 1]
 
 
 def test_side_sections_are_compressed_and_raw_ones_still_read():
@@ -223,7 +219,7 @@ def test_side_sections_are_compressed_and_raw_ones_still_read():
     path = Path(__file__).resolve().parents[2] / "bench" / "data" / "realkv_chunks.safetensors"
     kv = load_file(str(path))["chunk_1"] if path.exists() else kv_like(layers=3, tokens=120, channels=32, seed=4)
     codec = get_codec("cachegen", backend="cpu")
-    blob = codec.encode(kv)
+    blob = zlib_form(codec.encode(kv))  # as written before the coded form (2026-12-03)
     stored = container.unpack(blob)[1]
     old = blob
     for i in (1, 2, 3):
@@ -240,7 +236,7 @@ def test_side_sections_are_compressed_and_raw_ones_still_read():
 @pytest.mark.parametrize("forge", ["garbage", "short", "long", "too_long_section", "empty"])
 def test_forged_side_sections_raise(section: int, forge: str):
     codec = get_codec("cachegen", backend="cpu")
-    blob = codec.encode(kv_like(layers=3, tokens=60, channels=64, seed=8))
+    blob = zlib_form(codec.encode(kv_like(layers=3, tokens=60, channels=64, seed=8)))
     raw = _raw_side(blob, section)
     data = {
         "garbage": bytes(range(40)),

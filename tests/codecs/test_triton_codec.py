@@ -171,31 +171,29 @@ def _repack(blob: bytes, params: bytes | None = None, sections: list[bytes] | No
 
 
 def test_device_decode_reads_every_older_container_form(monkeypatch) -> None:
-    """Containers written before the variant byte, before section 7, before coded streams (G = 1) and
-    with sections 1-4 raw: the device decodes each to the CPU's tensor."""
+    """Containers written before the coded sections 1-4 (zlib), before the variant byte, before section 7,
+    before coded streams (G = 1) and with sections 1-4 raw: the device decodes each to the CPU's tensor."""
     import kvmesh.codecs.cachegen.codec as cm
     from kvmesh.codecs import container
-    from kvmesh.codecs.cachegen import quant
+    from tests.codecs.reference.sidecode import raw_sections, zlib_form
 
     cpu, tri = codecs("cachegen")
     kv = kv_like(2, 40, 8, dtype=torch.float16, seed=21)
     kv[1, 0, 5] *= 0.02
     blob = cpu.encode(kv)
-    header, secs = container.unpack(blob)
+    secs = container.unpack(blob)[1]
     params = bytes(secs[0])
-    _, L, T, C = header.shape
-    kmode, vmode = params[0], params[1]
-    rest = T - params[5]
-    raw = [bytes(cm.unpack_side(secs[1], cm.lead_bytes(L, params[5], C), "x")),
-           bytes(cm.unpack_side(secs[2], cm.side_bytes(kmode, L, rest, C), "x")),
-           bytes(cm.unpack_side(secs[3], cm.side_bytes(vmode, L, rest, C), "x")),
-           cm.unpack_meta(secs[4], 4 * L * C * quant.num_segments(rest))]
+    raw = raw_sections(blob)
     monkeypatch.setattr(cm, "channel_group", lambda channels: 1)
     g1 = cpu.encode(kv)
     monkeypatch.undo()
+    old = zlib_form(blob)  # sections 1-4 as zlib streams, as every writer before 2026-12-03
+    osecs = container.unpack(old)[1]
+    oparams = bytes(osecs[0])
     forms = {
-        "no variant byte": _repack(blob, params[:-1]),
-        "no section 7": _repack(blob, sections=[params[:-1], *map(bytes, secs[1:7])]),
+        "zlib sections 1-4": old,
+        "no variant byte": _repack(old, oparams[:-1]),
+        "no section 7": _repack(old, sections=[oparams[:-1], *map(bytes, osecs[1:7])]),
         "G = 1": g1,
         "sections 1-4 raw": _repack(blob, sections=[params, *raw, *map(bytes, secs[5:])]),
     }

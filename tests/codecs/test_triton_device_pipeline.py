@@ -3,8 +3,10 @@
 Interpreted on a CPU-only machine, the "device" is the CPU: these tests cannot see a GPU stall. What
 they prove there: every copy between host and device goes through the pipeline's one seam (to_host /
 to_device) and an encode makes exactly two device-to-host copies (the few bytes of sizes, CRC and
-flags: the one synchronisation; then the finished container), a decode exactly one copy of the blob
-(plus the inflated zlib sections) to the device and one of the flags back; and no pipeline code reads
+flags: the one synchronisation; then the finished container, sections 1-4 coded on the device too), a
+decode exactly one copy of the blob to the device (plus its block tables: sections 1-4's rANS tables
+and word counts, read from the blob by the host; or the inflated sections of a container written with
+zlib sections before 2026-12-03) and one of the flags back; and no pipeline code reads
 a tensor's value on the host (item, bool, int, float, tolist, numpy, cpu) anywhere else. On a GPU,
 bench/gpu_check.py runs the same encode and decode under torch.cuda.set_sync_debug_mode.
 """
@@ -23,6 +25,7 @@ import torch
 
 from kvmesh.codecs import CodecError, container, get_codec
 from tests.codecs.conftest import bits, kv_like
+from tests.codecs.reference.sidecode import raw_sections, zlib_form
 from tests.codecs.test_triton_kernels import DEVICE, load_kernels
 
 load_kernels()
@@ -82,8 +85,14 @@ def no_host_reads():
             setattr(torch.Tensor, name, orig)
 
 
+def _coded_sections(blob: bytes) -> int:
+    """How many of sections 1-4 are stored in their coded form (shorter than raw)."""
+    stored = container.unpack(blob)[1][1:5]
+    return sum(len(s) < len(r) for s, r in zip(stored, raw_sections(blob)))
+
+
 def test_encode_copies_once_and_never_reads_on_the_way() -> None:
-    kv = kv_like(2, 37, 24, dtype=torch.float16, seed=2)
+    kv = kv_like(2, 60, 64, dtype=torch.float16, seed=2)
     kv[1, 0, 4] *= 0.02  # a protected row: section 7 is assembled on the device too
     cpu, tri = get_codec("cachegen", backend="cpu"), get_codec("cachegen", backend="triton")
     tri.encode(kv.to(DEVICE))  # warm-up: the layout's constant arrays go to the device once, cached
@@ -94,35 +103,31 @@ def test_encode_copies_once_and_never_reads_on_the_way() -> None:
     assert [(d, what) for d, what, _, _ in log] == [("d2h", "sizes, crc, flags"), ("d2h", "container")], log
     assert all(dev == DEVICE.type for _, _, dev, _ in log)
     assert log[0][3] <= 64, "the synchronising read is a few bytes"
+    assert _coded_sections(blob) >= 2, "the test chunk should exercise the coded form"
     head = container.FIXED_HEADER_BYTES + 4 * 8 + len(container.unpack(blob)[1][0])
-    # the container copy holds sections 1-4 raw (the host deflates them) and sections 5-7 as stored
-    sections = container.unpack(blob)[1]
-    assert log[1][3] == len(blob) - head - sum(len(s) for s in sections[1:5]) - 4 + dp_raw_sizes(blob)
+    # the container copy is every section after the params, as stored: the host adds header and CRC
+    assert log[1][3] == len(blob) - head - 4
 
 
-def dp_raw_sizes(blob: bytes) -> int:
-    """Bytes of sections 1-4 before deflating (what the device hands the host for zlib)."""
-    header, sections = container.unpack(blob)
-    _, L, T, C = header.shape
-    kmode, vmode, _, _, lead = cg._PARAMS.unpack_from(sections[0], 0)
-    rest = T - lead
-    return (cg.lead_bytes(L, lead, C) + cg.side_bytes(kmode, L, rest, C) + cg.side_bytes(vmode, L, rest, C)
-            + 4 * L * C * -(-rest // 256))
-
-
-def test_decode_copies_the_blob_once_and_never_reads_on_the_way() -> None:
-    kv = kv_like(2, 37, 24, dtype=torch.float32, seed=3)
+@pytest.mark.parametrize("form", ["coded", "zlib"])
+def test_decode_copies_the_blob_once_and_never_reads_on_the_way(form: str) -> None:
+    kv = kv_like(2, 60, 64, dtype=torch.float32, seed=3)
     kv[1, 1, 7] *= 0.02
     cpu, tri = get_codec("cachegen", backend="cpu"), get_codec("cachegen", backend="triton")
     blob = cpu.encode(kv)
+    assert _coded_sections(blob) >= 2, "the test chunk should exercise the coded form"
+    if form == "zlib":
+        blob = zlib_form(blob)  # as written before 2026-12-03
     tri.decode(blob)
     with dp.record_transfers() as log, no_host_reads() as reads:
         out = tri.decode(blob)
     assert torch.equal(bits(out.cpu()), bits(cpu.decode(blob)))
     assert reads == [], f"the decode read device values on the host outside the seam: {reads}"
-    assert [(d, what) for d, what, _, _ in log] == [
-        ("h2d", "blob"), ("h2d", "inflated sections 1-4"), ("d2h", "flags")], log
+    second = "block tables" if form == "coded" else "inflated sections 1-4"
+    assert [(d, what) for d, what, _, _ in log] == [("h2d", "blob"), ("h2d", second), ("d2h", "flags")], log
     assert log[0][3] == len(blob)
+    if form == "coded":  # 24 bytes per rANS block, 512 per coded plane's table (at most 10 planes)
+        assert log[1][3] <= 24 * 16 + 512 * 10
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN/inf: the input is refused
@@ -141,18 +146,24 @@ def test_encode_input_errors_are_the_cpu_paths(method: str) -> None:
         tri.encode(torch.zeros(3, 1, 4, 4, device=DEVICE))
 
 
-def test_corrupt_sections_with_a_valid_checksum_raise_the_cpu_paths_error() -> None:
+@pytest.mark.parametrize("shape", [(2, 21, 8), (2, 60, 64)])
+def test_corrupt_sections_with_a_valid_checksum_raise_the_cpu_paths_error(shape: tuple[int, int, int]) -> None:
     """A flipped bit in each section, the CRC made right again: the device flags name what the CPU's
-    checks name (checked once, at the end)."""
+    checks name (checked once, at the end). The larger chunk has sections 1-4 in their coded form."""
     cpu, tri = get_codec("cachegen", backend="cpu"), get_codec("cachegen", backend="triton")
-    kv = kv_like(2, 21, 8, dtype=torch.float32, seed=5)
+    kv = kv_like(*shape, dtype=torch.float32, seed=5)
     kv[1, 0, 3] *= 0.02
     blob = cpu.encode(kv)
     header, sections = container.unpack(blob)
     rng = random.Random(4)
     pos = container.FIXED_HEADER_BYTES + 4 * len(sections)
-    for s in sections:
-        for _ in range(2 if len(s) else 0):
+    raws = raw_sections(blob)
+    # the larger chunk: only its coded sections 1-4 (the small one covers every section)
+    flips = [2] * len(sections) if shape == (2, 21, 8) else \
+        [3 if 1 <= i <= 4 and len(s) < len(raws[i - 1]) else 0 for i, s in enumerate(sections)]
+    assert sum(flips) >= 6
+    for s, nflip in zip(sections, flips):
+        for _ in range(nflip if len(s) else 0):
             bad = bytearray(blob)
             at = pos + rng.randrange(len(s))
             bad[at] ^= 1 << rng.randrange(8)
@@ -227,14 +238,13 @@ def test_gpu_check_sync_check_runs_here() -> None:
     assert mod.sync_check(DEVICE, quick=True) == []
 
 
-def test_zlib_sections_on_threads_write_and_read_the_same(monkeypatch) -> None:
-    """Sections 1-4 deflate (encode) and inflate (decode) on the pipeline's threads above a size: the
-    same bytes and tensors as one after the other."""
+def test_zlib_sections_on_threads_read_the_same(monkeypatch) -> None:
+    """Containers written with zlib sections 1-4 (before 2026-12-03) inflate on the pipeline's threads
+    above a size: the same bytes as one after the other."""
     monkeypatch.setattr(dp, "_PARALLEL_ZLIB", 0)
     kv = kv_like(2, 30, 8, dtype=torch.float16, seed=8)
     cpu, tri = get_codec("cachegen", backend="cpu"), get_codec("cachegen", backend="triton")
-    blob = cpu.encode(kv)
-    assert tri.encode(kv.to(DEVICE)) == blob
+    blob = zlib_form(cpu.encode(kv))
     plan = dp._plan(tri, blob)
     monkeypatch.setattr(dp, "_PARALLEL_ZLIB", 1 << 40)
     assert dp._plan(tri, blob).raw == plan.raw

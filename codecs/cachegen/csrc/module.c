@@ -18,6 +18,8 @@ static PyMethodDef methods[] = {
     {"f16_bounds", ransc_f16_bounds, METH_VARARGS, ransc_f16_bounds_doc},
     {"quantize_layer", ransc_quantize_layer, METH_VARARGS, ransc_quantize_layer_doc},
     {"layer_residual", ransc_layer_residual, METH_VARARGS, ransc_layer_residual_doc},
+    {"side_encode", ransc_side_encode, METH_VARARGS, ransc_side_encode_doc},
+    {"side_decode", ransc_side_decode, METH_VARARGS, ransc_side_decode_doc},
     {NULL, NULL, 0, NULL},
 };
 

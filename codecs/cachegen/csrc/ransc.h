@@ -3,7 +3,7 @@
  * The module is split by stage, as dietgpu splits its coder: common.c (argument and buffer checks),
  * stats.c (histogram, center and table choice, delta-stream choice), quantize.c (elementwise quantize
  * and dequantize, query-aware key rounding, protected-row sums), predict.c (cross-layer prediction),
- * rans.c (kvmesh-rans32x16 encode and decode) and module.c (the Python method table). Every stage is
+ * rans.c (kvmesh-rans32x16 encode and decode), sidecode.c (sections 1-4's coded form) and module.c (the Python method table). Every stage is
  * byte-identical to the numpy/torch reference in tests/codecs/reference and to the Triton kernels;
  * FORMAT.md is the specification. Only the Python C API and the buffer protocol are used: pip builds
  * this with build isolation, where numpy's headers are absent.
@@ -92,6 +92,8 @@ RANSC_METHOD(predict_fixed);
 RANSC_METHOD(to_fixed);
 RANSC_METHOD(encode);      /* rans.c */
 RANSC_METHOD(decode);
+RANSC_METHOD(side_encode); /* sidecode.c */
+RANSC_METHOD(side_decode);
 #undef RANSC_METHOD
 
 #endif
