@@ -9,12 +9,13 @@ the end one small copy brings the sizes, the CRC and the flags (the one synchron
 brings the finished sections; the host adds the 28-byte header, the section table and section 0 (a few
 dozen bytes it knows) and joins the CRCs algebraically (device_crc.crc32_combine).
 
-decode: the blob goes to the device once, with a small second copy of sections 1-4's block tables
-and word counts (the host reads them from its own copy of the blob: sidecode.parse, the C path's
-checks); the blocks, the CRC, the stream-length unpacking and every validation of the streams run
-there as flags; one synchronisation at the end reads them and raises the CPU path's CodecError.
-Containers written before 2026-12-03 (zlib sections 1-4, variant bit 2 clear) are inflated on the host
-and copied in instead of the tables.
+decode: the host reads sections 1-4's block tables and word counts from its own copy of the blob first
+(sidecode.parse, the C path's checks), and the blob and those tables go to the device in ONE copy (one
+page-locked staging buffer on a GPU, the tables 8-byte aligned after the blob, device views of each);
+the blocks, the CRC, the stream-length unpacking and every validation of the streams run there as
+flags; one synchronisation at the end reads them and raises the CPU path's CodecError. Containers
+written before 2026-12-03 (zlib sections 1-4, variant bit 2 clear) are inflated on the host and travel
+in that same copy instead of the tables.
 
 Every device<->host copy goes through :func:`to_host` / :func:`to_device`: the seam the tests count.
 Cross-layer prediction and chunks with no rest tokens keep codec.py's path (the prediction chooses
@@ -73,26 +74,40 @@ def _note(direction: str, what: str, t: torch.Tensor, dev: torch.device) -> None
 
 
 class _Staging:
-    """One page-locked host buffer per thread for the container copy (a pageable copy runs at a fraction
-    of the bus speed); it grows to the largest container copied, never beyond MAX_STAGING. Per thread:
-    the copy is read (joined into the bytes returned) after to_host returns."""
+    """One page-locked host buffer per thread and direction (a pageable copy runs at a fraction of the
+    bus speed); it grows to the largest copy made, never beyond MAX_STAGING. Per thread: a container
+    copied out is read (joined into the bytes returned) after to_host returns; a copy in is complete
+    when to_device returns (a blocking copy), so the buffer is free for the next one."""
 
     MAX_STAGING = 1 << 31
 
     def __init__(self) -> None:
         self.buf: torch.Tensor | None = None
 
-    def copy(self, t: torch.Tensor) -> np.ndarray:
-        n = t.numel()
-        if t.device.type != "cuda" or n > self.MAX_STAGING:
-            return t.cpu().numpy()
+    def host(self, n: int, device: torch.device) -> torch.Tensor:
+        """uint8 [n] on the host: a view of the page-locked buffer for a CUDA copy of at most
+        MAX_STAGING bytes, else a fresh tensor (on the CPU, the "copy" to the device is this tensor)."""
+        if device.type != "cuda" or n > self.MAX_STAGING:
+            return torch.empty(n, dtype=torch.uint8)
         if self.buf is None or self.buf.numel() < n:
             self.buf = torch.empty(max(n, 1 << 20), dtype=torch.uint8, pin_memory=True)
-        self.buf[:n].copy_(t)
-        return self.buf[:n].numpy()
+        return self.buf[:n]
+
+    def copy(self, t: torch.Tensor) -> np.ndarray:
+        if t.device.type != "cuda" or t.numel() > self.MAX_STAGING:
+            return t.cpu().numpy()
+        host = self.host(t.numel(), t.device)
+        host.copy_(t)
+        return host.numpy()
 
 
 _staging = threading.local()
+
+
+def _stage(direction: str) -> _Staging:
+    if not hasattr(_staging, direction):
+        setattr(_staging, direction, _Staging())
+    return getattr(_staging, direction)
 
 
 @contextlib.contextmanager
@@ -114,21 +129,34 @@ def to_host(t: torch.Tensor, what: str) -> np.ndarray:
     _note("d2h", what, t, t.device)
     with _sync_allowed(t.device):
         if what == "container":
-            if not hasattr(_staging, "buf"):
-                _staging.buf = _Staging()
-            return _staging.buf.copy(t.contiguous())
+            return _stage("d2h").copy(t.contiguous())
         return t.cpu().numpy()
 
 
-def to_device(a: np.ndarray | bytes | memoryview, device: torch.device, what: str) -> torch.Tensor:
-    """The pipeline's only host-to-device copies (uint8). A read-only buffer (bytes) is copied from as
-    is: torch.frombuffer's warning about writing is moot, nothing writes to it."""
-    arr = np.frombuffer(a, np.uint8) if isinstance(a, (bytes, bytearray, memoryview)) else a
-    with _quiet_readonly():
-        t = torch.from_numpy(arr)
-    _note("h2d", what, t, device)
+ALIGN = 8  # where each part of a joined copy starts on the device (an int64 view needs no copy)
+
+
+def to_device(parts: list[np.ndarray | bytes | bytearray | memoryview], device: torch.device, what: str
+              ) -> list[torch.Tensor]:
+    """The pipeline's only host-to-device copy: the parts (bytes) joined in one host buffer (page-locked
+    on a GPU), each starting ALIGN-aligned, in ONE transfer; returns the parts as uint8 views of it on
+    the device. One copy, not one per part: each transfer costs a launch and a wait, and a decode's
+    small tables would otherwise cost as much as its blob."""
+    sizes = [memoryview(p).nbytes for p in parts]
+    starts, pos = [], 0
+    for n in sizes:
+        starts.append(pos)
+        pos += n + (-n) % ALIGN
     with _sync_allowed(device):
-        return t.to(device)
+        host = _stage("h2d").host(pos, device)
+        for p, at, n in zip(parts, starts, sizes):
+            if n:
+                with _quiet_readonly():
+                    host[at:at + n].copy_(torch.from_numpy(np.frombuffer(p, np.uint8)))
+            host[at + n:at + n + (-n) % ALIGN].zero_()
+        _note("h2d", what, host, device)
+        d = host.to(device)
+    return [d[at:at + n] for at, n in zip(starts, sizes)]
 
 
 @contextlib.contextmanager
@@ -465,13 +493,16 @@ def _decode_on_device(codec: object, blob: bytes | bytearray | memoryview, plan:
     for n in sizes:
         starts.append(pos)
         pos += n + (-n) % 4
-    b = to_device(memoryview(blob), dev, "blob")
     flags = torch.zeros(len(_ERRORS), dtype=torch.int64, device=dev)
     if plan.raw is not None:  # inflated on the host (zlib sections: containers written before 2026-12-03)
-        extra = to_device(b"".join(r + bytes((-len(r)) % 4) for r in plan.raw), dev, "inflated sections 1-4")
+        tail = b"".join(r + bytes((-len(r)) % 4) for r in plan.raw)
     else:
-        tables = to_device(plan.coded.extra, dev, "block tables") if plan.coded.n_lanes else b[:0]
-        raws, bad = dsc.decode(b, tables, plan.coded, be.interpret)
+        tail = plan.coded.extra
+    b, tail_d = to_device([memoryview(blob), tail], dev, "blob")  # the one copy in
+    if plan.raw is not None:
+        extra = tail_d
+    else:
+        raws, bad = dsc.decode(b, tail_d, plan.coded, be.interpret)
         flags[1:5] = bad
         extra = torch.empty(pos, dtype=torch.uint8, device=dev)
         for start, r in zip(starts, raws):

@@ -8,8 +8,9 @@ offsets known only on the device. The result is csrc/sidecode.c's bytes, bit for
 
 decode: the host reads the small plane headers from its own copy of the blob (sidecode.parse: every
 check but the blocks' end states, in the C path's order: a few hundred bytes a plane, no pass over the
-words), and the block tables and counts travel to the device in one small copy next to the blob's; the
-blocks decode there and their end-state checks become flags, one per section.
+words), and the block tables and counts travel to the device in the blob's own copy (joined after it
+in one host buffer: one transfer); the blocks decode there and their end-state checks become flags,
+one per section.
 """
 from __future__ import annotations
 
@@ -235,7 +236,8 @@ def encode_into(raws: list[torch.Tensor], buf: torch.Tensor, interpret: bool) ->
 @dataclass
 class DecodePlan:
     """What the host read from sections 1-4 for the device: per section, None (raw), [] (empty) or its
-    planes; the block arrays (`extra`, copied to the device once, 8-byte aligned) and their counts."""
+    planes; the block arrays (`extra`, copied to the device with the blob, in the same transfer, 8-byte
+    aligned) and their counts."""
     offsets: list[int]  # each section's byte offset in the blob
     sizes: list[int]  # raw bytes of each section
     planes: list[list[Plane] | None]
@@ -272,7 +274,7 @@ def decode(b: torch.Tensor, extra: torch.Tensor, plan: DecodePlan, interpret: bo
            ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(sections 1-4's raw bytes as device uint8 tensors, bad int64 [4]: 1 where a block of that
     section failed its end-state check). b: the blob on the device; extra: plan.extra on the device
-    (8-byte aligned)."""
+    (8-byte aligned; a view of the same copy as b)."""
     dev = b.device
     nl, nt = plan.n_lanes, plan.n_tables
     at = 0

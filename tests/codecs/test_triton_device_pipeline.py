@@ -4,9 +4,9 @@ Interpreted on a CPU-only machine, the "device" is the CPU: these tests cannot s
 they prove there: every copy between host and device goes through the pipeline's one seam (to_host /
 to_device) and an encode makes exactly two device-to-host copies (the few bytes of sizes, CRC and
 flags: the one synchronisation; then the finished container, sections 1-4 coded on the device too), a
-decode exactly one copy of the blob to the device (plus its block tables: sections 1-4's rANS tables
-and word counts, read from the blob by the host; or the inflated sections of a container written with
-zlib sections before 2026-12-03) and one of the flags back; and no pipeline code reads
+decode exactly ONE host-to-device copy (the blob with its block tables joined after it: sections 1-4's
+rANS tables and word counts, read from the blob by the host; or the inflated sections of a container
+written with zlib sections before 2026-12-03) and one of the flags back; and no pipeline code reads
 a tensor's value on the host (item, bool, int, float, tolist, numpy, cpu) anywhere else. On a GPU,
 bench/gpu_check.py runs the same encode and decode under torch.cuda.set_sync_debug_mode.
 """
@@ -123,11 +123,29 @@ def test_decode_copies_the_blob_once_and_never_reads_on_the_way(form: str) -> No
         out = tri.decode(blob)
     assert torch.equal(bits(out.cpu()), bits(cpu.decode(blob)))
     assert reads == [], f"the decode read device values on the host outside the seam: {reads}"
-    second = "block tables" if form == "coded" else "inflated sections 1-4"
-    assert [(d, what) for d, what, _, _ in log] == [("h2d", "blob"), ("h2d", second), ("d2h", "flags")], log
-    assert log[0][3] == len(blob)
+    assert [(d, what) for d, what, _, _ in log] == [("h2d", "blob"), ("d2h", "flags")], log
+    plan = dp._plan(tri, blob)
+    tail = len(plan.coded.extra) if form == "coded" else sum(len(r) + (-len(r)) % 4 for r in plan.raw)
+    assert tail > 0, "the copy in should carry the tables (or the inflated sections) too"
+    # the one copy: the blob, padding to 8 bytes, then the tables (or the inflated sections), padded
+    assert log[0][3] == len(blob) + (-len(blob)) % 8 + tail + (-tail) % 8
     if form == "coded":  # 24 bytes per rANS block, 512 per coded plane's table (at most 10 planes)
-        assert log[1][3] <= 24 * 16 + 512 * 10
+        assert tail <= 24 * 16 + 512 * 10
+
+
+def test_to_device_joins_its_parts_in_one_copy_aligned() -> None:
+    """The seam's copy in: any number of parts, one transfer, each part's bytes back as a device view
+    starting 8-byte aligned (an int64 view of the tables needs it), empty parts included."""
+    parts = [b"abc", np.arange(5, dtype=np.int64), b"", memoryview(bytes(range(17)))]
+    with dp.record_transfers() as log:
+        views = dp.to_device(parts, DEVICE, "test")
+    assert [(d, what) for d, what, _, _ in log] == [("h2d", "test")]
+    assert log[0][3] == 8 + 40 + 0 + 24
+    for p, v in zip(parts, views):
+        assert v.device.type == DEVICE.type and v.dtype == torch.uint8
+        assert bytes(v.cpu().numpy()) == bytes(memoryview(p).cast("B"))
+        assert v.storage_offset() % 8 == 0
+    assert views[1].view(torch.int64).cpu().tolist() == list(range(5))
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN/inf: the input is refused
