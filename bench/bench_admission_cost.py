@@ -18,7 +18,6 @@ import os
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvmesh.api.controller.v1 import controller_pb2 as pb  # noqa: E402
+from kvmesh.controller.events import new_event_id  # noqa: E402
 from kvmesh.controller.gateway import _build  # noqa: E402
 from kvmesh.controller.registry import SpanKeys  # noqa: E402
 from kvmesh.controller.server import ControllerServer  # noqa: E402
@@ -89,10 +89,10 @@ async def measure(args: argparse.Namespace) -> list[tuple[str, float]]:
             ("chunk keys of the tokens (blake2b per chunk)",
              cpu_us(lambda: SpanKeys(tokens).get(args.chunk_size, len(spans) - 1), n)),
             ("index: prefix held + chunks' forms (keys hashed)",
-             cpu_us(lambda: (w.prefix(keys, LOCATION), svc.registry.chunks_in_form(w, LOCATION, keys, len(spans),
+             cpu_us(lambda: (w.prefix(keys, LOCATION), svc.registry.all_in_form(w, LOCATION, keys, len(spans),
                                                                                    METHOD)), n)),
             ("event: create, start, chunks, finish (+ store mark)", cpu_us(lifecycle, n)),
-            ("event id (uuid4)", cpu_us(lambda: uuid.uuid4().hex, n)),
+            ("event id (UUIDv7, `new_event_id`)", cpu_us(lambda: new_event_id("Compress"), n)),
             ("whole handler (`compress`, all of the above)", whole),
             ("HTTP only: JSON dict -> request message", cpu_us(lambda: _build(
                 rpc, {"instance_id": "b", "method": METHOD, "location": LOCATION, "tokens": tokens}, {}, 1 << 20),

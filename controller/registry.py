@@ -375,24 +375,21 @@ class Registry:
             known[key] = (form, nbytes)
 
     @staticmethod
-    def chunks_in_form(worker: Worker, location: str, keys: SpanKeys, num_chunks: int,
-                       form: str) -> list[tuple[bytes, int, int, int]] | None:
-        """(key, token start, token end, stored bytes) of the first ``num_chunks`` chunks of ``keys``
-        when the worker's index holds every one of them in ``form``; None when any is not, or unknown."""
+    def all_in_form(worker: Worker, location: str, keys: SpanKeys, num_chunks: int, form: str) -> bool:
+        """Whether the worker's index holds each of the first ``num_chunks`` chunks of ``keys`` in
+        ``form``; False when any is not, or unknown."""
         known = worker.forms.get(location)
         held = worker.index.get(location)
         if not known or not held:
-            return None
-        out: list[tuple[bytes, int, int, int]] = []
+            return False
         for i in range(num_chunks):
             span = keys.get(worker.chunk_size, i)
             if span is None or span[0] not in held:
-                return None
+                return False
             got = known.get(span[0])
             if got is None or got[0] != form:
-                return None
-            out.append((span[0], i * worker.chunk_size, span[1], got[1]))
-        return out
+                return False
+        return True
 
     # --- liveness ----------------------------------------------------------------------------------
     def credit_stall(self, seconds: float) -> None:

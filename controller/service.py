@@ -409,10 +409,10 @@ class ControllerService:
         for w in workers:
             if (w.instance_id, w.worker_id) in self._worker_tasks:
                 return None
-            chunks = self.registry.chunks_in_form(w, location, keys, held[w.worker_id][1], form)
-            if chunks is None:
+            num_chunks = held[w.worker_id][1]
+            if not self.registry.all_in_form(w, location, keys, num_chunks, form):
                 return None
-            out[w.worker_id] = len(chunks)
+            out[w.worker_id] = num_chunks
         return out
 
     def _end_settled(self, event_id: str, settled: dict[int, int]) -> None:

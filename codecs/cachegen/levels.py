@@ -159,7 +159,3 @@ def read_schedule(path: str | os.PathLike) -> tuple[str, tuple[int, ...], tuple[
     with_schedule(LEVELS[doc["level"]], k, v, tail)
     return doc["level"], k, v, tail
 
-
-def load_schedule(path: str | os.PathLike) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
-    """(level name, key counts, value counts) of a schedule file; CodecError if it is not one."""
-    return read_schedule(path)[:3]

@@ -332,6 +332,12 @@ def _predict_kernel(x_ptr, w_ptr, b_ptr, out_ptr, R, F, C, BLOCK_R: tl.constexpr
     tl.store(out_ptr + rows[:, None] * C + cols[None, :], acc, mask=rm[:, None] & cm[None, :])
 
 
+def _predict_blocks(R: int, C: int, interpret: bool) -> tuple[int, int]:
+    """(rows, columns) of a prediction kernel's tile: interpreted, few large programs are fast; compiled,
+    small tiles keep the accumulator in registers."""
+    return min(triton.next_power_of_2(R), 256 if interpret else 32), min(triton.next_power_of_2(C), 256 if interpret else 64)
+
+
 def predict(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, interpret: bool = False) -> torch.Tensor:
     """The cross-layer prediction (FORMAT.md section 3) on the device: x fp32 [R, F], w fp32 [F, C], b fp32 [C] -> [R, C]."""
     R, F = x.shape
@@ -339,9 +345,7 @@ def predict(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, interpret: bool =
     out = torch.empty(R, C, dtype=torch.float32, device=x.device)
     if R == 0:
         return out
-    # interpreted, few large programs are fast; compiled, small tiles keep the accumulator in registers
-    block_r = min(triton.next_power_of_2(R), 256 if interpret else 32)
-    block_c = min(triton.next_power_of_2(C), 256 if interpret else 64)
+    block_r, block_c = _predict_blocks(R, C, interpret)
     _predict_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
         x.contiguous(), w.contiguous(), b.contiguous(), out, R, F, C, BLOCK_R=block_r, BLOCK_C=block_c,
         **_opts(interpret, 4))
@@ -379,8 +383,7 @@ def predict_fixed(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, b: torc
     out = torch.empty(R, C, dtype=torch.float32, device=x.device)
     if R == 0:
         return out
-    block_r = min(triton.next_power_of_2(R), 256 if interpret else 32)
-    block_c = min(triton.next_power_of_2(C), 256 if interpret else 64)
+    block_r, block_c = _predict_blocks(R, C, interpret)
     _predict_fixed_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
         x.contiguous(), w.contiguous(), scale.contiguous(), b.contiguous(), out, P, R, K, C, BLOCK_R=block_r,
         BLOCK_C=block_c, **_opts(interpret, 4))
