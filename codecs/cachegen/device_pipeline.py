@@ -17,9 +17,14 @@ flags; one synchronisation at the end reads them and raises the CPU path's Codec
 written before 2026-12-03 (zlib sections 1-4, variant bit 2 clear) are inflated on the host and travel
 in that same copy instead of the tables.
 
+Containers coded with cross-layer prediction (section 8) decode here too: the host reads section 8's
+flags from its copy of the blob and plans the loop over layers; on the device each predicted layer is
+one kernel (fixed-point: the parts' int16 features made on the fly from scales that never leave the
+device) adding its prediction to the dequantized residual, protected rows kept.
+
 Every device<->host copy goes through :func:`to_host` / :func:`to_device`: the seam the tests count.
-Cross-layer prediction and chunks with no rest tokens keep codec.py's path (the prediction chooses
-each layer's level count from the data, which decides the stream layout on the host).
+Encoding with a layer predictor, and chunks with no rest tokens, keep codec.py's path (the writer
+chooses each predicted layer's level count from the data, and the host lays out the streams by it).
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ from kvmesh.codecs.cachegen import sidecode
 from kvmesh.codecs.cachegen import triton_quant as tq
 from kvmesh.codecs.cachegen import triton_rans as tr
 from kvmesh.codecs.cachegen.layout import channel_group, stream_layout
+from kvmesh.codecs.cachegen.predict import FLAG_FIXED, ID_BYTES, LayerPredictor, features
 from kvmesh.codecs.cachegen.tables import TABLE_FAMILY_VERSION
 from kvmesh.codecs.errors import CodecError
 
@@ -397,11 +403,12 @@ class _Plan:
     raw: list[bytes] | None  # sections 1-4 as raw bytes (inflated: containers with zlib sections)
     coded: dsc.DecodePlan | None  # sections 1-4 in their coded form (variant bit 2): read on the device
     protected: bool  # section 7 present and to be read
+    used: np.ndarray | None = None  # section 8's flags uint8 [2, L] (cross-layer prediction), read by the host
 
 
 def _plan(codec: object, blob: bytes | bytearray | memoryview) -> _Plan | None:
     """Host checks of everything but the checksum and the streams (codec.decode's, in its words), or None
-    for containers the device pipeline leaves to codec.py (cross-layer prediction, no rest tokens)."""
+    for containers the device pipeline leaves to codec.py (no rest tokens)."""
     from kvmesh.codecs.cachegen import codec as cg
     from kvmesh.codecs.registry import method_for_ids
 
@@ -421,8 +428,9 @@ def _plan(codec: object, blob: bytes | bytearray | memoryview) -> _Plan | None:
     _, L, T, C = header.shape
     variant = cg._read_variant(sections, L)
     params, lead_raw, kside, vside, meta, lens = sections[:6]
-    if variant & cg.VARIANT_PREDICTED or cg._PARAMS.unpack_from(params, 0)[4] >= T:
-        return None  # the per-layer path (codec.py) decodes these
+    used = _predictor_flags(codec, sections, L, C) if variant & cg.VARIANT_PREDICTED else None
+    if cg._PARAMS.unpack_from(params, 0)[4] >= T:
+        return None  # no rest tokens: codec.py's path decodes these
     kmode, vmode, lead, group, levels = cg.read_params(params, L, T, C)
     if len(lead_raw) > cg.lead_bytes(L, lead, C) or (len(lead_raw) == 0) != (lead == 0):
         raise CodecError("corrupt cachegen container: lead token section has the wrong size")
@@ -459,7 +467,33 @@ def _plan(codec: object, blob: bytes | bytearray | memoryview) -> _Plan | None:
     if protected and len(sections[cg.N_SECTIONS]) < (2 * L * rest + 7) // 8:
         raise CodecError("corrupt cachegen container: protected section shorter than its mask")
     return _Plan(L, T, C, lead, (kmode, vmode), levels, group, offsets, header.section_lengths, raws, coded,
-                 protected)
+                 protected, used)
+
+
+def _predictor_flags(codec: object, sections: list[memoryview], L: int, C: int) -> np.ndarray:
+    """Section 8 checked as codec.py checks it (in its words, in its order): the flags uint8 [2, L] of
+    the predicted layers (predict.FLAG_FP32 / FLAG_FIXED: which arithmetic; 0: coded as itself). The
+    host reads them from its own copy of the blob: the decode loop is planned before the device runs."""
+    from kvmesh.codecs.cachegen import codec as cg
+
+    raw = bytes(sections[cg.N_SECTIONS_PREDICTED - 1])
+    if len(raw) != ID_BYTES + 2 * L:
+        raise CodecError("corrupt cachegen container: predictor section has the wrong size")
+    ident = raw[:ID_BYTES]
+    used = np.frombuffer(raw[ID_BYTES:], np.uint8).reshape(2, L)
+    if used.max() > FLAG_FIXED or used[:, 0].any():
+        raise CodecError("corrupt cachegen container: bad predicted-layer flags")
+    predictor = codec.predictor
+    if predictor is None:
+        raise CodecError(f"this container was coded with cross-layer prediction (predictor {ident.hex()}): "
+                         "decode it with get_codec(..., predictor=<that layer predictor>)")
+    if ident != predictor.ident:
+        raise CodecError(f"this container was coded with layer predictor {ident.hex()}, "
+                         f"not this codec's {predictor.ident.hex()}")
+    predictor.check(L, C)
+    if not codec.level.protects and len(sections[cg.N_SECTIONS]):
+        raise CodecError("corrupt cachegen container: protected rows at a level that protects none")
+    return used
 
 
 def decode(codec: object, blob: bytes | bytearray | memoryview) -> torch.Tensor | None:
@@ -559,11 +593,16 @@ def _decode_on_device(codec: object, blob: bytes | bytearray | memoryview, plan:
     q = delta.inverse(q, ll.alphabet, dflags)  # any stream may be a delta stream (bit 7 of its table byte)
     out = torch.empty(2, L, T, C, dtype=dtype, device=dev)
     lead_out = be.dequantize(lq, [lk, lv], np.full((2, L), cg.LEAD_LEVELS), cg.LEAD_MODES, dtype=dtype)
-    rest_out = be.dequantize(q, sides, plan.levels, plan.modes, dtype=dtype)
     out[:, :, :lead] = lead_out
-    out[:, :, lead:] = rest_out
-    if plan.protected:
-        _restore_rows(b, plan, out, flags, be.interpret)
+    if plan.used is None:
+        out[:, :, lead:] = be.dequantize(q, sides, plan.levels, plan.modes, dtype=dtype)
+        if plan.protected:
+            _restore_rows(b, plan, out, flags, be.interpret)
+    else:  # the residuals in fp32, the protected rows, then the predictions layer by layer
+        rest_out = be.dequantize(q, sides, plan.levels, plan.modes, dtype=torch.float32)
+        mask = _restore_rows(b, plan, rest_out, flags, be.interpret, lead=0) if plan.protected else None
+        _add_predictions(be, codec.predictor, rest_out, plan.used, mask)
+        out[:, :, lead:] = rest_out
     info = to_host(torch.cat([flags, first_bad]), "flags")
     for i, f in enumerate(info[:len(_ERRORS)]):
         if f:
@@ -584,10 +623,15 @@ def _unpack_counts(b: torch.Tensor, off: int, n: int, blob: bytes | bytearray | 
     return v.sum(dim=1) + base
 
 
-def _restore_rows(b: torch.Tensor, plan: _Plan, out: torch.Tensor, flags: torch.Tensor, interpret: bool) -> None:
-    """Section 7 on the device: its checks as flags 6-8, its rows written over out's rest tokens."""
-    L, T, C, lead = plan.L, plan.T, plan.C, plan.lead
-    rest = T - lead
+def _restore_rows(b: torch.Tensor, plan: _Plan, out: torch.Tensor, flags: torch.Tensor, interpret: bool,
+                  lead: int | None = None) -> torch.Tensor:
+    """Section 7 on the device: its checks as flags 10-12, its rows written over out's rest tokens (out
+    [2, L, T, C] with the lead tokens first, or lead=0: out holds the rest tokens alone). Returns the
+    mask uint8 [2, L, rest] of the rows written (none where the section's size is wrong)."""
+    L, C = plan.L, plan.C
+    rest = plan.T - plan.lead
+    T = out.shape[2]
+    lead = plan.lead if lead is None else lead
     rows = 2 * L * rest
     nmask = (rows + 7) // 8
     o7, len7 = plan.offsets[7], plan.lengths[7]
@@ -605,3 +649,41 @@ def _restore_rows(b: torch.Tensor, plan: _Plan, out: torch.Tensor, flags: torch.
     _restore_rows_kernel[(triton.cdiv(rows, block_r),)](b, mask, pos, n, o7 + nmask, out, bad, rows, rest, T, lead, C,
                                                        BLOCK_R=block_r, CPAD=cpad, **tq._opts(interpret, 4))
     flags[12] = bad[0].to(torch.int64)
+    return mask.reshape(2, L, rest)
+
+
+def _add_predictions(be: object, predictor: LayerPredictor, out: torch.Tensor, used: np.ndarray,
+                     keep: torch.Tensor | None) -> None:
+    """codec.CacheGenCodec._add_predictions on the device, with no host read: out fp32 [2, L, R, C] holds
+    the dequantized residuals with the protected rows already restored (keep uint8 [2, L, R]: those
+    rows, or None); each layer section 8 flags (used, read by the host) gets its prediction added, in
+    the arithmetic its flag names, in the encoder's order (K then V, layer by layer), except on its
+    protected rows (the CPU adds, then puts the rows back: the same values). Fixed-point layers: one
+    kernel each (triton_quant.predict_layer), which makes the parts' int16 features on the fly from
+    their largest magnitudes, kept on the device as fp32 bit patterns: top[0] of every layer as
+    dequantized (one reduction), top[1] of each layer once its prediction is added (by that kernel)."""
+    _, L, R, C = out.shape
+    flat = out.view(2 * L, R, C)
+    top = None
+    if (used == FLAG_FIXED).any():
+        lo, hi = torch.aminmax(flat.view(2 * L, R * C), dim=1)
+        top = torch.zeros(2, L, 2, dtype=torch.int32, device=out.device)  # [predicted?, layer, K/V]
+        top[0] = torch.maximum(lo.abs(), hi.abs()).view(torch.int32).view(2, L).T
+    for layer in range(1, L):
+        for kv in (0, 1):
+            flag = int(used[kv, layer])
+            if not flag:
+                continue
+            rows = keep[kv, layer] if keep is not None else None
+            if flag == FLAG_FIXED:
+                w, sw, b = be.fixed_weights(predictor, kv, layer)
+                parts = [(0, layer - 1), (1, layer - 1), (0, layer)][:2 + kv]
+                tq.predict_layer(out, w, sw, b, [k * L + lay for k, lay in parts],
+                                 [bool(used[k, lay]) * 2 * L + 2 * lay + k for k, lay in parts], kv * L + layer,
+                                 2 * L + 2 * layer + kv, top, rows, be.interpret)
+            else:  # fp32 prediction (containers written before 2026-12-03): torch glue around the kernel
+                y = flat[kv * L + layer]
+                new = y + be.predict(features(out, kv, layer), predictor, kv, layer)
+                y.copy_(torch.where(rows[:, None] != 0, y, new) if rows is not None else new)
+                if top is not None:
+                    top.view(-1)[2 * L + 2 * layer + kv] = y.abs().amax().view(torch.int32)

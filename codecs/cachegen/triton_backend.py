@@ -222,15 +222,21 @@ class TritonBackend:
     def predict_fixed(self, parts: list[tuple[torch.Tensor, int]], predictor: LayerPredictor, kv: int,
                       layer: int) -> torch.Tensor:
         """The fixed-point prediction (predict.py) of (kv, layer) on the device (same values as the CPU's)."""
+        w, sw, b = self.fixed_weights(predictor, kv, layer)
+        x = torch.stack([t.to(self.device) for t, _ in parts])
+        return tq.predict_fixed(x, w, part_scales([e for _, e in parts], sw), b, self.interpret)
+
+    def fixed_weights(self, predictor: LayerPredictor, kv: int, layer: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W int16 [F, C], sw int32 [P, C], b fp32 [C]) of (kv, layer) on the device, made and copied
+        once per predictor and device (cached on the predictor): a copy per chunk would synchronise."""
         cache = predictor.__dict__.setdefault("_device_fixed", {})
         key = (kv, layer, str(self.device))
         if key not in cache:
             w16, sw = predictor.fixed(kv, layer)
             cache[key] = (torch.from_numpy(w16).to(self.device), torch.from_numpy(sw).to(self.device),
                           predictor.device_weights(kv, layer, self.device)[1])
-        w, sw, b = cache[key]
-        x = torch.stack([t.to(self.device) for t, _ in parts])
-        return tq.predict_fixed(x, w, part_scales([e for _, e in parts], sw), b, self.interpret)
+        return cache[key]
 
     def dequantize(self, q: torch.Tensor, sides: list[list[torch.Tensor]], levels: np.ndarray,
                    modes: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -388,3 +388,73 @@ def predict_fixed(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, b: torc
         x.contiguous(), w.contiguous(), scale.contiguous(), b.contiguous(), out, P, R, K, C, BLOCK_R=block_r,
         BLOCK_C=block_c, **_opts(interpret, 4))
     return out
+
+
+@triton.jit
+def _fixed_exponent(bits):
+    """predict.fixed_exponent of a largest magnitude given as its fp32 bit pattern (>= 0): 15 - e with
+    top < 2^e, clamped to [-16, 30]; 30 for zero and subnormals (15 - e > 30 there), 15 for inf/NaN
+    (frexpf's e = 0, as the compiled coder has it)."""
+    biased = (bits >> 23) & 255
+    e = tl.where(biased == 255, 0, biased - 126)
+    return tl.where(biased == 0, 30, tl.minimum(tl.maximum(15 - e, -16), 30))
+
+
+@triton.jit
+def _predict_layer_kernel(dec_ptr, w_ptr, sw_ptr, b_ptr, keep_ptr, top_ptr, P, R, C, o0, o1, o2, t0, t1, t2, dst,
+                          tdst, KEEP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One predicted (K/V, layer) of a decode, in place: dec fp32 holds the decoded layers [R, C] at
+    element offsets o0, o1, o2 (the parts, in feature order) and the residual at dst. Each part becomes
+    its fixed-point features on the fly (X = clamp(floor(y 2^sx + 0.5)), sx from the part's largest
+    magnitude: the fp32 bits at top_ptr[t_p]); the prediction is predict_fixed's arithmetic; dst gets
+    residual + prediction except on its kept (protected) rows, and the largest magnitude of the result
+    goes to top_ptr[tdst] (an atomic max of bit patterns: the same order as the values')."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rm = rows < R
+    cm = cols < C
+    m = rm[:, None] & cm[None, :]
+    b = tl.load(b_ptr + cols, mask=cm, other=0.0)
+    acc = tl.broadcast_to(b[None, :], (BLOCK_R, BLOCK_C))
+    for p in range(0, P):
+        base = tl.where(p == 0, o0, tl.where(p == 1, o1, o2))
+        sx = _fixed_exponent(tl.load(top_ptr + tl.where(p == 0, t0, tl.where(p == 1, t1, t2))))
+        xs = ((sx + 127) << 23).to(tl.float32, bitcast=True)
+        dot = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.int32)
+        for i in range(0, C):
+            y = tl.load(dec_ptr + base + rows.to(tl.int64) * C + i, mask=rm, other=0.0)
+            v = tl.floor(y * xs + 0.5)
+            xi = tl.minimum(tl.maximum(v, -32767.0), 32767.0).to(tl.int32)
+            wi = tl.load(w_ptr + (p * C + i) * C + cols, mask=cm, other=0).to(tl.int32)
+            dot += xi[:, None] * wi[None, :]
+        k = sx + tl.load(sw_ptr + p * C + cols, mask=cm, other=0)
+        scale = ((127 - k) << 23).to(tl.float32, bitcast=True)
+        acc = acc + dot.to(tl.float32) * scale[None, :]
+    off = dst + rows.to(tl.int64)[:, None] * C + cols[None, :]
+    y = tl.load(dec_ptr + off, mask=m, other=0.0)
+    res = y + acc
+    if KEEP:
+        keep = tl.load(keep_ptr + rows, mask=rm, other=0) != 0
+        res = tl.where(keep[:, None], y, res)
+    tl.store(dec_ptr + off, res, mask=m)
+    a = tl.where(m, tl.abs(res).to(tl.int32, bitcast=True), 0)
+    tl.atomic_max(top_ptr + tdst, tl.max(tl.max(a, axis=1), axis=0))
+
+
+def predict_layer(dec: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, b: torch.Tensor, parts: list[int],
+                  tops: list[int], dst: int, tdst: int, top: torch.Tensor, keep: torch.Tensor | None,
+                  interpret: bool = False) -> None:
+    """A decode's fixed-point prediction of one (K/V, layer), added in place (_predict_layer_kernel):
+    dec fp32 [n, R, C] (contiguous; parts, dst: indices of its [R, C] blocks), w int16 [P * C, C], sw int32
+    [P, C], b fp32 [C], top int32 (fp32 bit patterns of each block's largest magnitude; tops, tdst:
+    indices into it), keep uint8 [R] (rows left as they are) or None. One launch, no host read."""
+    R, C = dec.shape[-2:]
+    if R == 0:
+        return
+    P = len(parts)
+    o = [p * R * C for p in parts] + [0] * (3 - P)
+    t = list(tops) + [0] * (3 - P)
+    block_r, block_c = _predict_blocks(R, C, interpret)
+    _predict_layer_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
+        dec, w, sw, b, keep if keep is not None else top, top, P, R, C, *o, *t, dst * R * C, tdst,
+        KEEP=keep is not None, BLOCK_R=block_r, BLOCK_C=block_c, **_opts(interpret, 4))

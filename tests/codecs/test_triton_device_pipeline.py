@@ -266,3 +266,101 @@ def test_zlib_sections_on_threads_read_the_same(monkeypatch) -> None:
     plan = dp._plan(tri, blob)
     monkeypatch.setattr(dp, "_PARALLEL_ZLIB", 1 << 40)
     assert dp._plan(tri, blob).raw == plan.raw
+
+
+# ---- predictor-coded containers (section 8) on the device pipeline --------------------------------
+
+_DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+@pytest.fixture(scope="module")
+def predicted() -> tuple[object, torch.Tensor, dict[str, bytes]]:
+    """A layer predictor fitted to KV with related layers, that KV (with a sink-like value row, so the
+    protecting levels write section 7 too), and the CPU codec's containers of it per level."""
+    from kvmesh.codecs.cachegen.predict import fit
+    from tests.codecs.test_layer_prediction import related_kv
+
+    kv = related_kv(layers=3, tokens=70, channels=24, seed=5)
+    kv[1, 1, 9] *= 0.02
+    p = fit([kv])
+    blobs = {m: get_codec(m, backend="cpu", predictor=p).encode(kv) for m in ("cachegen", "cachegen-hq")}
+    return p, kv, blobs
+
+
+def _flags(blob: bytes) -> bytes:
+    return bytes(container.unpack(blob)[1][cg.N_SECTIONS_PREDICTED - 1])[8:]
+
+
+def _with_flags(blob: bytes, flags: bytes | bytearray) -> bytes:
+    header, sections = container.unpack(blob)
+    parts = [bytes(s) for s in sections]
+    parts[-1] = parts[-1][:8] + bytes(flags)
+    return container.pack(header.codec_id, header.level_id, header.dtype, header.shape, parts)
+
+
+@pytest.mark.parametrize("method", ["cachegen", "cachegen-hq"])
+def test_decode_of_fixed_point_predicted_containers_copies_once(predicted, method: str) -> None:
+    """Fixed-point predicted layers (flag 2) decode on the device: the CPU's tensor bit for bit, ONE
+    copy in (blob + tables), the flags back, no host read on the way (the loop over layers is planned
+    from section 8 in the host's copy of the blob; the features' scales stay on the device)."""
+    p, kv, blobs = predicted
+    blob = blobs[method]
+    assert set(_flags(blob)) == {0, 2} and _flags(blob).count(2) >= 3
+    assert len(container.unpack(blob)[1][7]) > (2 * 3 * 69 + 7) // 8, "the chunk should protect a row"
+    cpu = get_codec(method, backend="cpu", predictor=p)
+    tri = get_codec(method, backend="triton", predictor=p)
+    assert dp._plan(tri, blob) is not None, "the device pipeline decodes predicted containers"
+    tri.decode(blob)
+    with dp.record_transfers() as log, no_host_reads() as reads:
+        out = tri.decode(blob)
+    assert torch.equal(bits(out.cpu()), bits(cpu.decode(blob)))
+    assert out.dtype == kv.dtype
+    assert reads == [], f"the decode read device values on the host outside the seam: {reads}"
+    assert [(d, what) for d, what, _, _ in log] == [("h2d", "blob"), ("d2h", "flags")], log
+
+
+def test_decode_of_fp32_and_mixed_flags_matches_the_cpu(predicted) -> None:
+    """The fp32 arithmetic (flag 1: the 2026 fixture, zlib sections) and a container mixing flags 1 and
+    2 (fixed-point features of an fp32-predicted layer) decode on the device as on the CPU."""
+    from kvmesh.codecs import LayerPredictor
+
+    blob = open(os.path.join(_DATA, "fp32_predicted.kvmc"), "rb").read()
+    p = LayerPredictor.load(os.path.join(_DATA, "fp32_predicted.predictor.npz"))
+    tri = get_codec("cachegen", backend="triton", predictor=p)
+    assert dp._plan(tri, blob) is not None
+    with dp.record_transfers() as log:
+        out = tri.decode(blob)
+    assert torch.equal(bits(out.cpu()), bits(get_codec("cachegen", backend="cpu", predictor=p).decode(blob)))
+    assert [d for d, *_ in log] == ["h2d", "d2h"]
+    p, _, blobs = predicted
+    flags = bytearray(_flags(blobs["cachegen"]))
+    flags[flags.index(2)] = 1  # K of layer 1 in fp32, the layers after it fixed-point from it
+    mixed = _with_flags(blobs["cachegen"], flags)
+    cpu = get_codec("cachegen", backend="cpu", predictor=p)
+    got = get_codec("cachegen", backend="triton", predictor=p).decode(mixed)
+    assert torch.equal(bits(got.cpu()), bits(cpu.decode(mixed)))
+    assert not torch.equal(bits(got.cpu()), bits(cpu.decode(blobs["cachegen"])))
+
+
+def test_forged_predictor_sections_raise_the_cpu_paths_error(predicted) -> None:
+    """Section 8 forged (CRC made right): bad flags, a wrong size, another predictor, none: the
+    device decode raises codec.py's CodecError, word for word; flags set to 0 still decode alike."""
+    from tests.codecs.test_layer_prediction import random_predictor
+
+    p, _, blobs = predicted
+    blob = blobs["cachegen"]
+    flags = _flags(blob)
+    header, sections = container.unpack(blob)
+    short = container.pack(header.codec_id, header.level_id, header.dtype, header.shape,
+                           [bytes(s) for s in sections[:-1]] + [bytes(sections[-1])[:-1]])
+    forged = [_with_flags(blob, b"\x01" + flags[1:]), _with_flags(blob, flags[:1] + b"\x03" + flags[2:]), short]
+    cases = [(f, p) for f in forged] + [(blob, random_predictor(layers=3, channels=24)), (blob, None)]
+    for bad, pred in cases:
+        with pytest.raises(CodecError) as want:
+            get_codec("cachegen", backend="cpu", predictor=pred).decode(bad)
+        with pytest.raises(CodecError) as got:
+            get_codec("cachegen", backend="triton", predictor=pred).decode(bad)
+        assert str(got.value) == str(want.value)
+    zeros = _with_flags(blob, bytes(len(flags)))  # every layer "coded as itself": a different tensor, alike
+    assert torch.equal(bits(get_codec("cachegen", backend="triton", predictor=p).decode(zeros).cpu()),
+                       bits(get_codec("cachegen", backend="cpu", predictor=p).decode(zeros)))
