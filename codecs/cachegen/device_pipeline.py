@@ -22,9 +22,15 @@ flags from its copy of the blob and plans the loop over layers; on the device ea
 one kernel (fixed-point: the parts' int16 features made on the fly from scales that never leave the
 device) adding its prediction to the dequantized residual, protected rows kept.
 
+Encoding with a layer predictor runs here too, with no more copies: layer by layer on the device (the
+prediction, the residual-or-itself choice as a device level count feeding the quantize kernels,
+dequantize, protected rows, the features' scales); the streams' alphabets follow those counts on the
+device (one statistics launch for streams of every alphabet, encode tables for every count the
+writer may choose), and the chosen counts and predicted flags come back with the sizes, CRC and
+flags (4L bytes more) for sections 0 and 8, which the host writes.
+
 Every device<->host copy goes through :func:`to_host` / :func:`to_device`: the seam the tests count.
-Encoding with a layer predictor, and chunks with no rest tokens, keep codec.py's path (the writer
-chooses each predicted layer's level count from the data, and the host lays out the streams by it).
+Chunks with no rest tokens keep codec.py's path.
 """
 from __future__ import annotations
 
@@ -51,7 +57,8 @@ from kvmesh.codecs.cachegen import sidecode
 from kvmesh.codecs.cachegen import triton_quant as tq
 from kvmesh.codecs.cachegen import triton_rans as tr
 from kvmesh.codecs.cachegen.layout import channel_group, stream_layout
-from kvmesh.codecs.cachegen.predict import FLAG_FIXED, ID_BYTES, LayerPredictor, features
+from kvmesh.codecs.cachegen.predict import (FLAG_FIXED, FLAG_FP32, ID_BYTES, LayerPredictor, features,
+                                            residual_levels_device)
 from kvmesh.codecs.cachegen.tables import TABLE_FAMILY_VERSION
 from kvmesh.codecs.errors import CodecError
 
@@ -243,8 +250,7 @@ def _pack_counts(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def encodable(codec: object, kv: torch.Tensor) -> bool:
     """Whether the device pipeline writes this chunk (else codec.py's path, same bytes)."""
-    return (getattr(codec, "predictor", None) is None and isinstance(kv, torch.Tensor) and kv.dim() == 4
-            and kv.shape[2] > codec.level.lead_tokens)
+    return isinstance(kv, torch.Tensor) and kv.dim() == 4 and kv.shape[2] > codec.level.lead_tokens
 
 
 def encode(codec: object, kv: torch.Tensor) -> bytes:
@@ -257,6 +263,9 @@ def encode(codec: object, kv: torch.Tensor) -> bytes:
     _, L, T, C = kv.shape
     if codec.key_profile is not None:
         codec.key_profile.check(L, C)
+    predictor = codec.predictor
+    if predictor is not None:
+        predictor.check(L, C)
     level = codec.level
     levels = level.levels_for(L)
     modes = (level.key_mode, level.value_mode)
@@ -273,12 +282,22 @@ def encode(codec: object, kv: torch.Tensor) -> bytes:
     lead_q, lead_sides = be.quantize(x[:, :, :lead], np.full((2, L), cg.LEAD_LEVELS), cg.LEAD_MODES)
     lead_raw = _flat_bytes([*lead_sides[0], *lead_sides[1], lead_q])
     xr = x[:, :, lead:].contiguous()
-    q, sides = be.quantize(xr, levels, modes, key_profile=codec.key_profile)
-    layout = stream_layout(L, rest, C, levels, channel_group(C))
-    ll = be.layout_lanes(layout)
-    center, table, dflags = be.stream_models_device(q, layout, level.delta)
-    qs = delta.forward(q, ll.alphabet, dflags) if any(level.delta) else q
-    scratch, counts, width = be.rans_encode_scratch(qs, center, table, layout)
+    mask = cg.protected_rows(xr, level.protect, level.tail_for(T)) if level.protects else None
+    layout = stream_layout(L, rest, C, levels, channel_group(C))  # with a predictor: lanes and lengths only
+    chosen = None
+    if predictor is None:
+        q, sides = be.quantize(xr, levels, modes, key_profile=codec.key_profile)
+        ll = be.layout_lanes(layout)
+        center, table, dflags = be.stream_models_device(q, layout, level.delta)
+        qs = delta.forward(q, ll.alphabet, dflags) if any(level.delta) else q
+        scratch, counts, width = be.rans_encode_scratch(qs, center, table, layout)
+    else:  # the level counts chosen per layer stay on the device, so do the streams' alphabets
+        q, sides, lv, used = _quantize_predicted(codec, xr, levels, modes, mask)
+        alphabets = _possible_alphabets(levels)
+        center, table, dflags, alpha, enc_off = be.stream_models_chosen(q, layout, lv, alphabets, level.delta)
+        qs = delta.forward(q, lv, dflags) if any(level.delta) else q
+        scratch, counts, width = be.rans_encode_chosen(qs, center, alpha, enc_off, layout, alphabets)
+        chosen = torch.cat([lv.reshape(-1), used.reshape(-1)]).to(torch.int64)
     meta = torch.cat([center, table | (dflags.to(torch.uint8) << 7)])
 
     # the device buffer: sections 1-4 in their coded form (sidecode.py), then 5, 6 and 7, at offsets only
@@ -289,7 +308,7 @@ def encode(codec: object, kv: torch.Tensor) -> bytes:
     max5 = 3 + 2 * n_coded
     max6 = 2 * int(layout.coded_lengths.sum() + 2 * n_coded)
     nmask = (2 * L * rest + 7) // 8
-    max7 = cg.protected_bytes(L, rest, C, 2 * L * rest) if level.protects else 0
+    max7 = cg.protected_bytes(L, rest, C, 2 * L * rest) if level.protects else 0  # (present, empty, with a predictor)
     bound = nraw + max(max5, 1) + max6 + max7
     buf = torch.empty(bound + dsc.DUMP_BYTES, dtype=torch.uint8, device=dev)
     len14 = dsc.encode_into(raws, buf, be.interpret)
@@ -300,7 +319,7 @@ def encode(codec: object, kv: torch.Tensor) -> bytes:
     len7 = torch.zeros(1, dtype=torch.int64, device=dev)
     if level.protects:
         off7 = z + len5 + len6
-        mask = cg.protected_rows(xr, level.protect, level.tail_for(T)).reshape(-1)
+        mask = mask.reshape(-1)
         n = mask.sum().reshape(1)
         buf.index_copy_(0, off7 + torch.arange(nmask, device=dev), _pack_bits(mask))
         rows = 2 * L * rest
@@ -313,23 +332,108 @@ def encode(codec: object, kv: torch.Tensor) -> bytes:
         len7 = nmask + n * (4 + C)
     tail = z + len5 + len6 + len7
     crc = dcrc.raw_crc(buf, 0, tail, bound, be.interpret)
-    info = to_host(torch.cat([len14, len5, len6, len7, flags, crc.to(torch.int64)]).to(torch.int32),
-                   "sizes, crc, flags")
-    *lens, nonfinite, too_big, crc_tail = (int(v) for v in info)
+    info = to_host(torch.cat([len14, len5, len6, len7, flags, crc.to(torch.int64)]
+                             + ([chosen] if chosen is not None else [])).to(torch.int32), "sizes, crc, flags")
+    *lens, nonfinite, too_big, crc_tail = (int(v) for v in info[:10])
+    _input_errors(nonfinite, too_big)
+    if chosen is not None:  # the counts the device chose (section 0) and its predicted layers (section 8)
+        levels = info[10:10 + 2 * L].astype(np.int64).reshape(2, L)
+        used = info[10 + 2 * L:].astype(bool).reshape(2, L)
+    total = sum(lens)
+    host = to_host(buf[:total], "container")
+    family = TABLE_FAMILY_VERSION | (channel_group(C).bit_length() - 1) << 4
+    variant = (cg.VARIANT_PROTECTED if level.protects or predictor is not None else 0) | cg.VARIANT_CODED \
+        | (cg.VARIANT_PREDICTED if predictor is not None else 0)
+    params = (cg._PARAMS.pack(modes[0], modes[1], quant.SEGMENT, family, lead)
+              + (levels - 1).astype(np.uint8).tobytes() + bytes([variant]))
+    sec8 = b""  # section 8 (the host knows it: the predictor's id and the flags read with the levels)
+    if predictor is not None:
+        flag = FLAG_FIXED if codec.fixed_prediction else FLAG_FP32
+        sec8 = predictor.ident + (used * flag).astype(np.uint8).tobytes()
+    lengths = [len(params), *lens[:6]] + ([lens[6]] if variant & cg.VARIANT_BITS else []) \
+        + ([len(sec8)] if predictor is not None else [])
+    head = container.pack_head(codec.codec_id, codec.level_id, kv.dtype, tuple(kv.shape), lengths) + params
+    crc_all = dcrc.crc32_combine(zlib.crc32(head), (crc_tail & 0xFFFFFFFF) ^ dcrc.crc32_zeros(total), total)
+    return b"".join([head, memoryview(host), sec8, struct.pack("<I", zlib.crc32(sec8, crc_all))])
+
+
+def _input_errors(nonfinite: int, too_big: int) -> None:
+    """codec.py's input errors, from the device's flags."""
     if nonfinite:
         raise CodecError("kv contains inf or NaN values; refusing to encode")
     if too_big:
         raise CodecError("cachegen stores fp16 bounds: values beyond +-65504 cannot be encoded (use 'lossless')")
-    total = sum(lens)
-    host = to_host(buf[:total], "container")
-    family = TABLE_FAMILY_VERSION | (channel_group(C).bit_length() - 1) << 4
-    variant = (cg.VARIANT_PROTECTED if level.protects else 0) | cg.VARIANT_CODED
-    params = (cg._PARAMS.pack(modes[0], modes[1], quant.SEGMENT, family, lead)
-              + (levels - 1).astype(np.uint8).tobytes() + bytes([variant]))
-    lengths = [len(params), *lens[:6]] + ([lens[6]] if level.protects else [])
-    head = container.pack_head(codec.codec_id, codec.level_id, kv.dtype, tuple(kv.shape), lengths) + params
-    crc_all = dcrc.crc32_combine(zlib.crc32(head), (crc_tail & 0xFFFFFFFF) ^ dcrc.crc32_zeros(total), total)
-    return b"".join([head, memoryview(host), struct.pack("<I", crc_all)])
+
+
+def _possible_alphabets(levels: np.ndarray) -> tuple[int, ...]:
+    """Every level count predict.residual_levels may give a layer of these base counts: the base itself
+    (layer 0, or coded as itself), and below it every count of the right parity (an even base - 1 keeps
+    a level at zero: odd counts from 3)."""
+    out: set[int] = set()
+    for base in {int(b) for b in np.asarray(levels).reshape(-1)}:
+        out.update([base, *(range(3, base, 2) if (base - 1) % 2 == 0 else range(2, base))])
+    return tuple(sorted(out))
+
+
+def _quantize_predicted(codec: object, x: torch.Tensor, levels: np.ndarray, modes: tuple[int, int],
+                        mask: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, list[list[torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """codec.CacheGenCodec._quantize_predicted on the device: x [2, L, R, C] (the rest tokens), layer by
+    layer (K, then V), each coded as its residual from the prediction made of the layers as the decoder
+    will have them (protected rows: mask bool [2, L, R] or None) when predict.residual_levels_device
+    says it needs fewer levels. The level counts stay device tensors feeding the quantize kernels, the
+    features' scales too (fp32 bit patterns of each decoded layer's largest magnitude). Nothing is read
+    back: returns (q, sides, levels int64 [2, L], used bool [2, L]), the last two on the device."""
+    from kvmesh.codecs.cachegen import codec as cg
+
+    be = codec.backend
+    predictor, fixed, profile = codec.predictor, codec.fixed_prediction, codec.key_profile
+    _, L, R, C = x.shape
+    dev = x.device
+    xf = x.to(torch.float32)
+    dec = torch.empty_like(xf)
+    q = torch.empty(xf.shape, dtype=torch.uint8, device=dev)
+    lv = be._levels_on_device(levels).clone()  # fp32 [2, L]: each chosen count written in on the device
+    used = torch.zeros(2, L, dtype=torch.bool, device=dev)
+    restored = None
+    if mask is not None:  # mode 1 at 256 levels is per row: every row's value as section 7 restores it
+        rq, rsides = be.quantize(xf, np.full((2, L), cg.LEAD_LEVELS), cg.LEAD_MODES)
+        restored = be.dequantize(rq, rsides, np.full((2, L), cg.LEAD_LEVELS), cg.LEAD_MODES)
+    top = torch.zeros(2 * L, dtype=torch.int32, device=dev)  # [layer, K/V]
+    parts: tuple[list, list] = ([], [])
+    for layer in range(L):
+        for kv in (0, 1):
+            target, lvl, pred = xf[kv, layer], lv[kv, layer:layer + 1], None
+            if layer:
+                if fixed:
+                    w, sw, b = be.fixed_weights(predictor, kv, layer)
+                    src = [(0, layer - 1), (1, layer - 1), (0, layer)][:2 + kv]
+                    pred = torch.empty(R, C, dtype=torch.float32, device=dev)
+                    tq.predict_layer(dec.view(2 * L, R, C), w, sw, b, [k * L + j for k, j in src],
+                                     [2 * j + k for k, j in src], 0, 0, top, None, be.interpret, out=pred)
+                else:
+                    pred = be.predict(features(dec, kv, layer), predictor, kv, layer)
+                base = int(levels[kv, layer])
+                resid = target - pred
+                fewer = residual_levels_device(base, target, resid, modes[kv])
+                use = fewer < base
+                used[kv, layer] = use
+                lvl.copy_(torch.where(use, fewer, base).to(torch.float32).reshape(1))
+                target = torch.where(use, resid, target)
+            ql, side = tq.quantize(target[None], lvl, modes[kv], be.interpret, q=q[kv, layer:layer + 1])
+            if kv == 0 and profile is not None:
+                tq.round_keys(target[None], side, lvl, modes[kv], profile.layer(layer), be.interpret, q=ql)
+            y = tq.dequantize(ql, side, lvl, modes[kv], torch.float32, be.interpret, out=dec[kv, layer:layer + 1])[0]
+            if pred is not None:
+                y.copy_(torch.where(use, y + pred, y))
+            if restored is not None:
+                y.copy_(torch.where(mask[kv, layer, :, None], restored[kv, layer], y))
+            if fixed and (kv == 0 or layer < L - 1):  # the last values feed nothing
+                lo, hi = torch.aminmax(y)
+                top[2 * layer + kv:2 * layer + kv + 1] = torch.maximum(lo.abs(), hi.abs()).reshape(1).view(torch.int32)
+            parts[kv].append(side)
+    sides = [cg._cat_sides(parts[kv], modes[kv]) for kv in (0, 1)]
+    return q, sides, lv.to(torch.int64), used
 
 
 _PARALLEL_ZLIB = 1 << 16  # raw bytes of an older container's zlib sections 1-4 above which they inflate on threads

@@ -289,3 +289,42 @@ def fit(chunks: Iterable[torch.Tensor], level: str = "default", ridge: float = D
     codec = make_codec(level, "cpu", predictor=provisional, schedule=schedule)
     decoded = torch.cat([codec.decode(codec.encode(c)).to(torch.float32)[:, :, 1:] for c in chunks], dim=2)
     return LayerPredictor(**_fit_weights(exact, decoded, ridge))
+
+
+def residual_levels_device(base: int, x: torch.Tensor, r: torch.Tensor, mode: int) -> torch.Tensor:
+    """residual_levels with no host read: x, r fp32 [R, C] on one device -> the level count int64 (0-d,
+    on that device). The same float64 operations as levels_from_spans and quantile_linear (the ratios'
+    quantile over the tokens with a non-zero span: those sort first, the others are put last as +inf;
+    numpy's rint and torch.round both round half to even), so the same count as the host's."""
+    from kvmesh.codecs.cachegen import quant
+
+    def spans(t: torch.Tensor) -> torch.Tensor:
+        if mode in (quant.MODE_CHANNEL, quant.MODE_CHANNEL_SHARED_STEP):
+            return (t.amax(dim=0) - t.amin(dim=0)).amax().reshape(1).double()
+        if mode == quant.MODE_TOKEN_SYMMETRIC:
+            return t.abs().amax(dim=1).double()
+        return (t.amax(dim=1) - t.amin(dim=1)).double()
+
+    sx, sr = spans(x), spans(r)
+    ok = sx > 0
+    ratios = torch.where(ok, sr / torch.where(ok, sx, 1.0), math.inf)
+    if sx.numel() == 1:  # channel modes: the ratio itself
+        ratio = torch.where(ok, ratios, 1.0)[0]
+    else:
+        s = torch.sort(ratios).values
+        n = ok.sum()
+        v = (n - 1).double() * TOKEN_RATIO_QUANTILE
+        lo = torch.floor(v).clamp(min=0)
+        hi = torch.minimum(lo + 1, (n - 1).clamp(min=0).double())
+        g = v - lo
+        # gathers, not s[t]: indexing with a 0-d tensor reads it on the host (a synchronisation)
+        a, b = s.gather(0, lo.long().reshape(1))[0], s.gather(0, hi.long().reshape(1))[0]
+        d = b - a
+        q = torch.where(g >= 0.5, b - d * (1 - g), a + d * g)
+        ratio = torch.where(n > 0, q, 1.0)
+    # (NaN only from input the encoder rejects at its end: a count in range keeps the kernels in bounds)
+    bm1 = (base - 1) * torch.clamp(torch.nan_to_num(ratio, nan=1.0), max=1e6)
+    if (base - 1) % 2 == 0:
+        out = 2 * torch.clamp(torch.round(bm1 / 2), min=1)
+        return (torch.clamp(out, max=254) + 1).to(torch.int64)
+    return (torch.clamp(torch.round(bm1), 1, 255) + 1).to(torch.int64)

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import torch
+import triton
 
 from kvmesh.codecs.cachegen import delta, quant, rans
 from kvmesh.codecs.cachegen import triton_quant as tq
@@ -29,14 +30,15 @@ def interpreting() -> bool:
 class _Tables:
     """Packed encode/decode/cost tables for a set of alphabet sizes, with each size's offsets."""
 
-    def __init__(self, alphabets: tuple[int, ...], device: torch.device) -> None:
+    def __init__(self, alphabets: tuple[int, ...], device: torch.device, decode: bool = True) -> None:
         enc, dec, cost = [], [], []
         self.enc_off, self.dec_off, self.cost_off = {}, {}, {}
         e_pos = d_pos = c_pos = 0
         for b in alphabets:
             t = alphabet_tables(b)
             enc.append(tr.pack_encode_table(t.freq, t.cum))
-            dec.append(tr.pack_decode_table(t.freq, t.cum, t.slot_to_symbol))
+            if decode:  # 4096 entries a table: an encoder of many alphabets goes without
+                dec.append(tr.pack_decode_table(t.freq, t.cum, t.slot_to_symbol))
             cost.append(t.cost.astype(np.int64).ravel())
             self.enc_off[b], self.dec_off[b], self.cost_off[b] = e_pos, d_pos, c_pos
             e_pos += t.freq.size
@@ -46,15 +48,21 @@ class _Tables:
         # from input the device pipeline rejects once at the end, e.g. NaN) then reads inside the array
         enc.append(np.full(256, 4096, np.int32))
         self.enc = torch.from_numpy(np.concatenate(enc)).to(device)
-        self.dec = torch.from_numpy(np.concatenate(dec)).to(device)
+        self.dec = torch.from_numpy(np.concatenate(dec)).to(device) if decode else None
         if max(int(c.max()) for c in cost) * 256 >= 2**31:
             raise CodecError("cost table too large for the int32 cost sums of the Triton kernels")
         self.cost = torch.from_numpy(np.concatenate(cost).astype(np.int32)).to(device)
+        # int32 [257] on the device: where each alphabet's tables start, indexed by the alphabet size
+        # itself (for counts chosen on the device: the host never learns which tables a stream uses)
+        at = np.zeros((2, 257), np.int32)
+        for b in alphabets:
+            at[:, b] = self.enc_off[b], self.cost_off[b]
+        self.enc_at, self.cost_at = (torch.from_numpy(a.copy()).to(device) for a in at)
 
 
 @functools.lru_cache(maxsize=8)
-def _tables(alphabets: tuple[int, ...], device: str) -> _Tables:
-    return _Tables(alphabets, torch.device(device))
+def _tables(alphabets: tuple[int, ...], device: str, decode: bool = True) -> _Tables:
+    return _Tables(alphabets, torch.device(device), decode)
 
 
 class _LayoutLanes:
@@ -302,6 +310,42 @@ class TritonBackend:
         center_d, table_d = self.choose_tables_device(hist_d, layout)
         flags = (ll.stream_costs(hist_d, center_d, table_d) < ll.stream_costs(hist, center, table)) & ll.half_mask(halves)
         return torch.where(flags, center_d, center), torch.where(flags, table_d, table), flags
+
+    def stream_models_chosen(self, q: torch.Tensor, layout: StreamLayout, levels: torch.Tensor,
+                             alphabets: tuple[int, ...], halves: tuple[bool, bool]
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """stream_models_device for level counts a device chose (cross-layer prediction), never read by
+        the host: levels int [2, L] on the device, alphabets every count they may hold, layout made from
+        any counts (its lanes and lengths do not depend on them). Each statistics pass is ONE launch
+        over streams of every alphabet (triton_rans.stream_stats_lanes), its least costs deciding the
+        delta streams. Returns (center, table, delta flag, alphabet int32, encode table offset int32)
+        per stream, the last two for rans_encode_chosen."""
+        ll = self._layout(layout)
+        tabs = _tables(alphabets, str(self.device), False)
+        per = layout.channels * layout.nseg
+        alpha = levels.to(torch.int32).reshape(-1).repeat_interleave(per)
+        a64 = alpha.to(torch.int64)
+        coff = tabs.cost_at[a64]
+        bpad = triton.next_power_of_2(max(alphabets))
+        q = q.contiguous()
+        center, table, cost = tr.stream_stats_lanes(q, ll.lanes, ll.lengths, alpha, coff, tabs.cost, NUM_TABLES,
+                                                    ll.nmax, bpad, self.interpret)
+        flags = torch.zeros(layout.num_streams, dtype=torch.bool, device=self.device)
+        if any(halves):
+            cd, td, costd = tr.stream_stats_lanes(delta.forward(q, levels), ll.lanes, ll.lengths, alpha, coff,
+                                                  tabs.cost, NUM_TABLES, ll.nmax, bpad, self.interpret)
+            flags = (costd < cost) & ll.half_mask(halves)
+            center, table = torch.where(flags, cd, center), torch.where(flags, td, table)
+        enc_off = (tabs.enc_at[a64] + table.to(torch.int64) * a64).to(torch.int32)
+        return center, table, flags, alpha, enc_off
+
+    def rans_encode_chosen(self, q: torch.Tensor, center: torch.Tensor, alpha: torch.Tensor, enc_off: torch.Tensor,
+                           layout: StreamLayout, alphabets: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """rans_encode_scratch with stream_models_chosen's per-stream alphabets and table offsets."""
+        ll = self._layout(layout)
+        tabs = _tables(alphabets, str(self.device), False)
+        return tr.rans_encode_scratch(q.contiguous(), ll.coded, ll.lengths, center, alpha, enc_off, tabs.enc, ll.nmax,
+                                      interpret=self.interpret)
 
     def stats(self, q: torch.Tensor, layout: StreamLayout) -> tuple[np.ndarray, np.ndarray]:
         """choose_tables(histogram(q)) in one pass that never writes the histogram out."""

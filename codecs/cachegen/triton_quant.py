@@ -401,14 +401,16 @@ def _fixed_exponent(bits):
 
 
 @triton.jit
-def _predict_layer_kernel(dec_ptr, w_ptr, sw_ptr, b_ptr, keep_ptr, top_ptr, P, R, C, o0, o1, o2, t0, t1, t2, dst,
-                          tdst, KEEP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _predict_layer_kernel(dec_ptr, out_ptr, w_ptr, sw_ptr, b_ptr, keep_ptr, top_ptr, P, R, C, o0, o1, o2, t0, t1, t2,
+                          dst, tdst, ADD: tl.constexpr, KEEP: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
     """One predicted (K/V, layer) of a decode, in place: dec fp32 holds the decoded layers [R, C] at
     element offsets o0, o1, o2 (the parts, in feature order) and the residual at dst. Each part becomes
     its fixed-point features on the fly (X = clamp(floor(y 2^sx + 0.5)), sx from the part's largest
     magnitude: the fp32 bits at top_ptr[t_p]); the prediction is predict_fixed's arithmetic; dst gets
     residual + prediction except on its kept (protected) rows, and the largest magnitude of the result
-    goes to top_ptr[tdst] (an atomic max of bit patterns: the same order as the values')."""
+    goes to top_ptr[tdst] (an atomic max of bit patterns: the same order as the values').
+    Without ADD (an encode): the prediction alone goes to out [R, C] (dst, tdst unused)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     rm = rows < R
@@ -430,24 +432,28 @@ def _predict_layer_kernel(dec_ptr, w_ptr, sw_ptr, b_ptr, keep_ptr, top_ptr, P, R
         k = sx + tl.load(sw_ptr + p * C + cols, mask=cm, other=0)
         scale = ((127 - k) << 23).to(tl.float32, bitcast=True)
         acc = acc + dot.to(tl.float32) * scale[None, :]
-    off = dst + rows.to(tl.int64)[:, None] * C + cols[None, :]
-    y = tl.load(dec_ptr + off, mask=m, other=0.0)
-    res = y + acc
-    if KEEP:
-        keep = tl.load(keep_ptr + rows, mask=rm, other=0) != 0
-        res = tl.where(keep[:, None], y, res)
-    tl.store(dec_ptr + off, res, mask=m)
-    a = tl.where(m, tl.abs(res).to(tl.int32, bitcast=True), 0)
-    tl.atomic_max(top_ptr + tdst, tl.max(tl.max(a, axis=1), axis=0))
+    if ADD:
+        off = dst + rows.to(tl.int64)[:, None] * C + cols[None, :]
+        y = tl.load(dec_ptr + off, mask=m, other=0.0)
+        res = y + acc
+        if KEEP:
+            keep = tl.load(keep_ptr + rows, mask=rm, other=0) != 0
+            res = tl.where(keep[:, None], y, res)
+        tl.store(dec_ptr + off, res, mask=m)
+        a = tl.where(m, tl.abs(res).to(tl.int32, bitcast=True), 0)
+        tl.atomic_max(top_ptr + tdst, tl.max(tl.max(a, axis=1), axis=0))
+    else:
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], acc, mask=m)
 
 
 def predict_layer(dec: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, b: torch.Tensor, parts: list[int],
                   tops: list[int], dst: int, tdst: int, top: torch.Tensor, keep: torch.Tensor | None,
-                  interpret: bool = False) -> None:
+                  interpret: bool = False, out: torch.Tensor | None = None) -> None:
     """A decode's fixed-point prediction of one (K/V, layer), added in place (_predict_layer_kernel):
     dec fp32 [n, R, C] (contiguous; parts, dst: indices of its [R, C] blocks), w int16 [P * C, C], sw int32
     [P, C], b fp32 [C], top int32 (fp32 bit patterns of each block's largest magnitude; tops, tdst:
-    indices into it), keep uint8 [R] (rows left as they are) or None. One launch, no host read."""
+    indices into it), keep uint8 [R] (rows left as they are) or None. One launch, no host read.
+    With out (fp32 [R, C], an encode): the prediction is written there instead, dec left as it is."""
     R, C = dec.shape[-2:]
     if R == 0:
         return
@@ -456,5 +462,6 @@ def predict_layer(dec: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, b: torch
     t = list(tops) + [0] * (3 - P)
     block_r, block_c = _predict_blocks(R, C, interpret)
     _predict_layer_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
-        dec, w, sw, b, keep if keep is not None else top, top, P, R, C, *o, *t, dst * R * C, tdst,
-        KEEP=keep is not None, BLOCK_R=block_r, BLOCK_C=block_c, **_opts(interpret, 4))
+        dec, dec if out is None else out, w, sw, b, keep if keep is not None else top, top, P, R, C, *o, *t,
+        dst * R * C, tdst, ADD=out is None, KEEP=keep is not None, BLOCK_R=block_r, BLOCK_C=block_c,
+        **_opts(interpret, 4))

@@ -130,14 +130,19 @@ def _rans_decode_kernel(words_ptr, offset_ptr, count_ptr, out_ptr, lane_base_ptr
 
 @triton.jit
 def _stats_kernel(sym_ptr, lane_base_ptr, lane_stream_ptr, len_ptr, alpha, cost_off, cost_ptr,
-                  hist_ptr, center_ptr, table_ptr, n_lanes, sym_step,
+                  hist_ptr, center_ptr, table_ptr, n_lanes, sym_step, alpha_ptr, coff_ptr, best_ptr,
                   NMAX: tl.constexpr, BLOCK: tl.constexpr, BPAD: tl.constexpr, NT: tl.constexpr,
-                  FROM_HIST: tl.constexpr, WRITE_HIST: tl.constexpr, CHOOSE: tl.constexpr, DOT: tl.constexpr):
+                  FROM_HIST: tl.constexpr, WRITE_HIST: tl.constexpr, CHOOSE: tl.constexpr, DOT: tl.constexpr,
+                  LANE_ALPHA: tl.constexpr = False):
     """Per-stream histogram of symbols (< BPAD), and/or the median centre and cheapest table, for lanes
     that share one alphabet size `alpha` (whose cost table starts at cost_off: [NT, alpha] int32).
 
     centre = the smallest m with 2 * (count of symbols <= m) >= n; table = argmin over t of
     sum_j hist[(j + m) mod B] * cost[t][j], ties to the lowest t.
+
+    LANE_ALPHA: each stream's alphabet and cost table offset come from the device (alpha_ptr, coff_ptr
+    per stream: level counts a device chose, never seen by the host), so lanes of any alphabets share
+    one launch; the least cost goes to best_ptr too (the delta-stream choice compares it).
     """
     lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = lane < n_lanes
@@ -206,7 +211,27 @@ def _stats_kernel(sym_ptr, lane_base_ptr, lane_stream_ptr, len_ptr, alpha, cost_
         h += tl.reshape(((p8[:, :, None] >> sh) & 1).to(tl.int32), (BLOCK, BPAD)) << 8
     if WRITE_HIST:
         tl.store(hist_ptr + hrow, h.to(hist_ptr.dtype.element_ty), mask=valid[:, None])
-    if CHOOSE:
+    if CHOOSE and LANE_ALPHA:
+        cum = tl.cumsum(h, axis=1)
+        m = tl.sum((2 * cum < n[:, None]).to(tl.int32), axis=1)
+        a = tl.load(alpha_ptr + k, mask=valid, other=1)
+        coff = tl.load(coff_ptr + k, mask=valid, other=0)
+        inb = valid[:, None] & (bins[None, :] < a[:, None])
+        idx = bins[None, :] - m[:, None]
+        idx = tl.where(idx < 0, idx + a[:, None], idx)
+        idx = tl.minimum(tl.maximum(idx, 0), a[:, None] - 1)  # (only input rejected at the end is outside)
+        best = tl.full([BLOCK], 2147483647, tl.int32)
+        choice = tl.zeros([BLOCK], tl.int32)
+        for t in range(NT):
+            c = tl.load(cost_ptr + coff[:, None] + t * a[:, None] + idx, mask=inb, other=0)
+            total = tl.sum(h * c, axis=1)
+            better = total < best
+            best = tl.where(better, total, best)
+            choice = tl.where(better, t, choice)
+        tl.store(center_ptr + k, m.to(tl.uint8), mask=valid)
+        tl.store(table_ptr + k, choice.to(tl.uint8), mask=valid)
+        tl.store(best_ptr + k, best, mask=valid)
+    elif CHOOSE:
         cum = tl.cumsum(h, axis=1)
         m = tl.sum((2 * cum < n[:, None]).to(tl.int32), axis=1)
         inb = bins < alpha
@@ -379,7 +404,8 @@ def stream_stats(sym: torch.Tensor | None, lanes: Lanes, lengths: torch.Tensor, 
         extra = {} if interpret else {"num_warps": 4}
         dummy = center if center_out is None else center_out
         args = (sym if sym is not None else dummy, lanes.lane_base, lanes.lane_stream, lengths, int(alpha),
-                int(cost_off), cost_tab, hist if hist is not None else dummy, center, table, lanes.n, lanes.sym_step)
+                int(cost_off), cost_tab, hist if hist is not None else dummy, center, table, lanes.n, lanes.sym_step,
+                dummy, dummy, dummy)
         consts = dict(NMAX=nmax, BLOCK=block, BPAD=bpad, NT=n_tables, FROM_HIST=sym is None,
                       WRITE_HIST=write_hist, CHOOSE=choose, **extra)
         global _DOT_OK
@@ -430,3 +456,25 @@ def compact_into(scratch: torch.Tensor, counts: torch.Tensor, nmax: int, out: to
     _compact_bytes_kernel[(triton.cdiv(s_count, rows),)](scratch, counts, offsets, out, dst, s_count,
                                                         NMAX=nmax, ROWS=rows, WBLOCK=wblock)
     return 2 * ends[-1:]
+
+
+def stream_stats_lanes(sym: torch.Tensor, lanes: Lanes, lengths: torch.Tensor, alpha: torch.Tensor,
+                       cost_off: torch.Tensor, cost_tab: torch.Tensor, n_tables: int, nmax: int, bpad: int,
+                       interpret: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(centre uint8, table uint8, least cost int32) per stream in ONE launch for streams of any
+    alphabets: alpha and cost_off int32 [S] on the device (each stream's alphabet and the start of its
+    [NT, alpha] cost tables), bpad >= every alphabet. The values stream_stats gives per alphabet group."""
+    s_count = lengths.numel()
+    dev = lengths.device
+    center = torch.zeros(s_count, dtype=torch.uint8, device=dev)
+    table = torch.zeros(s_count, dtype=torch.uint8, device=dev)
+    best = torch.zeros(s_count, dtype=torch.int32, device=dev)
+    if lanes.n:
+        bpad = max(32, bpad)
+        block = _block(lanes.n, 2048 if interpret else max(16, 4096 // bpad))
+        extra = {} if interpret else {"num_warps": 4}
+        _stats_kernel[(triton.cdiv(lanes.n, block),)](
+            sym, lanes.lane_base, lanes.lane_stream, lengths, 0, 0, cost_tab, center, center, table, lanes.n,
+            lanes.sym_step, alpha, cost_off, best, NMAX=nmax, BLOCK=block, BPAD=bpad, NT=n_tables,
+            FROM_HIST=False, WRITE_HIST=False, CHOOSE=True, DOT=False, LANE_ALPHA=True, **extra)
+    return center, table, best

@@ -364,3 +364,99 @@ def test_forged_predictor_sections_raise_the_cpu_paths_error(predicted) -> None:
     zeros = _with_flags(blob, bytes(len(flags)))  # every layer "coded as itself": a different tensor, alike
     assert torch.equal(bits(get_codec("cachegen", backend="triton", predictor=p).decode(zeros).cpu()),
                        bits(get_codec("cachegen", backend="cpu", predictor=p).decode(zeros)))
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_residual_level_choice_on_the_device_is_the_hosts(mode: int) -> None:
+    """predict.residual_levels_device (no host read) chooses the host's count: both parities, ratios
+    far below and above 1, all-zero tokens/channels (left out of the quantile), one token."""
+    from kvmesh.codecs.cachegen.predict import residual_levels, residual_levels_device
+
+    g = torch.Generator().manual_seed(mode)
+    for tokens in (1, 2, 7, 50):
+        x = torch.randn(tokens, 16, generator=g) * 4
+        x[tokens // 2] = 0.0
+        for scale in (0.0, 0.003, 0.3, 0.5, 1.0, 7.0, 1e9):
+            r = torch.randn(tokens, 16, generator=g) * scale + (x * 0.1 if scale else 0.0)
+            for base in (2, 3, 6, 7, 21, 24, 64, 255, 256):
+                want = residual_levels(base, x[None], r[None], mode)
+                got = residual_levels_device(base, x.to(DEVICE), r.to(DEVICE), mode)
+                assert got.device.type == DEVICE.type and int(got) == want, (tokens, scale, base)
+
+
+def _profile(layers: int, channels: int) -> object:
+    from kvmesh.codecs import QueryProfile
+
+    g = np.random.default_rng(1)
+    a = g.standard_normal((layers, 1, channels, 3)) * 4.0
+    return QueryProfile(a @ np.swapaxes(a, 2, 3) + 0.05 * np.eye(channels))
+
+
+@pytest.mark.parametrize("method", ["cachegen", "cachegen-hq"])
+def test_encode_with_a_predictor_on_the_device_writes_the_cpus_bytes(predicted, method: str) -> None:
+    """A predictor-coded chunk is written by the device pipeline: the CPU's bytes (section 8 included),
+    no host read on the way, the same two copies as without a predictor: the chosen level counts and
+    predicted flags come back with the sizes/CRC/flags (the streams' alphabets never left the device),
+    then the container."""
+    p, kv, blobs = predicted
+    tri = get_codec(method, backend="triton", predictor=p)
+    assert dp.encodable(tri, kv)
+    tri.encode(kv.to(DEVICE))
+    with dp.record_transfers() as log, no_host_reads() as reads:
+        blob = tri.encode(kv.to(DEVICE))
+    assert blob == blobs[method]
+    assert reads == [], f"the encode read device values on the host outside the seam: {reads}"
+    assert [(d, what) for d, what, _, _ in log] == [("d2h", "sizes, crc, flags"), ("d2h", "container")], log
+    assert log[0][3] <= 4 * (10 + 4 * kv.shape[1]), "a few bytes: sizes, CRC, flags, then 4L for the choice"
+    header, sections = container.unpack(blob)
+    levels = np.frombuffer(bytes(sections[0])[6:6 + 2 * kv.shape[1]], np.uint8).reshape(2, -1) + 1
+    base = tri.level.levels_for(kv.shape[1])
+    predicted = np.frombuffer(_flags(blob), np.uint8).reshape(2, -1) != 0
+    assert (levels[predicted] < base[predicted]).all() and (levels[~predicted] == base[~predicted]).all()
+    assert len(set(levels[predicted].tolist()) - set(base.reshape(-1).tolist())) >= 2, \
+        "the chunk should give streams alphabets the base counts do not have"
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed-point", "fp32"])
+def test_encode_with_predictor_and_profile_matches_the_cpu(predicted, fixed: bool) -> None:
+    """Both prediction arithmetics (fp32: the writer of containers before 2026-12-03), with a query
+    profile rounding the keys (the residuals' when predicted), fp16 input: the CPU's bytes."""
+    from kvmesh.codecs.cachegen.backends import get_backend
+    from kvmesh.codecs.cachegen.codec import CacheGenCodec
+    from kvmesh.codecs.cachegen.levels import LEVELS
+
+    p, kv, _ = predicted
+    prof = _profile(kv.shape[1], kv.shape[3])
+    cpu = CacheGenCodec(LEVELS["default"], get_backend("cpu"), prof, p, fixed_prediction=fixed)
+    tri = CacheGenCodec(LEVELS["default"], get_backend("triton"), prof, p, fixed_prediction=fixed)
+    want = cpu.encode(kv)
+    assert set(_flags(want)) == ({0, 2} if fixed else {0, 1})
+    assert tri.encode(kv.to(DEVICE)) == want
+
+
+def test_every_count_the_writer_may_choose_has_its_tables() -> None:
+    """The encoder's tables for device-chosen counts (_possible_alphabets) hold every count
+    predict.levels_from_spans can give below a base (and the base): no stream meets a missing table."""
+    from kvmesh.codecs.cachegen.predict import levels_from_spans
+
+    bases = np.array([[2, 3, 7, 20], [25, 28, 64, 255]])
+    possible = set(dp._possible_alphabets(bases))
+    for base in bases.reshape(-1):
+        for ratio in np.r_[0.0, np.geomspace(1e-4, 2.0, 300)]:
+            got = levels_from_spans(int(base), np.array([1.0]), np.array([ratio]))
+            assert got >= base or got in possible, (base, ratio, got)
+        assert int(base) in possible
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN/inf: the input is refused
+def test_encode_input_errors_with_a_predictor_are_the_cpu_paths(predicted) -> None:
+    p, kv, _ = predicted
+    cpu, tri = get_codec("cachegen", backend="cpu", predictor=p), get_codec("cachegen", backend="triton", predictor=p)
+    for value in (float("nan"), float("inf"), 70000.0):
+        bad = kv.to(torch.float32)
+        bad[0, 1, 30, 2] = value
+        with pytest.raises(CodecError) as want:
+            cpu.encode(bad)
+        with pytest.raises(CodecError) as got:
+            tri.encode(bad.to(DEVICE))
+        assert str(got.value) == str(want.value)
