@@ -57,8 +57,7 @@ from kvmesh.codecs.cachegen import sidecode
 from kvmesh.codecs.cachegen import triton_quant as tq
 from kvmesh.codecs.cachegen import triton_rans as tr
 from kvmesh.codecs.cachegen.layout import channel_group, stream_layout
-from kvmesh.codecs.cachegen.predict import (FLAG_FIXED, FLAG_FP32, ID_BYTES, LayerPredictor, features,
-                                            residual_levels_device)
+from kvmesh.codecs.cachegen.predict import FLAG_FIXED, FLAG_FP32, ID_BYTES, LayerPredictor, features
 from kvmesh.codecs.cachegen.tables import TABLE_FAMILY_VERSION
 from kvmesh.codecs.errors import CodecError
 
@@ -380,8 +379,8 @@ def _quantize_predicted(codec: object, x: torch.Tensor, levels: np.ndarray, mode
                         ) -> tuple[torch.Tensor, list[list[torch.Tensor]], torch.Tensor, torch.Tensor]:
     """codec.CacheGenCodec._quantize_predicted on the device: x [2, L, R, C] (the rest tokens), layer by
     layer (K, then V), each coded as its residual from the prediction made of the layers as the decoder
-    will have them (protected rows: mask bool [2, L, R] or None) when predict.residual_levels_device
-    says it needs fewer levels. The level counts stay device tensors feeding the quantize kernels, the
+    will have them (protected rows: mask bool [2, L, R] or None) when predict.residual_levels says it
+    needs fewer levels (computed on the device: triton_quant.residual_choice). The level counts stay device tensors feeding the quantize kernels, the
     features' scales too (fp32 bit patterns of each decoded layer's largest magnitude). Nothing is read
     back: returns (q, sides, levels int64 [2, L], used bool [2, L]), the last two on the device."""
     from kvmesh.codecs.cachegen import codec as cg
@@ -413,24 +412,19 @@ def _quantize_predicted(codec: object, x: torch.Tensor, levels: np.ndarray, mode
                                      [2 * j + k for k, j in src], 0, 0, top, None, be.interpret, out=pred)
                 else:
                     pred = be.predict(features(dec, kv, layer), predictor, kv, layer)
-                base = int(levels[kv, layer])
-                resid = target - pred
-                fewer = residual_levels_device(base, target, resid, modes[kv])
-                use = fewer < base
-                used[kv, layer] = use
-                lvl.copy_(torch.where(use, fewer, base).to(torch.float32).reshape(1))
+                resid = torch.empty_like(target)
+                use = used[kv, layer:layer + 1]
+                tq.residual_choice(target, pred, int(levels[kv, layer]), modes[kv], resid, lvl, use, be.interpret)
                 target = torch.where(use, resid, target)
             ql, side = tq.quantize(target[None], lvl, modes[kv], be.interpret, q=q[kv, layer:layer + 1])
             if kv == 0 and profile is not None:
                 tq.round_keys(target[None], side, lvl, modes[kv], profile.layer(layer), be.interpret, q=ql)
             y = tq.dequantize(ql, side, lvl, modes[kv], torch.float32, be.interpret, out=dec[kv, layer:layer + 1])[0]
-            if pred is not None:
-                y.copy_(torch.where(use, y + pred, y))
-            if restored is not None:
-                y.copy_(torch.where(mask[kv, layer, :, None], restored[kv, layer], y))
-            if fixed and (kv == 0 or layer < L - 1):  # the last values feed nothing
-                lo, hi = torch.aminmax(y)
-                top[2 * layer + kv:2 * layer + kv + 1] = torch.maximum(lo.abs(), hi.abs()).reshape(1).view(torch.int32)
+            feeds = fixed and (kv == 0 or layer < L - 1)  # the last values feed nothing
+            tq.finish_layer(y, pred, used[kv, layer:layer + 1] if pred is not None else None,
+                            mask[kv, layer] if mask is not None else None,
+                            restored[kv, layer] if restored is not None else None,
+                            top[2 * layer + kv:2 * layer + kv + 1] if feeds else None, be.interpret)
             parts[kv].append(side)
     sides = [cg._cat_sides(parts[kv], modes[kv]) for kv in (0, 1)]
     return q, sides, lv.to(torch.int64), used

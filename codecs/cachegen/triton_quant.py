@@ -465,3 +465,168 @@ def predict_layer(dec: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, b: torch
         dec, dec if out is None else out, w, sw, b, keep if keep is not None else top, top, P, R, C, *o, *t,
         dst * R * C, tdst, ADD=out is None, KEEP=keep is not None, BLOCK_R=block_r, BLOCK_C=block_c,
         **_opts(interpret, 4))
+
+
+# ---- the writer's residual-or-itself choice (predict.residual_levels) on the device -----------------
+
+@triton.jit
+def _residual_spans_kernel(x_ptr, p_ptr, r_ptr, ratio_ptr, top_ptr, R, C, TOKEN: tl.constexpr, SYM: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """r = x - p (fp32, as torch subtracts) for one (K/V, layer) [R, C], and the spans residual_levels
+    compares. TOKEN (modes 1, 2; SYM: 2): per token (BLOCK_C >= C), ratio_ptr[t] = span(r) / span(x) in
+    float64 where span(x) > 0, else +inf (sorted last: outside the quantile). Channel modes: per
+    program BLOCK_C channels over every token, the largest span of x and of r over its channels as fp32
+    bits, atomic max into top_ptr[0] and top_ptr[1] (spans are >= 0: bits order as values)."""
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < C
+    if TOKEN:
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rm = rows < R
+        m = rm[:, None] & cm[None, :]
+        off = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + off, mask=m, other=0.0)
+        r = x - tl.load(p_ptr + off, mask=m, other=0.0)
+        tl.store(r_ptr + off, r, mask=m)
+        if SYM:
+            sx = tl.max(tl.where(m, tl.abs(x), 0.0), axis=1)
+            sr = tl.max(tl.where(m, tl.abs(r), 0.0), axis=1)
+        else:
+            sx = tl.max(tl.where(m, x, float("-inf")), axis=1) - tl.min(tl.where(m, x, float("inf")), axis=1)
+            sr = tl.max(tl.where(m, r, float("-inf")), axis=1) - tl.min(tl.where(m, r, float("inf")), axis=1)
+        ok = sx > 0
+        q = sr.to(tl.float64) / tl.where(ok, sx, 1.0).to(tl.float64)  # float64 `/` is IEEE (div.rn.f64)
+        tl.store(ratio_ptr + rows, tl.where(ok, q, float("inf")), mask=rm)
+    else:
+        xmax = tl.full([BLOCK_C], float("-inf"), tl.float32)
+        xmin = tl.full([BLOCK_C], float("inf"), tl.float32)
+        rmax = tl.full([BLOCK_C], float("-inf"), tl.float32)
+        rmin = tl.full([BLOCK_C], float("inf"), tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            m = (rows < R)[:, None] & cm[None, :]
+            off = rows.to(tl.int64)[:, None] * C + cols[None, :]
+            x = tl.load(x_ptr + off, mask=m, other=0.0)
+            r = x - tl.load(p_ptr + off, mask=m, other=0.0)
+            tl.store(r_ptr + off, r, mask=m)
+            xmax = tl.maximum(xmax, tl.max(tl.where(m, x, float("-inf")), axis=0))
+            xmin = tl.minimum(xmin, tl.min(tl.where(m, x, float("inf")), axis=0))
+            rmax = tl.maximum(rmax, tl.max(tl.where(m, r, float("-inf")), axis=0))
+            rmin = tl.minimum(rmin, tl.min(tl.where(m, r, float("inf")), axis=0))
+        sx = tl.max(tl.where(cm, xmax - xmin, 0.0), axis=0)
+        sr = tl.max(tl.where(cm, rmax - rmin, 0.0), axis=0)
+        tl.atomic_max(top_ptr, sx.to(tl.int32, bitcast=True))
+        tl.atomic_max(top_ptr + 1, sr.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _rint(v):
+    """Round half to even (numpy's rint) of a float64, exactly."""
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _residual_choice_kernel(ratio_ptr, top_ptr, lv_ptr, used_ptr, R, base, TOKEN: tl.constexpr,
+                            RPAD: tl.constexpr):
+    """predict.levels_from_spans for one (K/V, layer), in float64 as the host does it: TOKEN, the ratios
+    sorted ascending (+inf for tokens without span: n = the finite ones) and their quantile_linear at
+    TOKEN_RATIO_QUANTILE; else the channel spans' ratio. The count goes to lv_ptr[0] (fp32, the level
+    count the quantize kernels read) when below the base, with used_ptr[0] = 1; else base stays."""
+    q06 = tl.full([1], 0x3FE3333333333333, tl.int64).to(tl.float64, bitcast=True)  # 0.6 in float64, exactly
+    if TOKEN:
+        i = tl.arange(0, RPAD)
+        s = tl.load(ratio_ptr + i, mask=i < R, other=float("inf"))
+        n = tl.sum((s < float("inf")).to(tl.int32), axis=0)
+        v = (n - 1).to(tl.float64) * q06
+        lo = tl.maximum(tl.floor(v), 0.0)
+        hi = tl.minimum(lo + 1.0, tl.maximum(n - 1, 0).to(tl.float64))
+        g = v - lo
+        a = tl.load(ratio_ptr + lo.to(tl.int64))
+        b = tl.load(ratio_ptr + hi.to(tl.int64))
+        d = b - a
+        ratio = tl.where(g >= 0.5, b - d * (1.0 - g), a + d * g)
+        ratio = tl.where(n > 0, ratio, 1.0)
+    else:
+        sx = tl.load(top_ptr + tl.zeros([1], tl.int32)).to(tl.float32, bitcast=True).to(tl.float64)
+        sr = tl.load(top_ptr + 1 + tl.zeros([1], tl.int32)).to(tl.float32, bitcast=True).to(tl.float64)
+        ratio = tl.where(sx > 0, sr / tl.where(sx > 0, sx, 1.0), 1.0)
+    ratio = tl.where(ratio == ratio, ratio, 1.0)  # NaN: only from input the encoder rejects at its end
+    bm1 = (base - 1).to(tl.float64) * tl.minimum(ratio, 1e6)
+    if (base - 1) % 2 == 0:
+        out = tl.minimum(2.0 * tl.maximum(_rint(bm1 * 0.5), 1.0), 254.0) + 1.0
+    else:
+        out = tl.minimum(tl.maximum(_rint(bm1), 1.0), 255.0) + 1.0
+    use = out < base
+    z = tl.zeros([1], tl.int32)
+    tl.store(lv_ptr + z, out.to(tl.float32), mask=use)
+    tl.store(used_ptr + z, use.to(used_ptr.dtype.element_ty))
+
+
+def residual_choice(x: torch.Tensor, pred: torch.Tensor, base: int, mode: int, resid: torch.Tensor,
+                    lv: torch.Tensor, used: torch.Tensor, interpret: bool = False) -> None:
+    """The writer's choice for one (K/V, layer) with no host read: resid = x - pred (fp32 [R, C] each);
+    predict.residual_levels's count written into lv (fp32 [1], holding base) when below base, with
+    used ([1], bool or uint8) set to whether it is; two launches (plus a sort in the token modes)."""
+    R, C = x.shape
+    token = mode in (quant.MODE_TOKEN, quant.MODE_TOKEN_SYMMETRIC)
+    dev = x.device
+    top = torch.zeros(2, dtype=torch.int32, device=dev)
+    ratio = torch.empty(max(R, 1), dtype=torch.float64, device=dev)
+    cpad = triton.next_power_of_2(C)
+    if token:
+        block_r = max(1, min(triton.next_power_of_2(R), (65536 if interpret else 4096) // cpad))
+        grid = (triton.cdiv(R, block_r), 1)
+        block_c = cpad
+    else:
+        block_c = min(cpad, 256 if interpret else 64)
+        block_r = min(triton.next_power_of_2(R), 1024 if interpret else 32)
+        grid = (1, triton.cdiv(C, block_c))
+    _residual_spans_kernel[grid](x, pred, resid, ratio, top, R, C, TOKEN=token,
+                                 SYM=mode == quant.MODE_TOKEN_SYMMETRIC, BLOCK_R=block_r, BLOCK_C=block_c,
+                                 **_opts(interpret, 4))
+    if token:
+        ratio = torch.sort(ratio[:R]).values
+    _residual_choice_kernel[(1,)](ratio, top, lv, used.view(torch.uint8) if used.dtype == torch.bool else used,
+                                  R, base, TOKEN=token, RPAD=triton.next_power_of_2(max(R, 1)),
+                                  **_opts(interpret, 4))
+
+
+@triton.jit
+def _finish_layer_kernel(y_ptr, p_ptr, use_ptr, keep_ptr, rest_ptr, top_ptr, R, C, PRED: tl.constexpr,
+                         KEEP: tl.constexpr, TOP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A dequantized layer y [R, C] made what the decoder will have, in place: + the prediction p where
+    use_ptr[0] says the layer was coded as its residual (PRED), the protected rows put back (KEEP: keep
+    [R], their values rest [R, C]); the largest |y| as fp32 bits, atomic max into top_ptr[0] (TOP)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rm = rows < R
+    m = rm[:, None] & (cols < C)[None, :]
+    off = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    y = tl.load(y_ptr + off, mask=m, other=0.0)
+    if PRED:
+        use = tl.load(use_ptr + tl.zeros([BLOCK_R], tl.int32)) != 0
+        y = tl.where(use[:, None], y + tl.load(p_ptr + off, mask=m, other=0.0), y)
+    if KEEP:
+        keep = tl.load(keep_ptr + rows, mask=rm, other=0) != 0
+        y = tl.where(keep[:, None], tl.load(rest_ptr + off, mask=m & keep[:, None], other=0.0), y)
+    tl.store(y_ptr + off, y, mask=m)
+    if TOP:
+        a = tl.where(m, tl.abs(y).to(tl.int32, bitcast=True), 0)
+        tl.atomic_max(top_ptr, tl.max(tl.max(a, axis=1), axis=0))
+
+
+def finish_layer(y: torch.Tensor, pred: torch.Tensor | None, use: torch.Tensor | None, keep: torch.Tensor | None,
+                 rest: torch.Tensor | None, top: torch.Tensor | None, interpret: bool = False) -> None:
+    """_finish_layer_kernel on y fp32 [R, C] (contiguous): pred fp32 [R, C] with use ([1] bool/uint8), keep
+    ([R] bool/uint8) with rest fp32 [R, C], top int32 [1]; each None: that step skipped. One launch."""
+    R, C = y.shape
+    if R == 0:
+        return
+    u8 = (lambda t: t.view(torch.uint8) if t is not None and t.dtype == torch.bool else t)
+    block_r, block_c = (min(triton.next_power_of_2(R), 64), triton.next_power_of_2(C)) if interpret else (16, 64)
+    _finish_layer_kernel[(triton.cdiv(R, block_r), triton.cdiv(C, block_c))](
+        y, pred if pred is not None else y, u8(use) if use is not None else y, u8(keep) if keep is not None else y,
+        rest if rest is not None else y, top if top is not None else y, R, C, PRED=pred is not None,
+        KEEP=keep is not None, TOP=top is not None, BLOCK_R=block_r, BLOCK_C=block_c, **_opts(interpret, 4))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 import random
 import struct
 import sys
@@ -22,6 +23,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvmesh.codecs import CodecError, container, get_codec
 from tests.codecs.conftest import bits, kv_like
@@ -366,22 +368,34 @@ def test_forged_predictor_sections_raise_the_cpu_paths_error(predicted) -> None:
                        bits(get_codec("cachegen", backend="cpu", predictor=p).decode(zeros)))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on masked-out inf - inf
 @pytest.mark.parametrize("mode", [0, 1, 2, 3])
 def test_residual_level_choice_on_the_device_is_the_hosts(mode: int) -> None:
-    """predict.residual_levels_device (no host read) chooses the host's count: both parities, ratios
-    far below and above 1, all-zero tokens/channels (left out of the quantile), one token."""
-    from kvmesh.codecs.cachegen.predict import residual_levels, residual_levels_device
+    """triton_quant.residual_choice (no host read) chooses predict.residual_levels's count and writes
+    the residual: both parities, ratios far below and above 1, all-zero tokens (left out of the
+    quantile), one token, a ratio exactly between two counts."""
+    from kvmesh.codecs.cachegen import triton_quant as tq
+    from kvmesh.codecs.cachegen.predict import residual_levels
 
     g = torch.Generator().manual_seed(mode)
+    interp = DEVICE.type == "cpu"
     for tokens in (1, 2, 7, 50):
         x = torch.randn(tokens, 16, generator=g) * 4
         x[tokens // 2] = 0.0
         for scale in (0.0, 0.003, 0.3, 0.5, 1.0, 7.0, 1e9):
-            r = torch.randn(tokens, 16, generator=g) * scale + (x * 0.1 if scale else 0.0)
+            p = x - (torch.randn(tokens, 16, generator=g) * scale + (x * 0.1 if scale else 0.0))
+            if scale == 0.5:
+                p = x - x * 0.5  # residual spans exactly half of x's: rint meets a half
+            r = x - p
             for base in (2, 3, 6, 7, 21, 24, 64, 255, 256):
                 want = residual_levels(base, x[None], r[None], mode)
-                got = residual_levels_device(base, x.to(DEVICE), r.to(DEVICE), mode)
-                assert got.device.type == DEVICE.type and int(got) == want, (tokens, scale, base)
+                lv = torch.full((1,), float(base), device=DEVICE)
+                used = torch.zeros(1, dtype=torch.bool, device=DEVICE)
+                resid = torch.empty(tokens, 16, device=DEVICE)
+                tq.residual_choice(x.to(DEVICE), p.to(DEVICE), base, mode, resid, lv, used, interp)
+                assert int(lv.cpu()[0]) == min(want, base) and bool(used.cpu()[0]) == (want < base), \
+                    (tokens, scale, base, want)
+                assert torch.equal(bits(resid.cpu()), bits(r))
 
 
 def _profile(layers: int, channels: int) -> object:
@@ -460,3 +474,83 @@ def test_encode_input_errors_with_a_predictor_are_the_cpu_paths(predicted) -> No
         with pytest.raises(CodecError) as got:
             tri.encode(bad.to(DEVICE))
         assert str(got.value) == str(want.value)
+
+
+class _Launches(TorchDispatchMode):
+    """Counts what would be a launch on a GPU: every aten op that computes (not views, allocations or
+    metadata), and every Triton kernel launch (outside them: the interpreter's own tensor work)."""
+
+    _FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",
+             "_local_scalar_dense", "set_", "resize_"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+        self.inside = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (func.is_view or func.overloadpacket.__name__ in self._FREE or self.inside):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def count_launches() -> Iterator[_Launches]:
+    import triton.runtime.interpreter as ti
+    import triton.runtime.jit as tj
+
+    cls = ti.InterpretedFunction if DEVICE.type == "cpu" else tj.JITFunction
+    orig = cls.run
+    counter = _Launches()
+
+    def run(self, *a, **k):
+        counter.n += 1
+        counter.inside += 1
+        try:
+            return orig(self, *a, **k)
+        finally:
+            counter.inside -= 1
+
+    cls.run = run
+    try:
+        with counter:
+            yield counter
+    finally:
+        cls.run = orig
+
+
+def test_predictor_paths_launch_a_few_kernels_a_layer(monkeypatch) -> None:
+    """The prediction steps launch a few kernels per (K/V, layer): decode ONE per predicted layer (the
+    prediction, added in place) and a few ops a chunk; encode the prediction, the residual and its
+    level choice (two kernels and a sort), the selection, quantize, dequantize and the layer's finish;
+    not the dozens of small torch ops a layer that a host-side choice or torch glue would cost. The
+    whole encode with a predictor launches no more than without one (the streams' statistics of every
+    alphabet in one launch)."""
+    from kvmesh.codecs.cachegen.predict import fit
+    from tests.codecs.test_layer_prediction import related_kv
+
+    steps: dict[str, int] = {}
+    for name in ("_add_predictions", "_quantize_predicted"):
+        def counted(*a, _orig=getattr(dp, name), _name=name, **k):
+            with count_launches() as c:
+                out = _orig(*a, **k)
+            steps[_name] = c.n
+            return out
+        monkeypatch.setattr(dp, name, counted)
+    kv = related_kv(layers=5, tokens=40, channels=16, seed=5)
+    codec = get_codec("cachegen", backend="triton", predictor=fit([kv]))
+    plain = get_codec("cachegen", backend="triton")
+    x = kv.to(DEVICE)
+    blob = codec.encode(x)
+    predicted = sum(f != 0 for f in _flags(blob))
+    assert predicted >= 5
+    codec.decode(blob)
+    plain.encode(x)
+    with count_launches() as whole:
+        codec.encode(x)
+    with count_launches() as without:
+        plain.encode(x)
+    codec.decode(blob)
+    assert steps["_add_predictions"] <= predicted + 8, steps
+    assert steps["_quantize_predicted"] <= 10 * 2 * 5 + 8, steps
+    assert whole.n <= without.n, (whole.n, without.n)
