@@ -26,8 +26,8 @@ from kvmesh.codecs.cachegen import triton_rans as tr
 from kvmesh.codecs.cachegen.sidecode import PLANES, SIDE_BLOCK, SPLIT, TABLE_BYTES, Plane
 
 _M = 4096
-# Scratch bytes after the container in the caller's buffer: masked-out writes land there, spread over
-# this many addresses (one address for all of them would serialise a GPU's stores on it).
+# Scratch bytes after the container in the caller's buffer (callers leave them; the writes here are
+# masked stores, so none land there now).
 DUMP_BYTES = 4096
 
 
@@ -104,14 +104,32 @@ def _pack_rows(values: torch.Tensor, width: torch.Tensor | int, valid: torch.Ten
     return (flat[:, :dump].reshape(R, nbytes, 8).to(torch.int32) * weights).sum(dim=2).to(torch.uint8)
 
 
-def _put(buf: torch.Tensor, src: torch.Tensor, length: torch.Tensor, dest: torch.Tensor, keep: torch.Tensor) -> None:
-    """Writes src[r, :length[r]] at buf[dest[r]:] for the rows kept; everything else lands in buf's last
-    DUMP_BYTES (the dump, never part of a container)."""
+@triton.jit
+def _put_kernel(buf_ptr, src_ptr, len_ptr, dest_ptr, keep_ptr, W, src_stride, len_stride, dest_stride,
+                keep_stride, BLOCK: tl.constexpr):
+    """Row r of src (uint8, unit column stride) -> buf[dest[r]:] for its first len[r] bytes, if keep[r]."""
+    r = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    zero = tl.zeros([BLOCK], tl.int32)  # the row's scalars read as blocks: one mask type throughout
+    n = tl.load(len_ptr + r * len_stride + zero)
+    d = tl.load(dest_ptr + r * dest_stride + zero)
+    m = (tl.load(keep_ptr + r * keep_stride + zero) != 0) & (j < n) & (j < W)
+    v = tl.load(src_ptr + r.to(tl.int64) * src_stride + j, mask=m, other=0)
+    tl.store(buf_ptr + d + j, v, mask=m)
+
+
+def _put(buf: torch.Tensor, src: torch.Tensor, length: torch.Tensor, dest: torch.Tensor, keep: torch.Tensor,
+         interpret: bool) -> None:
+    """Writes src[r, :length[r]] at buf[dest[r]:] for the rows kept, in ONE launch (masked stores: the
+    rows not kept write nothing). length, dest: int64 [R] (any stride, 0 included); keep: bool [R]."""
     R, w = src.shape
-    j = torch.arange(w, device=buf.device)
-    ok = keep[:, None] & (j[None, :] < length[:, None])
-    idx = torch.where(ok, dest[:, None] + j[None, :], buf.numel() - DUMP_BYTES + j[None, :] % DUMP_BYTES)
-    buf.index_put_((idx.reshape(-1),), src.reshape(-1))
+    if R == 0 or w == 0:
+        return
+    if src.stride(1) != 1:
+        src = src.contiguous()
+    block = min(triton.next_power_of_2(w), 1 << 16 if interpret else 1024)
+    _put_kernel[(R, triton.cdiv(w, block))](buf, src, length, dest, keep.view(torch.uint8), w, src.stride(0),
+                                            length.stride(0), dest.stride(0), keep.stride(0), BLOCK=block)
 
 
 @triton.jit
@@ -192,15 +210,16 @@ def encode_into(raws: list[torch.Tensor], buf: torch.Tensor, interpret: bool) ->
     for i, r in enumerate(raws):
         if r.numel():
             _put(buf, r[None, :], torch.full((1,), r.numel(), dtype=torch.int64, device=dev), sec_off[i:i + 1],
-                 ~coded[i:i + 1])
-    _put(buf, mode.to(torch.uint8)[:, None], one.expand(NP), plane_off, plane_coded)
+                 ~coded[i:i + 1], interpret)
+    _put(buf, mode.to(torch.uint8)[:, None], one.expand(NP), plane_off, plane_coded, interpret)
     at = first = 0
     for i in range(4):
         if not sh.n[i]:
             continue
         P, m = PLANES[i + 1], sh.n[i] // PLANES[i + 1]
         pl = slice(first, first + P)
-        _put(buf, Y[at:at + sh.n[i]].view(P, m), t["plane_m"][pl], plane_off[pl] + 1, plane_coded[pl] & (mode[pl] == 0))
+        _put(buf, Y[at:at + sh.n[i]].view(P, m), t["plane_m"][pl], plane_off[pl] + 1,
+             plane_coded[pl] & (mode[pl] == 0), interpret)
         at += sh.n[i]
         first += P
     # each chosen candidate's header: bitmap, 12-bit frequencies, words, counts (base, width, bits)
@@ -209,15 +228,17 @@ def encode_into(raws: list[torch.Tensor], buf: torch.Tensor, interpret: bool) ->
     hdr = plane_off[cp] + 1
     weights = 1 << torch.arange(8, device=dev, dtype=torch.int32)
     bitmap = ((hist > 0).view(K, TABLE_BYTES, 8).to(torch.int32) * weights).sum(dim=2).to(torch.uint8)
-    _put(buf, bitmap, torch.full((K,), TABLE_BYTES, dtype=torch.int64, device=dev), hdr, chosen)
-    _put(buf, _pack_rows(freq - 1, 12, hist > 0, 384), ftab, hdr + TABLE_BYTES, chosen)
+    _put(buf, bitmap, torch.full((K,), TABLE_BYTES, dtype=torch.int64, device=dev), hdr, chosen, interpret)
+    _put(buf, _pack_rows(freq - 1, 12, hist > 0, 384), ftab, hdr + TABLE_BYTES, chosen, interpret)
     head = torch.stack([W & 255, (W >> 8) & 255, (W >> 16) & 255, (W >> 24) & 255,
                         cmin & 255, (cmin >> 8) & 255, width], dim=1).to(torch.uint8)
-    _put(buf, head, torch.full((K,), 7, dtype=torch.int64, device=dev), hdr + TABLE_BYTES + ftab, chosen)
+    _put(buf, head, torch.full((K,), 7, dtype=torch.int64, device=dev), hdr + TABLE_BYTES + ftab, chosen,
+         interpret)
     vals = torch.zeros(K, sh.cand_nb_max, dtype=torch.int64, device=dev)
     vals[lc, t["lane_pos"]] = cnt - cmin[lc]
     in_row = torch.arange(sh.cand_nb_max, device=dev)[None, :] < t["cand_nb"][:, None]
-    _put(buf, _pack_rows(vals, width, in_row, 2 * sh.cand_nb_max), ncnt, hdr + TABLE_BYTES + ftab + 7, chosen)
+    _put(buf, _pack_rows(vals, width, in_row, 2 * sh.cand_nb_max), ncnt, hdr + TABLE_BYTES + ftab + 7, chosen,
+         interpret)
     # the words of each chosen candidate's blocks, in block order
     lcs = torch.cumsum(cnt, 0) - cnt
     dst = hdr[lc] + hlen[lc] + 2 * (lcs - lcs[t["lane_first"]])

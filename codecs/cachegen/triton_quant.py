@@ -470,23 +470,23 @@ def predict_layer(dec: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, b: torch
 # ---- the writer's residual-or-itself choice (predict.residual_levels) on the device -----------------
 
 @triton.jit
-def _residual_spans_kernel(x_ptr, p_ptr, r_ptr, ratio_ptr, top_ptr, R, C, TOKEN: tl.constexpr, SYM: tl.constexpr,
+def _residual_spans_kernel(x_ptr, p_ptr, r_ptr, ratio_ptr, part_ptr, R, C, TOKEN: tl.constexpr, SYM: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """r = x - p (fp32, as torch subtracts) for one (K/V, layer) [R, C], and the spans residual_levels
     compares. TOKEN (modes 1, 2; SYM: 2): per token (BLOCK_C >= C), ratio_ptr[t] = span(r) / span(x) in
-    float64 where span(x) > 0, else +inf (sorted last: outside the quantile). Channel modes: per
-    program BLOCK_C channels over every token, the largest span of x and of r over its channels as fp32
-    bits, atomic max into top_ptr[0] and top_ptr[1] (spans are >= 0: bits order as values)."""
+    float64 where span(x) > 0, else +inf (sorted last: outside the quantile). Channel modes: each
+    program's per-channel max and min of x and r over its BLOCK_R tokens into part [4, row blocks, C]
+    (reduced by _residual_choice_kernel: min and max in any order are the same values)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rm = rows < R
     cm = cols < C
+    m = rm[:, None] & cm[None, :]
+    off = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    x = tl.load(x_ptr + off, mask=m, other=0.0)
+    r = x - tl.load(p_ptr + off, mask=m, other=0.0)
+    tl.store(r_ptr + off, r, mask=m)
     if TOKEN:
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rm = rows < R
-        m = rm[:, None] & cm[None, :]
-        off = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        x = tl.load(x_ptr + off, mask=m, other=0.0)
-        r = x - tl.load(p_ptr + off, mask=m, other=0.0)
-        tl.store(r_ptr + off, r, mask=m)
         if SYM:
             sx = tl.max(tl.where(m, tl.abs(x), 0.0), axis=1)
             sr = tl.max(tl.where(m, tl.abs(r), 0.0), axis=1)
@@ -497,25 +497,12 @@ def _residual_spans_kernel(x_ptr, p_ptr, r_ptr, ratio_ptr, top_ptr, R, C, TOKEN:
         q = sr.to(tl.float64) / tl.where(ok, sx, 1.0).to(tl.float64)  # float64 `/` is IEEE (div.rn.f64)
         tl.store(ratio_ptr + rows, tl.where(ok, q, float("inf")), mask=rm)
     else:
-        xmax = tl.full([BLOCK_C], float("-inf"), tl.float32)
-        xmin = tl.full([BLOCK_C], float("inf"), tl.float32)
-        rmax = tl.full([BLOCK_C], float("-inf"), tl.float32)
-        rmin = tl.full([BLOCK_C], float("inf"), tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            m = (rows < R)[:, None] & cm[None, :]
-            off = rows.to(tl.int64)[:, None] * C + cols[None, :]
-            x = tl.load(x_ptr + off, mask=m, other=0.0)
-            r = x - tl.load(p_ptr + off, mask=m, other=0.0)
-            tl.store(r_ptr + off, r, mask=m)
-            xmax = tl.maximum(xmax, tl.max(tl.where(m, x, float("-inf")), axis=0))
-            xmin = tl.minimum(xmin, tl.min(tl.where(m, x, float("inf")), axis=0))
-            rmax = tl.maximum(rmax, tl.max(tl.where(m, r, float("-inf")), axis=0))
-            rmin = tl.minimum(rmin, tl.min(tl.where(m, r, float("inf")), axis=0))
-        sx = tl.max(tl.where(cm, xmax - xmin, 0.0), axis=0)
-        sr = tl.max(tl.where(cm, rmax - rmin, 0.0), axis=0)
-        tl.atomic_max(top_ptr, sx.to(tl.int32, bitcast=True))
-        tl.atomic_max(top_ptr + 1, sr.to(tl.int32, bitcast=True))
+        nrb = tl.num_programs(0)
+        at = tl.program_id(0) * C + cols
+        tl.store(part_ptr + at, tl.max(tl.where(m, x, float("-inf")), axis=0), mask=cm)
+        tl.store(part_ptr + nrb * C + at, tl.min(tl.where(m, x, float("inf")), axis=0), mask=cm)
+        tl.store(part_ptr + 2 * nrb * C + at, tl.max(tl.where(m, r, float("-inf")), axis=0), mask=cm)
+        tl.store(part_ptr + 3 * nrb * C + at, tl.min(tl.where(m, r, float("inf")), axis=0), mask=cm)
 
 
 @triton.jit
@@ -528,17 +515,21 @@ def _rint(v):
 
 
 @triton.jit
-def _residual_choice_kernel(ratio_ptr, top_ptr, lv_ptr, used_ptr, R, base, TOKEN: tl.constexpr,
-                            RPAD: tl.constexpr):
+def _residual_choice_kernel(ratio_ptr, part_ptr, lv_ptr, used_ptr, R, C, nrb, base, TOKEN: tl.constexpr,
+                            BLOCK: tl.constexpr, CPAD: tl.constexpr):
     """predict.levels_from_spans for one (K/V, layer), in float64 as the host does it: TOKEN, the ratios
     sorted ascending (+inf for tokens without span: n = the finite ones) and their quantile_linear at
-    TOKEN_RATIO_QUANTILE; else the channel spans' ratio. The count goes to lv_ptr[0] (fp32, the level
-    count the quantize kernels read) when below the base, with used_ptr[0] = 1; else base stays."""
+    TOKEN_RATIO_QUANTILE; else the ratio of the largest channel spans of r and x (from the spans
+    kernel's per-block max/min). The count goes to lv_ptr[0] (fp32, the level count the quantize kernels
+    read) when below the base, with used_ptr[0] = 1; else base stays."""
     q06 = tl.full([1], 0x3FE3333333333333, tl.int64).to(tl.float64, bitcast=True)  # 0.6 in float64, exactly
+    z = tl.zeros([1], tl.int32)
     if TOKEN:
-        i = tl.arange(0, RPAD)
-        s = tl.load(ratio_ptr + i, mask=i < R, other=float("inf"))
-        n = tl.sum((s < float("inf")).to(tl.int32), axis=0)
+        cnt = tl.zeros([BLOCK], tl.int32)
+        for i0 in range(0, R, BLOCK):
+            i = i0 + tl.arange(0, BLOCK)
+            cnt += (tl.load(ratio_ptr + i, mask=i < R, other=float("inf")) < float("inf")).to(tl.int32)
+        n = tl.sum(cnt, axis=0) + z
         v = (n - 1).to(tl.float64) * q06
         lo = tl.maximum(tl.floor(v), 0.0)
         hi = tl.minimum(lo + 1.0, tl.maximum(n - 1, 0).to(tl.float64))
@@ -549,8 +540,20 @@ def _residual_choice_kernel(ratio_ptr, top_ptr, lv_ptr, used_ptr, R, base, TOKEN
         ratio = tl.where(g >= 0.5, b - d * (1.0 - g), a + d * g)
         ratio = tl.where(n > 0, ratio, 1.0)
     else:
-        sx = tl.load(top_ptr + tl.zeros([1], tl.int32)).to(tl.float32, bitcast=True).to(tl.float64)
-        sr = tl.load(top_ptr + 1 + tl.zeros([1], tl.int32)).to(tl.float32, bitcast=True).to(tl.float64)
+        c = tl.arange(0, CPAD)
+        cm = c < C
+        xmax = tl.full([CPAD], float("-inf"), tl.float32)
+        xmin = tl.full([CPAD], float("inf"), tl.float32)
+        rmax = tl.full([CPAD], float("-inf"), tl.float32)
+        rmin = tl.full([CPAD], float("inf"), tl.float32)
+        for k in range(0, nrb):
+            at = k * C + c
+            xmax = tl.maximum(xmax, tl.load(part_ptr + at, mask=cm, other=float("-inf")))
+            xmin = tl.minimum(xmin, tl.load(part_ptr + nrb * C + at, mask=cm, other=float("inf")))
+            rmax = tl.maximum(rmax, tl.load(part_ptr + 2 * nrb * C + at, mask=cm, other=float("-inf")))
+            rmin = tl.minimum(rmin, tl.load(part_ptr + 3 * nrb * C + at, mask=cm, other=float("inf")))
+        sx = (tl.max(tl.where(cm, xmax - xmin, 0.0), axis=0) + tl.zeros([1], tl.float32)).to(tl.float64)
+        sr = (tl.max(tl.where(cm, rmax - rmin, 0.0), axis=0) + tl.zeros([1], tl.float32)).to(tl.float64)
         ratio = tl.where(sx > 0, sr / tl.where(sx > 0, sx, 1.0), 1.0)
     ratio = tl.where(ratio == ratio, ratio, 1.0)  # NaN: only from input the encoder rejects at its end
     bm1 = (base - 1).to(tl.float64) * tl.minimum(ratio, 1e6)
@@ -559,7 +562,6 @@ def _residual_choice_kernel(ratio_ptr, top_ptr, lv_ptr, used_ptr, R, base, TOKEN
     else:
         out = tl.minimum(tl.maximum(_rint(bm1), 1.0), 255.0) + 1.0
     use = out < base
-    z = tl.zeros([1], tl.int32)
     tl.store(lv_ptr + z, out.to(tl.float32), mask=use)
     tl.store(used_ptr + z, use.to(used_ptr.dtype.element_ty))
 
@@ -572,25 +574,24 @@ def residual_choice(x: torch.Tensor, pred: torch.Tensor, base: int, mode: int, r
     R, C = x.shape
     token = mode in (quant.MODE_TOKEN, quant.MODE_TOKEN_SYMMETRIC)
     dev = x.device
-    top = torch.zeros(2, dtype=torch.int32, device=dev)
-    ratio = torch.empty(max(R, 1), dtype=torch.float64, device=dev)
     cpad = triton.next_power_of_2(C)
     if token:
         block_r = max(1, min(triton.next_power_of_2(R), (65536 if interpret else 4096) // cpad))
-        grid = (triton.cdiv(R, block_r), 1)
         block_c = cpad
     else:
         block_c = min(cpad, 256 if interpret else 64)
-        block_r = min(triton.next_power_of_2(R), 1024 if interpret else 32)
-        grid = (1, triton.cdiv(C, block_c))
-    _residual_spans_kernel[grid](x, pred, resid, ratio, top, R, C, TOKEN=token,
-                                 SYM=mode == quant.MODE_TOKEN_SYMMETRIC, BLOCK_R=block_r, BLOCK_C=block_c,
-                                 **_opts(interpret, 4))
+        block_r = min(triton.next_power_of_2(R), 256 if interpret else 64)
+    nrb = triton.cdiv(R, block_r)
+    ratio = torch.empty(max(R, 1) if token else 1, dtype=torch.float64, device=dev)
+    part = torch.empty(4 * nrb * C if not token else 1, dtype=torch.float32, device=dev)
+    _residual_spans_kernel[(nrb, triton.cdiv(C, block_c))](x, pred, resid, ratio, part, R, C, TOKEN=token,
+                                                          SYM=mode == quant.MODE_TOKEN_SYMMETRIC, BLOCK_R=block_r,
+                                                          BLOCK_C=block_c, **_opts(interpret, 4))
     if token:
         ratio = torch.sort(ratio[:R]).values
-    _residual_choice_kernel[(1,)](ratio, top, lv, used.view(torch.uint8) if used.dtype == torch.bool else used,
-                                  R, base, TOKEN=token, RPAD=triton.next_power_of_2(max(R, 1)),
-                                  **_opts(interpret, 4))
+    _residual_choice_kernel[(1,)](ratio, part, lv, used.view(torch.uint8) if used.dtype == torch.bool else used,
+                                  R, C, nrb, base, TOKEN=token, BLOCK=min(triton.next_power_of_2(max(R, 1)), 1024),
+                                  CPAD=cpad, **_opts(interpret, 4))
 
 
 @triton.jit

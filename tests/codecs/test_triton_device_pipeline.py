@@ -373,13 +373,13 @@ def test_forged_predictor_sections_raise_the_cpu_paths_error(predicted) -> None:
 def test_residual_level_choice_on_the_device_is_the_hosts(mode: int) -> None:
     """triton_quant.residual_choice (no host read) chooses predict.residual_levels's count and writes
     the residual: both parities, ratios far below and above 1, all-zero tokens (left out of the
-    quantile), one token, a ratio exactly between two counts."""
+    quantile), one token, a ratio exactly between two counts, tokens over several blocks."""
     from kvmesh.codecs.cachegen import triton_quant as tq
     from kvmesh.codecs.cachegen.predict import residual_levels
 
     g = torch.Generator().manual_seed(mode)
     interp = DEVICE.type == "cpu"
-    for tokens in (1, 2, 7, 50):
+    for tokens in (1, 2, 7, 50, 600):  # 600: the channel spans over several row blocks
         x = torch.randn(tokens, 16, generator=g) * 4
         x[tokens // 2] = 0.0
         for scale in (0.0, 0.003, 0.3, 0.5, 1.0, 7.0, 1e9):
