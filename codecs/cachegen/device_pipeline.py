@@ -27,7 +27,7 @@ prediction, the residual-or-itself choice as a device level count feeding the qu
 dequantize, protected rows, the features' scales); the streams' alphabets follow those counts on the
 device (one statistics launch for streams of every alphabet, encode tables for every count the
 writer may choose), and the chosen counts and predicted flags come back with the sizes, CRC and
-flags (4L bytes more) for sections 0 and 8, which the host writes.
+flags (4L int32 values more) for sections 0 and 8, which the host writes.
 
 Every device<->host copy goes through :func:`to_host` / :func:`to_device`: the seam the tests count.
 Chunks with no rest tokens keep codec.py's path.
