@@ -340,7 +340,7 @@ def decode(b: torch.Tensor, extra: torch.Tensor, plan: DecodePlan, interpret: bo
         elif not pls:
             out.append(b[off:off])
         else:
-            P, m = PLANES[i + 1], n // PLANES[i + 1]
+            m = n // PLANES[i + 1]
             for p, pl in enumerate(pls):
                 seg = Y[at + p * m: at + (p + 1) * m]
                 if pl.counts is None:
