@@ -289,4 +289,3 @@ def fit(chunks: Iterable[torch.Tensor], level: str = "default", ridge: float = D
     codec = make_codec(level, "cpu", predictor=provisional, schedule=schedule)
     decoded = torch.cat([codec.decode(codec.encode(c)).to(torch.float32)[:, :, 1:] for c in chunks], dim=2)
     return LayerPredictor(**_fit_weights(exact, decoded, ridge))
-
