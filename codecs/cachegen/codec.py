@@ -348,7 +348,7 @@ class CacheGenCodec(Codec):
         for a sequence's first chunk, else a twin that stores no lead token (lead 0 in section 0, an
         empty section 1: FORMAT.md §2, which every reader follows). Why: only a sequence's first token
         is the attention sink the lead row keeps at 8 bits; a later chunk's first token is an ordinary
-        one, and its lead row cost ~1.5% of a chunk at 8x for no measured quality (BENCHMARKS.md,
+        one, and its lead row cost ~1% of a chunk at 8x for no measured quality (BENCHMARKS.md,
         "Recipe v4"). Writers only: a container of either decodes with either."""
         if start == 0 or self.level.lead_tokens == 0:
             return self
