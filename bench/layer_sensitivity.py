@@ -63,13 +63,17 @@ def sensitivity(method: str, source: str, n_windows: int, files: str | None = No
         codec = rk.make_codec(method, "cpu")
     parts: np.ndarray | None = None
     whole = 0.0
-    chosen = [w for j, w in enumerate(rk.windows(source, n_windows)) if only is None or j in only]
+    # several sources (comma-separated) are measured alike and averaged window by window: a schedule meant
+    # for every kind of text is derived from a mix (recipe v4: calibration prose + validation code + fiction)
+    chosen = [w for src in source.split(",")
+              for j, w in enumerate(rk.windows(src, n_windows)) if only is None or j in only]
     n_windows = len(chosen)
     for i, window in enumerate(chosen):
         t0 = time.perf_counter()
         rec = rk._window_record(window)
         ctx = rec["kv"][:, :, :rk.CONTEXT_TOKENS].float()
-        decoded = torch.cat([codec.decode(codec.encode(ctx[:, :, s:s + rk.CHUNK_TOKENS].half().contiguous())).float()
+        writer = getattr(codec, "for_chunk", lambda _start: codec)  # a sequence's first chunk as the agent writes it
+        decoded = torch.cat([codec.decode(writer(s).encode(ctx[:, :, s:s + rk.CHUNK_TOKENS].half().contiguous())).float()
                              for s in range(0, rk.CONTEXT_TOKENS, rk.CHUNK_TOKENS)], dim=2)
         cont = rec["tokens"][rk.CONTEXT_TOKENS:rk.CONTEXT_TOKENS + rk.CONTINUATION_TOKENS]
         ref = torch.log_softmax(rk._continue(ctx, cont), dim=-1)
@@ -111,7 +115,9 @@ def allocate(parts: np.ndarray, levels: np.ndarray, modes: tuple[int, int], damp
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--method", default="cachegen-hq+qp+lp", help="a bench/realkv.py method name")
-    parser.add_argument("--source", default="calibration", choices=list(rk.SOURCES))
+    parser.add_argument("--source", default="calibration",
+                        help=f"a source or comma-separated sources of bench/realkv.py ({', '.join(rk.SOURCES)}); never "
+                             "an evaluation text of bench/model_files_quality.py")
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--damp", type=float, default=1.0)
     parser.add_argument("--scale", type=float, default=1.0)
@@ -129,12 +135,23 @@ def main(argv: list[str] | None = None) -> int:
         k, v = (int(n) for n in args.uniform.split(","))
         LEVELS[level] = dataclasses.replace(LEVELS[level], key_levels=(k,) * REFERENCE_LAYERS,
                                             value_levels=(v,) * REFERENCE_LAYERS)
+    for src in args.source.split(","):
+        if src not in rk.SOURCES:
+            parser.error(f"unknown source {src!r}; valid: {', '.join(rk.SOURCES)}")
     only = [int(i) for i in args.only.split(",")] if args.only else None
     parts, whole = sensitivity(args.method, args.source, args.windows, args.files, args.save, only)
     base = LEVELS[level].levels_for(parts.shape[1])
+    if args.files and not args.uniform:  # the counts measured are the files' schedule, when they hold one
+        from kvmesh.codecs.model_files import find_model_files
+        from kvmesh.engine.calibrate import BUILTIN_MODEL
+
+        found = find_model_files(BUILTIN_MODEL, [args.files])
+        opts = found.codec_options(args.method) if found is not None else {}
+        if "schedule" in opts:
+            base = np.asarray(opts["schedule"][:2], dtype=np.int64)
     new = allocate(parts, base, (LEVELS[level].key_mode, LEVELS[level].value_mode), args.damp, args.scale,
                    tuple(int(v) for v in args.floor.split(",")))
-    print(f"\n{len(only) if only else args.windows} windows of {args.source}, {args.method}: KL with everything decoded {whole * 1e3:.3f}e-3, "
+    print(f"\n{len(only) if only else args.windows} windows each of {args.source}, {args.method}: KL with everything decoded {whole * 1e3:.3f}e-3, "
           f"sum of the per-layer parts {parts.sum() * 1e3:.3f}e-3")
     print(f"predicted KL at the allocation below: x{float((parts * ((base - 1) / (new - 1)) ** 2).sum() / parts.sum()):.2f} "
           f"(damp {args.damp}, scale {args.scale}, mean bits shift {float(np.log2((new - 1) / (base - 1)).mean()):+.3f})\n")

@@ -90,6 +90,10 @@ SOURCES: dict[str, tuple[str, str, str]] = {
     "legal": ("docutils==0.21.2", "docutils-0.21.2/licenses/gpl-3-0.txt", "gpl-3-0.txt"),
     # source code: brotli's encoder, C (MIT)
     "code": ("brotli==1.2.1", "brotli-1.2.1/c/enc/encode.c", "brotli-encode.c"),
+    # validation only (issue 17.1, recipe v4): source code that is neither an evaluation text nor in the
+    # calibration corpus, to check every recipe change on code: sentencepiece's C++ processor (Apache-2.0)
+    "valcode": ("sentencepiece==0.2.3", "sentencepiece-0.2.3/sentencepiece/src/sentencepiece_processor.cc",
+                "sentencepiece_processor.cc"),
 }
 
 REPO = Path(__file__).resolve().parent.parent

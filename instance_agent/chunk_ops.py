@@ -110,10 +110,10 @@ class ChunkOperations(JobRunner):
             self._refresh_storage_metrics()
 
     def _encode_all(self, chunks: list[StoredChunk], method: str) -> list[StoredChunk]:
-        codec = self.codecs.get(method)
         out = []
         for c in chunks:
             assert c.raw is not None
+            codec = self.codecs.get(method, c.start)  # a sequence's first chunk may be written differently
             out.append(StoredChunk(c.key, c.start, c.end, method, payload=bytes(codec.encode(c.raw)), parent=c.parent))
         return out
 
@@ -239,7 +239,7 @@ class ChunkOperations(JobRunner):
     def _compress_chunk(self, backend: StorageBackend, span: ChunkSpan, method: str) -> ChunkOutcome:
         # Runs on the codec pool with the chunk's lock held by the caller.
         try:
-            codec = self.codecs.get(method)
+            codec = self.codecs.get(method, span.start)  # a sequence's first chunk may be written differently
             chunk = backend.get(span.key)
             if chunk is None:
                 return ChunkOutcome(error="the chunk was removed (evicted or cleared) before it was compressed")

@@ -108,8 +108,16 @@ class CodecSet:
             avail = ", ".join(self.available()) or "none"
             raise InvalidArgument(f"unknown method {method!r}; available methods: {avail}")
 
-    def get(self, method: str) -> Codec:
-        """The calling thread's codec for ``method``; InvalidArgument naming the available ones when unknown."""
+    def get(self, method: str, start: int = 0) -> Codec:
+        """The calling thread's codec for ``method``; InvalidArgument naming the available ones when unknown.
+        start: where the chunk to encode begins in its sequence; a codec that writes a sequence's first
+        chunk differently (cachegen's lead token, the attention sink) gives its writer for it
+        (``for_chunk``). Decoding needs no start: containers say how they were written."""
+        codec = self._get(method)
+        for_chunk = getattr(codec, "for_chunk", None)
+        return for_chunk(start) if start and for_chunk is not None else codec
+
+    def _get(self, method: str) -> Codec:
         if method in self._extra:
             return self._extra[method]
         cache: dict[str, Codec] = self._local.__dict__.setdefault("codecs", {})

@@ -31,6 +31,7 @@ The statistic is an exact float64 sum, the median a selection: every device pick
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import struct
@@ -340,6 +341,21 @@ class CacheGenCodec(Codec):
         self.key_profile = key_profile
         self.predictor = predictor
         self.fixed_prediction = fixed_prediction
+        self._later: CacheGenCodec | None = None  # for_chunk's twin for chunks that do not start a sequence
+
+    def for_chunk(self, start: int) -> CacheGenCodec:
+        """The codec to write the chunk that begins at token ``start`` of its sequence with: this one
+        for a sequence's first chunk, else a twin that stores no lead token (lead 0 in section 0, an
+        empty section 1: FORMAT.md §2, which every reader follows). Why: only a sequence's first token
+        is the attention sink the lead row keeps at 8 bits; a later chunk's first token is an ordinary
+        one, and its lead row cost ~1% of a chunk at 8x for no measured quality (BENCHMARKS.md,
+        "Recipe v4"). Writers only: a container of either decodes with either."""
+        if start == 0 or self.level.lead_tokens == 0:
+            return self
+        if self._later is None:
+            self._later = CacheGenCodec(dataclasses.replace(self.level, lead_tokens=0), self.backend,
+                                        self.key_profile, self.predictor, self.fixed_prediction)
+        return self._later
 
     # -- encode ----------------------------------------------------------------------------------
     def encode(self, kv: torch.Tensor) -> bytes:

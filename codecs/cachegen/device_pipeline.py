@@ -278,8 +278,10 @@ def encode(codec: object, kv: torch.Tensor) -> bytes:
     amax = x.abs().amax().to(torch.float32)
     flags = torch.stack([~torch.isfinite(amax), amax > quant.FP16_MAX]).to(torch.int64)
 
-    lead_q, lead_sides = be.quantize(x[:, :, :lead], np.full((2, L), cg.LEAD_LEVELS), cg.LEAD_MODES)
-    lead_raw = _flat_bytes([*lead_sides[0], *lead_sides[1], lead_q])
+    lead_raw = torch.empty(0, dtype=torch.uint8, device=dev)  # lead 0 (CacheGenCodec.for_chunk): section 1 empty
+    if lead:
+        lead_q, lead_sides = be.quantize(x[:, :, :lead], np.full((2, L), cg.LEAD_LEVELS), cg.LEAD_MODES)
+        lead_raw = _flat_bytes([*lead_sides[0], *lead_sides[1], lead_q])
     xr = x[:, :, lead:].contiguous()
     mask = cg.protected_rows(xr, level.protect, level.tail_for(T)) if level.protects else None
     layout = stream_layout(L, rest, C, levels, channel_group(C))  # with a predictor: lanes and lengths only

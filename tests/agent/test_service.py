@@ -87,10 +87,10 @@ async def test_compress_reports_each_chunk_then_reads_decode(agent, stub, method
     assert final.bytes_before == sum(m.progress.bytes_before for m in progress)
     assert final.bytes_after == sum(m.progress.bytes_after for m in progress)
 
-    codec = agent.codecs.get(method)  # the codec the agent used (its Triton backend on a GPU host)
     n, got = await get(stub, tokens, location)
     assert n == 18
     for s in spans:
+        codec = agent.codecs.get(method, s.start)  # the agent's writer for the chunk (Triton on a GPU host)
         chunk = kv[:, :, s.start:s.end].contiguous()
         expected = codec.decode(codec.encode(chunk)).cpu()
         assert torch.equal(got[:, :, s.start:s.end], expected), f"chunk {s.index}"
