@@ -692,8 +692,8 @@ def _decode_on_device(codec: object, blob: bytes | bytearray | memoryview, plan:
     first_bad = torch.argmax(bad.to(torch.int32)).reshape(1).to(torch.int64)
     q = delta.inverse(q, ll.alphabet, dflags)  # any stream may be a delta stream (bit 7 of its table byte)
     out = torch.empty(2, L, T, C, dtype=dtype, device=dev)
-    lead_out = be.dequantize(lq, [lk, lv], np.full((2, L), cg.LEAD_LEVELS), cg.LEAD_MODES, dtype=dtype)
-    out[:, :, :lead] = lead_out
+    if lead:  # lead 0 (a chunk that does not start a sequence, CacheGenCodec.for_chunk): nothing to launch
+        out[:, :, :lead] = be.dequantize(lq, [lk, lv], np.full((2, L), cg.LEAD_LEVELS), cg.LEAD_MODES, dtype=dtype)
     if plan.used is None:
         out[:, :, lead:] = be.dequantize(q, sides, plan.levels, plan.modes, dtype=dtype)
         if plan.protected:

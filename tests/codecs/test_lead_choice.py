@@ -5,6 +5,7 @@ not start a sequence is written with lead 0 (an empty section 1, FORMAT.md §2),
 follows. The agent asks for the writer by the chunk's start (instance_agent.methods.CodecSet.get)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvmesh.codecs import container, get_codec
@@ -58,13 +59,18 @@ def test_the_agents_codec_set_gives_the_writer_for_a_chunks_start() -> None:
     assert codecs.get("lossless", SHORT_CHUNK) is codecs.get("lossless"), "codecs without a lead choice"
 
 
-def test_the_device_pipeline_writes_the_same_lead_free_chunk() -> None:
+@pytest.mark.parametrize("with_predictor", [False, True], ids=["plain", "predictor"])
+def test_the_device_pipeline_writes_the_same_lead_free_chunk(with_predictor: bool) -> None:
+    """Both device encodes (with and without a layer predictor) write a later chunk with lead 0, the CPU's
+    bytes, and decode it to the CPU's tensor."""
     from tests.codecs.test_triton_kernels import DEVICE, load_kernels
 
     load_kernels()
     kv = kv_like(L, SHORT_CHUNK, C, dtype=torch.float16, seed=8)
-    cpu = get_codec("cachegen", backend="cpu", schedule=(KEYS, VALUES, 16)).for_chunk(SHORT_CHUNK)
-    tri = get_codec("cachegen", backend="triton", schedule=(KEYS, VALUES, 16)).for_chunk(SHORT_CHUNK)
+    pred = random_predictor(layers=L, channels=C) if with_predictor else None
+    cpu = get_codec("cachegen", backend="cpu", schedule=(KEYS, VALUES, 16), predictor=pred).for_chunk(SHORT_CHUNK)
+    tri = get_codec("cachegen", backend="triton", schedule=(KEYS, VALUES, 16), predictor=pred).for_chunk(SHORT_CHUNK)
     blob = tri.encode(kv.to(DEVICE))
     assert lead_of(blob) == 0
     assert blob == cpu.encode(kv)
+    assert torch.equal(tri.decode(blob).cpu().view(torch.int16), cpu.decode(blob).view(torch.int16))
