@@ -502,6 +502,28 @@ class CacheGenCodec(Codec):
         return parts
 
     # -- decode ----------------------------------------------------------------------------------
+    def predicted_flags(self, sections: Sequence[memoryview], L: int, C: int) -> np.ndarray:
+        """Section 8 of a container coded with cross-layer prediction, checked (one reader for codec.py and
+        the device pipeline, so both raise the same errors in the same order): uint8 [2, L], per (K/V,
+        layer) the prediction's arithmetic (predict.FLAG_FP32 / FLAG_FIXED) or 0 where coded as itself."""
+        raw = bytes(sections[N_SECTIONS_PREDICTED - 1])
+        if len(raw) != ID_BYTES + 2 * L:
+            raise CodecError("corrupt cachegen container: predictor section has the wrong size")
+        ident = raw[:ID_BYTES]
+        used = np.frombuffer(raw[ID_BYTES:], np.uint8).reshape(2, L)
+        if used.max() > FLAG_FIXED or used[:, 0].any():
+            raise CodecError("corrupt cachegen container: bad predicted-layer flags")
+        if self.predictor is None:
+            raise CodecError(f"this container was coded with cross-layer prediction (predictor {ident.hex()}): "
+                             "decode it with get_codec(..., predictor=<that layer predictor>)")
+        if ident != self.predictor.ident:
+            raise CodecError(f"this container was coded with layer predictor {ident.hex()}, "
+                             f"not this codec's {self.predictor.ident.hex()}")
+        self.predictor.check(L, C)
+        if not self.level.protects and len(sections[N_SECTIONS]):
+            raise CodecError("corrupt cachegen container: protected rows at a level that protects none")
+        return used
+
     def decode(self, blob: bytes, device: torch.device | str | None = None) -> torch.Tensor:
         if self.backend.name == "triton":
             from kvmesh.codecs.cachegen import device_pipeline
@@ -519,22 +541,7 @@ class CacheGenCodec(Codec):
         coded = bool(variant & VARIANT_CODED)  # sections 1-4: coded form (else zlib), where not raw
         predicted = bool(variant & VARIANT_PREDICTED)
         if predicted:
-            raw = bytes(sections[N_SECTIONS_PREDICTED - 1])
-            if len(raw) != ID_BYTES + 2 * L:
-                raise CodecError("corrupt cachegen container: predictor section has the wrong size")
-            ident = raw[:ID_BYTES]
-            used = np.frombuffer(raw[ID_BYTES:], np.uint8).reshape(2, L)
-            if used.max() > FLAG_FIXED or used[:, 0].any():
-                raise CodecError("corrupt cachegen container: bad predicted-layer flags")
-            if self.predictor is None:
-                raise CodecError(f"this container was coded with cross-layer prediction (predictor {ident.hex()}): "
-                                 "decode it with get_codec(..., predictor=<that layer predictor>)")
-            if ident != self.predictor.ident:
-                raise CodecError(f"this container was coded with layer predictor {ident.hex()}, "
-                                 f"not this codec's {self.predictor.ident.hex()}")
-            self.predictor.check(L, C)
-            if not self.level.protects and len(protected):
-                raise CodecError("corrupt cachegen container: protected rows at a level that protects none")
+            used = self.predicted_flags(sections, L, C)
         kmode, vmode, lead, group, levels = read_params(params, L, T, C)
         dev = self.backend.device
         parts = []

@@ -57,7 +57,7 @@ from kvmesh.codecs.cachegen import sidecode
 from kvmesh.codecs.cachegen import triton_quant as tq
 from kvmesh.codecs.cachegen import triton_rans as tr
 from kvmesh.codecs.cachegen.layout import channel_group, stream_layout
-from kvmesh.codecs.cachegen.predict import FLAG_FIXED, FLAG_FP32, ID_BYTES, LayerPredictor, features
+from kvmesh.codecs.cachegen.predict import FLAG_FIXED, FLAG_FP32, LayerPredictor, features
 from kvmesh.codecs.cachegen.tables import TABLE_FAMILY_VERSION
 from kvmesh.codecs.errors import CodecError
 
@@ -528,7 +528,7 @@ def _plan(codec: object, blob: bytes | bytearray | memoryview) -> _Plan | None:
     _, L, T, C = header.shape
     variant = cg._read_variant(sections, L)
     params, lead_raw, kside, vside, meta, lens = sections[:6]
-    used = _predictor_flags(codec, sections, L, C) if variant & cg.VARIANT_PREDICTED else None
+    used = codec.predicted_flags(sections, L, C) if variant & cg.VARIANT_PREDICTED else None
     if cg._PARAMS.unpack_from(params, 0)[4] >= T:
         return None  # no rest tokens: codec.py's path decodes these
     kmode, vmode, lead, group, levels = cg.read_params(params, L, T, C)
@@ -568,32 +568,6 @@ def _plan(codec: object, blob: bytes | bytearray | memoryview) -> _Plan | None:
         raise CodecError("corrupt cachegen container: protected section shorter than its mask")
     return _Plan(L, T, C, lead, (kmode, vmode), levels, group, offsets, header.section_lengths, raws, coded,
                  protected, used)
-
-
-def _predictor_flags(codec: object, sections: list[memoryview], L: int, C: int) -> np.ndarray:
-    """Section 8 checked as codec.py checks it (in its words, in its order): the flags uint8 [2, L] of
-    the predicted layers (predict.FLAG_FP32 / FLAG_FIXED: which arithmetic; 0: coded as itself). The
-    host reads them from its own copy of the blob: the decode loop is planned before the device runs."""
-    from kvmesh.codecs.cachegen import codec as cg
-
-    raw = bytes(sections[cg.N_SECTIONS_PREDICTED - 1])
-    if len(raw) != ID_BYTES + 2 * L:
-        raise CodecError("corrupt cachegen container: predictor section has the wrong size")
-    ident = raw[:ID_BYTES]
-    used = np.frombuffer(raw[ID_BYTES:], np.uint8).reshape(2, L)
-    if used.max() > FLAG_FIXED or used[:, 0].any():
-        raise CodecError("corrupt cachegen container: bad predicted-layer flags")
-    predictor = codec.predictor
-    if predictor is None:
-        raise CodecError(f"this container was coded with cross-layer prediction (predictor {ident.hex()}): "
-                         "decode it with get_codec(..., predictor=<that layer predictor>)")
-    if ident != predictor.ident:
-        raise CodecError(f"this container was coded with layer predictor {ident.hex()}, "
-                         f"not this codec's {predictor.ident.hex()}")
-    predictor.check(L, C)
-    if not codec.level.protects and len(sections[cg.N_SECTIONS]):
-        raise CodecError("corrupt cachegen container: protected rows at a level that protects none")
-    return used
 
 
 def decode(codec: object, blob: bytes | bytearray | memoryview) -> torch.Tensor | None:
