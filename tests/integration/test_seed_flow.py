@@ -5,7 +5,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvmesh.codecs import get_codec
+from kvmesh.instance_agent.methods import CodecSet
 from tests.controller.harness import ControllerThread, iter_ndjson
 
 from .conftest import LOCATION, make_kv
@@ -14,9 +14,10 @@ SEED_TOKENS = [128000, 849, 21435, 279, 26431, 315, 85748, 6636, 304, 4221, 4211
 
 
 def reconstruction(kv: torch.Tensor, method: str, chunk_size: int) -> torch.Tensor:
-    """What the codec gives back for ``kv`` stored chunk by chunk."""
-    codec = get_codec(method)
-    parts = [codec.decode(codec.encode(kv[:, :, s:s + chunk_size].contiguous()))
+    """What the codec gives back for ``kv`` stored chunk by chunk, each chunk written as the agent writes it
+    (CodecSet.get by the chunk's start: cachegen's later chunks have no lead row)."""
+    codecs = CodecSet()
+    parts = [codecs.get(method, s).decode(codecs.get(method, s).encode(kv[:, :, s:s + chunk_size].contiguous()))
              for s in range(0, kv.shape[2], chunk_size)]
     return torch.cat(parts, dim=2)
 
