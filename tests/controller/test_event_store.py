@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,16 +53,26 @@ async def test_events_survive_a_new_table_on_the_same_file(tmp_path: Path) -> No
     await t.close_store()
 
 
+async def _finish_pins(t: EventTable, n: int, trim: bool | None = None,
+                       after_each: Callable[[list[str]], None] | None = None) -> list[str]:
+    """``n`` pin events created and completed one after the other, the store flushed after each (``trim``
+    passed on when given; ``after_each`` called with the ids so far); returns their ids in order."""
+    ids: list[str] = []
+    for _ in range(n):
+        ev = t.create(common_pb2.PIN, instance_id="i")
+        t.finish(ev.event_id, common_pb2.COMPLETED)
+        ids.append(ev.event_id)
+        await (t.flush() if trim is None else t.flush(trim=trim))
+        if after_each is not None:
+            after_each(ids)
+    return ids
+
+
 async def test_store_is_bounded_like_the_table(tmp_path: Path) -> None:
     path = tmp_path / "events.sqlite3"
     t = EventTable(ControllerMetrics(), max_events=5)
     t.attach_store(EventStore(path))
-    ids = []
-    for _ in range(20):
-        ev = t.create(common_pb2.PIN, instance_id="i")
-        t.finish(ev.event_id, common_pb2.COMPLETED)
-        ids.append(ev.event_id)
-        await t.flush()
+    ids = await _finish_pins(t, 20)
     # The count bound is trimmed about once a second, and on demand.
     assert len(rows(path)) <= 20
     await t.flush(trim=True)
@@ -74,13 +85,11 @@ async def test_every_write_drops_the_rows_of_events_the_table_dropped(tmp_path: 
     path = tmp_path / "events.sqlite3"
     t = EventTable(ControllerMetrics(), max_events=5)
     t.attach_store(EventStore(path))
-    ids = []
-    for _ in range(20):
-        ev = t.create(common_pb2.PIN, instance_id="i")
-        t.finish(ev.event_id, common_pb2.COMPLETED)
-        ids.append(ev.event_id)
-        await t.flush(trim=False)
+
+    def held_exactly_the_last_five(ids: list[str]) -> None:
         assert set(rows(path)) == set(ids[-5:])
+
+    ids = await _finish_pins(t, 20, trim=False, after_each=held_exactly_the_last_five)
     running = t.create(common_pb2.PIN, instance_id="i")  # in flight: never dropped from the store
     await t.flush(trim=False)
     assert set(rows(path)) == {*ids[-4:], running.event_id}

@@ -31,11 +31,9 @@ def tiny_llama(smollm2_tokenizer: Any) -> tuple[Any, Any]:
     return LlamaForCausalLM(config).eval(), smollm2_tokenizer
 
 
-def test_two_starts_at_once_make_the_files_once(tiny_llama, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("KVMESH_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv(model_files.ENV_MODEL_FILES, raising=False)
-    model, tokenizer = tiny_llama
-    root = tmp_path / "files"
+def _start_twice_at_once(model: Any, tokenizer: Any, root: Path) -> tuple[list[Any], list[str]]:
+    """Two starts racing for the same model's files (two threads, one lock): what each found, and every
+    progress line either printed."""
     lines: list[str] = []
     found: list[Any] = []
 
@@ -47,6 +45,15 @@ def test_two_starts_at_once_make_the_files_once(tiny_llama, tmp_path: Path, monk
         t.start()
     for t in threads:
         t.join(300)
+    return found, lines
+
+
+def test_two_starts_at_once_make_the_files_once(tiny_llama, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("KVMESH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(model_files.ENV_MODEL_FILES, raising=False)
+    model, tokenizer = tiny_llama
+    root = tmp_path / "files"
+    found, lines = _start_twice_at_once(model, tokenizer, root)
     assert len(found) == 2 and all(f is not None and f.folder == root / model_key(NAME) for f in found)
     assert sum("making them once" in line for line in lines) == 1, lines
     assert sum("made meanwhile by another process" in line for line in lines) == 1, lines
@@ -76,17 +83,7 @@ def test_files_of_an_older_recipe_are_remade_once(tiny_llama, tmp_path: Path, mo
     made = ensure_model_files(model, tokenizer, NAME, [root], root=root)
     assert recipe_version(made.folder) == RECIPE_VERSION
     _set_recipe_version(made.folder, RECIPE_VERSION - 1)  # as a cache made by the previous release
-    lines: list[str] = []
-    found: list[Any] = []
-
-    def start() -> None:
-        found.append(ensure_model_files(model, tokenizer, NAME, [root], root=root, progress=lines.append))
-
-    threads = [threading.Thread(target=start) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    found, lines = _start_twice_at_once(model, tokenizer, root)
     assert len(found) == 2 and all(f is not None and f.folder == made.folder for f in found)
     remade = [line for line in lines if "remaking them once" in line]
     assert len(remade) == 1, lines
