@@ -171,8 +171,9 @@ TUNED_SCHEDULES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     # recipe v5: recipe v4's key counts with B - 1 scaled by 1.15 (rounded; values unchanged). The predictor
     # fitted on code as well as prose (the corpus's C file) codes source code ~10% smaller, and these steps
     # spend part of that on quality everywhere: on validation texts (16 windows; bench/realkv.py "valcode",
-    # zlib's gzlog.c, "botchan", "heldout") KL -23 / -11 / -11 / -9% for -3.7% bytes, against scales 1.08,
-    # 1.2 and 1.25 (BENCHMARKS.md "Recipe v5"). Never measured on an evaluation text.
+    # zlib's gzlog.c, "botchan", "heldout") KL -23 / -11 / -11 / -9% for -3.7% bytes against the same files
+    # at scale 1.0, beside scales 1.08, 1.2 and 1.25; v5's files against v4's: KL -1 / -25 / -11 / -12%
+    # (BENCHMARKS.md "Recipe v5"). Never measured on an evaluation text.
     # recipe v4's table: a mix of two kinds of text, each half the weight. Prose: the parts measured for
     # recipe v2 at the built-in default table (2 windows of lcet10, bench/realkv.py "calibration", windows 1
     # and 2 of 4); code: 2 windows of the validation C++ file (bench/realkv.py "valcode", windows 1 and 2 of
