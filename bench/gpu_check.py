@@ -301,7 +301,7 @@ def side_sections(codec: object, kv: torch.Tensor, device: torch.device, iters: 
     header, sections = container.unpack(blob)
     raws = raw_side_sections(blob)
     dev_raws = [torch.frombuffer(bytearray(r), dtype=torch.uint8).to(device) for r in raws]
-    buf = torch.empty(sum(map(len, raws)) + dsc.DUMP_BYTES, dtype=torch.uint8, device=device)
+    buf = torch.empty(sum(map(len, raws)), dtype=torch.uint8, device=device)
     interp = device.type == "cpu"
     enc = timed(lambda: dsc.encode_into(dev_raws, buf, interp), device, iters)
     offsets, pos = [], container.FIXED_HEADER_BYTES + 4 * len(sections)

@@ -302,7 +302,7 @@ def encode(codec: object, kv: torch.Tensor) -> bytes:
     meta = torch.cat([center, table | (dflags.to(torch.uint8) << 7)])
 
     # the device buffer: sections 1-4 in their coded form (sidecode.py), then 5, 6 and 7, at offsets only
-    # the device knows; device_sidecode's scratch after them
+    # the device knows
     raws = [lead_raw, _flat_bytes(sides[0]), _flat_bytes(sides[1]), meta]
     nraw = sum(r.numel() for r in raws)
     n_coded = layout.num_coded
@@ -311,7 +311,7 @@ def encode(codec: object, kv: torch.Tensor) -> bytes:
     nmask = (2 * L * rest + 7) // 8
     max7 = cg.protected_bytes(L, rest, C, 2 * L * rest) if level.protects else 0  # (present, empty, with a predictor)
     bound = nraw + max(max5, 1) + max6 + max7
-    buf = torch.empty(bound + dsc.DUMP_BYTES, dtype=torch.uint8, device=dev)
+    buf = torch.empty(bound, dtype=torch.uint8, device=dev)
     len14 = dsc.encode_into(raws, buf, be.interpret)
     z = len14.sum().reshape(1)
     sec5, len5 = _pack_counts(counts)

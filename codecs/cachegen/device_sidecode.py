@@ -26,9 +26,6 @@ from kvmesh.codecs.cachegen import triton_rans as tr
 from kvmesh.codecs.cachegen.sidecode import PLANES, SIDE_BLOCK, SPLIT, TABLE_BYTES, Plane
 
 _M = 4096
-# Scratch bytes after the container in the caller's buffer (callers leave them; the writes here are
-# masked stores, so none land there now).
-DUMP_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -161,8 +158,8 @@ def _tables(hist: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 def encode_into(raws: list[torch.Tensor], buf: torch.Tensor, interpret: bool) -> torch.Tensor:
     """Writes sections 1-4 (raws: their raw bytes, uint8 on the device) in their stored form one after
-    another from buf[0] on; returns their lengths (int64 [4] on the device). buf's last DUMP_BYTES are
-    scratch."""
+    another from buf[0] on; returns their lengths (int64 [4] on the device). Every write is a masked
+    store: nothing lands past the sections' own bytes."""
     dev = buf.device
     sh = _shape(tuple(int(r.numel()) for r in raws), str(dev))
     t = sh.t

@@ -96,7 +96,7 @@ def test_real_kv_sections_match_the_reference_and_beat_zlib(level: str) -> None:
 def _device_encode(raws: list[bytes]) -> list[bytes]:
     dev = [torch.frombuffer(bytearray(r), dtype=torch.uint8).to(DEVICE) if r else
            torch.zeros(0, dtype=torch.uint8, device=DEVICE) for r in raws]
-    buf = torch.full((sum(map(len, raws)) + dsc.DUMP_BYTES,), 0xAA, dtype=torch.uint8, device=DEVICE)
+    buf = torch.full((sum(map(len, raws)),), 0xAA, dtype=torch.uint8, device=DEVICE)
     lens = dsc.encode_into(dev, buf, DEVICE.type == "cpu").cpu().tolist()
     out, at = [], 0
     for n in lens:
@@ -260,7 +260,7 @@ def test_device_coder_launches_are_bounded() -> None:
 
     raws = _real_sections("cachegen")
     dev = [torch.frombuffer(bytearray(r), dtype=torch.uint8).to(DEVICE) for r in raws]
-    buf = torch.zeros(sum(map(len, raws)) + dsc.DUMP_BYTES, dtype=torch.uint8, device=DEVICE)
+    buf = torch.zeros(sum(map(len, raws)), dtype=torch.uint8, device=DEVICE)
     dsc.encode_into(dev, buf, DEVICE.type == "cpu")
     with count_launches() as c:
         dsc.encode_into(dev, buf, DEVICE.type == "cpu")
